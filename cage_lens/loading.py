@@ -40,14 +40,13 @@ def load_tokenizer(directory: str | Path):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
-def _hooked_config_dict(hf_config: Any) -> dict[str, Any]:
+def _hooked_config_dict(hf_config: Any, arch: str) -> dict[str, Any]:
     """HookedTransformerConfig fields for the two architectures the zoo uses (SPEC §3).
 
     TL's own ``convert_hf_model_config`` guesses the architecture from the *path* (a directory whose
     name contains "llama" is misread) and needs ``n_ctx`` on GPT-2 configs, so the mapping for these
     two architectures is spelled out here; other architectures go through TL's converter.
     """
-    arch = (hf_config.architectures or [""])[0]
     if arch == "GPT2LMHeadModel":
         return dict(
             d_model=hf_config.n_embd,
@@ -97,7 +96,9 @@ def _hooked_from_hf(hf_model, tokenizer):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as tl_loading
 
-    cfg = HookedTransformerConfig(**_hooked_config_dict(hf_model.config), device="cpu", dtype=hf_model.dtype)
+    cfg = HookedTransformerConfig(
+        **_hooked_config_dict(hf_model.config, type(hf_model).__name__), device="cpu", dtype=hf_model.dtype
+    )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     arch = cfg.original_architecture
     convert = {

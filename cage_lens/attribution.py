@@ -1,0 +1,368 @@
+"""``attribute``: token, residual-node, head and neuron relevance from one forward and one backward pass.
+
+The rule hooks of :mod:`cage_lens.rules` change local gradients; capture hooks record the activations
+``h`` at the hook points of interest, and a single ``torch.autograd.grad`` call returns ``∂target/∂h``
+for all of them at once. Relevance is ``Σ_d h ⊙ ∂target/∂h`` (SPEC §2.3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import networkx as nx
+import torch
+from jaxtyping import Float, Int
+
+from cage_lens.adapter import ModelAdapter, adapt
+from cage_lens.errors import InputError, NumericalError
+from cage_lens.inputs import Inputs, TokenBatch, resolve_positions, to_token_batch
+from cage_lens.rules import check_rules, rule_hooks
+from cage_lens.targets import Target
+
+__all__ = ["attribute", "Attribution", "ConservationReport", "NeuronRelevance", "Capture", "run_attribution"]
+
+
+# ---------------------------------------------------------------------------- capture
+class Capture:
+    """Forward hooks that record activations so one backward call can return all their gradients.
+
+    The embedding outputs are re-rooted (detached, ``requires_grad``) so relevance exists even when
+    the model's parameters are frozen; nothing flows into ``W_E`` (and no ``.grad`` is written into the
+    user's parameters: gradients are taken with ``torch.autograd.grad``).
+    """
+
+    def __init__(self, names: Sequence[str], roots: Sequence[str] = ()):
+        self.names = list(dict.fromkeys(names))
+        self.roots = set(roots)
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _hook(self, name: str) -> Callable:
+        def hook(tensor, hook):
+            if name in self.roots:
+                tensor = tensor.detach().requires_grad_(True)
+                self.tensors[name] = tensor
+                return tensor
+            self.tensors[name] = tensor
+            return None
+        return hook
+
+    @property
+    def hooks(self) -> list[tuple[str, Callable]]:
+        return [(name, self._hook(name)) for name in self.names]
+
+    def gradients(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = [n for n in self.names if n in self.tensors]
+        grads = torch.autograd.grad(value, [self.tensors[n] for n in names], allow_unused=True)
+        return {n: (torch.zeros_like(self.tensors[n]) if g is None else g) for n, g in zip(names, grads)}
+
+    def relevance(self, grads: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Gradient × input of one captured activation, not yet summed over features."""
+        return self.tensors[name].detach() * grads[name]
+
+
+# ---------------------------------------------------------------------------- result objects
+@dataclass
+class NeuronRelevance:
+    """MLP neuron relevance ``[batch, layer, pos, k]`` with the neuron index of each entry
+    (``k = d_mlp`` and ``indices = arange`` when all neurons were kept)."""
+
+    values: Float[torch.Tensor, "batch layer pos k"]
+    indices: Int[torch.Tensor, "batch layer pos k"]
+    top_k: int | None
+
+    def dense(self, d_mlp: int) -> Float[torch.Tensor, "batch layer pos d_mlp"]:
+        out = torch.zeros(*self.values.shape[:3], d_mlp, dtype=self.values.dtype)
+        return out.scatter_(-1, self.indices, self.values)
+
+
+@dataclass
+class ConservationReport:
+    """Relevance summed over tokens at each residual point, input → output, against the target.
+
+    ``sums[b, i]`` is Σ_pos R at ``points[i]``; the last point is the target itself. ``absorbed[b, i]``
+    = ``sums[b, i+1] − sums[b, i]``: relevance the component between the two points does not pass on
+    (biases, AttnLRP's softmax, the final norm's bias). Exactly zero everywhere for CP-LRP on a
+    bias-free model (SPEC §2.3).
+    """
+
+    points: list[str]
+    sums: Float[torch.Tensor, "batch point"]
+    target: Float[torch.Tensor, "batch"]
+
+    @property
+    def absorbed(self) -> Float[torch.Tensor, "batch transition"]:
+        return self.sums[:, 1:] - self.sums[:, :-1]
+
+    @property
+    def transitions(self) -> list[str]:
+        return [f"{a} → {b}" for a, b in zip(self.points[:-1], self.points[1:])]
+
+    def input_share(self) -> Float[torch.Tensor, "batch"]:
+        """Fraction of the target that reaches the input tokens."""
+        return self.sums[:, 0] / self.target
+
+    def max_error(self) -> float:
+        """Largest |Σ_pos R − target| over all points and rows, relative to |target|."""
+        return float(((self.sums - self.target[:, None]).abs() / self.target.abs().clamp_min(1e-30)[:, None]).max())
+
+    def table(self, row: int = 0) -> str:
+        lines = [f"{'point':<34} {'Σ relevance':>14} {'absorbed':>12}"]
+        for i, p in enumerate(self.points):
+            absorbed = "" if i == 0 else f"{float(self.absorbed[row, i - 1]):12.5g}"
+            lines.append(f"{p:<34} {float(self.sums[row, i]):14.6g} {absorbed}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"points": self.points, "sums": self.sums.tolist(), "target": self.target.tolist()}
+
+
+@dataclass
+class Attribution:
+    """Relevance of every input token and every hooked node for one explained quantity per row.
+
+    Shapes: ``token_relevance`` and each ``node_relevance[name]`` are ``[batch, pos]``;
+    ``head_relevance`` is ``[batch, layer, head, pos]``. Padding positions (right-padded batches)
+    hold zeros. Positive relevance supports the target (with a contrast: supports the target *over*
+    the contrast).
+    """
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    lengths: list[int]
+    str_tokens: list[list[str]]
+    positions: list[int]
+    rules: str
+    target: Target
+    target_value: Float[torch.Tensor, "batch"]
+    token_relevance: Float[torch.Tensor, "batch pos"]
+    position_relevance: Float[torch.Tensor, "batch pos"] | None
+    node_relevance: dict[str, Float[torch.Tensor, "batch pos"]]
+    head_relevance: Float[torch.Tensor, "batch layer head pos"]
+    neuron_relevance: NeuronRelevance | None
+    conservation: ConservationReport
+    target_description: str = ""
+    meta: dict = field(default_factory=dict)
+
+    # -------------------------------------------------------------- views
+    @property
+    def input_relevance(self) -> Float[torch.Tensor, "batch pos"]:
+        """Token plus position-embedding relevance: everything that enters block 0."""
+        if self.position_relevance is None:
+            return self.token_relevance
+        return self.token_relevance + self.position_relevance
+
+    @property
+    def target_ids(self) -> list[int | None]:
+        return self.target.target_ids
+
+    @property
+    def contrast_ids(self) -> list[int | None]:
+        return self.target.contrast_ids
+
+    def layer_trace(self, row: int = 0) -> tuple[list[str], Float[torch.Tensor, "point pos"]]:
+        """Residual relevance per (point, token), input → output, for heatmaps of layer × token."""
+        names = list(self.node_relevance)
+        return names, torch.stack([self.node_relevance[n][row] for n in names])
+
+    def normalized(self, row: int = 0, exclude: Sequence[int] = (0,)) -> Float[torch.Tensor, "pos"]:
+        """Token relevance of one row divided by max |R| over the non-excluded tokens (by default the
+        BOS position is excluded: it acts as an attention sink, SPEC §2.2)."""
+        r = self.token_relevance[row, : self.lengths[row]]
+        keep = torch.ones_like(r, dtype=torch.bool)
+        keep[[i for i in exclude if i < len(r)]] = False
+        scale = r[keep].abs().max() if keep.any() else r.abs().max()
+        return r / scale.clamp_min(1e-30)
+
+    def top_tokens(self, k: int = 5, row: int = 0) -> list[tuple[int, str, float]]:
+        r = self.token_relevance[row, : self.lengths[row]]
+        order = r.abs().argsort(descending=True)[:k].tolist()
+        return [(i, self.str_tokens[row][i], float(r[i])) for i in order]
+
+    # -------------------------------------------------------------- export
+    def to_dict(self) -> dict:
+        return {
+            "rules": self.rules,
+            "target": self.target_description,
+            "target_ids": self.target.target_ids,
+            "contrast_ids": self.target.contrast_ids,
+            "positions": self.positions,
+            "target_value": self.target_value.tolist(),
+            "str_tokens": self.str_tokens,
+            "tokens": [t[:n] for t, n in zip(self.tokens.tolist(), self.lengths)],
+            "token_relevance": [r[:n] for r, n in zip(self.token_relevance.tolist(), self.lengths)],
+            "position_relevance": None if self.position_relevance is None else [
+                r[:n] for r, n in zip(self.position_relevance.tolist(), self.lengths)
+            ],
+            "node_relevance": {
+                k: [r[:n] for r, n in zip(v.tolist(), self.lengths)] for k, v in self.node_relevance.items()
+            },
+            "head_relevance": self.head_relevance.tolist(),
+            "conservation": self.conservation.to_dict(),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_networkx(self, row: int = 0) -> nx.DiGraph:
+        """Nodes ``(point, pos)`` with their relevance; edges join the same position at consecutive
+        residual points (the residual stream). Cross-token edges are :func:`cage_lens.circuit_graph`'s job."""
+        g = nx.DiGraph(target=self.target_description, rules=self.rules)
+        names = ["tokens"] + list(self.node_relevance)
+        n = self.lengths[row]
+        for pos in range(n):
+            g.add_node(("tokens", pos), relevance=float(self.input_relevance[row, pos]), token=self.str_tokens[row][pos])
+            for name in self.node_relevance:
+                g.add_node((name, pos), relevance=float(self.node_relevance[name][row, pos]), token=self.str_tokens[row][pos])
+            for a, b in zip(names[:-1], names[1:]):
+                g.add_edge((a, pos), (b, pos), kind="residual")
+        return g
+
+    # -------------------------------------------------------------- display
+    def __repr__(self) -> str:
+        b, p = self.token_relevance.shape
+        lines = [
+            f"Attribution(rules={self.rules!r}, target={self.target_description}, batch={b}, pos={p})",
+            f"  target value: {[round(v, 4) for v in self.target_value.tolist()]}",
+            f"  input share of target: {[round(v, 4) for v in self.conservation.input_share().tolist()]}",
+        ]
+        for row in range(min(b, 3)):
+            top = ", ".join(f"{t!r}@{i}: {r:+.3g}" for i, t, r in self.top_tokens(5, row))
+            lines.append(f"  row {row} top tokens: {top}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from cage_lens.viz import attribution_html
+
+        return attribution_html(self)
+
+    def show(self, row: int = 0) -> str:
+        """Terminal rendering: tokens with signed, max-normalised relevance."""
+        from cage_lens.viz import terminal_heatmap
+
+        return terminal_heatmap(self.str_tokens[row], self.normalized(row).tolist())
+
+
+# ---------------------------------------------------------------------------- the engine
+def _residual_points(adapter: ModelAdapter) -> list[str]:
+    return adapter.resid_hooks()
+
+
+def run_attribution(
+    adapter: ModelAdapter,
+    batch: TokenBatch,
+    positions: list[int],
+    target: Target,
+    rules: str,
+    capture_names: Sequence[str],
+) -> tuple[torch.Tensor, Capture, dict[str, torch.Tensor]]:
+    """One forward under ``rules`` with capture hooks, one backward. Returns (target value, capture,
+    gradients). The building block of every gradient-based method in cage_lens."""
+    model = adapter.model
+    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
+    capture = Capture(list(roots) + list(capture_names), roots=roots)
+    tokens = batch.tokens.to(adapter.device)
+    with torch.enable_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + capture.hooks):
+        logits = model(tokens)
+        rows = torch.arange(tokens.shape[0], device=logits.device)
+        value = target(logits[rows, torch.tensor(positions, device=logits.device)])
+        if not torch.isfinite(value).all():
+            raise NumericalError(f"the target value is not finite: {value.tolist()}")
+        grads = capture.gradients(value.sum())
+    return value.detach(), capture, grads
+
+
+def attribute(
+    model,
+    inputs: Inputs,
+    target=None,
+    contrast=None,
+    *,
+    rules: str = "attnlrp",
+    mode: str | Callable = "logit",
+    position: int | Sequence[int] = -1,
+    neurons: int | str | None = None,
+    top_k: int = 10,
+    prepend_bos: bool | None = None,
+) -> Attribution:
+    """Explain ``target`` (minus ``contrast``) at ``position`` with LRP rules, in one backward pass.
+
+    Args:
+        model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
+        inputs: a prompt, a list of prompts (right-padded), or a ``[batch, pos]`` token tensor.
+        target: token string (exactly one token), id, one per row, or a callable on the logits
+            ``[batch, vocab] -> [batch]``. ``None`` explains the model's own top-1 prediction.
+        contrast: a second token: explain ``target − contrast`` (failure analysis).
+        rules: ``"attnlrp"``, ``"cplrp"`` or ``"gxi"``.
+        mode: ``"logit"``, ``"logprob"``, ``"demean"``, ``"topk_avg"`` (``top_k`` logits) or a callable.
+        position: explained position (negative counts from each row's last real token).
+        neurons: ``None``, ``"all"`` or ``k`` (top-k MLP neurons per position by |R|).
+        prepend_bos: override the model's default BOS handling when tokenising strings.
+    """
+    adapter = adapt(model)
+    rules = check_rules(rules)
+    adapter.check_eval_mode()
+    batch = to_token_batch(model, inputs, prepend_bos)
+    positions = resolve_positions(position, batch.lengths)
+    spec = Target.build(model, batch.batch, target, contrast, mode, top_k)
+    arch = adapter.arch
+    if neurons is not None and arch.attn_only:
+        raise InputError("neurons= was requested but the model is attention-only (no MLP neurons)")
+    if neurons is not None and not (neurons == "all" or (isinstance(neurons, int) and 0 < neurons)):
+        raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
+
+    points = _residual_points(adapter)
+    z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
+    mlp_names = [adapter.mlp_hook(l, "hook_post") for l in range(arch.n_layers)] if neurons is not None else []
+    value, capture, grads = run_attribution(adapter, batch, positions, spec, rules, points + z_names + mlp_names)
+
+    def summed(name):
+        return capture.relevance(grads, name).sum(-1).detach()
+
+    token_rel = summed(adapter.embed_hook)
+    pos_rel = summed(adapter.pos_embed_hook) if adapter.has_position_embedding else None
+    if not torch.isfinite(token_rel).all() or (pos_rel is not None and not torch.isfinite(pos_rel).all()):
+        raise NumericalError(
+            "relevance contains NaN or inf; check the model for overflow (try float32/float64) "
+            "and that the target is finite"
+        )
+    node_rel = {name: summed(name) for name in points}
+    heads = torch.stack([summed(n).transpose(1, 2) for n in z_names], dim=1)  # [batch, layer, head, pos]
+    neuron_rel = _neuron_relevance(capture, grads, mlp_names, neurons) if mlp_names else None
+
+    input_sum = (token_rel + (pos_rel if pos_rel is not None else 0)).sum(-1)
+    sums = torch.stack([input_sum] + [node_rel[n].sum(-1) for n in points] + [value], dim=1)
+    conservation = ConservationReport(["embeddings"] + points + ["target"], sums, value)
+    str_tokens = [model.to_str_tokens(row[:n]) for row, n in zip(batch.tokens, batch.lengths)]
+    return Attribution(
+        tokens=batch.tokens,
+        lengths=batch.lengths,
+        str_tokens=[list(s) for s in str_tokens],
+        positions=positions,
+        rules=rules,
+        target=spec,
+        target_value=value,
+        token_relevance=token_rel,
+        position_relevance=pos_rel,
+        node_relevance=node_rel,
+        head_relevance=heads,
+        neuron_relevance=neuron_rel,
+        conservation=conservation,
+        target_description=spec.describe(model),
+    )
+
+
+def _neuron_relevance(capture: Capture, grads, names: list[str], neurons) -> NeuronRelevance:
+    """Per-layer neuron relevance; with ``neurons=k`` only the top-k per position by |R| are kept,
+    one layer at a time, so memory stays at ``k`` per position."""
+    if neurons == "all":
+        values = torch.stack([capture.relevance(grads, n).detach() for n in names], dim=1)
+        indices = torch.arange(values.shape[-1]).expand_as(values).contiguous()
+        return NeuronRelevance(values, indices, None)
+    values, indices = [], []
+    for name in names:
+        r = capture.relevance(grads, name).detach()  # [batch, pos, d_mlp]
+        top = r.abs().topk(min(int(neurons), r.shape[-1]), dim=-1).indices
+        values.append(r.gather(-1, top))
+        indices.append(top)
+    return NeuronRelevance(torch.stack(values, dim=1), torch.stack(indices, dim=1), indices[0].shape[-1])

@@ -1,0 +1,75 @@
+"""Rendering: self-contained HTML heatmaps (notebooks, reports) and ANSI terminal heatmaps (CLI).
+
+Colour convention everywhere: red = positive relevance (supports the target, or the wrong token in a
+contrastive explanation), blue = negative (supports the contrast / correct token).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+__all__ = ["relevance_color", "token_spans_html", "attribution_html", "terminal_heatmap", "html_page"]
+
+
+def relevance_color(value: float) -> str:
+    """CSS colour for a relevance already scaled to [-1, 1]."""
+    v = max(-1.0, min(1.0, float(value)))
+    strength = int(round(255 * (1 - abs(v))))
+    return f"rgb(255,{strength},{strength})" if v >= 0 else f"rgb({strength},{strength},255)"
+
+
+def token_spans_html(tokens: Sequence[str], scaled: Sequence[float], raw: Sequence[float] | None = None) -> str:
+    raw = scaled if raw is None else raw
+    spans = []
+    for tok, s, r in zip(tokens, scaled, raw):
+        text = html.escape(tok).replace(" ", "&nbsp;") or "&#8203;"
+        spans.append(
+            f'<span title="{html.escape(repr(tok))}: {r:+.4g}" '
+            f'style="background:{relevance_color(s)};padding:1px 2px;margin:1px;border-radius:3px;'
+            f'font-family:monospace;display:inline-block">{text}</span>'
+        )
+    return "".join(spans)
+
+
+def attribution_html(attribution, max_rows: int = 8) -> str:
+    rows = []
+    for row in range(min(attribution.token_relevance.shape[0], max_rows)):
+        n = attribution.lengths[row]
+        scaled = attribution.normalized(row).tolist()
+        raw = attribution.token_relevance[row, :n].tolist()
+        rows.append(
+            f"<div style='margin:4px 0'>{token_spans_html(attribution.str_tokens[row][:n], scaled, raw)}"
+            f"<span style='margin-left:8px;color:#666'>→ {html.escape(attribution.target_description)} = "
+            f"{float(attribution.target_value[row]):.4g}</span></div>"
+        )
+    head = (
+        f"<div style='font-family:sans-serif;font-size:13px'><b>cage_lens</b> {html.escape(attribution.rules)} "
+        f"relevance (red supports the target, blue opposes it; BOS excluded from the colour scale)</div>"
+    )
+    return head + "".join(rows)
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete, self-contained HTML document (no scripts or assets fetched from anywhere)."""
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:24px;max-width:1100px}"
+        "table{border-collapse:collapse}td,th{padding:2px 6px;text-align:right;font-size:12px}</style>"
+        f"</head><body><h2>{html.escape(title)}</h2>{body}</body></html>"
+    )
+
+
+def terminal_heatmap(tokens: Sequence[str], scaled: Sequence[float], color: bool = True) -> str:
+    """Tokens with ANSI 24-bit background colours, plus a ``[+0.42]`` tag when colour is off."""
+    out = []
+    for tok, v in zip(tokens, scaled):
+        shown = tok.replace("\n", "\\n")
+        if color:
+            rgb = relevance_color(v)[4:-1]
+            r, g, b = (int(x) for x in rgb.split(","))
+            out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{shown}\x1b[0m")
+        else:
+            out.append(f"{shown}[{v:+.2f}]")
+    return "".join(out) if color else " ".join(out)

@@ -1,0 +1,412 @@
+"""Synthetic tasks of the ground-truth zoo: seeded data generators that also emit the ground truth.
+
+Every prompt is a sequence of space-separated words, each word either alphanumeric or a single
+punctuation mark, so the zoo's word-level tokenizer (whitespace + punctuation split) turns it into
+exactly ``prompt.split()``.  TransformerLens prepends ``<bos>``, so the word ``i`` of the prompt sits
+at position ``i + 1`` of ``model.to_tokens(prompt)[0]``; every position in a :class:`Sample` uses that
+indexing (BOS at 0).  Completions start with a space, so ``prompt + completion`` tokenizes as the
+prompt tokens followed by the completion tokens.
+
+Ground-truth conventions (SPEC §4):
+
+* ``direct_sources[t]``: prompt positions that completion token ``t`` reads directly (the fact or
+  definition it copies from, and the prompt token that selects it).  Structural tokens whose value is
+  fixed by the format (``.``, ``+``, ``=``) have an empty set: nothing in the prompt decides them.
+* ``total_sources[t]``: positions token ``t`` depends on through any chain of earlier generated tokens
+  (the union of the direct sources of tokens ``0..t`` that feed it).
+* ``sentence_spans``: token ``[start, end)`` spans tiling positions ``0..len(prompt)``; BOS belongs to
+  the first span.  ``ground_truth_sentences``: indices of the content sentences the completion is
+  taken from; ``query_sentences``: the instruction/query sentence(s), also a true source but of a
+  different kind (kept apart so coverage metrics can include or exclude it).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Sample", "Task", "TASKS", "task", "SPECIAL_TOKENS"]
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+@dataclass
+class Sample:
+    prompt: str
+    completion: str
+    completion_tokens: list[str]
+    direct_sources: list[set[int]]
+    total_sources: list[set[int]]
+    sentence_spans: list[tuple[int, int]] | None = None
+    ground_truth_sentences: list[int] | None = None
+    query_sentences: list[int] | None = None
+    correct: str | None = None
+    wrong: str | None = None
+    #: task-specific extras (chain, facts used, name positions, ...)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        """Prompt tokens including the BOS token at position 0 (TL indexing)."""
+        return ["<bos>"] + self.prompt.split()
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt.split()) + 1
+
+    def sources(self) -> set[int]:
+        """Union of all total sources (every prompt position the completion depends on)."""
+        out: set[int] = set()
+        for s in self.total_sources:
+            out |= s
+        return out
+
+
+@dataclass
+class Task:
+    name: str
+    description: str
+    vocab: list[str]
+    default_size: str
+    _gen: Callable[[random.Random], Sample]
+    #: word classes for in-distribution token replacement (ablations)
+    word_classes: dict[str, list[str]] = field(default_factory=dict)
+    sentence_level: bool = False
+
+    def sample(self, n: int, seed: int = 0) -> list[Sample]:
+        rng = random.Random(f"{self.name}:{seed}")
+        return [self._gen(rng) for _ in range(n)]
+
+    def word_class(self, word: str) -> list[str] | None:
+        for words in self.word_classes.values():
+            if word in words:
+                return words
+        return None
+
+    def full_vocab(self) -> list[str]:
+        return SPECIAL_TOKENS + self.vocab
+
+
+def _spans_from_sentences(sentence_lengths: list[int]) -> list[tuple[int, int]]:
+    """Spans over TL positions for consecutive sentences; BOS joins the first one."""
+    spans = []
+    start = 0
+    pos = 1
+    for i, n in enumerate(sentence_lengths):
+        end = pos + n
+        spans.append((0 if i == 0 else start, end))
+        start = end
+        pos = end
+    return spans
+
+
+def _finish(words: list[str], completion_words: list[str], direct: list[set[int]],
+            deps: list[list[int]] | None = None, **kw) -> Sample:
+    """Build a Sample; ``deps[t]`` lists the earlier completion tokens that token ``t`` reads."""
+    for w in words + completion_words:
+        assert w and (w.isalnum() or (len(w) == 1 and not w.isalnum())), w
+    if deps is None:
+        deps = [[t - 1] if t > 0 else [] for t in range(len(completion_words))]
+    total: list[set[int]] = []
+    for t, d in enumerate(direct):
+        s = set(d)
+        for u in deps[t]:
+            s |= total[u]
+        total.append(s)
+    return Sample(
+        prompt=" ".join(words),
+        completion="".join(" " + w for w in completion_words),
+        completion_tokens=list(completion_words),
+        direct_sources=[set(d) for d in direct],
+        total_sources=total,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# pointer-chase
+# --------------------------------------------------------------------------------------------------
+PC_SYMBOLS = list("abcdefghijklmnop")  # 16 one-letter symbols
+PC_FACTS = 6
+PC_STEPS = 3
+
+
+def _gen_pointer_chase(rng: random.Random) -> Sample:
+    """``a > b ; c > d ; ... ; start a :`` → `` b c d`` (each step: value of the previous token).
+
+    Keys are distinct; the chain's facts are shuffled among distractor facts whose keys are not on
+    the chain.  Step 0 reads the start key and the fact for it; step t>0 reads the fact keyed by the
+    previously generated token (a generated token, so no prompt position for it).
+    """
+    syms = rng.sample(PC_SYMBOLS, PC_FACTS + PC_STEPS - 1 + 1)
+    chain = syms[: PC_STEPS + 1]
+    other_keys = syms[PC_STEPS + 1:]
+    facts = [(chain[i], chain[i + 1]) for i in range(PC_STEPS)]
+    chain_set = set(chain)
+    for k in other_keys[: PC_FACTS - PC_STEPS]:
+        facts.append((k, rng.choice([s for s in PC_SYMBOLS if s != k])))
+    order = list(range(len(facts)))
+    rng.shuffle(order)
+    words: list[str] = []
+    fact_pos: dict[str, tuple[int, int]] = {}
+    lengths = []
+    for j, i in enumerate(order):
+        k, v = facts[i]
+        pos = len(words) + 1
+        fact_pos[k] = (pos, pos + 2)
+        words += [k, ">", v, ";"]
+        lengths.append(4)
+    start_pos = len(words) + 2
+    words += ["start", chain[0], ":"]
+    lengths.append(3)
+    spans = _spans_from_sentences(lengths)
+    direct = []
+    gt_sent = []
+    for t in range(PC_STEPS):
+        kpos, vpos = fact_pos[chain[t]]
+        d = {kpos, vpos}
+        if t == 0:
+            d.add(start_pos)
+        direct.append(d)
+        gt_sent.append(next(i for i, (a, b) in enumerate(spans) if a <= kpos < b))
+    assert not (set(other_keys) & chain_set)
+    return _finish(
+        words, chain[1:], direct, sentence_spans=spans, ground_truth_sentences=gt_sent,
+        query_sentences=[len(spans) - 1],
+        meta={"chain": chain, "start_position": start_pos,
+              "fact_positions": {k: v for k, v in fact_pos.items()}},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# facts
+# --------------------------------------------------------------------------------------------------
+NAMES = ["mary", "john", "anna", "tom", "lisa", "paul", "kate", "mark", "emma", "jack", "sara",
+         "dave", "lucy", "alex", "nina", "bob", "rose", "sam", "jane", "eric"]
+FACT_VERBS = ["likes", "has", "sees", "wants", "sells", "paints"]
+FACT_OBJECTS = ["tea", "dog", "car", "book", "cake", "boat", "lamp", "hat", "bike", "fish",
+                "coat", "ring"]
+FACTS_M = 5
+FACTS_K = 2
+
+
+def _gen_facts(rng: random.Random) -> Sample:
+    """Five facts ``name verb object .`` then ``list n1 n2 :`` → `` n1 verb1 obj1 . n2 verb2 obj2 .``."""
+    names = rng.sample(NAMES, FACTS_M)
+    facts = [(n, rng.choice(FACT_VERBS), rng.choice(FACT_OBJECTS)) for n in names]
+    chosen = rng.sample(range(FACTS_M), FACTS_K)
+    words: list[str] = []
+    lengths = []
+    fact_start = []
+    for n, v, o in facts:
+        fact_start.append(len(words) + 1)
+        words += [n, v, o, "."]
+        lengths.append(4)
+    q_pos = []
+    words.append("list")
+    for c in chosen:
+        q_pos.append(len(words) + 1)
+        words.append(facts[c][0])
+    words.append(":")
+    lengths.append(2 + FACTS_K)
+    spans = _spans_from_sentences(lengths)
+    comp: list[str] = []
+    direct: list[set[int]] = []
+    deps: list[list[int]] = []
+    for j, c in enumerate(chosen):
+        n, v, o = facts[c]
+        s = fact_start[c]
+        base = len(comp)
+        comp += [n, v, o, "."]
+        # the name is copied from the instruction; verb/object are looked up in the fact keyed by it
+        direct += [{q_pos[j]}, {s, s + 1}, {s, s + 2}, set()]
+        deps += [[], [base], [base, base + 1], [base + 2]]
+    return _finish(
+        words, comp, direct, deps, sentence_spans=spans, ground_truth_sentences=list(chosen),
+        query_sentences=[FACTS_M],
+        meta={"facts": facts, "chosen": chosen, "fact_starts": fact_start, "query_positions": q_pos},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# arith
+# --------------------------------------------------------------------------------------------------
+ARITH_VARS = list("abcdefgh")
+DIGITS = [str(i) for i in range(10)]
+SUMS = [str(i) for i in range(19)]
+FILLER_SUBJ = ["the", "sky", "cat", "dog", "sun", "sea", "road", "tree", "door", "bird"]
+FILLER = [
+    ["the", "sky", "is", "blue", "."],
+    ["the", "cat", "is", "asleep", "."],
+    ["it", "is", "late", "."],
+    ["the", "dog", "runs", "."],
+    ["birds", "can", "fly", "."],
+    ["the", "sea", "is", "calm", "."],
+    ["the", "road", "is", "long", "."],
+    ["it", "rains", "today", "."],
+    ["the", "tree", "is", "tall", "."],
+    ["the", "door", "is", "open", "."],
+]
+ARITH_DEFS = 4
+ARITH_FILLERS = 3
+
+
+def _gen_arith(rng: random.Random) -> Sample:
+    """Definitions ``x = 3 .`` mixed with unrelated sentences, then ``compute x + y :`` →
+    `` 3 + 4 = 7``: two lookups, then the sum of the two generated values."""
+    vars_ = rng.sample(ARITH_VARS, ARITH_DEFS)
+    vals = [rng.choice(DIGITS) for _ in vars_]
+    fillers = rng.sample(FILLER, ARITH_FILLERS)
+    items = [("def", i) for i in range(ARITH_DEFS)] + [("fill", i) for i in range(ARITH_FILLERS)]
+    rng.shuffle(items)
+    words: list[str] = []
+    lengths = []
+    def_pos: dict[int, int] = {}
+    def_sent: dict[int, int] = {}
+    for si, (kind, i) in enumerate(items):
+        if kind == "def":
+            def_pos[i] = len(words) + 1
+            def_sent[i] = si
+            words += [vars_[i], "=", vals[i], "."]
+            lengths.append(4)
+        else:
+            words += fillers[i]
+            lengths.append(len(fillers[i]))
+    x, y = rng.sample(range(ARITH_DEFS), 2)
+    words.append("compute")
+    qx = len(words) + 1
+    words += [vars_[x], "+"]
+    qy = len(words) + 1
+    words += [vars_[y], ":"]
+    lengths.append(5)
+    spans = _spans_from_sentences(lengths)
+    total = int(vals[x]) + int(vals[y])
+    comp = [vals[x], "+", vals[y], "=", str(total)]
+    direct = [{qx, def_pos[x], def_pos[x] + 2}, set(), {qy, def_pos[y], def_pos[y] + 2}, set(), set()]
+    deps = [[], [], [], [], [0, 2]]
+    return _finish(
+        words, comp, direct, deps, sentence_spans=spans,
+        ground_truth_sentences=sorted({def_sent[x], def_sent[y]}), query_sentences=[len(items)],
+        meta={"variables": dict(zip(vars_, vals)), "query": (vars_[x], vars_[y]),
+              "definition_positions": {vars_[i]: p for i, p in def_pos.items()}},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# ioi
+# --------------------------------------------------------------------------------------------------
+IOI_NAMES = ["mary", "john", "anna", "tom", "lisa", "paul", "kate", "mark", "emma", "jack", "sara",
+             "dave", "lucy", "alex", "nina", "bob", "rose", "sam", "jane", "eric", "amy", "ben",
+             "claire", "dan", "ella", "fred", "grace", "henry", "iris", "luke"]
+IOI_PLACES = ["store", "park", "school", "office", "beach", "house", "garden", "station",
+              "market", "library"]
+IOI_OBJECTS = ["drink", "book", "ball", "gift", "letter", "bag", "key", "ring", "pen", "cake"]
+# {A} and {B} are the first two names (order varies), {S} repeats the subject, answer = the other.
+IOI_TEMPLATES = [
+    "when {A} and {B} went to the {P} , {S} gave a {O} to",
+    "when {A} and {B} got a {O} at the {P} , {S} decided to give it to",
+    "after {A} and {B} went to the {P} , {S} gave a {O} to",
+    "while {A} and {B} were at the {P} , {S} handed a {O} to",
+    "then , {A} and {B} went to the {P} . {S} gave a {O} to",
+    "then , {A} and {B} had a long argument , and afterwards {S} said to",
+    "{A} and {B} were working at the {P} . {S} decided to give a {O} to",
+    "{A} and {B} were thinking about going to the {P} . {S} wanted to give a {O} to",
+    "the {P} was quiet when {A} and {B} arrived . {S} showed the {O} to",
+    "friends {A} and {B} found a {O} at the {P} . {S} gave it to",
+    "when {A} and {B} came back from the {P} , {S} threw the {O} to",
+    "after the lunch , {A} and {B} went to the {P} . {S} passed the {O} to",
+]
+
+
+def _gen_ioi(rng: random.Random) -> Sample:
+    """Classic IOI: ``when mary and john went to the store , john gave a drink to`` → `` mary``."""
+    io, s = rng.sample(IOI_NAMES, 2)
+    tmpl = rng.choice(IOI_TEMPLATES)
+    abba = rng.random() < 0.5  # IO first (ABBA) or S first (BABA)
+    a, b = (io, s) if abba else (s, io)
+    text = tmpl.format(A="\0A", B="\0B", S="\0S", P=rng.choice(IOI_PLACES), O=rng.choice(IOI_OBJECTS))
+    words = []
+    io_pos, s_pos = [], []
+    for w in text.split():
+        p = len(words) + 1
+        if w == "\0A":
+            (io_pos if a == io else s_pos).append(p)
+            words.append(a)
+        elif w == "\0B":
+            (io_pos if b == io else s_pos).append(p)
+            words.append(b)
+        elif w == "\0S":
+            s_pos.append(p)
+            words.append(s)
+        else:
+            words.append(w)
+    direct = [set(io_pos) | set(s_pos)]
+    return _finish(
+        words, [io], direct, correct=io, wrong=s,
+        meta={"io_positions": io_pos, "s_positions": s_pos, "template": IOI_TEMPLATES.index(tmpl),
+              "order": "ABBA" if abba else "BABA"},
+    )
+
+
+def _ioi_vocab() -> list[str]:
+    words = set(IOI_NAMES) | set(IOI_PLACES) | set(IOI_OBJECTS)
+    for t in IOI_TEMPLATES:
+        for w in t.split():
+            if not w.startswith("{"):
+                words.add(w)
+    return sorted(words)
+
+
+def _uniq(*lists) -> list[str]:
+    out: list[str] = []
+    for lst in lists:
+        for w in lst:
+            if w not in out:
+                out.append(w)
+    return out
+
+
+TASKS: dict[str, Task] = {
+    "pointer-chase": Task(
+        name="pointer-chase",
+        description="multi-hop pointer chasing: each generated token is the value of the previous one",
+        vocab=_uniq(PC_SYMBOLS, [">", ";", "start", ":"]),
+        default_size="small",
+        _gen=_gen_pointer_chase,
+        word_classes={"symbol": PC_SYMBOLS},
+    ),
+    "facts": Task(
+        name="facts",
+        description="fact listing: 5 facts in the prompt, 'list n1 n2 :', the two facts generated",
+        vocab=_uniq(NAMES, FACT_VERBS, FACT_OBJECTS, [".", "list", ":"]),
+        default_size="small",
+        _gen=_gen_facts,
+        word_classes={"name": NAMES, "verb": FACT_VERBS, "object": FACT_OBJECTS},
+        sentence_level=True,
+    ),
+    "arith": Task(
+        name="arith",
+        description="two variable lookups among distractor sentences, then their sum",
+        vocab=_uniq(ARITH_VARS, SUMS, ["=", ".", "+", ":", "compute"], *FILLER),
+        default_size="small",
+        _gen=_gen_arith,
+        word_classes={"variable": ARITH_VARS, "digit": DIGITS},
+        sentence_level=True,
+    ),
+    "ioi": Task(
+        name="ioi",
+        description="indirect-object identification; contrastive target logit(IO) - logit(S)",
+        vocab=_ioi_vocab(),
+        default_size="small",
+        _gen=_gen_ioi,
+        word_classes={"name": IOI_NAMES, "place": IOI_PLACES, "object": IOI_OBJECTS},
+    ),
+}
+
+
+def task(name: str) -> Task:
+    """The zoo task called ``name`` (``pointer-chase``, ``facts``, ``arith``, ``ioi``)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown zoo task {name!r}; available: {', '.join(TASKS)}")
+    return TASKS[name]
