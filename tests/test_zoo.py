@@ -1,0 +1,218 @@
+"""Tests of the ground-truth zoo (SPEC §4): generators, ground truth, shipped models.
+
+Runs on TransformerLens 2.x (HookedTransformer) and 4.x (TransformerBridge) alike.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from cage_lens import zoo
+from cage_lens.loading import load_tokenizer
+from cage_lens.zoo.tasks import TASKS
+
+TEST_SEED = 77
+N_ACC = 50
+MARGIN = 0.08  # 50 samples: allow a few misses below the card's 500-sample figure
+
+FINALS = [(m["name"], m["size"]) for m in zoo.list()]
+ALL_DIRS = [Path(m["path"]) for m in zoo.list()] + [
+    Path(m["path"]) / "checkpoints" / f"step-{s}" for m in zoo.list() for s in m["checkpoints"]
+]
+
+
+@lru_cache(maxsize=None)
+def _tl(directory: str):
+    from cage_lens.loading import load_hf_directory
+
+    return load_hf_directory(directory)
+
+
+def _load(name, size=None):
+    return _tl(str(zoo.model_dir(name, size)))
+
+
+# ------------------------------------------------------------------------------------------ listing
+def test_list_covers_every_task_with_two_sizes():
+    listed = zoo.list()
+    assert zoo.DEFAULT_MODEL == "ioi"
+    for name in TASKS:
+        sizes = {m["size"] for m in listed if m["name"] == name}
+        assert len(sizes) >= 2, (name, sizes)
+        assert TASKS[name].default_size in sizes
+    archs = {m["architecture"] for m in listed}
+    assert {"GPT2LMHeadModel", "LlamaForCausalLM"} <= archs
+    ioi = next(m for m in listed if m["name"] == "ioi" and m["default"])
+    assert ioi["architecture"] == "GPT2LMHeadModel"
+    for name in ("pointer-chase", "ioi"):
+        assert any(len(m["checkpoints"]) >= 4 for m in listed if m["name"] == name), name
+
+
+def test_shipped_size_limit():
+    total = sum(f.stat().st_size for f in zoo.MODELS_DIR.rglob("*") if f.is_file())
+    assert total <= 20 * 1024 * 1024, total
+
+
+def test_bad_names_raise_value_error_listing_options():
+    with pytest.raises(ValueError, match="pointer-chase"):
+        zoo.load("no-such-task")
+    with pytest.raises(ValueError, match="small"):
+        zoo.load("ioi", size="huge")
+    with pytest.raises(ValueError, match="step"):
+        zoo.model_dir("ioi", checkpoint=10**9)
+    with pytest.raises(ValueError, match="unknown zoo task"):
+        zoo.task("nope")
+
+
+def test_checkpoint_by_step_and_index():
+    m = next(m for m in zoo.list() if m["name"] == "pointer-chase" and m["checkpoints"])
+    steps = m["checkpoints"]
+    assert zoo.model_dir("pointer-chase", m["size"], checkpoint=steps[1]) == zoo.model_dir(
+        "pointer-chase", m["size"], checkpoint=1)
+    assert zoo.model_dir("pointer-chase", m["size"], checkpoint=-1).name == f"step-{steps[-1]}"
+
+
+# ------------------------------------------------------------------------------------- generators
+@pytest.mark.parametrize("name", list(TASKS))
+def test_generator_deterministic_per_seed(name):
+    a = zoo.task(name).sample(5, seed=3)
+    b = zoo.task(name).sample(5, seed=3)
+    c = zoo.task(name).sample(5, seed=4)
+    assert a == b
+    assert [s.prompt for s in a] != [s.prompt for s in c]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_tokenization_is_word_level_and_in_vocab(name):
+    d = zoo.model_dir(name)
+    tok = load_tokenizer(d)
+    for s in zoo.task(name).sample(20, seed=TEST_SEED):
+        ids = tok(s.prompt + s.completion, add_special_tokens=False)["input_ids"]
+        words = tok.convert_ids_to_tokens(ids)
+        assert words == s.prompt.split() + s.completion_tokens
+        assert tok.unk_token_id not in ids
+        assert s.completion.startswith(" ")
+        assert len(s.direct_sources) == len(s.total_sources) == len(s.completion_tokens)
+        for d_, t_ in zip(s.direct_sources, s.total_sources):
+            assert d_ <= t_
+            assert all(1 <= p < s.n_prompt for p in t_)
+        if s.sentence_spans is not None:  # spans tile 0..n_prompt
+            assert s.sentence_spans[0][0] == 0 and s.sentence_spans[-1][1] == s.n_prompt
+            assert all(a[1] == b[0] for a, b in zip(s.sentence_spans, s.sentence_spans[1:]))
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_ground_truth_points_at_the_right_tokens(name):
+    model = _load(name)
+    for s in zoo.task(name).sample(10, seed=TEST_SEED):
+        toks = model.to_str_tokens(s.prompt)
+        toks = [t.strip() for t in toks]
+        assert toks[0] == "<bos>" and toks[1:] == s.prompt.split()
+        assert s.prompt_tokens == toks
+        if name == "pointer-chase":
+            chain = [toks[-2]] + s.completion_tokens  # start key, then the generated chain
+            assert chain == s.meta["chain"]
+            for t, d in enumerate(s.direct_sources):
+                prev = chain[t]
+                key = [p for p in d if toks[p] == prev and p + 1 < len(toks) and toks[p + 1] == ">"]
+                assert len(key) == 1, (t, d)
+                assert toks[key[0] + 2] == s.completion_tokens[t]  # value of the fact = output
+                assert key[0] + 2 in d
+                if t == 0:
+                    assert len(toks) - 2 in d  # the start key
+                else:
+                    assert len(d) == 2
+            for k, t in zip(s.ground_truth_sentences, range(len(s.completion_tokens))):
+                a, b = s.sentence_spans[k]
+                assert toks[max(a, 1)] == chain[t]
+        elif name == "facts":
+            for t, (w, d) in enumerate(zip(s.completion_tokens, s.direct_sources)):
+                if w == ".":
+                    assert not d
+                else:
+                    assert w in {toks[p] for p in d}
+            for k in s.ground_truth_sentences:
+                a, b = s.sentence_spans[k]
+                fact = toks[max(a, 1):b]
+                joined = " ".join(s.completion_tokens)
+                assert " ".join(fact) in joined
+        elif name == "arith":
+            x, y = s.meta["query"]
+            vals = s.meta["variables"]
+            assert s.completion_tokens == [vals[x], "+", vals[y], "=", str(int(vals[x]) + int(vals[y]))]
+            for t, var in ((0, x), (2, y)):
+                words = [toks[p] for p in sorted(s.direct_sources[t])]
+                assert sorted(words) == sorted([var, var, vals[var]])
+            assert s.total_sources[4] == s.direct_sources[0] | s.direct_sources[2]
+            for k in s.ground_truth_sentences:
+                a, b = s.sentence_spans[k]
+                assert toks[max(a, 1)] in (x, y) and toks[max(a, 1) + 1] == "="
+        elif name == "ioi":
+            assert s.completion_tokens == [s.correct]
+            (d,) = s.direct_sources
+            assert sorted(toks[p] for p in d) == sorted([s.correct, s.wrong, s.wrong])
+            assert [toks[p] for p in s.meta["io_positions"]] == [s.correct]
+            assert toks.count(s.wrong) == 2 and toks.count(s.correct) == 1
+            assert model.to_single_token(" " + s.correct) == model.to_single_token(s.correct)
+
+
+# ------------------------------------------------------------------------------------ shipped models
+@pytest.mark.parametrize("directory", ALL_DIRS, ids=lambda p: f"{p.parent.parent.name}/{p.name}"
+                         if p.parent.name == "checkpoints" else p.name)
+def test_model_loads_offline_and_matches_hf(directory):
+    from transformers import AutoModelForCausalLM
+
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "zoo.json"):
+        assert (directory / f).exists(), f
+    meta = json.loads((directory / "zoo.json").read_text())
+    model = _tl(str(directory))
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    s = zoo.task(meta["task"]).sample(2, seed=TEST_SEED)
+    for sample in s:
+        tokens = model.to_tokens(sample.prompt + sample.completion)
+        with torch.no_grad():
+            tl_logits = model(tokens)
+            hf_logits = hf(tokens).logits
+        assert torch.allclose(tl_logits, hf_logits, atol=1e-4), (tl_logits - hf_logits).abs().max()
+    assert type(hf).__name__ == meta["architecture"]
+
+
+@pytest.mark.parametrize("name,size", FINALS)
+def test_final_model_accuracy_matches_card(name, size):
+    d = zoo.model_dir(name, size)
+    meta = json.loads((d / "zoo.json").read_text())
+    card = meta["accuracy"]
+    assert card >= 0.95
+    model = _tl(str(d))
+    samples = zoo.task(name).sample(N_ACC, seed=TEST_SEED)
+    correct = 0
+    with torch.no_grad():
+        for s in samples:
+            # teacher-forced check == greedy exact match (argmax right at every completion step)
+            tokens = model.to_tokens(s.prompt + s.completion)
+            n = len(s.completion_tokens)
+            pred = model(tokens)[0, -n - 1:-1].argmax(-1)
+            correct += bool((pred == tokens[0, -n:]).all())
+    assert correct / N_ACC >= card - MARGIN, (correct, card)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_greedy_generation_loop(name):
+    model = _load(name)
+    s = zoo.task(name).sample(3, seed=TEST_SEED + 1)
+    hits = sum(zoo.greedy_complete(model, x.prompt, len(x.completion_tokens)) == x.completion_tokens for x in s)
+    assert hits >= 2
+
+
+def test_default_model_ioi_prompt():
+    model = zoo.load()
+    tokens = model.to_tokens("when mary and john went to the store , john gave a drink to")
+    with torch.no_grad():
+        logits = model(tokens)[0, -1]
+    assert logits[model.to_single_token("mary")] > logits[model.to_single_token("john")]
+    assert model.tokenizer.convert_ids_to_tokens(int(logits.argmax())) == "mary"
