@@ -1,0 +1,378 @@
+"""CAGE generation graphs (SPEC §2.1): attribution across generation steps, marginalised over paths.
+
+>>> graph = cage(model, "a > b ; b > c ; start a :", max_new_tokens=2)
+>>> graph.context_attribution()        # CAGE: all paths prompt → … → outputs
+>>> graph.row_attribution()            # the baseline: direct edges only
+
+Nodes are prompt and generated tokens (or sentences / user spans); edge ``j → t`` carries the
+normalised attribution of generated node ``t`` to the earlier node ``j``. With ``A_YP`` (generated →
+prompt) and ``A_YY`` (generated → earlier generated, strictly lower triangular), the context
+attribution of output ``τ`` is ``c_τ = e_τᵀ (I − A_YY)⁻¹ A_YP`` = Σ_k e_τᵀ A_YYᵏ A_YP, computed with a
+triangular solve.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import networkx as nx
+import torch
+from jaxtyping import Float, Int
+
+from cage_lens.adapter import adapt
+from cage_lens.errors import InputError
+from cage_lens.methods import check_sequence, eos_id, get_method
+from cage_lens.spans import Span, block_sum, check_tiling, split_sentences, token_spans
+
+__all__ = ["cage", "GenerationGraph", "NORMALIZATIONS", "normalize_table", "greedy_continuation"]
+
+NORMALIZATIONS = ("paper", "signed", "none")
+PAPER_EPS = 1e-8  # the reference implementation's denominator guard (SPEC §2.1)
+
+
+# ---------------------------------------------------------------------------- normalisation
+def _causal_mask(n_rows: int, n_prompt: int) -> torch.Tensor:
+    """``True`` where row t may have an edge: columns ``< n_prompt + t``."""
+    cols = torch.arange(n_prompt + n_rows)
+    return cols[None, :] < (n_prompt + torch.arange(n_rows))[:, None]
+
+
+def normalize_table(table: Float[torch.Tensor, "Y N"], how: str) -> tuple[Float[torch.Tensor, "Y N"], list[int]]:
+    """Normalise rows (SPEC §2.1). Returns the matrix and the rows that carried no mass.
+
+    - ``"paper"``: ``max(T, 0) / (Σ max(T, 0) + 1e-8)`` (the reference's guard); a row with no positive
+      entry becomes all zeros and is reported.
+    - ``"signed"``: ``T / Σ|T|``, signs kept (inhibitory influence survives); an all-zero row stays zero
+      and is reported.
+    - ``"none"``: the table as is (rows that are all zero are reported).
+    """
+    if how not in NORMALIZATIONS:
+        raise InputError(f"unknown normalize={how!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if how == "paper":
+        positive = table.clamp_min(0)
+        mass = positive.sum(-1, keepdim=True)
+        return positive / (mass + PAPER_EPS), (mass[:, 0] <= 0).nonzero().flatten().tolist()
+    mass = table.abs().sum(-1, keepdim=True)
+    empty = (mass[:, 0] == 0).nonzero().flatten().tolist()
+    if how == "none":
+        return table.clone(), empty
+    return torch.where(mass > 0, table / torch.where(mass > 0, mass, torch.ones_like(mass)), torch.zeros_like(table)), empty
+
+
+# ---------------------------------------------------------------------------- the graph
+@dataclass
+class GenerationGraph:
+    """A CAGE graph over ``n_prompt`` prompt nodes and ``Y`` generated nodes.
+
+    ``adjacency[t, j]`` (``[Y, n_prompt + Y]``) is the normalised edge from node ``j`` into generated node
+    ``t`` (node index ``n_prompt + t``); ``table`` is the same before normalisation. ``empty_rows`` lists
+    generated nodes whose row had no usable mass (``"paper"``: no positive entry) and became zero.
+    """
+
+    adjacency: Float[torch.Tensor, "Y N"]
+    table: Float[torch.Tensor, "Y N"]
+    n_prompt: int
+    normalize: str
+    empty_rows: list[int]
+    labels: list[str]
+    spans: list[Span] | None = None
+    method: str = "table"
+    tokens: Int[torch.Tensor, "1 T"] | None = None
+    token_table: Float[torch.Tensor, "Ytok T"] | None = None
+    meta: dict = field(default_factory=dict)
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_table(
+        cls, table: Float[torch.Tensor, "Y N"], n_prompt: int, normalize: str = "paper",
+        labels: Sequence[str] | None = None, **extra,
+    ) -> "GenerationGraph":
+        """Build the graph from a raw attribution table ``[Y, n_prompt + Y]`` (row t explains generated
+        node t from the nodes before it; entries at or after the node itself are ignored)."""
+        table = torch.as_tensor(table).detach().to(torch.float64).cpu()
+        if table.ndim != 2:
+            raise InputError(f"the table must be 2-D [Y, n_prompt + Y], got shape {tuple(table.shape)}")
+        Y, N = table.shape
+        if Y == 0:
+            raise InputError("the table has no rows: the continuation is empty, nothing to explain")
+        if not isinstance(n_prompt, int) or n_prompt < 1 or N != n_prompt + Y:
+            raise InputError(f"a table with {Y} generated rows needs n_prompt + {Y} columns; got {N} columns and n_prompt={n_prompt!r}")
+        if not torch.isfinite(table).all():
+            raise InputError("the table contains NaN or inf")
+        table = torch.where(_causal_mask(Y, n_prompt), table, torch.zeros_like(table))
+        adjacency, empty = normalize_table(table, normalize)
+        labels = list(labels) if labels is not None else [f"p{j}" for j in range(n_prompt)] + [f"g{t}" for t in range(Y)]
+        if len(labels) != N:
+            raise InputError(f"got {len(labels)} labels for {N} nodes")
+        return cls(adjacency, table, n_prompt, normalize, empty, labels, **extra)
+
+    # -------------------------------------------------------------- shapes and blocks
+    @property
+    def n_generated(self) -> int:
+        return self.adjacency.shape[0]
+
+    @property
+    def A_YP(self) -> Float[torch.Tensor, "Y P"]:
+        return self.adjacency[:, : self.n_prompt]
+
+    @property
+    def A_YY(self) -> Float[torch.Tensor, "Y Y"]:
+        return self.adjacency[:, self.n_prompt :]
+
+    def _selector(self, outputs) -> Float[torch.Tensor, "Y"]:
+        """Indicator over generated nodes: ``None`` = all, an int or a list of ints (negatives count
+        from the end)."""
+        Y = self.n_generated
+        if outputs is None:
+            return torch.ones(Y, dtype=torch.float64)
+        items = [outputs] if isinstance(outputs, int) else list(outputs)
+        e = torch.zeros(Y, dtype=torch.float64)
+        for o in items:
+            if isinstance(o, bool) or not isinstance(o, int) or not -Y <= o < Y:
+                raise InputError(f"output {o!r} is not a generated node index in [-{Y}, {Y})")
+            e[o] = 1
+        return e
+
+    def _path_weights(self, outputs) -> Float[torch.Tensor, "Y"]:
+        """``w = Σ_τ e_τᵀ (I − A_YY)⁻¹``: total weight of all paths from each generated node into the
+        chosen outputs (1 for an output itself). Solved as ``w (I − A_YY) = e`` (lower triangular)."""
+        identity = torch.eye(self.n_generated, dtype=torch.float64)
+        e = self._selector(outputs)[None, :]
+        return torch.linalg.solve_triangular(identity - self.A_YY, e, upper=False, left=False)[0]
+
+    # -------------------------------------------------------------- attributions
+    def row_attribution(self, outputs=None) -> Float[torch.Tensor, "P"]:
+        """The baseline: direct edges only, ``Σ_τ A[τ, prompt]``."""
+        return self._selector(outputs) @ self.A_YP
+
+    def context_attribution(self, outputs=None) -> Float[torch.Tensor, "P"]:
+        """CAGE: ``Σ_τ e_τᵀ (I − A_YY)⁻¹ A_YP`` over the chosen outputs (SPEC §2.1)."""
+        return self._path_weights(outputs) @ self.A_YP
+
+    def context_matrix(self) -> Float[torch.Tensor, "Y P"]:
+        """``(I − A_YY)⁻¹ A_YP``: row τ is the context attribution of output τ alone."""
+        identity = torch.eye(self.n_generated, dtype=torch.float64)
+        return torch.linalg.solve_triangular(identity - self.A_YY, self.A_YP, upper=False)
+
+    def entry_decomposition(self, outputs=None) -> Float[torch.Tensor, "Y P"]:
+        """Context attribution split by the generated node ``u`` through which paths leave the prompt:
+        row u = ``w_u · A_YP[u]``. Rows sum to :meth:`context_attribution`."""
+        return self._path_weights(outputs)[:, None] * self.A_YP
+
+    def intermediate_contributions(self, outputs=None) -> Float[torch.Tensor, "Y"]:
+        """Per generated node, the part of the outputs' context attribution that enters the generation
+        at that node (sums to the total context attribution)."""
+        return self.entry_decomposition(outputs).sum(-1)
+
+    def top_paths(self, source: int, output: int = -1, k: int = 5) -> list[tuple[float, list[int]]]:
+        """The ``k`` paths (by |product of edge weights|) from prompt node ``source`` to generated node
+        ``output``; each path is a list of node indices (prompt j, generated t as ``n_prompt + t``)."""
+        P, Y = self.n_prompt, self.n_generated
+        if not isinstance(source, int) or not 0 <= source < P:
+            raise InputError(f"source must be a prompt node index in [0, {P}), got {source!r}")
+        if not isinstance(output, int) or not -Y <= output < Y:
+            raise InputError(f"output must be a generated node index in [-{Y}, {Y}), got {output!r}")
+        output %= Y
+        best: list[list[tuple[float, list[int]]]] = []
+        for u in range(output + 1):
+            cands = []
+            if self.A_YP[u, source] != 0:
+                cands.append((float(self.A_YP[u, source]), [source, P + u]))
+            for v in range(u):
+                edge = float(self.A_YY[u, v])
+                if edge != 0:
+                    cands += [(w * edge, path + [P + u]) for w, path in best[v]]
+            best.append(sorted(cands, key=lambda c: -abs(c[0]))[:k])
+        return best[output]
+
+    # -------------------------------------------------------------- export
+    def to_networkx(self) -> nx.DiGraph:
+        """DAG: nodes ``0..N−1`` (``label``, ``kind`` prompt/generated, ``span``), edges forward in time
+        into generated nodes with the normalised ``weight`` and the ``raw`` table value."""
+        g = nx.DiGraph(method=self.method, normalize=self.normalize, n_prompt=self.n_prompt)
+        for i, label in enumerate(self.labels):
+            g.add_node(i, label=label, kind="prompt" if i < self.n_prompt else "generated",
+                       span=None if self.spans is None else tuple(self.spans[i]))
+        for t in range(self.n_generated):
+            for j in range(self.n_prompt + t):
+                w = float(self.adjacency[t, j])
+                if w != 0:
+                    g.add_edge(j, self.n_prompt + t, weight=w, raw=float(self.table[t, j]))
+        return g
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "normalize": self.normalize, "n_prompt": self.n_prompt,
+            "labels": self.labels, "spans": self.spans, "empty_rows": self.empty_rows,
+            "adjacency": self.adjacency.tolist(), "table": self.table.tolist(),
+            "row_attribution": self.row_attribution().tolist(),
+            "context_attribution": self.context_attribution().tolist(),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    # -------------------------------------------------------------- display
+    def _top(self, scores: torch.Tensor, k: int = 5) -> str:
+        order = scores.abs().argsort(descending=True)[:k].tolist()
+        return ", ".join(f"{self.labels[j]!r}@{j}: {float(scores[j]):+.3g}" for j in order)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"GenerationGraph(method={self.method!r}, normalize={self.normalize!r}, "
+            f"{self.n_prompt} prompt nodes, {self.n_generated} generated nodes)",
+            f"  generated: {' | '.join(self.labels[self.n_prompt:][:12])}{' …' if self.n_generated > 12 else ''}",
+            f"  CAGE top prompt nodes: {self._top(self.context_attribution())}",
+            f"  row attribution top:   {self._top(self.row_attribution())}",
+        ]
+        if self.empty_rows:
+            lines.append(f"  rows with no {'positive ' if self.normalize == 'paper' else ''}mass (set to zero): {self.empty_rows}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        c, r = self.context_attribution(), self.row_attribution()
+        scale = float(max(c.abs().max(), r.abs().max(), 1e-30))
+
+        def cell(v):
+            a = min(abs(float(v)) / scale, 1.0)
+            color = f"rgba(220,40,40,{a:.2f})" if v >= 0 else f"rgba(40,80,220,{a:.2f})"
+            return f'<td style="background:{color}">{float(v):+.3f}</td>'
+
+        rows = "".join(
+            f"<tr><td>{j}</td><td>{html.escape(self.labels[j])}</td>{cell(c[j])}{cell(r[j])}</tr>" for j in range(self.n_prompt)
+        )
+        gen = html.escape(" | ".join(self.labels[self.n_prompt:]))
+        note = f"<p>rows with no mass: {self.empty_rows}</p>" if self.empty_rows else ""
+        return (
+            f"<div><b>GenerationGraph</b> method={html.escape(self.method)} normalize={self.normalize}<br>"
+            f"generated: {gen}{note}<table><tr><th>#</th><th>prompt node</th><th>CAGE</th><th>row</th></tr>"
+            f"{rows}</table></div>"
+        )
+
+
+# ---------------------------------------------------------------------------- cage()
+def greedy_continuation(model, tokens: Int[torch.Tensor, "1 P"], max_new_tokens: int, stop_at_eos: bool = False) -> Int[torch.Tensor, "1 T"]:
+    """Greedy decoding with plain ``model(tokens)`` calls (portable across TL versions)."""
+    device = adapt(model).device
+    tokens = tokens.to(device)
+    eos = eos_id(model)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if stop_at_eos and int(nxt) == eos:
+                break
+    return tokens.cpu()
+
+
+def _prompt_tokens(model, prompt, prepend_bos) -> Int[torch.Tensor, "1 P"]:
+    if isinstance(prompt, torch.Tensor):
+        return prompt.reshape(1, -1).long().cpu()
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt must be a non-empty string or a token tensor")
+    kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+    return model.to_tokens(prompt, **kwargs).cpu()
+
+
+def _completion_tokens(model, completion) -> Int[torch.Tensor, "1 Y"]:
+    if isinstance(completion, str):
+        ids = model.to_tokens(completion, prepend_bos=False).cpu() if completion else torch.zeros(1, 0, dtype=torch.long)
+    else:
+        ids = torch.as_tensor(completion, dtype=torch.long).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise InputError("the completion is empty: there is no generated token to explain")
+    return ids
+
+
+def _sequence(model, prompt, completion, max_new_tokens, prepend_bos, stop_at_eos) -> tuple[torch.Tensor, int]:
+    prompt_ids = _prompt_tokens(model, prompt, prepend_bos)
+    if completion is not None:
+        if max_new_tokens is not None:
+            raise InputError("give either completion= (teacher forcing) or max_new_tokens= (greedy generation), not both")
+        return torch.cat([prompt_ids, _completion_tokens(model, completion)], dim=1), prompt_ids.shape[1]
+    if max_new_tokens is None:
+        raise InputError("give completion= (teacher forcing) or max_new_tokens= (greedy generation)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int (an empty continuation has nothing to explain), got {max_new_tokens!r}")
+    return greedy_continuation(model, prompt_ids, max_new_tokens, stop_at_eos), prompt_ids.shape[1]
+
+
+def _node_spans(model, tokens, n_prompt: int, granularity) -> list[Span] | None:
+    """Spans of the graph nodes over the full sequence (``None`` for token level)."""
+    T = tokens.shape[1]
+    if granularity == "token":
+        return None
+    if granularity == "sentence":
+        words = [str(s) for s in model.to_str_tokens(tokens[0])]
+        return split_sentences(words[:n_prompt]) + split_sentences(words[n_prompt:], start=n_prompt)
+    if isinstance(granularity, str):
+        raise InputError(f"unknown granularity {granularity!r}; use 'token', 'sentence' or a list of (start, end) spans")
+    spans = [tuple(int(x) for x in s) for s in granularity]
+    ends = [b for _, b in spans]
+    if ends and ends[-1] == n_prompt:  # prompt spans only: generated tokens stay single nodes
+        spans += token_spans(n_prompt, T)
+    spans = check_tiling(spans, T, "granularity spans")
+    if n_prompt not in [a for a, _ in spans]:
+        raise InputError(f"granularity spans must have a boundary at the end of the prompt (token {n_prompt})")
+    return spans
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def cage(
+    model,
+    prompt: str | torch.Tensor,
+    *,
+    max_new_tokens: int | None = None,
+    completion: str | torch.Tensor | Sequence[int] | None = None,
+    method: str | Callable = "attnlrp",
+    granularity: str | Sequence[Span] = "token",
+    normalize: str = "paper",
+    prepend_bos: bool | None = None,
+    stop_at_eos: bool = False,
+    **method_options,
+) -> GenerationGraph:
+    """Explain a continuation of ``prompt`` as a CAGE graph (SPEC §2.1).
+
+    Args:
+        model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
+        prompt: a string (tokenised with ``model.to_tokens``, BOS as the model does) or token ids.
+        max_new_tokens: greedy-generate this many tokens …
+        completion: … or teacher-force this continuation (string or ids).
+        method: a name in :data:`cage_lens.methods.METHODS` or a callable with the same signature.
+        granularity: ``"token"`` (prompt nodes align with ``model.to_tokens(prompt)[0]``),
+            ``"sentence"`` (built-in splitter; token scores summed per block) or explicit ``(start, end)``
+            spans tiling the whole sequence, or only the prompt (generated tokens then stay single nodes).
+        normalize: ``"paper"``, ``"signed"`` or ``"none"`` (see :func:`normalize_table`).
+        method_options: passed to the method (``chunk_size``, ``steps`` …).
+    """
+    tokens, n_prompt = _sequence(model, prompt, completion, max_new_tokens, prepend_bos, stop_at_eos)
+    check_sequence(model, tokens, n_prompt)
+    if normalize not in NORMALIZATIONS:
+        raise InputError(f"unknown normalize={normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    fn = get_method(method)
+    spans = _node_spans(model, tokens, n_prompt, granularity)
+    if spans is not None and _accepts(fn, "spans"):
+        method_options.setdefault("spans", spans)
+    token_table = torch.as_tensor(fn(model, tokens, n_prompt, **method_options)).detach().double().cpu()
+    Y, T = tokens.shape[1] - n_prompt, tokens.shape[1]
+    if tuple(token_table.shape) != (Y, T):
+        raise InputError(f"method {method!r} returned shape {tuple(token_table.shape)}, expected [{Y}, {T}]")
+    words = [str(s) for s in model.to_str_tokens(tokens[0])]
+    name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+    if spans is None:
+        return GenerationGraph.from_table(token_table, n_prompt, normalize, words, method=name, tokens=tokens, token_table=token_table)
+    n_prompt_spans = sum(1 for _, b in spans if b <= n_prompt)
+    table = block_sum(token_table, n_prompt, spans, n_prompt_spans)
+    labels = ["".join(words[a:b]) if all(w.startswith(" ") for w in words[a + 1 : b]) else " ".join(words[a:b]) for a, b in spans]
+    return GenerationGraph.from_table(table, n_prompt_spans, normalize, labels, spans=spans, method=name, tokens=tokens, token_table=token_table)

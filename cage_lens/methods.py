@@ -1,0 +1,353 @@
+"""Base attribution methods for generation graphs (SPEC §2.1), one common signature.
+
+Every method is a callable ``method(model, tokens, n_prompt, **options) -> table`` where ``tokens`` is
+``[1, T]`` (prompt followed by the continuation, ``T = P + Y``) and ``table`` is ``[Y, T]``: row ``t``
+explains the log-probability of the generated token ``tokens[0, P + t]`` given the positions before it,
+with one score per earlier position (columns ``>= P + t`` are zero: causality). Any user callable
+with this signature is a valid CAGE base method.
+
+Exact and fast (issue 4, item 3): causal masking makes the prediction of token ``t`` independent of
+later tokens, so the whole teacher-forced sequence is fed once; rows are replicated over the batch
+(each copy truncated to the longest prefix its chunk needs) and every copy explains its own position
+and target in one batched forward + backward. The numbers equal the naive per-step loop
+(:func:`naive_table`) up to floating-point summation order.
+
+Options shared by all built-ins: ``chunk_size`` (sequences per batched pass, bounds memory) and, for
+the perturbation methods, ``spans`` (the units left out; default one span per token).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from cage_lens.adapter import ModelAdapter, adapt
+from cage_lens.attribution import Capture
+from cage_lens.errors import CageLensError, InputError, NumericalError
+from cage_lens.rules import check_rules, rule_hooks
+from cage_lens.spans import Span, check_tiling, token_spans
+from cage_lens.targets import Target
+
+__all__ = [
+    "METHODS", "Method", "get_method", "register", "attnlrp", "cplrp", "input_x_gradient",
+    "integrated_gradients", "attention", "attention_x_ig", "occlusion", "clp", "naive_table",
+    "eos_id", "sequence_logprobs",
+]
+
+Method = Callable[..., Float[torch.Tensor, "Y T"]]
+METHODS: dict[str, Method] = {}
+
+DEFAULT_CHUNK = 8
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    """Decorator adding a method to the registry under ``name``."""
+
+    def add(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return add
+
+
+def get_method(method: str | Method) -> Method:
+    """A registered method by name, or the user's callable itself."""
+    if callable(method):
+        return method
+    if method not in METHODS:
+        raise CageLensError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)} or pass a callable")
+    return METHODS[method]
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def check_sequence(model, tokens, n_prompt: int) -> tuple[Int[torch.Tensor, "1 T"], int]:
+    """Validate ``tokens [1, T]`` and ``n_prompt``; return the tokens (long, CPU) and ``Y = T − P``."""
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim not in (1, 2) or (tokens.ndim == 2 and tokens.shape[0] != 1):
+        raise InputError(f"tokens must be a [1, T] tensor of ids, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+    tokens = tokens.reshape(1, -1).long().cpu()
+    T = tokens.shape[1]
+    if not isinstance(n_prompt, int) or not 1 <= n_prompt:
+        raise InputError(f"n_prompt must be a positive int, got {n_prompt!r}")
+    if n_prompt >= T:
+        raise InputError(
+            f"the continuation is empty: the sequence has {T} tokens and the prompt {n_prompt}; "
+            "nothing was generated to explain"
+        )
+    if T > int(model.cfg.n_ctx):
+        raise InputError(f"prompt + continuation is {T} tokens but the model's context (n_ctx) is {model.cfg.n_ctx}")
+    return tokens, T - n_prompt
+
+
+def eos_id(model) -> int:
+    """The EOS id used as the deletion baseline (SPEC §2.1); falls back to BOS, then 0."""
+    tok = getattr(model, "tokenizer", None)
+    for attr in ("eos_token_id", "bos_token_id"):
+        value = getattr(tok, attr, None) if tok is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[list]:
+    if not isinstance(size, int) or size < 1:
+        raise InputError(f"chunk_size must be a positive int, got {size!r}")
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def _forward_backward(
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "B L"], positions: list[int], target_ids: list[int],
+    rules: str, pre_hooks: Sequence = (),
+) -> tuple[Capture, dict[str, torch.Tensor]]:
+    """One forward under ``rules`` (with ``pre_hooks`` installed before the capture hooks) and one
+    backward of Σ_rows log p(target_row | position_row). Same as :func:`cage_lens.attribution.run_attribution`
+    plus the extra hooks integrated gradients needs."""
+    model = adapter.model
+    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
+    capture = Capture(roots, roots=roots)
+    tokens = tokens.to(adapter.device)
+    target = Target.build(model, tokens.shape[0], target=target_ids, mode="logprob")
+    with torch.enable_grad(), model.hooks(fwd_hooks=list(pre_hooks) + rule_hooks(adapter, rules) + capture.hooks):
+        logits = model(tokens)
+        rows = torch.arange(tokens.shape[0], device=logits.device)
+        value = target(logits[rows, torch.tensor(positions, device=logits.device)])
+        if not torch.isfinite(value).all():
+            raise NumericalError(f"a generated token's log-probability is not finite: {value.tolist()}")
+        grads = capture.gradients(value.sum())
+    return capture, grads
+
+
+def _summed(capture: Capture, grads, name: str) -> Float[torch.Tensor, "B L"]:
+    return capture.relevance(grads, name).sum(-1).detach().double().cpu()
+
+
+def _input_relevance(adapter: ModelAdapter, capture: Capture, grads) -> Float[torch.Tensor, "B L"]:
+    """Token + position embedding relevance (everything that enters block 0)."""
+    rel = _summed(capture, grads, adapter.embed_hook)
+    if adapter.has_position_embedding:
+        rel = rel + _summed(capture, grads, adapter.pos_embed_hook)
+    return rel
+
+
+def _finite(table: torch.Tensor, method: str) -> torch.Tensor:
+    if not torch.isfinite(table).all():
+        raise NumericalError(f"{method} produced NaN or inf scores; try float32/float64 weights")
+    return table
+
+
+# ---------------------------------------------------------------------------- LRP family
+def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int) -> Float[torch.Tensor, "Y T"]:
+    adapter = adapt(model)
+    adapter.check_eval_mode()
+    rules = check_rules(rules)
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
+    for rows in _chunks(range(Y), chunk_size):
+        length = n_prompt + rows[-1]  # the longest prefix in the chunk: positions < P + t
+        batch = tokens[:, :length].expand(len(rows), -1)
+        positions = [n_prompt + t - 1 for t in rows]
+        capture, grads = _forward_backward(adapter, batch, positions, tokens[0, [n_prompt + t for t in rows]].tolist(), rules)
+        rel = _input_relevance(adapter, capture, grads)
+        for b, t in enumerate(rows):
+            table[t, : n_prompt + t] = rel[b, : n_prompt + t]
+    return _finite(table, rules)
+
+
+@register("attnlrp")
+def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+    """AttnLRP (SPEC §2.3) relevance of every earlier position for each generated token's log-prob."""
+    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size)
+
+
+@register("cplrp")
+def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+    """CP-LRP (SPEC §2.3): no relevance through the softmax."""
+    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size)
+
+
+@register("input_x_gradient")
+def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+    """Plain Gradient×Input of the token and position embeddings."""
+    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size)
+
+
+def naive_table(model, tokens, n_prompt: int, rules: str = "attnlrp") -> Float[torch.Tensor, "Y T"]:
+    """Reference per-step loop: for each generated token, re-run its prefix and do one backward
+    (the paper's way; used to test and benchmark the batched table)."""
+    from cage_lens.attribution import attribute
+
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
+    for t in range(Y):
+        p = n_prompt + t
+        att = attribute(model, tokens[:, :p], target=int(tokens[0, p]), rules=rules, mode="logprob", position=p - 1)
+        table[t, :p] = att.input_relevance[0].double().cpu()
+    return table
+
+
+# ---------------------------------------------------------------------------- integrated gradients
+def _embedding_of(adapter: ModelAdapter, token_id: int) -> torch.Tensor:
+    """The token embedding (output of ``hook_embed``) of one id, read through the hook."""
+    seen = {}
+
+    def grab(tensor, hook):
+        seen["x"] = tensor.detach()[0, 0].clone()
+
+    with torch.no_grad(), adapter.model.hooks(fwd_hooks=[(adapter.embed_hook, grab)]):
+        adapter.model(torch.tensor([[token_id]], device=adapter.device))
+    return seen["x"]
+
+
+def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights on [0, 1] (Captum's default IG quadrature)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive int, got {steps!r}")
+    x, w = np.polynomial.legendre.leggauss(steps)
+    return (x + 1) / 2, w / 2
+
+
+def _ig_table(model, tokens, n_prompt, steps, baseline, chunk_size) -> Float[torch.Tensor, "Y T"]:
+    adapter = adapt(model)
+    adapter.check_eval_mode()
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    base_id = eos_id(model) if baseline == "eos" else baseline
+    if not isinstance(base_id, int):
+        raise InputError(f"baseline must be 'eos' or a token id, got {baseline!r}")
+    x0 = _embedding_of(adapter, base_id)
+    alphas, weights = _gauss_legendre(steps)
+    items = [(t, k) for t in range(Y) for k in range(steps)]
+    table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
+    for chunk in _chunks(items, chunk_size):
+        length = n_prompt + max(t for t, _ in chunk)
+        alpha = torch.tensor([alphas[k] for _, k in chunk], dtype=x0.dtype, device=x0.device)[:, None, None]
+
+        def interpolate(tensor, hook, alpha=alpha):
+            return x0 + alpha * (tensor - x0)
+
+        capture, grads = _forward_backward(
+            adapter, tokens[:, :length].expand(len(chunk), -1), [n_prompt + t - 1 for t, _ in chunk],
+            tokens[0, [n_prompt + t for t, _ in chunk]].tolist(), "gxi", [(adapter.embed_hook, interpolate)],
+        )
+        grad = grads[adapter.embed_hook].detach()
+        x = capture.tensors[adapter.embed_hook].detach()
+        delta = (x - x0) / alpha  # the un-interpolated (x − x0), recovered per row
+        contrib = (delta * grad).sum(-1).double().cpu()
+        for b, (t, k) in enumerate(chunk):
+            table[t, : n_prompt + t] += float(weights[k]) * contrib[b, : n_prompt + t]
+    return _finite(table, "integrated_gradients")
+
+
+@register("integrated_gradients")
+def integrated_gradients(
+    model, tokens, n_prompt: int, *, steps: int = 20, baseline: str | int = "eos", chunk_size: int = DEFAULT_CHUNK, **_
+) -> Float[torch.Tensor, "Y T"]:
+    """Integrated Gradients of each generated token's log-prob (SPEC §2.1, the paper's base method):
+    token embeddings interpolated from the EOS embedding (position embeddings kept), Gauss–Legendre
+    quadrature with ``steps`` nodes, scores summed over the embedding dimension."""
+    return _ig_table(model, tokens, n_prompt, steps, baseline, chunk_size)
+
+
+# ---------------------------------------------------------------------------- attention
+@register("attention")
+def attention(model, tokens, n_prompt: int, **_) -> Float[torch.Tensor, "Y T"]:
+    """Attention weights of the query position that predicts each generated token, averaged over
+    layers and heads (one forward)."""
+    adapter = adapt(model)
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    names = [adapter.attn_hook(l, "hook_pattern") for l in range(adapter.arch.n_layers)]
+    patterns: list[torch.Tensor] = []
+
+    def grab(tensor, hook):
+        patterns.append(tensor.detach()[0].double().cpu())  # [head, query, key]
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
+        model(tokens.to(adapter.device))
+    if len(patterns) != len(names):
+        raise CageLensError(f"attention patterns fired in {len(patterns)} of {len(names)} layers")
+    mean = torch.stack(patterns).mean(dim=(0, 1))  # [query, key]
+    queries = torch.arange(n_prompt - 1, tokens.shape[1] - 1)
+    table = mean[queries].clone()
+    return table.tril(diagonal=n_prompt - 1)
+
+
+@register("attention_x_ig")
+def attention_x_ig(model, tokens, n_prompt: int, *, steps: int = 20, chunk_size: int = DEFAULT_CHUNK, **_):
+    """Attention (mean over layers and heads) times Integrated Gradients, element-wise (SPEC §2.1)."""
+    return attention(model, tokens, n_prompt) * integrated_gradients(model, tokens, n_prompt, steps=steps, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------- perturbation
+def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, chunk_size: int = DEFAULT_CHUNK,
+                      targets: Int[torch.Tensor, "1 T"] | None = None, full: bool = False):
+    """Log-probabilities of ``targets`` (default: the tokens themselves) at every generated position,
+    ``[B, Y]``, teacher-forced, in chunks. With ``full=True`` the whole next-token distributions
+    ``[B, Y, vocab]`` are returned instead."""
+    adapter = adapt(model)
+    targets = tokens[:1] if targets is None else targets
+    ids = targets[0, n_prompt:].to(adapter.device)
+    out = []
+    with torch.no_grad():
+        for rows in _chunks(range(tokens.shape[0]), chunk_size):
+            logits = model(tokens[rows].to(adapter.device))[:, n_prompt - 1 : -1].double().log_softmax(-1)
+            out.append(logits.cpu() if full else logits.gather(-1, ids.expand(len(rows), -1)[..., None])[..., 0].cpu())
+    return torch.cat(out)
+
+
+def _occluded(tokens: Int[torch.Tensor, "1 T"], spans: Sequence[Span], baseline: int) -> Int[torch.Tensor, "S T"]:
+    """One copy of the sequence per span, that span replaced by the same number of baseline tokens."""
+    out = tokens.repeat(len(spans), 1)
+    for i, (a, b) in enumerate(spans):
+        out[i, a:b] = baseline
+    return out
+
+
+def _spread(scores: Float[torch.Tensor, "S Y"], spans: Sequence[Span], n_prompt: int, T: int) -> Float[torch.Tensor, "Y T"]:
+    """Spread each span's score uniformly over its tokens (block sums give back the span score);
+    zero at and after each row's own position."""
+    table = torch.zeros(scores.shape[1], T, dtype=torch.float64)
+    for i, (a, b) in enumerate(spans):
+        table[:, a:b] = scores[i][:, None] / (b - a)
+    return _causal(table, n_prompt)
+
+
+def _causal(table: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    return table.tril(diagonal=n_prompt - 1)
+
+
+def _perturbation_spans(spans, T: int) -> list[Span]:
+    return token_spans(0, T) if spans is None else check_tiling(spans, T, "spans")
+
+
+@register("occlusion")
+def occlusion(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, baseline: str | int = "eos",
+              chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+    """Leave-one-span-out (SPEC §2.1): replace a span by as many EOS tokens; score of the span for
+    generated token t = log p(t | original prefix) − log p(t | perturbed prefix). One teacher-forced
+    forward per span gives every row (the prefix of row t only sees the span's part before t).
+    A span's score is spread uniformly over its tokens."""
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    spans = _perturbation_spans(spans, tokens.shape[1])
+    base = eos_id(model) if baseline == "eos" else int(baseline)
+    original = sequence_logprobs(model, tokens, n_prompt)
+    perturbed = sequence_logprobs(model, _occluded(tokens, spans, base), n_prompt, chunk_size, targets=tokens)
+    return _finite(_spread(original - perturbed, spans, n_prompt, tokens.shape[1]), "occlusion")
+
+
+@register("clp")
+def clp(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, baseline: str | int = "eos",
+        chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+    """Contextual leave-one-out with a KL measure (SPEC §2.1): the same span ablation as
+    :func:`occlusion`, scored by KL(p(·| original prefix) ‖ p(·| perturbed prefix)) of the next-token
+    distribution at each generated position (≥ 0)."""
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    spans = _perturbation_spans(spans, tokens.shape[1])
+    base = eos_id(model) if baseline == "eos" else int(baseline)
+    original = sequence_logprobs(model, tokens, n_prompt, full=True)[0]  # [Y, vocab]
+    scores = []
+    for rows in _chunks(range(len(spans)), chunk_size):
+        pert = sequence_logprobs(model, _occluded(tokens, [spans[i] for i in rows], base), n_prompt, chunk_size, full=True)
+        scores.append((original.exp() * (original - pert)).sum(-1))  # [S_chunk, Y]
+    return _finite(_spread(torch.cat(scores), spans, n_prompt, tokens.shape[1]), "clp")
