@@ -1,0 +1,369 @@
+"""Cross-layer edges between consecutive residual states (SPEC §2.2), two ways with identical numbers.
+
+The edge from node (s, i) to node (t, j) is ``A[j, i] = Σ_k h_s(i,k) ∂⟨h_t(j), g_t(j)⟩/∂h_s(i,k)`` with
+``g_t(j) = ∂target/∂h_t(j)`` (gradients under the LRP rules) held fixed.
+
+- :func:`autograd_edge_rows` is the reference, the paper's batch-packed multi-target backpropagation:
+  the prompt is replicated B times, replica b re-roots ``h_s`` as a leaf and its objective is
+  ``⟨h_t(j_b), g_t(j_b)⟩``, so one backward call yields B rows of ``A``.
+- :func:`fast_edge_rows` is the closed form of SPEC §2.4 from one forward and one backward pass:
+  norms and MLPs are token-local, so only attention mixes tokens, and its edges are head sums of
+  attention weights times value-projected dot products with stored gradients, plus the key/query
+  paths when the rules let relevance through the softmax.
+
+Plain Gradient×Input (``"gxi"``) does not detach the norm scale; the closed form stays exact because
+``Σ_k x_k ∂n(x)/∂x_k`` of ``n(x) = C x / sqrt(var(Cx) + ε)`` is ``(n(x) − b)·ε/σ²`` (σ the norm's
+scale): the bias-free parts ``v⁰, k⁰, q⁰`` are multiplied by ``ρ = ε/σ²`` (ρ = 1 when the scale is
+detached, as in AttnLRP and CP-LRP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+
+from cage_lens.adapter import ModelAdapter
+from cage_lens.errors import InputError, NumericalError, UnsupportedModelError
+from cage_lens.rules import rule_hooks
+from cage_lens.targets import Target
+
+__all__ = [
+    "Level", "Transition", "ForwardState", "LEVEL_MODES", "state_levels", "transitions",
+    "capture_state", "fast_edge_rows", "autograd_edge_rows",
+]
+
+LEVEL_MODES = ("block", "half", "heads", "neurons")
+
+# gradient factors of the value path and of the query/key paths (SPEC §2.3, §2.4)
+_VALUE_FACTOR = {"attnlrp": 0.5, "cplrp": 1.0, "gxi": 1.0}
+_QK_FACTOR = {"attnlrp": 0.25, "cplrp": 0.0, "gxi": 1.0}
+
+
+# ---------------------------------------------------------------------------- levels
+@dataclass(frozen=True)
+class Level:
+    """One residual state: ``"embeddings"`` (input of block 0), ``"resid_mid.{l}"`` (after the
+    attention half of block l) or ``"resid_post.{l}"`` (output of block l)."""
+
+    name: str
+    kind: str
+    layer: int
+    hook: str  # the TL hook point holding this state
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Edges from ``source`` to ``target``: ``"attention"`` (through the attention of ``layer``) or
+    ``"local"`` (through a token-local MLP: a diagonal matrix)."""
+
+    source: Level
+    target: Level
+    layer: int
+    kind: str
+
+
+def state_levels(adapter: ModelAdapter, levels: str) -> list[Level]:
+    if levels not in ("block", "half"):
+        raise InputError(f"unknown level mode {levels!r}; state levels are 'block' or 'half'")
+    out = [Level("embeddings", "embeddings", -1, adapter.block(0, "hook_resid_pre"))]
+    for layer in range(adapter.arch.n_layers):
+        if levels == "half" and not adapter.arch.attn_only:
+            out.append(Level(f"resid_mid.{layer}", "resid_mid", layer, adapter.block(layer, "hook_resid_mid")))
+        out.append(Level(f"resid_post.{layer}", "resid_post", layer, adapter.block(layer, "hook_resid_post")))
+    return out
+
+
+def transitions(levels: Sequence[Level]) -> list[Transition]:
+    out = []
+    for source, target in zip(levels[:-1], levels[1:]):
+        local = source.kind == "resid_mid" and target.kind == "resid_post"
+        out.append(Transition(source, target, target.layer, "local" if local else "attention"))
+    return out
+
+
+# ---------------------------------------------------------------------------- one forward + backward
+@dataclass
+class AttentionState:
+    """What the closed form needs from one attention layer (batch row 0, rotary already applied)."""
+
+    x: Float[torch.Tensor, "pos d_model"]          # resid_pre
+    g_out: Float[torch.Tensor, "pos d_model"]      # gradient at resid_mid (resid_post if attention-only)
+    q: Float[torch.Tensor, "pos head d_head"]
+    k: Float[torch.Tensor, "pos kv_head d_head"]
+    v: Float[torch.Tensor, "pos kv_head d_head"]
+    z: Float[torch.Tensor, "pos head d_head"]
+    g_z: Float[torch.Tensor, "pos head d_head"]
+    q0: Float[torch.Tensor, "pos head d_head"]     # bias-free parts (times ρ under gxi)
+    k0: Float[torch.Tensor, "pos kv_head d_head"]
+    v0: Float[torch.Tensor, "pos kv_head d_head"]
+
+
+@dataclass
+class ForwardState:
+    """Target value, every residual state with its gradient, and per-layer attention internals."""
+
+    value: float
+    tokens: Int[torch.Tensor, "pos"]
+    position: int
+    target: Target
+    rules: str
+    resid: dict[str, tuple[torch.Tensor, torch.Tensor]]   # hook name -> (h [pos, d], g [pos, d])
+    layers: list[AttentionState]
+    attn_scale: float
+
+    def relevance(self, hook: str) -> Float[torch.Tensor, "pos"]:
+        h, g = self.resid[hook]
+        return (h * g).sum(-1)
+
+
+class _Recorder:
+    """Forward hooks that record activations; ``roots`` are re-rooted as leaves (SPEC §3 pitfall 1:
+    names bound in closures). The recorded tensor is returned so that a bridge, which hands hooks a
+    reshaped view (``hook_conversion``), computes on with exactly the recorded tensor: otherwise
+    ``hook_z``/``hook_v`` get no gradient there."""
+
+    def __init__(self, roots: Sequence[str] = ()):
+        self.roots = set(roots)
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def hook(self, name: str) -> Callable:
+        def record(tensor, hook):
+            if name in self.roots:
+                tensor = tensor.detach().requires_grad_(True)
+                self.tensors[name] = tensor
+                return tensor
+            self.tensors[name] = tensor
+            return tensor
+        return record
+
+
+def _attn_scale(model, d_head: int) -> float:
+    cfg = model.cfg
+    if not getattr(cfg, "use_attn_scale", True):
+        return 1.0
+    scale = getattr(cfg, "attn_scale", None)
+    return float(scale) if scale is not None and scale > 0 else math.sqrt(d_head)
+
+
+@torch.no_grad()
+def _bias_parts(adapter: ModelAdapter) -> list[dict[str, torch.Tensor]]:
+    """q, k, v of every layer for an all-zero residual input: the constant (bias) part of the affine
+    map resid_pre → q/k/v when the norm scale is held fixed (LN(0) = b, RMS(0) = 0)."""
+    arch, rec = adapter.arch, _Recorder()
+    hooks: list = []
+    for layer in range(arch.n_layers):
+        hooks.append((adapter.block(layer, "hook_resid_pre"), lambda t, hook: torch.zeros_like(t)))
+        hooks += [(adapter.attn_hook(layer, n), rec.hook(f"{layer}.{n}")) for n in ("hook_q", "hook_k", "hook_v")]
+    with adapter.model.hooks(fwd_hooks=hooks):
+        adapter.model(torch.zeros((1, 1), dtype=torch.long, device=adapter.device))
+    return [{n: rec.tensors[f"{layer}.hook_{n}"][0, 0] for n in "qkv"} for layer in range(arch.n_layers)]
+
+
+def _norm_eps(adapter: ModelAdapter) -> float:
+    return float(getattr(adapter.model.cfg, "eps", 1e-5))
+
+
+def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], position: int, target: Target,
+                  rules: str) -> ForwardState:
+    """One forward under ``rules`` and one backward: everything both edge methods need."""
+    arch, model = adapter.arch, adapter.model
+    rotary = arch.positional == "rotary"
+    resid_names = [adapter.block(0, "hook_resid_pre")] + adapter.resid_hooks()[1:]
+    resid_names = list(dict.fromkeys(resid_names))
+    q_name, k_name = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+    rec = _Recorder(roots=[resid_names[0]])
+    hooks = rule_hooks(adapter, rules)
+    for name in resid_names:
+        hooks.append((name, rec.hook(name)))
+    for layer in range(arch.n_layers):
+        for n in ("hook_q", "hook_k", "hook_v", "hook_z") + ((q_name, k_name) if rotary else ()):
+            hooks.append((adapter.attn_hook(layer, n), rec.hook(adapter.attn_hook(layer, n))))
+        if arch.normalization is not None and rules == "gxi":
+            hooks.append((adapter.block(layer, "ln1.hook_scale"), rec.hook(adapter.block(layer, "ln1.hook_scale"))))
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(tokens[None].to(adapter.device))
+        value = target(logits[:, position])
+        if not torch.isfinite(value).all():
+            raise NumericalError(f"the target value is not finite: {value.tolist()}")
+        z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
+        wrt = resid_names + z_names
+        grads = torch.autograd.grad(value.sum(), [rec.tensors[n] for n in wrt], allow_unused=True)
+    grad = {n: (torch.zeros_like(rec.tensors[n]) if g is None else g)[0].detach() for n, g in zip(wrt, grads)}
+    act = {n: t[0].detach() for n, t in rec.tensors.items()}
+    resid = {n: (act[n], grad[n]) for n in resid_names}
+    biases = _bias_parts(adapter)
+    layers = [_attention_state(adapter, layer, act, grad, biases[layer], rules, rotary) for layer in range(arch.n_layers)]
+    return ForwardState(
+        value=float(value.detach()[0]), tokens=tokens, position=position, target=target, rules=rules,
+        resid=resid, layers=layers, attn_scale=_attn_scale(model, arch.d_head),
+    )
+
+
+def _attention_state(adapter, layer, act, grad, bias, rules, rotary) -> AttentionState:
+    arch = adapter.arch
+    a = lambda n: act[adapter.attn_hook(layer, n)]  # noqa: E731
+    out_hook = adapter.block(layer, "hook_resid_post" if arch.attn_only else "hook_resid_mid")
+    rho = torch.ones(a("hook_v").shape[0], 1, 1, dtype=a("hook_v").dtype, device=a("hook_v").device)
+    if rules == "gxi" and arch.normalization is not None:
+        scale = act[adapter.block(layer, "ln1.hook_scale")].reshape(-1)
+        rho = (_norm_eps(adapter) / scale.pow(2))[:, None, None]
+    if rotary:
+        if bias["q"].abs().max() > 0 or bias["k"].abs().max() > 0:
+            raise UnsupportedModelError(
+                "method='fast' does not support rotary attention with query/key biases; use method='autograd'"
+            )
+        q, k = a("hook_rot_q"), a("hook_rot_k")
+        q0, k0 = q * rho, k * rho
+    else:
+        q, k = a("hook_q"), a("hook_k")
+        q0, k0 = (q - bias["q"]) * rho, (k - bias["k"]) * rho
+    return AttentionState(
+        x=act[adapter.block(layer, "hook_resid_pre")], g_out=grad[out_hook],
+        q=q, k=k, v=a("hook_v"), z=a("hook_z"), g_z=grad[adapter.attn_hook(layer, "hook_z")],
+        q0=q0, k0=k0, v0=(a("hook_v") - bias["v"]) * rho,
+    )
+
+
+# ---------------------------------------------------------------------------- fast closed form (SPEC §2.4)
+def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[pos, kv_head, d] -> [pos, head, d]: query head h reads kv head h // (n_heads / n_kv_heads)."""
+    return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
+
+
+def _row_chunk(n_heads: int, n_pos: int, itemsize: int, budget_bytes: int) -> int:
+    return max(1, min(n_pos, budget_bytes // max(1, 6 * n_heads * n_pos * itemsize)))
+
+
+def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
+                   budget_bytes: int = 256 * 2**20) -> Float[torch.Tensor, "row pos"]:
+    """Rows ``A[j, :]`` of one transition by the closed form, processed in chunks of rows so the
+    ``[head, chunk, pos]`` intermediates stay within ``budget_bytes``."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if transition.kind == "local":
+        return _local_rows(state, transition, rows)
+    att = state.layers[transition.layer]
+    n_pos = att.x.shape[0]
+    out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype, device=att.x.device)
+    step = _row_chunk(att.q.shape[1], n_pos, att.x.element_size(), budget_bytes)
+    for start in range(0, len(rows), step):
+        out[start:start + step] = _attention_rows(att, rows[start:start + step].to(att.x.device),
+                                                  state.rules, state.attn_scale)
+    return out
+
+
+def _local_rows(state: ForwardState, transition: Transition, rows: torch.Tensor) -> torch.Tensor:
+    """MLP and norm are token-local: resid_mid → resid_post is diagonal with entry R_mid(j)."""
+    relevance = state.relevance(transition.source.hook)
+    out = torch.zeros(len(rows), relevance.shape[0], dtype=relevance.dtype, device=relevance.device)
+    out[torch.arange(len(rows)), rows] = relevance[rows]
+    return out
+
+
+def _attention_rows(att: AttentionState, rows: torch.Tensor, rules: str, attn_scale: float) -> torch.Tensor:
+    n_heads, n_pos = att.q.shape[1], att.x.shape[0]
+    k, v = _expand_kv(att.k, n_heads), _expand_kv(att.v, n_heads)
+    k0, v0 = _expand_kv(att.k0, n_heads), _expand_kv(att.v0, n_heads)
+    q, q0, g_z = att.q[rows], att.q0[rows], att.g_z[rows]                   # [row, head, d]
+    causal = torch.arange(n_pos, device=rows.device)[None, :] <= rows[:, None]  # [row, pos]
+    scores = torch.einsum("rhd,phd->hrp", q, k) / attn_scale
+    pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)           # [head, row, pos]
+    _check_pattern(pattern, v, att.z[rows])
+    u = torch.einsum("phd,rhd->hrp", v, g_z)                                 # ⟨v_h(i) W_O, g_j⟩
+    u0 = torch.einsum("phd,rhd->hrp", v0, g_z)
+    edges = _VALUE_FACTOR[rules] * (pattern * u0).sum(0)
+    qk_factor = _QK_FACTOR[rules]
+    diag = torch.arange(len(rows), device=rows.device)
+    if qk_factor:
+        score_grad = pattern * (u - (pattern * u).sum(-1, keepdim=True))     # D_h[j, i]
+        key_path = score_grad * torch.einsum("rhd,phd->hrp", q, k0) / attn_scale
+        query_path = (score_grad * torch.einsum("rhd,phd->hrp", q0, k) / attn_scale).sum((0, 2))
+        edges = edges + qk_factor * key_path.sum(0)
+        edges[diag, rows] += qk_factor * query_path
+    edges[diag, rows] += (att.x[rows] * att.g_out[rows]).sum(-1)             # skip connection
+    return edges
+
+
+def _check_pattern(pattern: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> None:
+    """The recomputed attention must reproduce the model's own head outputs ``z``; otherwise the
+    model computes attention in a way the closed form does not know (soft-capping, ALiBi, …)."""
+    recomputed = torch.einsum("hrp,phd->rhd", pattern, v)
+    tol = 1e-5 if z.dtype == torch.float64 else 1e-3  # HF eager attention runs softmax in float32
+    err = float((recomputed - z).abs().max()) / max(float(z.abs().max()), 1e-30)
+    if not err <= tol:
+        raise UnsupportedModelError(
+            f"method='fast' cannot reproduce this model's attention (relative error {err:.2g}); "
+            "use method='autograd'"
+        )
+
+
+# ---------------------------------------------------------------------------- autograd reference
+class _StopForward(Exception):
+    """Raised once the target state is recorded: later layers are not needed."""
+
+
+def _reroot_hooks(adapter: ModelAdapter, source: Level, leaves: list) -> list:
+    """Hooks that make ``h_s`` a fresh leaf. resid_mid is re-rooted through ``hook_attn_out``
+    (``resid_mid = resid_pre + (leaf − resid_pre)``) because on a bridge ``hook_resid_mid`` only
+    feeds the MLP branch (SPEC §3 pitfall 2)."""
+    if source.kind == "embeddings":
+        name = adapter.block(0, "hook_resid_pre")
+    elif source.kind == "resid_post" and source.layer + 1 < adapter.arch.n_layers:
+        name = adapter.block(source.layer + 1, "hook_resid_pre")
+    else:
+        name = None
+    if name is not None:
+        def reroot(tensor, hook):
+            leaf = tensor.detach().requires_grad_(True)
+            leaves.append(leaf)
+            return leaf
+        return [(name, reroot)]
+    if source.kind != "resid_mid":
+        raise InputError(f"no transition starts at {source.name}")
+    stash: dict = {}
+
+    def keep_pre(tensor, hook):
+        stash["pre"] = tensor.detach()
+
+    def reroot_mid(tensor, hook):
+        leaf = (stash["pre"] + tensor.detach()).requires_grad_(True)
+        leaves.append(leaf)
+        return leaf - stash["pre"]
+    return [(adapter.block(source.layer, "hook_resid_pre"), keep_pre),
+            (adapter.block(source.layer, "hook_attn_out"), reroot_mid)]
+
+
+def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: Transition,
+                       rows: Int[torch.Tensor, "row"], batch_size: int = 16) -> Float[torch.Tensor, "row pos"]:
+    """Reference rows ``A[j, :]`` by batch-packed multi-target backpropagation: ``batch_size``
+    replicas of the prompt per backward call, replica b's objective ``⟨h_t(j_b), g_t(j_b)⟩``."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    target_hook = transition.target.hook
+    _, g_target = state.resid[target_hook]
+    n_pos = state.tokens.shape[0]
+    out = torch.zeros(len(rows), n_pos, dtype=g_target.dtype)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        leaves: list = []
+        captured: dict = {}
+
+        def grab(tensor, hook):
+            captured["h"] = tensor
+            raise _StopForward
+
+        hooks = rule_hooks(adapter, state.rules) + _reroot_hooks(adapter, transition.source, leaves)
+        tokens = state.tokens[None].expand(len(chunk), n_pos).to(adapter.device)
+        with torch.enable_grad():
+            try:
+                with adapter.model.hooks(fwd_hooks=hooks + [(target_hook, grab)]):
+                    adapter.model(tokens)
+            except _StopForward:
+                pass
+            replica = torch.arange(len(chunk))
+            objective = (captured["h"][replica, chunk] * g_target[chunk]).sum()
+            (grad,) = torch.autograd.grad(objective, leaves[-1])
+        out[start:start + len(chunk)] = (leaves[-1].detach() * grad).sum(-1).cpu()
+    return out
