@@ -147,16 +147,32 @@ class ModelAdapter:
             names.append(self.block(layer, "hook_resid_post"))
         return names
 
-    def norm_scale_hooks(self) -> list[str]:
+    def norm_modules(self) -> list[str]:
+        """Prefixes of every normalisation layer (``blocks.{l}.ln1``, ``blocks.{l}.ln2``, ``ln_final``)."""
         if self.arch.normalization is None:
             return []
         names = []
         for layer in range(self.arch.n_layers):
-            names.append(self.block(layer, "ln1.hook_scale"))
+            names.append(self.block(layer, "ln1"))
             if not self.arch.attn_only:
-                names.append(self.block(layer, "ln2.hook_scale"))
-        names.append("ln_final.hook_scale")
+                names.append(self.block(layer, "ln2"))
+        names.append("ln_final")
         return names
+
+    def norm_scale_hooks(self) -> list[str]:
+        return [f"{prefix}.hook_scale" for prefix in self.norm_modules()]
+
+    @property
+    def edits_norm_output(self) -> bool:
+        """RMSNorm on a bridge: editing ``hook_scale`` makes TL rebuild the norm output from the hooked
+        values, which changes forward values by ~1e-7 relative. The identity rule is applied at the
+        norm's ``hook_out`` instead (exact there, see :mod:`cage_lens.rules`)."""
+        return self.arch.is_bridge and self.arch.normalization in ("RMS", "RMSPre")
+
+    def norm_rule_hooks(self) -> list[str]:
+        if self.edits_norm_output:
+            return [f"{p}.{h}" for p in self.norm_modules() for h in ("hook_in", "hook_out")]
+        return self.norm_scale_hooks()
 
     def attn_hook(self, layer: int, name: str) -> str:
         return self.block(layer, f"attn.{name}")
@@ -165,7 +181,7 @@ class ModelAdapter:
         return self.block(layer, f"mlp.{name}")
 
     def required_hooks(self) -> list[str]:
-        names = [self.embed_hook] + self.resid_hooks() + self.norm_scale_hooks()
+        names = [self.embed_hook] + self.resid_hooks() + self.norm_rule_hooks()
         for layer in range(self.arch.n_layers):
             names += [self.attn_hook(layer, n) for n in ("hook_q", "hook_k", "hook_v", "hook_z")]
             if not self.arch.attn_only:

@@ -45,7 +45,9 @@ class Capture:
                 self.tensors[name] = tensor
                 return tensor
             self.tensors[name] = tensor
-            return None
+            # A bridge hook point with a shape conversion (hook_z, hook_q, …) hands the hook a reshaped
+            # copy and uses it downstream only when the hook returns it: return it to stay in the graph.
+            return tensor if getattr(hook, "hook_conversion", None) is not None else None
         return hook
 
     @property

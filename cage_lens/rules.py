@@ -145,6 +145,29 @@ def _mlp_hooks(adapter: ModelAdapter, layer: int, gate_weight: float, up_weight:
     return hooks
 
 
+def _norm_hooks(adapter: ModelAdapter) -> list[Hook]:
+    """Identity rule on normalisation layers: the scale is treated as a constant.
+
+    Usually done by detaching ``hook_scale``. For RMSNorm on a bridge (see
+    ``ModelAdapter.edits_norm_output``) the same gradient is produced at the norm output instead:
+    with the scale constant, RMSNorm is diagonal, ``∂out_k/∂x_k = w_k/s = out_k/x_k``, which is
+    exactly the element-wise identity rule."""
+    if not adapter.edits_norm_output:
+        return [(name, _detach) for name in adapter.norm_scale_hooks()]
+    hooks: list[Hook] = []
+    for prefix in adapter.norm_modules():
+        stash: dict[str, torch.Tensor] = {}
+
+        def remember(tensor, hook, stash=stash):
+            stash["x"] = tensor
+
+        def rule(tensor, hook, stash=stash):
+            return _ElementwiseIdentity.apply(stash.pop("x"), tensor)
+
+        hooks += [(f"{prefix}.hook_in", remember), (f"{prefix}.hook_out", rule)]
+    return hooks
+
+
 def rule_hooks(model, rules: str = "attnlrp") -> list[Hook]:
     """The ``(hook_name, hook_fn)`` list realising a rule set on ``model`` (for ``model.hooks``)."""
     rules = check_rules(rules)
@@ -152,7 +175,7 @@ def rule_hooks(model, rules: str = "attnlrp") -> list[Hook]:
         return []
     adapter = adapt(model)
     arch = adapter.arch
-    hooks: list[Hook] = [(name, _detach) for name in adapter.norm_scale_hooks()]
+    hooks: list[Hook] = _norm_hooks(adapter)
     for layer in range(arch.n_layers):
         if rules == "attnlrp":
             hooks += [

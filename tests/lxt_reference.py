@@ -1,7 +1,7 @@
 """Reference relevance from LXT (``lxt.efficient``), run in a subprocess by ``test_lxt_agreement.py``.
 
 LXT monkey-patches ``transformers`` classes process-wide, so it must never run inside the test
-process. Usage: ``python lxt_reference.py MODEL_DIR RULES TARGET_ID TOKEN_ID [TOKEN_ID ...]``; prints
+process. Usage: ``python lxt_reference.py MODEL_DIR RULES TARGET_ID TOKEN_ID [TOKEN_ID ...]`` (or ``--probe``); prints
 a JSON list with the relevance of each input token embedding (Σ over d_model of embedding × grad).
 
 LXT 2.1 imports its torchvision ViT patches unconditionally; torchvision has no CPU build on these
@@ -23,6 +23,11 @@ def _stub_vision_patches():
 
 
 def main(argv):
+    if argv == ["--probe"]:  # can LXT's GPT-2 and Llama patches be imported here?
+        _stub_vision_patches()
+        import lxt.efficient.models.gpt2  # noqa: F401
+        import lxt.efficient.models.llama  # noqa: F401
+        return
     model_dir, rules, target_id = argv[0], argv[1], int(argv[2])
     token_ids = [int(t) for t in argv[3:]]
     _stub_vision_patches()
