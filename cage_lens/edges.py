@@ -32,7 +32,7 @@ from cage_lens.rules import rule_hooks
 from cage_lens.targets import Target
 
 __all__ = [
-    "Level", "Transition", "ForwardState", "LEVEL_MODES", "state_levels", "transitions",
+    "Level", "Transition", "Plan", "ForwardState", "LEVEL_MODES", "state_levels", "transitions", "plan",
     "capture_state", "fast_edge_rows", "autograd_edge_rows",
 ]
 
@@ -44,21 +44,28 @@ _QK_FACTOR = {"attnlrp": 0.25, "cplrp": 0.0, "gxi": 1.0}
 
 
 # ---------------------------------------------------------------------------- levels
-@dataclass(frozen=True)
+@dataclass
 class Level:
-    """One residual state: ``"embeddings"`` (input of block 0), ``"resid_mid.{l}"`` (after the
-    attention half of block l) or ``"resid_post.{l}"`` (output of block l)."""
+    """One node level. Residual states: ``"embeddings"`` (input of block 0), ``"resid_mid.{l}"`` (after
+    the attention half of block l), ``"resid_post.{l}"`` (output of block l); units: ``"heads.{l}"``
+    (head outputs ``hook_z``), ``"neurons.{l}"`` (MLP activations ``hook_post``). Nodes are flattened:
+    node n sits at token ``pos[n]`` with head/neuron ``unit[n]`` (-1 for residual states)."""
 
     name: str
     kind: str
     layer: int
-    hook: str  # the TL hook point holding this state
+    hook: str  # the TL hook point holding this level's activations
+    relevance: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    unit: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Transition:
-    """Edges from ``source`` to ``target``: ``"attention"`` (through the attention of ``layer``) or
-    ``"local"`` (through a token-local MLP: a diagonal matrix)."""
+    """Edges from ``source`` to ``target``. Kinds: ``"attention"`` (residual → residual through the
+    attention of ``layer``), ``"local"`` (resid_mid → resid_post through a token-local MLP: diagonal),
+    ``"head_in"`` (residual → head outputs), ``"head_out"`` (heads → residual, diagonal per token),
+    ``"skip"`` (the residual connection around a split sublayer: diagonal)."""
 
     source: Level
     target: Level
@@ -67,6 +74,7 @@ class Transition:
 
 
 def state_levels(adapter: ModelAdapter, levels: str) -> list[Level]:
+    """Residual levels of ``"block"`` or ``"half"`` mode (attention-only models have no resid_mid)."""
     if levels not in ("block", "half"):
         raise InputError(f"unknown level mode {levels!r}; state levels are 'block' or 'half'")
     out = [Level("embeddings", "embeddings", -1, adapter.block(0, "hook_resid_pre"))]
@@ -83,6 +91,27 @@ def transitions(levels: Sequence[Level]) -> list[Transition]:
         local = source.kind == "resid_mid" and target.kind == "resid_post"
         out.append(Transition(source, target, target.layer, "local" if local else "attention"))
     return out
+
+
+@dataclass
+class Plan:
+    levels: list[Level]
+    transitions: list[Transition]
+
+
+def _with_state_nodes(level: Level, state: "ForwardState") -> Level:
+    relevance = state.relevance(level.hook)
+    level.relevance, level.pos = relevance, torch.arange(relevance.shape[0])
+    level.unit = torch.full_like(level.pos, -1)
+    return level
+
+
+def plan(adapter: ModelAdapter, state: "ForwardState", mode: str, neurons_top_k: int = 4) -> Plan:
+    """Levels (with node relevance) and transitions of a graph in ``mode``."""
+    if mode in ("block", "half"):
+        levels = [_with_state_nodes(lv, state) for lv in state_levels(adapter, mode)]
+        return Plan(levels, transitions(levels))
+    raise InputError(f"levels={mode!r} is not implemented yet")
 
 
 # ---------------------------------------------------------------------------- one forward + backward

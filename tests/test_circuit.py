@@ -1,0 +1,232 @@
+"""Cross-layer attribution graphs: fast closed form == autograd reference, identities, pruning, export."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import networkx as nx
+import pytest
+import torch
+
+from cage_lens.adapter import adapt
+from cage_lens.circuit import CircuitGraph, circuit_graph, gini, prune_edges
+from cage_lens.errors import InputError
+from cage_lens.testing import MODEL_KINDS, random_model
+
+torch.set_num_threads(2)
+
+PROMPT = "the cat sat on the mat and john"
+TARGET = " mary"
+ALL = dict(node_threshold=None, top_p=None)
+# float64 models agree to ~1e-14, except HF-backed Llama bridges, whose eager attention runs its softmax
+# in float32 (the closed form recomputes it in float64): ~3e-7 there.
+FLOAT32_SOFTMAX_TOL = 1e-6
+
+
+@functools.lru_cache(maxsize=None)
+def model_of(kind: str, biases: bool = True):
+    return random_model(kind, biases=biases)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def transitions_of(graph: CircuitGraph):
+    return [(es.source, es.target) for es in graph.edge_sets]
+
+
+# ---------------------------------------------------------------------------- fast == autograd
+@pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_fast_equals_autograd(kind, rules):
+    model = model_of(kind)
+    for levels in ("half", "block"):
+        fast = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, **ALL)
+        ref = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, method="autograd", batch_size=4, **ALL)
+        assert fast.levels == ref.levels
+        for source, target in transitions_of(fast):
+            assert relative_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target)) < FLOAT32_SOFTMAX_TOL
+
+
+# ---------------------------------------------------------------------------- identities (SPEC §2.4)
+@pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
+def test_outgoing_edges_sum_to_source_relevance(kind, rules):
+    graph = circuit_graph(model_of(kind), PROMPT, TARGET, rules=rules, levels="half", **ALL)
+    for source, target in transitions_of(graph):
+        outgoing = graph.edge_matrix(source, target).sum(0)
+        assert relative_error(outgoing, graph.node_relevance(source)) < FLOAT32_SOFTMAX_TOL
+
+
+def test_incoming_edges_sum_to_target_relevance_for_cplrp_without_biases(kind):
+    graph = circuit_graph(model_of(kind, biases=False), PROMPT, TARGET, rules="cplrp", levels="half", **ALL)
+    for source, target in transitions_of(graph):
+        incoming = graph.edge_matrix(source, target).sum(1)
+        assert relative_error(incoming, graph.node_relevance(target)) < FLOAT32_SOFTMAX_TOL
+
+
+def _attention_bias_output(model, layer: int) -> torch.Tensor:
+    """Attention output for an all-zero residual input: b_O + Σ_h (b_ln W_V + b_V) W_O."""
+    out = {}
+    hooks = [(f"blocks.{layer}.hook_resid_pre", lambda t, hook: torch.zeros_like(t)),
+             (f"blocks.{layer}.hook_attn_out", lambda t, hook: out.setdefault("a", t.detach()))]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(torch.zeros((1, 1), dtype=torch.long))
+    return out["a"][0, 0]
+
+
+def test_biases_absorb_exactly_the_bias_output_under_cplrp():
+    """With biases, CP-LRP: R_t(j) − Σ_i A[j, i] = ⟨attention output at zero input, g_t(j)⟩ for attention
+    transitions (output bias and value biases), and R_post(j) − R_mid(j) for the MLP half."""
+    from cage_lens import edges as E
+    from cage_lens.targets import Target
+
+    model = model_of("gpt2")
+    graph = circuit_graph(model, PROMPT, TARGET, rules="cplrp", levels="half", **ALL)
+    adapter = adapt(model)
+    state = E.capture_state(adapter, graph.tokens, graph.position, Target.build(model, 1, TARGET), "cplrp")
+    for layer in range(adapter.arch.n_layers):
+        source = "embeddings" if layer == 0 else f"resid_post.{layer - 1}"
+        target = f"resid_mid.{layer}"
+        absorbed = graph.node_relevance(target) - graph.edge_matrix(source, target).sum(1)
+        g_mid = state.resid[f"blocks.{layer}.hook_resid_mid"][1]
+        expected = g_mid @ _attention_bias_output(model, layer)
+        assert relative_error(absorbed, expected) < 1e-10
+        assert expected.abs().max() > 1e-3  # the biases really do absorb something here
+
+
+# ---------------------------------------------------------------------------- pruning
+def test_node_threshold_restricts_computed_rows():
+    graph = circuit_graph(model_of("gpt2"), PROMPT, TARGET, node_threshold=0.05, top_p=None)
+    scale = abs(graph.target_value)
+    for es in graph.edge_sets:
+        relevance = graph.node_relevance(es.target)
+        expected = (relevance.abs() > 0.05 * scale).nonzero().flatten()
+        assert torch.equal(es.computed_rows, expected)
+        dense = graph.edge_matrix(es.source, es.target)
+        skipped = torch.ones(len(relevance), dtype=torch.bool)
+        skipped[expected] = False
+        assert (dense[skipped] == 0).all()
+
+
+def test_top_p_keeps_smallest_set_holding_the_mass():
+    graph = circuit_graph(model_of("llama"), PROMPT, TARGET, levels="half", node_threshold=None, top_p=0.7)
+    for es in graph.edge_sets:
+        full = graph.edge_matrix(es.source, es.target).abs().flatten()
+        full = full[full > 0].sort(descending=True).values
+        kept = es.values.abs()
+        assert kept.sum() >= 0.7 * full.sum() - 1e-12
+        assert len(kept) == 1 or kept.sum() - kept.min() < 0.7 * full.sum()  # minimal
+        assert torch.allclose(kept.sort(descending=True).values, full[: len(kept)])  # the largest ones
+
+
+def test_edge_threshold_keeps_exactly_the_edges_above_it():
+    graph = circuit_graph(model_of("gpt2"), PROMPT, TARGET, node_threshold=None, edge_threshold=0.02)
+    for es in graph.edge_sets:
+        dense = graph.edge_matrix(es.source, es.target)
+        expected = dense.abs() > 0.02 * abs(graph.target_value)
+        assert torch.equal(graph.edge_matrix(es.source, es.target, pruned=True) != 0, expected)
+
+
+def test_prune_edges_on_a_known_matrix():
+    matrix = torch.tensor([[4.0, 0.0, -3.0], [2.0, 1.0, 0.0]])
+    rows = torch.tensor([5, 7])
+    t, s, v, total = prune_edges(matrix, rows, top_p=0.7, edge_threshold=None, scale=1.0)
+    assert total == 10.0 and v.tolist() == [4.0, -3.0] and t.tolist() == [5, 5] and s.tolist() == [0, 2]
+    t, s, v, _ = prune_edges(matrix, rows, top_p=None, edge_threshold=1.5, scale=1.0)
+    assert sorted(v.tolist()) == [-3.0, 2.0, 4.0]
+
+
+def test_ancestors_are_exactly_the_nodes_reaching_the_target():
+    graph = circuit_graph(model_of("gpt2"), PROMPT, TARGET, levels="half", top_p=0.6)
+    kept = nx.DiGraph()
+    for es in graph.edge_sets:
+        src, tgt = graph.nodes[es.source], graph.nodes[es.target]
+        for t, s in zip(es.targets.tolist(), es.sources.tolist()):
+            kept.add_edge(src.key(s), tgt.key(t))
+    target = graph.target_node
+    expected = (nx.ancestors(kept, target) | {target}) if target in kept else {target}
+    g = graph.to_networkx()
+    assert set(g.nodes) == expected
+    assert set(g.edges) == {e for e in kept.edges if e[1] in expected}
+    assert set(graph.ancestors().nodes) == expected
+
+
+# ---------------------------------------------------------------------------- queries, metrics, export
+def test_top_paths_start_at_tokens_and_end_at_target():
+    graph = circuit_graph(model_of("gpt2"), PROMPT, TARGET, levels="half", top_p=0.9)
+    paths = graph.top_paths(3)
+    assert 1 <= len(paths) <= 3
+    flows = [abs(f) for f, _ in paths]
+    assert flows == sorted(flows, reverse=True)
+    g = graph.to_networkx()
+    for flow, path in paths:
+        assert path[0][0] == "embeddings" and path[-1] == graph.target_node
+        assert [n[0] for n in path] == graph.levels
+        assert all(g.has_edge(a, b) for a, b in zip(path[:-1], path[1:]))
+
+
+def test_top_paths_flow_on_a_chain_is_the_product_of_shares():
+    graph = circuit_graph(model_of("gpt2"), PROMPT, TARGET, levels="block", top_p=None, node_threshold=None)
+    (flow, path), = graph.top_paths(1)
+    expected = graph.target_value_at_target
+    for (sl, i), (tl, j) in zip(path[:-1], path[1:]):
+        expected *= float(graph.edge_matrix(sl, tl)[j, i]) / float(graph.node_relevance(tl)[j])
+    assert abs(flow - expected) < 1e-10 * max(1.0, abs(expected))
+
+
+def test_metrics_are_consistent():
+    graph = circuit_graph(model_of("llama"), PROMPT, TARGET, levels="half")
+    rows = graph.metrics()
+    assert len(rows) == len(graph.edge_sets)
+    for row, es in zip(rows, graph.edges()):
+        assert row["edges"] == len(es)
+        assert 0 <= row["verticality"] <= 1 and 0 <= row["gini_edges"] <= 1
+        assert 1 <= row["tokens_90"] <= graph.n_pos or row["edges"] == 0
+        assert row["look_back"] >= 0
+    local = [r for r in rows if "resid_mid" in r["transition"].split(" → ")[0]]
+    assert all(abs(r["verticality"] - 1) < 1e-12 and r["look_back"] == 0 for r in local)
+    assert "transition" in graph.metrics_table()
+    assert gini(torch.tensor([1.0, 1.0, 1.0])) == 0 and gini(torch.tensor([0.0, 0.0, 5.0])) > 0.6
+
+
+def test_exports():
+    graph = circuit_graph(model_of("attn_only"), PROMPT, TARGET, levels="half")
+    g = graph.to_networkx()
+    assert graph.target_node in g and all(isinstance(k, tuple) and len(k) == 2 for k in g.nodes)
+    data = json.loads(graph.to_json())
+    assert {"nodes", "links", "levels", "tokens", "target"} <= set(data)
+    ids = {n["id"] for n in data["nodes"]}
+    assert all(l["source"] in ids and l["target"] in ids for l in data["links"])
+    assert len(data["links"]) == g.number_of_edges()
+    assert "CircuitGraph" in repr(graph)
+
+
+# ---------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(levels="layers"), "unknown levels"),
+    (dict(method="magic"), "unknown method"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(node_threshold=-1), "node_threshold"),
+    (dict(rules="lrp-eps"), "unknown rule set"),
+    (dict(target=" mary john"), "not a single token"),
+    (dict(position=50), "outside the prompt"),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, message):
+    kwargs = {"target": TARGET, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        circuit_graph(model_of("gpt2"), PROMPT, **kwargs)
+
+
+def test_batch_and_too_long_prompts_are_refused():
+    model = model_of("gpt2")
+    with pytest.raises(InputError, match="one prompt at a time"):
+        circuit_graph(model, [PROMPT, PROMPT], TARGET)
+    with pytest.raises(InputError, match="n_ctx"):
+        circuit_graph(model, torch.zeros(100, dtype=torch.long), TARGET)
+    graph = circuit_graph(model, PROMPT, TARGET, dense_limit=2)
+    with pytest.raises(InputError, match="dense_limit"):
+        graph.edge_matrix("embeddings", "resid_post.0")
+    with pytest.raises(InputError, match="unknown level"):
+        graph.node_relevance("resid_post.9")
