@@ -230,3 +230,50 @@ def test_batch_and_too_long_prompts_are_refused():
         graph.edge_matrix("embeddings", "resid_post.0")
     with pytest.raises(InputError, match="unknown level"):
         graph.node_relevance("resid_post.9")
+
+
+# ---------------------------------------------------------------------------- HTML view
+def test_html_view_is_self_contained(tmp_path):
+    graph = circuit_graph(model_of("gpt2"), PROMPT, TARGET, levels="half")
+    path = tmp_path / "graph.html"
+    page = graph.to_html(path)
+    assert path.read_text(encoding="utf-8") == page
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<script" not in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+    assert page.count("<circle") == graph.to_networkx().number_of_nodes()
+    assert page.count("<line") >= graph.to_networkx().number_of_edges()
+
+
+# ---------------------------------------------------------------------------- explain_failure
+def test_explain_failure_on_a_random_model():
+    from cage_lens.failure import explain_failure
+
+    model = model_of("gpt2")
+    e = explain_failure(model, PROMPT, wrong=TARGET, correct=" store")
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        logits = model(tokens)[0, -1]
+    expected = logits[model.to_single_token(TARGET)] - logits[model.to_single_token(" store")]
+    assert abs(e.delta - float(expected)) < 1e-10
+    assert e.excluded == [0]  # BOS
+    assert abs(float(e.heatmap[1:].abs().max()) - 1.0) < 1e-12
+    assert e.trace.shape == (len(e.trace_points), tokens.shape[1])
+    assert e.trace_points[0] == "embeddings" and torch.allclose(e.trace[0], e.relevance)
+    assert e.graph.target_description.startswith("logit") and "−" in e.graph.target_description
+    assert "Δℓ" in repr(e) and "<svg" in e.to_html()
+    with pytest.raises(InputError, match="same token"):
+        explain_failure(model, PROMPT, wrong=TARGET, correct=TARGET)
+
+
+def test_explain_failure_on_the_ioi_zoo_model():
+    zoo = pytest.importorskip("cage_lens.zoo")
+    from cage_lens.failure import explain_failure
+
+    try:
+        model = zoo.load("ioi")
+    except Exception as err:  # noqa: BLE001 - the zoo may not ship weights in every checkout
+        pytest.skip(f"no ioi zoo model: {err}")
+    prompt = "then , amy and dan went to the station . dan gave a pen to"
+    e = explain_failure(model, prompt, wrong=" dan", correct=" amy")
+    assert e.graph.target_node in e.graph.to_networkx()
+    assert len(e.prompt_tokens) == e.heatmap.shape[0]

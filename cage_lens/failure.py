@@ -1,0 +1,149 @@
+"""``explain_failure``: why did the model prefer the wrong token over the correct one? (SPEC §2.2)
+
+The explained quantity is ``Δℓ = logit(wrong) − logit(correct)`` at the last position of the prompt
+(the prompt being the input plus the completion up to, not including, the wrong token). Positive
+relevance supports the wrong token, negative relevance the correct one.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+
+from cage_lens.attribution import Attribution, attribute
+from cage_lens.circuit import CircuitGraph, circuit_graph
+from cage_lens.errors import InputError
+from cage_lens.targets import resolve_token
+from cage_lens.viz import html_page, terminal_heatmap, token_spans_html
+
+__all__ = ["explain_failure", "FailureExplanation"]
+
+
+@dataclass
+class FailureExplanation:
+    """Δℓ, the normalised input heatmap, the layer × token relevance trace and the pruned graph."""
+
+    prompt_tokens: list[str]
+    wrong: str
+    correct: str
+    delta: float
+    heatmap: Float[torch.Tensor, "pos"]
+    excluded: list[int]
+    trace_points: list[str]
+    trace: Float[torch.Tensor, "point pos"]
+    attribution: Attribution
+    graph: CircuitGraph
+
+    @property
+    def relevance(self) -> Float[torch.Tensor, "pos"]:
+        """Raw input relevance (token + position embeddings) in units of Δℓ."""
+        return self.attribution.input_relevance[0, : len(self.prompt_tokens)]
+
+    def top_tokens(self, k: int = 5, sign: int = 1) -> list[tuple[int, str, float]]:
+        """The ``k`` tokens (specials excluded) pushing hardest towards the wrong token (``sign=1``) or
+        the correct one (``sign=-1``), with their normalised relevance."""
+        order = (sign * self.heatmap).argsort(descending=True).tolist()
+        out = [(i, self.prompt_tokens[i], float(self.heatmap[i])) for i in order if i not in self.excluded]
+        return [t for t in out if sign * t[2] > 0][:k]
+
+    def __repr__(self) -> str:
+        def fmt(items):
+            return ", ".join(f"{t!r}@{i} {v:+.2f}" for i, t, v in items) or "—"
+
+        note = "" if self.delta > 1 else "  (Δℓ ≤ 1: the paper drops such cases as not a clear failure)"
+        lines = [
+            f"FailureExplanation: wrong {self.wrong!r} vs correct {self.correct!r}, Δℓ = {self.delta:+.4g}{note}",
+            f"  towards wrong  : {fmt(self.top_tokens(5, 1))}",
+            f"  towards correct: {fmt(self.top_tokens(5, -1))}",
+            "  heatmap (÷ max |R| over non-special tokens): "
+            + terminal_heatmap(self.prompt_tokens, self.heatmap.tolist(), color=False),
+            f"  {self.graph.summary()}",
+        ]
+        for flow, path in self.graph.top_paths(3):
+            lines.append(f"  path {flow:+.3g}: " + " → ".join(f"{n[0]}@{n[-1]}" for n in path))
+        return "\n".join(lines)
+
+    def to_html(self, path=None) -> str:
+        from cage_lens.graph_view import graph_svg
+
+        body = (
+            f"<p>Δℓ = logit({html.escape(repr(self.wrong))}) − logit({html.escape(repr(self.correct))}) = "
+            f"{self.delta:+.4g}. Red supports the wrong token, blue the correct one.</p>"
+            f"<div>{token_spans_html(self.prompt_tokens, self.heatmap.tolist(), self.relevance.tolist())}</div>"
+            f"<h3>Attribution graph</h3>{graph_svg(self.graph)}"
+        )
+        page = html_page("cage_lens failure explanation", body)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+        return page
+
+
+def _special_positions(model, token_ids: Sequence[int], extra: Sequence[int]) -> list[int]:
+    tokenizer = getattr(model, "tokenizer", None)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    positions = {i for i, t in enumerate(token_ids) if t in special}
+    return sorted(positions | {i if i >= 0 else len(token_ids) + i for i in extra})
+
+
+def _normalise(relevance: torch.Tensor, excluded: list[int]) -> torch.Tensor:
+    keep = torch.ones_like(relevance, dtype=torch.bool)
+    keep[excluded] = False
+    scale = relevance[keep].abs().max() if keep.any() else relevance.abs().max()
+    return relevance / scale.clamp_min(1e-30)
+
+
+def explain_failure(
+    model,
+    prompt: str | torch.Tensor,
+    *,
+    wrong=None,
+    correct,
+    rules: str = "attnlrp",
+    levels: str = "half",
+    exclude: Sequence[int] = (),
+    prepend_bos: bool | None = None,
+    **graph_options,
+) -> FailureExplanation:
+    """Explain ``Δℓ = logit(wrong) − logit(correct)`` at the last position of ``prompt``.
+
+    Args:
+        model: a TransformerLens model.
+        prompt: the input plus the completion up to (not including) the wrong token.
+        wrong: the wrong token the model emitted (one token; default: its top-1 prediction).
+        correct: a correct alternative (one token).
+        exclude: extra positions left out of the heatmap's normalisation (chat-template tokens);
+            BOS and other special tokens are always excluded.
+        graph_options: passed to :func:`cage_lens.circuit_graph` (``node_threshold``, ``top_p``, …).
+    """
+    if correct is None:
+        raise InputError("explain_failure needs correct= (a correct alternative token)")
+    if wrong is not None and resolve_token(model, wrong, "wrong") == resolve_token(model, correct, "correct"):
+        raise InputError(f"wrong and correct are the same token ({wrong!r}); nothing to contrast")
+    attribution = attribute(model, prompt, target=wrong, contrast=correct, rules=rules, prepend_bos=prepend_bos)
+    n = attribution.lengths[0]
+    tokens = attribution.tokens[0, :n].tolist()
+    wrong_id = attribution.target_ids[0]
+    if wrong_id == attribution.contrast_ids[0]:
+        raise InputError("the model's top-1 prediction is the correct token: there is no failure to explain")
+    excluded = _special_positions(model, tokens, exclude)
+    relevance = attribution.input_relevance[0, :n]
+    points, trace = attribution.layer_trace(0)
+    graph = circuit_graph(model, attribution.tokens[0, :n], target=wrong_id, contrast=attribution.contrast_ids[0],
+                          rules=rules, levels=levels, **graph_options)
+    return FailureExplanation(
+        prompt_tokens=attribution.str_tokens[0][:n],
+        wrong=model.to_string(torch.tensor([wrong_id])),
+        correct=model.to_string(torch.tensor([attribution.contrast_ids[0]])),
+        delta=float(attribution.target_value[0]),
+        heatmap=_normalise(relevance, excluded),
+        excluded=excluded,
+        trace_points=["embeddings"] + points,
+        trace=torch.cat([relevance[None], trace[:, :n]]),
+        attribution=attribution,
+        graph=graph,
+    )
