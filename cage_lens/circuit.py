@@ -423,6 +423,7 @@ def circuit_graph(
     neurons_top_k: int = 4,
     batch_size: int = 16,
     dense_limit: int = 512,
+    low_memory: bool | None = None,
     prepend_bos: bool | None = None,
 ) -> CircuitGraph:
     """Cross-layer attribution graph of one prompt (SPEC §2.2).
@@ -444,6 +445,8 @@ def circuit_graph(
         edge_threshold: instead of ``top_p``, keep edges with ``|A| > edge_threshold·|target|``.
         dense_limit: keep the unpruned edge matrices (for :meth:`CircuitGraph.edge_matrix`) up to
             this many tokens.
+        low_memory: differentiate one block at a time (memory of one layer's attention instead of
+            all layers', at O(layers²) forward time); default: for inputs over 1024 tokens.
     """
     _check_options(levels, method, node_threshold, top_p, edge_threshold, batch_size, dense_limit)
     adapter = adapt(model)
@@ -455,7 +458,7 @@ def circuit_graph(
     (pos,) = resolve_positions(position, batch.lengths)
     spec = Target.build(model, 1, target, contrast, mode)
     tokens = batch.tokens[0]
-    state = E.capture_state(adapter, tokens, pos, spec, rules)
+    state = E.capture_state(adapter, tokens, pos, spec, rules, low_memory)
     scale = abs(state.value)
     plan = E.plan(adapter, state, levels, neurons_top_k)
     nodes = {lv.name: LevelNodes(lv.name, lv.kind, lv.layer, lv.relevance, lv.pos, lv.unit) for lv in plan.levels}

@@ -196,35 +196,103 @@ def _norm_eps(adapter: ModelAdapter) -> float:
     return float(getattr(adapter.model.cfg, "eps", 1e-5))
 
 
-def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], position: int, target: Target,
-                  rules: str) -> ForwardState:
-    """One forward under ``rules`` and one backward: everything both edge methods need."""
-    arch, model = adapter.arch, adapter.model
+def _record_hooks(adapter: ModelAdapter, rules: str, rec: _Recorder, names: Sequence[str]) -> list:
+    """Recording hooks for the residual states ``names`` and every layer's attention internals."""
+    arch = adapter.arch
     rotary = arch.positional == "rotary"
-    resid_names = [adapter.block(0, "hook_resid_pre")] + adapter.resid_hooks()[1:]
-    resid_names = list(dict.fromkeys(resid_names))
-    q_name, k_name = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
-    rec = _Recorder(roots=[resid_names[0]])
-    hooks = rule_hooks(adapter, rules)
-    for name in resid_names:
-        hooks.append((name, rec.hook(name)))
+    hooks = [(name, rec.hook(name)) for name in names]
     for layer in range(arch.n_layers):
-        for n in ("hook_q", "hook_k", "hook_v", "hook_z") + ((q_name, k_name) if rotary else ()):
+        for n in ("hook_q", "hook_k", "hook_v", "hook_z") + (("hook_rot_q", "hook_rot_k") if rotary else ()):
             hooks.append((adapter.attn_hook(layer, n), rec.hook(adapter.attn_hook(layer, n))))
         if arch.normalization is not None and rules == "gxi":
             hooks.append((adapter.block(layer, "ln1.hook_scale"), rec.hook(adapter.block(layer, "ln1.hook_scale"))))
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(tokens[None].to(adapter.device))
-        value = target(logits[:, position])
-        if not torch.isfinite(value).all():
-            raise NumericalError(f"the target value is not finite: {value.tolist()}")
-        z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
-        wrt = resid_names + z_names
+    return hooks
+
+
+def _checked_value(target: Target, logits: torch.Tensor, position: int) -> torch.Tensor:
+    value = target(logits[:, position])
+    if not torch.isfinite(value).all():
+        raise NumericalError(f"the target value is not finite: {value.tolist()}")
+    return value
+
+
+def _one_pass_gradients(adapter, tokens, position, target, rules, resid_names, wrt):
+    """One forward under the rules and one backward through the whole model."""
+    rec = _Recorder(roots=[resid_names[0]])
+    with torch.enable_grad(), adapter.model.hooks(fwd_hooks=rule_hooks(adapter, rules) + _record_hooks(adapter, rules, rec, resid_names)):
+        value = _checked_value(target, adapter.model(tokens), position)
         grads = torch.autograd.grad(value.sum(), [rec.tensors[n] for n in wrt], allow_unused=True)
-    grad = {n: (torch.zeros_like(rec.tensors[n]) if g is None else g)[0].detach() for n, g in zip(wrt, grads)}
-    act = {n: t[0].detach() for n, t in rec.tensors.items()}
+    return value, rec.tensors, dict(zip(wrt, grads))
+
+
+def _grad_from(name: str, leaves: dict) -> Callable:
+    """Hook that switches autograd on from this point of the forward and re-roots the state as a leaf."""
+    def hook(tensor, hook):
+        torch.set_grad_enabled(True)
+        leaf = tensor.detach().requires_grad_(True)
+        leaves[name] = leaf
+        return leaf
+    return hook
+
+
+def _layerwise_gradients(adapter, tokens, position, target, rules, resid_names, wrt):
+    """The same gradients with one layer's autograd graph alive at a time: a no-grad forward records
+    the activations, then for the head and each block from the top the forward is re-run without
+    grad up to that block, which alone is differentiated (memory O(one layer), time O(layers²))."""
+    model, arch = adapter.model, adapter.arch
+    rec = _Recorder()
+    with torch.no_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + _record_hooks(adapter, rules, rec, resid_names)):
+        value = _checked_value(target, model(tokens), position)
+    grads: dict[str, torch.Tensor] = {}
+    last = adapter.block(arch.n_layers - 1, "hook_resid_post")
+    leaves: dict = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + [(last, _grad_from(last, leaves))]):
+        logits = model(tokens)
+        with torch.enable_grad():
+            (grads[last],) = torch.autograd.grad(_checked_value(target, logits, position).sum(), leaves[last])
+    del logits
+    for layer in reversed(range(arch.n_layers)):
+        pre, post = adapter.block(layer, "hook_resid_pre"), adapter.block(layer, "hook_resid_post")
+        inner = [n for n in wrt if n.startswith(f"blocks.{layer}.") and n not in (pre, post)]
+        local, leaves = _Recorder(), {}
+        captured: dict = {}
+
+        def stop(tensor, hook):
+            captured["post"] = tensor
+            raise _StopForward
+
+        hooks = rule_hooks(adapter, rules) + [(pre, _grad_from(pre, leaves))] + [(n, local.hook(n)) for n in inner]
+        with torch.no_grad():
+            try:
+                with model.hooks(fwd_hooks=hooks + [(post, stop)]):
+                    model(tokens)
+            except _StopForward:
+                pass
+            with torch.enable_grad():
+                objective = (captured["post"] * grads[post]).sum()
+                found = torch.autograd.grad(objective, [leaves[pre]] + [local.tensors[n] for n in inner], allow_unused=True)
+        grads.update(zip([pre] + inner, found))
+        if layer > 0:
+            grads[adapter.block(layer - 1, "hook_resid_post")] = grads[pre]
+    return value, rec.tensors, grads
+
+
+def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], position: int, target: Target,
+                  rules: str, low_memory: bool | None = None) -> ForwardState:
+    """One forward under ``rules`` and one backward: everything both edge methods need. With
+    ``low_memory`` (default: inputs over 1024 tokens) the backward is done block by block."""
+    arch, model = adapter.arch, adapter.model
+    resid_names = list(dict.fromkeys([adapter.block(0, "hook_resid_pre")] + adapter.resid_hooks()[1:]))
+    wrt = resid_names + [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
+    if low_memory is None:
+        low_memory = tokens.shape[0] > 1024
+    gradients = _layerwise_gradients if low_memory else _one_pass_gradients
+    value, tensors, grads = gradients(adapter, tokens[None].to(adapter.device), position, target, rules, resid_names, wrt)
+    act = {n: t[0].detach() for n, t in tensors.items()}
+    grad = {n: (torch.zeros_like(act[n]) if grads.get(n) is None else grads[n][0].detach()) for n in wrt}
     resid = {n: (act[n], grad[n]) for n in resid_names}
     biases = _bias_parts(adapter)
+    rotary = arch.positional == "rotary"
     layers = [_attention_state(adapter, layer, act, grad, biases[layer], rules, rotary) for layer in range(arch.n_layers)]
     return ForwardState(
         value=float(value.detach()[0]), tokens=tokens, position=position, target=target, rules=rules,

@@ -50,6 +50,15 @@ def test_fast_equals_autograd(kind, rules):
             assert relative_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target)) < FLOAT32_SOFTMAX_TOL
 
 
+def test_low_memory_gradients_are_identical(kind):
+    model = model_of(kind)
+    one = circuit_graph(model, PROMPT, TARGET, levels="half", low_memory=False, **ALL)
+    layered = circuit_graph(model, PROMPT, TARGET, levels="half", low_memory=True, **ALL)
+    for source, target in transitions_of(one):
+        assert torch.equal(one.edge_matrix(source, target), layered.edge_matrix(source, target))
+    assert torch.is_grad_enabled()  # the block-wise pass restores the grad mode
+
+
 # ---------------------------------------------------------------------------- identities (SPEC §2.4)
 @pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
 def test_outgoing_edges_sum_to_source_relevance(kind, rules):
