@@ -192,9 +192,11 @@ FACTS_K = 2
 
 
 def _gen_facts(rng: random.Random) -> Sample:
-    """Five facts ``name verb object .`` then ``list n1 n2 :`` → `` n1 verb1 obj1 . n2 verb2 obj2 .``."""
+    """Five facts ``name verb object .`` (names, verbs, objects distinct) then ``list n1 n2 :`` →
+    `` n1 verb1 obj1 . n2 verb2 obj2 .``."""
     names = rng.sample(NAMES, FACTS_M)
-    facts = [(n, rng.choice(FACT_VERBS), rng.choice(FACT_OBJECTS)) for n in names]
+    # names, verbs and objects are all distinct within a prompt, so every word of a fact identifies it
+    facts = list(zip(names, rng.sample(FACT_VERBS, FACTS_M), rng.sample(FACT_OBJECTS, FACTS_M)))
     chosen = rng.sample(range(FACTS_M), FACTS_K)
     words: list[str] = []
     lengths = []
@@ -219,8 +221,9 @@ def _gen_facts(rng: random.Random) -> Sample:
         s = fact_start[c]
         base = len(comp)
         comp += [n, v, o, "."]
-        # the name is copied from the instruction; verb/object are looked up in the fact keyed by it
-        direct += [{q_pos[j]}, {s, s + 1}, {s, s + 2}, set()]
+        # the name is copied from the instruction; the verb is looked up in the fact keyed by the name,
+        # the object in the same fact (keyed by the name and/or the verb: the fact's three words)
+        direct += [{q_pos[j]}, {s, s + 1}, {s, s + 1, s + 2}, set()]
         deps += [[], [base], [base, base + 1], [base + 2]]
     return _finish(
         words, comp, direct, deps, sentence_spans=spans, ground_truth_sentences=list(chosen),
