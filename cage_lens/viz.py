@@ -9,7 +9,10 @@ from __future__ import annotations
 import html
 from typing import Sequence
 
-__all__ = ["relevance_color", "token_spans_html", "attribution_html", "terminal_heatmap", "html_page"]
+__all__ = [
+    "relevance_color", "token_spans_html", "attribution_html", "terminal_heatmap", "html_page",
+    "layer_token_table_html", "explain_report_html",
+]
 
 
 def relevance_color(value: float) -> str:
@@ -73,3 +76,41 @@ def terminal_heatmap(tokens: Sequence[str], scaled: Sequence[float], color: bool
         else:
             out.append(f"{shown}[{v:+.2f}]")
     return "".join(out) if color else " ".join(out)
+
+
+def layer_token_table_html(str_tokens: Sequence[str], names: Sequence[str], matrix) -> str:
+    """Layer × token heatmap table; each row is scaled by its own max |R| (the title shows raw values)."""
+    header = "<tr><th></th>" + "".join(
+        f"<th style='writing-mode:vertical-rl;font-family:monospace'>{html.escape(t)}</th>" for t in str_tokens
+    ) + "</tr>"
+    rows = []
+    for name, values in zip(names, matrix.tolist()):
+        scale = max(max(abs(v) for v in values), 1e-30)
+        cells = "".join(
+            f"<td title='{v:+.4g}' style='background:{relevance_color(v / scale)};min-width:14px'></td>" for v in values
+        )
+        rows.append(f"<tr><th style='text-align:left;font-family:monospace'>{html.escape(name)}</th>{cells}</tr>")
+    return f"<table>{header}{''.join(rows)}</table>"
+
+
+def explain_report_html(attribution, prompt: str, continuation: str, model_name: str) -> str:
+    """The CLI's report: heatmap, layer × token trace and the conservation table, in one page."""
+    n = attribution.lengths[0]
+    names, trace = attribution.layer_trace(0)
+    conservation = attribution.conservation
+    cons_rows = "".join(
+        f"<tr><td style='text-align:left'>{html.escape(p)}</td><td>{float(s):.5g}</td>"
+        f"<td>{'' if i == 0 else f'{float(conservation.absorbed[0, i - 1]):.4g}'}</td></tr>"
+        for i, (p, s) in enumerate(zip(conservation.points, conservation.sums[0]))
+    )
+    body = (
+        f"<p><b>model</b> {html.escape(model_name)} &nbsp; <b>rules</b> {html.escape(attribution.rules)}<br>"
+        f"<b>prompt</b> {html.escape(prompt)}<br><b>greedy continuation</b> {html.escape(continuation)!s}<br>"
+        f"<b>explained</b> {html.escape(attribution.target_description)} = {float(attribution.target_value[0]):.4f}</p>"
+        "<h3>Input tokens</h3>" + attribution_html(attribution, max_rows=1)
+        + "<h3>Relevance per layer and token</h3>"
+        + layer_token_table_html(attribution.str_tokens[0][:n], names, trace[:, :n])
+        + "<h3>Conservation</h3><table><tr><th>point</th><th>Σ relevance</th><th>absorbed</th></tr>"
+        + cons_rows + "</table>"
+    )
+    return html_page("cage_lens explanation", body)
