@@ -1,0 +1,52 @@
+"""Model adapter: architecture discovery and hooks that exist and fire, on both TL versions."""
+
+from __future__ import annotations
+
+import pytest
+
+from cage_lens.adapter import adapt
+from cage_lens.loading import has_hooked_transformer
+from conftest import cached_model
+
+EXPECTED = {
+    "gpt2": dict(normalization="LN", positional="standard", gated_mlp=False, attn_only=False, n_kv_heads=4),
+    "llama": dict(normalization="RMS", positional="rotary", gated_mlp=True, attn_only=False, n_kv_heads=2),
+    "attn_only": dict(normalization="LN", positional="standard", gated_mlp=False, attn_only=True, n_kv_heads=4),
+}
+
+
+def test_architecture_is_discovered(kind):
+    arch = adapt(cached_model(kind)).arch
+    for field, value in EXPECTED[kind].items():
+        assert getattr(arch, field) == value, field
+    assert (arch.n_layers, arch.n_heads, arch.d_model, arch.d_head) == (2, 4, 32, 8)
+    assert arch.grouped_query == (kind == "llama")
+    assert arch.is_bridge == (not has_hooked_transformer())
+    assert ("attention-only" in arch.describe()) == (kind == "attn_only")
+
+
+def test_fired_hooks(kind):
+    adapter = adapt(cached_model(kind))
+    fired = adapter.fired_hooks
+    assert set(adapter.required_hooks()) <= fired
+    # rotary models list hook_pos_embed on some TL versions but it never fires (SPEC §3 pitfall 4)
+    assert adapter.has_position_embedding == (kind != "llama")
+    resid = adapter.resid_hooks()
+    assert resid[0] == "blocks.0.hook_resid_pre" and resid[-1] == "blocks.1.hook_resid_post"
+    assert ("blocks.0.hook_resid_mid" in resid) == (kind != "attn_only")
+
+
+def test_adapter_is_cached_per_model():
+    m = cached_model("gpt2")
+    assert adapt(m) is adapt(m)
+    assert adapt(adapt(m)) is adapt(m)
+
+
+def test_silent_hook_is_an_error(monkeypatch):
+    from cage_lens.adapter import ModelAdapter
+    from cage_lens.errors import UnsupportedModelError
+
+    adapter = ModelAdapter(cached_model("llama"))
+    monkeypatch.setattr(ModelAdapter, "required_hooks", lambda self: ["hook_embed", "hook_pos_embed"])
+    with pytest.raises(UnsupportedModelError, match="never fire"):
+        adapter.fired_hooks
