@@ -1,0 +1,79 @@
+"""Speed of the CAGE attribution table (issue 4, item 7), measured in one run.
+
+AttnLRP table for ``--generated`` teacher-forced tokens after a ``--prompt``-token prompt on the
+GPT-2-small-sized random model (12 layers, d_model 768, 12 heads, vocab 50257, float32), against
+(a) the naive per-step loop (re-run the prefix, one backward per step, through the public
+``attribute()``) and (b) ``integrated_gradients`` with 20 steps (itself batched). Random token ids
+(special ids avoided). Prints a table of times and ratios; also checks the tables agree.
+
+    python benchmarks/bench_cage.py [--prompt 128] [--generated 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cage_lens import methods
+from cage_lens.testing import random_model
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--generated", type=int, default=64)
+    ap.add_argument("--ig-steps", type=int, default=20)
+    ap.add_argument("--chunk-size", type=int, default=methods.DEFAULT_CHUNK)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ig-rows", type=int, default=None,
+                    help="time (b) on the first N generated rows only, against the batched AttnLRP table on the "
+                         "same rows (a like-for-like ratio when the full IG run is too slow for the machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = random_model("gpt2", n_layers=12, d_model=768, n_heads=12, d_vocab=50257, n_ctx=1024, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    T = args.prompt + args.generated
+    tokens = torch.randint(10, 50257, (1, T), generator=gen)
+    tokens[0, 0] = 0  # BOS
+    P = args.prompt
+
+    methods.attnlrp(model, tokens[:, : P + 2], P, chunk_size=2)  # warm-up (adapter probe, allocator)
+    fast, t_fast = timed(lambda: methods.attnlrp(model, tokens, P, chunk_size=args.chunk_size))
+    naive, t_naive = timed(lambda: methods.naive_table(model, tokens, P, "attnlrp"))
+    rows = [
+        ("AttnLRP table, batched (cage_lens)", t_fast, 1.0),
+        ("(a) naive per-step loop, AttnLRP", t_naive, t_naive / t_fast),
+    ]
+    if args.ig_rows is None:
+        _, t_ig = timed(lambda: methods.integrated_gradients(model, tokens, P, steps=args.ig_steps, chunk_size=args.chunk_size))
+        rows.append((f"(b) integrated_gradients, {args.ig_steps} steps", t_ig, t_ig / t_fast))
+    else:
+        sub = tokens[:, : P + args.ig_rows]
+        _, t_sub = timed(lambda: methods.attnlrp(model, sub, P, chunk_size=args.chunk_size))
+        _, t_ig = timed(lambda: methods.integrated_gradients(model, sub, P, steps=args.ig_steps, chunk_size=args.chunk_size))
+        rows.append((f"AttnLRP table, first {args.ig_rows} rows", t_sub, t_sub / t_fast))
+        rows.append((f"(b) IG {args.ig_steps} steps, first {args.ig_rows} rows", t_ig, t_ig / t_sub))
+
+    err = float((fast - naive).abs().max() / naive.abs().max())
+    print(f"GPT-2-small-sized random model (float32), prompt {P} tokens, {args.generated} generated, "
+          f"{torch.get_num_threads()} CPU threads, chunk_size {args.chunk_size}")
+    print(f"| {'method':<40} | {'time (s)':>9} | {'× AttnLRP table':>15} |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 17}|")
+    for name, t, ratio in rows:
+        print(f"| {name:<40} | {t:9.2f} | {ratio:15.2f} |")
+    if args.ig_rows is not None:
+        print(f"(b)'s ratio is against the AttnLRP table on the same first {args.ig_rows} rows.")
+    print(f"max |batched − naive| / max |naive| = {err:.2e} (float32)")
+
+
+if __name__ == "__main__":
+    main()
