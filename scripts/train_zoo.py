@@ -40,17 +40,17 @@ VAL_SEED = 999
 
 #: training hyper-parameters per model (name-size)
 PLAN: dict[str, dict] = {
-    "pointer-chase-small": dict(seed=1, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=True),
-    "pointer-chase-tiny": dict(seed=2, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
-    "facts-small": dict(seed=3, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=False),
-    "facts-tiny": dict(seed=4, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
+    "pointer-chase-small": dict(n_val=512, seed=1, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=True),
+    "pointer-chase-tiny": dict(n_val=512, seed=2, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
+    "facts-small": dict(seed=13, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=False),
+    "facts-tiny": dict(seed=14, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
     "arith-small": dict(seed=5, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=False),
     "arith-tiny": dict(seed=6, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
-    "ioi-small": dict(seed=7, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=True),
-    "ioi-tiny": dict(seed=8, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
+    "ioi-small": dict(n_val=512, seed=7, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=True),
+    "ioi-tiny": dict(n_val=512, seed=8, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
 }
 EVAL_EVERY = 250
-N_VAL = 512
+N_VAL = 256
 
 
 def encode(samples, vocab: dict[str, int]):
@@ -109,7 +109,7 @@ def train_one(key: str, out_root: Path, log) -> dict:
         frac = (step - warmup) / max(1, max_steps - warmup)
         return plan["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    val_ids, val_labels = encode(t.sample(N_VAL, seed=VAL_SEED), vocab)
+    val_ids, val_labels = encode(t.sample(plan.get("n_val", N_VAL), seed=VAL_SEED), vocab)
     snapshots: list[tuple[int, dict, float]] = []
     history = []
     model.train()
