@@ -106,12 +106,46 @@ def _with_state_nodes(level: Level, state: "ForwardState") -> Level:
     return level
 
 
+def _with_head_nodes(level: Level, att: "AttentionState") -> Level:
+    """Head nodes, flat index ``head · pos + position``; relevance ``Σ_d z ⊙ ∂target/∂z``."""
+    relevance = (att.z * att.g_z).sum(-1).T  # [head, pos]
+    n_heads, n_pos = relevance.shape
+    level.relevance = relevance.reshape(-1)
+    level.pos = torch.arange(n_pos).repeat(n_heads)
+    level.unit = torch.arange(n_heads).repeat_interleave(n_pos)
+    return level
+
+
+def _resid_level(adapter: ModelAdapter, kind: str, layer: int, state: "ForwardState") -> Level:
+    return _with_state_nodes(Level(f"{kind}.{layer}", kind, layer, adapter.block(layer, f"hook_{kind}")), state)
+
+
 def plan(adapter: ModelAdapter, state: "ForwardState", mode: str, neurons_top_k: int = 4) -> Plan:
-    """Levels (with node relevance) and transitions of a graph in ``mode``."""
+    """Levels (with node relevance) and transitions of a graph in ``mode``. With ``"heads"`` each
+    attention sublayer becomes ``source → heads.l`` (per-head edges), ``heads.l → out`` (diagonal: head
+    relevance) and ``source → out`` (the residual connection); ``out`` is resid_mid (resid_post on
+    attention-only models)."""
     if mode in ("block", "half"):
         levels = [_with_state_nodes(lv, state) for lv in state_levels(adapter, mode)]
         return Plan(levels, transitions(levels))
-    raise InputError(f"levels={mode!r} is not implemented yet")
+    if mode != "heads":
+        raise InputError(f"levels={mode!r} is not implemented for circuit graphs (use block, half or heads)")
+    arch = adapter.arch
+    source = _with_state_nodes(state_levels(adapter, "block")[0], state)
+    levels, steps = [source], []
+    for layer in range(arch.n_layers):
+        heads = _with_head_nodes(Level(f"heads.{layer}", "heads", layer, adapter.attn_hook(layer, "hook_z")), state.layers[layer])
+        out = _resid_level(adapter, "resid_post" if arch.attn_only else "resid_mid", layer, state)
+        steps += [Transition(source, heads, layer, "head_in"), Transition(heads, out, layer, "head_out"),
+                  Transition(source, out, layer, "skip")]
+        levels += [heads, out]
+        if not arch.attn_only:
+            post = _resid_level(adapter, "resid_post", layer, state)
+            steps.append(Transition(out, post, layer, "local"))
+            levels.append(post)
+            out = post
+        source = out
+    return Plan(levels, steps)
 
 
 # ---------------------------------------------------------------------------- one forward + backward
@@ -336,31 +370,48 @@ def _row_chunk(n_heads: int, n_pos: int, itemsize: int, budget_bytes: int) -> in
 
 
 def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
-                   budget_bytes: int = 256 * 2**20) -> Float[torch.Tensor, "row pos"]:
-    """Rows ``A[j, :]`` of one transition by the closed form, processed in chunks of rows so the
-    ``[head, chunk, pos]`` intermediates stay within ``budget_bytes``."""
+                   budget_bytes: int = 256 * 2**20) -> Float[torch.Tensor, "row source"]:
+    """Rows ``A[j, :]`` of one transition by the closed form (flat node indices), processed in chunks
+    of rows so the ``[head, chunk, pos]`` intermediates stay within ``budget_bytes``."""
     rows = torch.as_tensor(rows, dtype=torch.long)
-    if transition.kind == "local":
-        return _local_rows(state, transition, rows)
     att = state.layers[transition.layer]
     n_pos = att.x.shape[0]
+    if transition.kind == "local":
+        return _diagonal_rows(state.relevance(transition.source.hook), rows)
+    if transition.kind == "skip":
+        return _diagonal_rows((att.x * att.g_out).sum(-1), rows)
+    if transition.kind == "head_out":
+        out = torch.zeros(len(rows), transition.source.relevance.shape[0], dtype=att.x.dtype)
+        columns = torch.arange(att.q.shape[1])[None, :] * n_pos + rows[:, None]  # [row, head]
+        out.scatter_(1, columns, transition.source.relevance[columns])
+        return out
+    positions, heads = (rows % n_pos, rows // n_pos) if transition.kind == "head_in" else (rows, None)
     out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype, device=att.x.device)
     step = _row_chunk(att.q.shape[1], n_pos, att.x.element_size(), budget_bytes)
     for start in range(0, len(rows), step):
-        out[start:start + step] = _attention_rows(att, rows[start:start + step].to(att.x.device),
-                                                  state.rules, state.attn_scale)
+        chunk = positions[start:start + step].to(att.x.device)
+        per_head = _head_terms(att, chunk, state.rules, state.attn_scale)   # [head, row, pos]
+        if heads is None:
+            out[start:start + step] = _with_skip(per_head.sum(0), att, chunk)
+        else:
+            out[start:start + step] = per_head[heads[start:start + step], torch.arange(len(chunk))]
     return out
 
 
-def _local_rows(state: ForwardState, transition: Transition, rows: torch.Tensor) -> torch.Tensor:
-    """MLP and norm are token-local: resid_mid → resid_post is diagonal with entry R_mid(j)."""
-    relevance = state.relevance(transition.source.hook)
-    out = torch.zeros(len(rows), relevance.shape[0], dtype=relevance.dtype, device=relevance.device)
-    out[torch.arange(len(rows)), rows] = relevance[rows]
+def _diagonal_rows(values: Float[torch.Tensor, "pos"], rows: torch.Tensor) -> torch.Tensor:
+    """Token-local transitions (MLP with its norm, residual connection): ``A[j, i] = δ_ij values[j]``."""
+    out = torch.zeros(len(rows), values.shape[0], dtype=values.dtype, device=values.device)
+    out[torch.arange(len(rows)), rows] = values[rows]
     return out
 
 
-def _attention_rows(att: AttentionState, rows: torch.Tensor, rules: str, attn_scale: float) -> torch.Tensor:
+def _with_skip(edges: torch.Tensor, att: AttentionState, rows: torch.Tensor) -> torch.Tensor:
+    edges[torch.arange(len(rows)), rows] += (att.x[rows] * att.g_out[rows]).sum(-1)  # δ_ij ⟨x_j, g_j⟩
+    return edges
+
+
+def _head_terms(att: AttentionState, rows: torch.Tensor, rules: str, attn_scale: float) -> torch.Tensor:
+    """Per-head attention edges ``[head, row, pos]`` without the residual connection (SPEC §2.4)."""
     n_heads, n_pos = att.q.shape[1], att.x.shape[0]
     k, v = _expand_kv(att.k, n_heads), _expand_kv(att.v, n_heads)
     k0, v0 = _expand_kv(att.k0, n_heads), _expand_kv(att.v0, n_heads)
@@ -371,16 +422,14 @@ def _attention_rows(att: AttentionState, rows: torch.Tensor, rules: str, attn_sc
     _check_pattern(pattern, v, att.z[rows])
     u = torch.einsum("phd,rhd->hrp", v, g_z)                                 # ⟨v_h(i) W_O, g_j⟩
     u0 = torch.einsum("phd,rhd->hrp", v0, g_z)
-    edges = _VALUE_FACTOR[rules] * (pattern * u0).sum(0)
+    edges = _VALUE_FACTOR[rules] * pattern * u0
     qk_factor = _QK_FACTOR[rules]
-    diag = torch.arange(len(rows), device=rows.device)
     if qk_factor:
         score_grad = pattern * (u - (pattern * u).sum(-1, keepdim=True))     # D_h[j, i]
         key_path = score_grad * torch.einsum("rhd,phd->hrp", q, k0) / attn_scale
-        query_path = (score_grad * torch.einsum("rhd,phd->hrp", q0, k) / attn_scale).sum((0, 2))
-        edges = edges + qk_factor * key_path.sum(0)
-        edges[diag, rows] += qk_factor * query_path
-    edges[diag, rows] += (att.x[rows] * att.g_out[rows]).sum(-1)             # skip connection
+        query_path = (score_grad * torch.einsum("rhd,phd->hrp", q0, k) / attn_scale).sum(-1)  # [head, row]
+        edges = edges + qk_factor * key_path
+        edges[:, torch.arange(len(rows)), rows] += qk_factor * query_path
     return edges
 
 
@@ -433,34 +482,69 @@ def _reroot_hooks(adapter: ModelAdapter, source: Level, leaves: list) -> list:
             (adapter.block(source.layer, "hook_attn_out"), reroot_mid)]
 
 
-def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: Transition,
-                       rows: Int[torch.Tensor, "row"], batch_size: int = 16) -> Float[torch.Tensor, "row pos"]:
-    """Reference rows ``A[j, :]`` by batch-packed multi-target backpropagation: ``batch_size``
-    replicas of the prompt per backward call, replica b's objective ``⟨h_t(j_b), g_t(j_b)⟩``."""
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    target_hook = transition.target.hook
-    _, g_target = state.resid[target_hook]
+def _stop_after(name: str, captured: dict) -> tuple:
+    def grab(tensor, hook):
+        captured["h"] = tensor
+        raise _StopForward
+    return (name, grab)
+
+
+def _reroot_z(name: str, leaves: list) -> tuple:
+    def reroot(tensor, hook):
+        leaf = tensor.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+    return (name, reroot)
+
+
+def _target_of(state: ForwardState, transition: Transition, rows: torch.Tensor):
+    """(hook to stop at, function: captured activation [B, ...] → per-replica value whose gradient
+    gives row b) for the target level of ``transition``."""
     n_pos = state.tokens.shape[0]
-    out = torch.zeros(len(rows), n_pos, dtype=g_target.dtype)
+    if transition.target.kind == "heads":
+        g_z = state.layers[transition.layer].g_z
+        heads, positions = rows // n_pos, rows % n_pos
+        replica = torch.arange(len(rows))
+        return transition.target.hook, lambda z: (z[replica, positions, heads] * g_z[positions, heads]).sum()
+    _, g = state.resid[transition.target.hook]
+    replica = torch.arange(len(rows))
+    return transition.target.hook, lambda h: (h[replica, rows] * g[rows]).sum()
+
+
+def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: Transition,
+                       rows: Int[torch.Tensor, "row"], batch_size: int = 16) -> Float[torch.Tensor, "row source"]:
+    """Reference rows ``A[j, :]`` by batch-packed multi-target backpropagation: ``batch_size``
+    replicas of the prompt per backward call, replica b's objective ``⟨h_t(j_b), g_t(j_b)⟩``.
+    Head outputs are re-rooted at ``hook_z``; the residual-connection edges ("skip") are those with
+    every head output detached."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    n_pos = state.tokens.shape[0]
+    source = transition.source
+    z_hook = adapter.attn_hook(transition.layer, "hook_z")
+    n_source = source.relevance.shape[0] if source.relevance is not None else n_pos
+    out = torch.zeros(len(rows), n_source, dtype=state.layers[0].x.dtype)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         leaves: list = []
         captured: dict = {}
-
-        def grab(tensor, hook):
-            captured["h"] = tensor
-            raise _StopForward
-
-        hooks = rule_hooks(adapter, state.rules) + _reroot_hooks(adapter, transition.source, leaves)
+        target_hook, objective = _target_of(state, transition, chunk)
+        if source.kind == "heads":
+            extra = [_reroot_z(z_hook, leaves)]
+        else:
+            extra = _reroot_hooks(adapter, source, leaves)
+            if transition.kind == "skip":
+                extra.append((z_hook, lambda t, hook: t.detach()))
+        hooks = rule_hooks(adapter, state.rules) + extra + [_stop_after(target_hook, captured)]
         tokens = state.tokens[None].expand(len(chunk), n_pos).to(adapter.device)
         with torch.enable_grad():
             try:
-                with adapter.model.hooks(fwd_hooks=hooks + [(target_hook, grab)]):
+                with adapter.model.hooks(fwd_hooks=hooks):
                     adapter.model(tokens)
             except _StopForward:
                 pass
-            replica = torch.arange(len(chunk))
-            objective = (captured["h"][replica, chunk] * g_target[chunk]).sum()
-            (grad,) = torch.autograd.grad(objective, leaves[-1])
-        out[start:start + len(chunk)] = (leaves[-1].detach() * grad).sum(-1).cpu()
+            (grad,) = torch.autograd.grad(objective(captured["h"]), leaves[-1])
+        contribution = (leaves[-1].detach() * grad).sum(-1).cpu()           # [B, pos] or [B, pos, head]
+        if source.kind == "heads":
+            contribution = contribution.transpose(1, 2).reshape(len(chunk), -1)  # flat head·pos + pos
+        out[start:start + len(chunk)] = contribution
     return out

@@ -33,6 +33,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def scaled_error(fast: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
+    """Max error relative to the larger of the matrix's own scale and ``scale`` (a node-relevance scale:
+    under gxi with RMSNorm the per-head edges are ~ε/σ² small, below the float32-softmax noise floor)."""
+    return float((fast - ref).abs().max() / max(float(ref.abs().max()), scale, 1e-30))
+
+
 def transitions_of(graph: CircuitGraph):
     return [(es.source, es.target) for es in graph.edge_sets]
 
@@ -42,12 +48,14 @@ def transitions_of(graph: CircuitGraph):
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_fast_equals_autograd(kind, rules):
     model = model_of(kind)
-    for levels in ("half", "block"):
+    for levels in ("half", "block", "heads"):
         fast = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, **ALL)
-        ref = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, method="autograd", batch_size=4, **ALL)
+        ref = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, method="autograd", batch_size=12, **ALL)
         assert fast.levels == ref.levels
         for source, target in transitions_of(fast):
-            assert relative_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target)) < FLOAT32_SOFTMAX_TOL
+            scale = float(fast.node_relevance(source).abs().max())
+            error = scaled_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target), scale)
+            assert error < FLOAT32_SOFTMAX_TOL, (levels, source, target, error)
 
 
 def test_low_memory_gradients_are_identical(kind):
@@ -66,6 +74,18 @@ def test_outgoing_edges_sum_to_source_relevance(kind, rules):
     for source, target in transitions_of(graph):
         outgoing = graph.edge_matrix(source, target).sum(0)
         assert relative_error(outgoing, graph.node_relevance(source)) < FLOAT32_SOFTMAX_TOL
+
+
+def test_head_graph_outgoing_edges_sum_to_source_relevance(kind):
+    graph = circuit_graph(model_of(kind), PROMPT, TARGET, levels="heads", **ALL)
+    outgoing: dict[str, torch.Tensor] = {}
+    for es in graph.edge_sets:
+        outgoing[es.source] = outgoing.get(es.source, 0) + graph.edge_matrix(es.source, es.target).sum(0)
+    for level, total in outgoing.items():
+        assert relative_error(total, graph.nodes[level].relevance) < FLOAT32_SOFTMAX_TOL
+    heads = graph.node_relevance("heads.0")
+    assert heads.shape == (4, graph.n_pos)
+    assert all(len(k) == 3 for k in graph.to_networkx().nodes if k[0].startswith("heads"))
 
 
 def test_incoming_edges_sum_to_target_relevance_for_cplrp_without_biases(kind):
