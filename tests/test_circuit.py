@@ -50,7 +50,7 @@ def test_fast_equals_autograd(kind, rules):
     model = model_of(kind)
     for levels in ("half", "block", "heads"):
         fast = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, **ALL)
-        ref = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, method="autograd", batch_size=12, **ALL)
+        ref = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, method="autograd", batch_size=64, **ALL)
         assert fast.levels == ref.levels
         for source, target in transitions_of(fast):
             scale = float(fast.node_relevance(source).abs().max())
