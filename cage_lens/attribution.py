@@ -21,7 +21,9 @@ from cage_lens.inputs import Inputs, TokenBatch, resolve_positions, to_token_bat
 from cage_lens.rules import check_rules, rule_hooks
 from cage_lens.targets import Target
 
-__all__ = ["attribute", "Attribution", "ConservationReport", "NeuronRelevance", "Capture", "run_attribution"]
+__all__ = [
+    "attribute", "Attribution", "ConservationReport", "NeuronRelevance", "Capture", "run_attribution", "logits_at",
+]
 
 
 # ---------------------------------------------------------------------------- capture
@@ -250,6 +252,36 @@ def _residual_points(adapter: ModelAdapter) -> list[str]:
     return adapter.resid_hooks()
 
 
+def _final_residual_hook(adapter: ModelAdapter) -> str | None:
+    """The last hook before the unembedding, where rows can be selected before the vocab projection."""
+    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
+        if name in adapter.model.hook_dict:
+            return name
+    return None
+
+
+def logits_at(
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = ()
+) -> Float[torch.Tensor, "batch vocab"]:
+    """Logits of row ``b`` at ``positions[b]``, from one forward with ``hooks`` installed.
+
+    Where the model has a hook just before the unembedding, only the explained rows are projected
+    onto the vocabulary (the unembedding is a third of GPT-2-small's forward at 50k vocab); the
+    kept rows' values are unchanged because the final norm and the unembedding act per position."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    where = torch.as_tensor(list(positions), device=tokens.device)
+    name, selected = _final_residual_hook(adapter), []
+
+    def select_rows(tensor, hook):
+        selected.append(True)
+        return tensor[rows, where][:, None].contiguous()
+
+    extra = [] if name is None else [(name, select_rows)]
+    with adapter.model.hooks(fwd_hooks=list(hooks) + extra):
+        logits = adapter.model(tokens)
+    return logits[:, 0] if selected else logits[rows, where]
+
+
 def run_attribution(
     adapter: ModelAdapter,
     batch: TokenBatch,
@@ -257,17 +289,17 @@ def run_attribution(
     target: Target,
     rules: str,
     capture_names: Sequence[str],
+    pre_hooks: Sequence = (),
 ) -> tuple[torch.Tensor, Capture, dict[str, torch.Tensor]]:
     """One forward under ``rules`` with capture hooks, one backward. Returns (target value, capture,
-    gradients). The building block of every gradient-based method in cage_lens."""
-    model = adapter.model
+    gradients). The building block of every gradient-based method in cage_lens; ``pre_hooks`` run
+    before the rules and captures (integrated gradients uses them to scale the embeddings)."""
     roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
     capture = Capture(list(roots) + list(capture_names), roots=roots)
     tokens = batch.tokens.to(adapter.device)
-    with torch.enable_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + capture.hooks):
-        logits = model(tokens)
-        rows = torch.arange(tokens.shape[0], device=logits.device)
-        value = target(logits[rows, torch.tensor(positions, device=logits.device)])
+    with torch.enable_grad():
+        hooks = list(pre_hooks) + rule_hooks(adapter, rules) + capture.hooks
+        value = target(logits_at(adapter, tokens, positions, hooks))
         if not torch.isfinite(value).all():
             raise NumericalError(f"the target value is not finite: {value.tolist()}")
         grads = capture.gradients(value.sum())
