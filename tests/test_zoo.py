@@ -142,16 +142,18 @@ def test_ground_truth_points_at_the_right_tokens(name):
                 joined = " ".join(s.completion_tokens)
                 assert " ".join(fact) in joined
         elif name == "arith":
-            x, y = s.meta["query"]
-            vals = s.meta["variables"]
-            assert s.completion_tokens == [vals[x], "+", vals[y], "=", str(int(vals[x]) + int(vals[y]))]
-            for t, var in ((0, x), (2, y)):
-                words = [toks[p] for p in sorted(s.direct_sources[t])]
-                assert sorted(words) == sorted([var, var, vals[var]])
-            assert s.total_sources[4] == s.direct_sources[0] | s.direct_sources[2]
+            q = s.meta["query"]
+            v = s.meta["aliases"][q]
+            assert toks[-2] == q and s.completion_tokens == [v, s.meta["values"][v]]
+            assert sorted(toks[p] for p in s.direct_sources[0]) == sorted([q, q, v])
+            assert sorted(toks[p] for p in s.direct_sources[1]) == sorted([v, s.meta["values"][v]])
+            assert s.total_sources[1] == s.direct_sources[0] | s.direct_sources[1]
+            heads = set()
             for k in s.ground_truth_sentences:
                 a, b = s.sentence_spans[k]
-                assert toks[max(a, 1)] in (x, y) and toks[max(a, 1) + 1] == "="
+                assert toks[max(a, 1) + 1] == "="
+                heads.add(toks[max(a, 1)])
+            assert heads == {q, v}
         elif name == "ioi":
             assert s.completion_tokens == [s.correct]
             (d,) = s.direct_sources

@@ -187,12 +187,12 @@ NAMES = ["mary", "john", "anna", "tom", "lisa", "paul", "kate", "mark", "emma", 
 FACT_VERBS = ["likes", "has", "sees", "wants", "sells", "paints"]
 FACT_OBJECTS = ["tea", "dog", "car", "book", "cake", "boat", "lamp", "hat", "bike", "fish",
                 "coat", "ring"]
-FACTS_M = 5
+FACTS_M = 4
 FACTS_K = 2
 
 
 def _gen_facts(rng: random.Random) -> Sample:
-    """Five facts ``name verb object .`` (names, verbs, objects distinct) then ``list n1 n2 :`` →
+    """Four facts ``name verb object .`` (names, verbs, objects distinct) then ``list n1 n2 :`` →
     `` n1 verb1 obj1 . n2 verb2 obj2 .``."""
     names = rng.sample(NAMES, FACTS_M)
     # names, verbs and objects are all distinct within a prompt, so every word of a fact identifies it
@@ -237,7 +237,6 @@ def _gen_facts(rng: random.Random) -> Sample:
 # --------------------------------------------------------------------------------------------------
 ARITH_VARS = list("abcdefgh")
 DIGITS = [str(i) for i in range(10)]
-SUMS = [str(i) for i in range(19)]
 FILLER_SUBJ = ["the", "sky", "cat", "dog", "sun", "sea", "road", "tree", "door", "bird"]
 FILLER = [
     ["the", "sky", "is", "blue", "."],
@@ -251,48 +250,54 @@ FILLER = [
     ["the", "tree", "is", "tall", "."],
     ["the", "door", "is", "open", "."],
 ]
-ARITH_DEFS = 4
-ARITH_FILLERS = 3
+ARITH_DEFS = 3
+ARITH_ALIASES = 2
+ARITH_FILLERS = 2
 
 
 def _gen_arith(rng: random.Random) -> Sample:
-    """Definitions ``x = 3 .`` mixed with unrelated sentences, then ``compute x + y :`` →
-    `` 3 + 4 = 7``: two lookups, then the sum of the two generated values."""
-    vars_ = rng.sample(ARITH_VARS, ARITH_DEFS)
-    vals = [rng.choice(DIGITS) for _ in vars_]
+    """Two-step lookup among distractor sentences (CAGE's Math-task analogue).
+
+    Three value definitions ``a = 3 .``, two alias definitions ``c = a .`` and two unrelated
+    sentences, shuffled, then ``compute c :`` → `` a 3``: first the alias is resolved (reads the
+    query and the alias definition), then the value of the *generated* variable is looked up (reads
+    that variable's definition).
+    """
+    vars_ = rng.sample(ARITH_VARS, ARITH_DEFS + ARITH_ALIASES)
+    value_vars, alias_vars = vars_[:ARITH_DEFS], vars_[ARITH_DEFS:]
+    vals = {v: rng.choice(DIGITS) for v in value_vars}
+    targets = {a: rng.choice(value_vars) for a in alias_vars}
     fillers = rng.sample(FILLER, ARITH_FILLERS)
-    items = [("def", i) for i in range(ARITH_DEFS)] + [("fill", i) for i in range(ARITH_FILLERS)]
+    items = ([("def", v) for v in value_vars] + [("alias", a) for a in alias_vars]
+             + [("fill", i) for i in range(ARITH_FILLERS)])
     rng.shuffle(items)
     words: list[str] = []
     lengths = []
-    def_pos: dict[int, int] = {}
-    def_sent: dict[int, int] = {}
-    for si, (kind, i) in enumerate(items):
-        if kind == "def":
-            def_pos[i] = len(words) + 1
-            def_sent[i] = si
-            words += [vars_[i], "=", vals[i], "."]
-            lengths.append(4)
-        else:
-            words += fillers[i]
-            lengths.append(len(fillers[i]))
-    x, y = rng.sample(range(ARITH_DEFS), 2)
+    def_pos: dict[str, int] = {}
+    def_sent: dict[str, int] = {}
+    for si, (kind, x) in enumerate(items):
+        if kind == "fill":
+            words += fillers[x]
+            lengths.append(len(fillers[x]))
+            continue
+        def_pos[x] = len(words) + 1
+        def_sent[x] = si
+        words += [x, "=", vals[x] if kind == "def" else targets[x], "."]
+        lengths.append(4)
+    q = rng.choice(alias_vars)
+    v = targets[q]
     words.append("compute")
-    qx = len(words) + 1
-    words += [vars_[x], "+"]
-    qy = len(words) + 1
-    words += [vars_[y], ":"]
-    lengths.append(5)
+    qpos = len(words) + 1
+    words += [q, ":"]
+    lengths.append(3)
     spans = _spans_from_sentences(lengths)
-    total = int(vals[x]) + int(vals[y])
-    comp = [vals[x], "+", vals[y], "=", str(total)]
-    direct = [{qx, def_pos[x], def_pos[x] + 2}, set(), {qy, def_pos[y], def_pos[y] + 2}, set(), set()]
-    deps = [[], [], [], [], [0, 2]]
+    comp = [v, vals[v]]
+    direct = [{qpos, def_pos[q], def_pos[q] + 2}, {def_pos[v], def_pos[v] + 2}]
     return _finish(
-        words, comp, direct, deps, sentence_spans=spans,
-        ground_truth_sentences=sorted({def_sent[x], def_sent[y]}), query_sentences=[len(items)],
-        meta={"variables": dict(zip(vars_, vals)), "query": (vars_[x], vars_[y]),
-              "definition_positions": {vars_[i]: p for i, p in def_pos.items()}},
+        words, comp, direct, sentence_spans=spans,
+        ground_truth_sentences=sorted({def_sent[q], def_sent[v]}), query_sentences=[len(items)],
+        meta={"values": vals, "aliases": targets, "query": q,
+              "definition_positions": dict(def_pos)},
     )
 
 
@@ -381,7 +386,7 @@ TASKS: dict[str, Task] = {
     ),
     "facts": Task(
         name="facts",
-        description="fact listing: 5 facts in the prompt, 'list n1 n2 :', the two facts generated",
+        description="fact listing: 4 facts in the prompt, 'list n1 n2 :', the two facts generated",
         vocab=_uniq(NAMES, FACT_VERBS, FACT_OBJECTS, [".", "list", ":"]),
         default_size="small",
         _gen=_gen_facts,
@@ -390,8 +395,8 @@ TASKS: dict[str, Task] = {
     ),
     "arith": Task(
         name="arith",
-        description="two variable lookups among distractor sentences, then their sum",
-        vocab=_uniq(ARITH_VARS, SUMS, ["=", ".", "+", ":", "compute"], *FILLER),
+        description="two-step variable lookup (alias, then value) among distractor sentences",
+        vocab=_uniq(ARITH_VARS, DIGITS, ["=", ".", ":", "compute"], *FILLER),
         default_size="small",
         _gen=_gen_arith,
         word_classes={"variable": ARITH_VARS, "digit": DIGITS},
