@@ -95,7 +95,10 @@ def run_child(kind: str, n_pos: int, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="autograd rows per backward call (default: 2048 // tokens, at most 16, to bound memory)")
+    parser.add_argument("--compare", type=int, nargs="*", default=None, help="token counts for fast vs autograd")
+    parser.add_argument("--long", type=int, nargs="*", default=None, help="token counts for fast alone")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "POS", "B"))
     args = parser.parse_args()
@@ -110,19 +113,21 @@ def main() -> None:
     print(f"GPT-2-small-sized random model, float32, levels='block', AttnLRP, {args.threads} threads; "
           f"autograd: B={args.batch_size} rows per backward, timed on one call at the first/middle/last "
           "transition and extrapolated linearly to all rows")
-    print(f"{'tokens':>7} {'fast s':>9} {'fast peak GB':>13} {'autograd s':>11} {'speed-up':>9}")
+    print(f"{'tokens':>7} {'fast s':>9} {'fast peak GB':>13} {'autograd s':>11} {'speed-up':>9} {'B':>3} {'autograd peak GB':>17}")
     for n_pos in compare + long:
-        fast = run_child("fast", n_pos, args.batch_size)
+        batch_size = args.batch_size or max(1, min(16, 2048 // n_pos))
+        fast = run_child("fast", n_pos, batch_size)
         if "error" in fast:
             print(f"{n_pos:>7} fast failed: {fast['error']}")
             continue
         line = f"{n_pos:>7} {fast['seconds']:>9.2f} {fast['peak_rss_gb']:>13.2f}"
         if n_pos in compare:
-            ref = run_child("autograd", n_pos, args.batch_size)
+            ref = run_child("autograd", n_pos, batch_size)
             if "error" in ref:
                 line += f"  autograd failed: {ref['error']}"
             else:
-                line += f" {ref['seconds']:>10.1f}* {ref['seconds'] / fast['seconds']:>8.0f}×"
+                line += (f" {ref['seconds']:>10.1f}* {ref['seconds'] / fast['seconds']:>8.0f}× {batch_size:>3}"
+                         f" {ref['peak_rss_gb']:>17.2f}")
         print(line, flush=True)
     print("* extrapolated from measured backward calls (see the module docstring)")
 

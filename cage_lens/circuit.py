@@ -458,7 +458,7 @@ def circuit_graph(
     (pos,) = resolve_positions(position, batch.lengths)
     spec = Target.build(model, 1, target, contrast, mode)
     tokens = batch.tokens[0]
-    state = E.capture_state(adapter, tokens, pos, spec, rules, low_memory)
+    state = E.capture_state(adapter, tokens, pos, spec, rules, low_memory, neurons=levels == "neurons")
     scale = abs(state.value)
     plan = E.plan(adapter, state, levels, neurons_top_k)
     nodes = {lv.name: LevelNodes(lv.name, lv.kind, lv.layer, lv.relevance, lv.pos, lv.unit) for lv in plan.levels}

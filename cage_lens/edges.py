@@ -20,7 +20,7 @@ detached, as in AttnLRP and CP-LRP).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -58,6 +58,10 @@ class Level:
     relevance: torch.Tensor | None = None
     pos: torch.Tensor | None = None
     unit: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.relevance.shape[0]
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,10 @@ def plan(adapter: ModelAdapter, state: "ForwardState", mode: str, neurons_top_k:
     if mode in ("block", "half"):
         levels = [_with_state_nodes(lv, state) for lv in state_levels(adapter, mode)]
         return Plan(levels, transitions(levels))
+    if mode == "neurons":
+        return _neuron_plan(adapter, state, neurons_top_k)
     if mode != "heads":
-        raise InputError(f"levels={mode!r} is not implemented for circuit graphs (use block, half or heads)")
+        raise InputError(f"unknown levels {mode!r}; choose one of {', '.join(LEVEL_MODES)}")
     arch = adapter.arch
     source = _with_state_nodes(state_levels(adapter, "block")[0], state)
     levels, steps = [source], []
@@ -145,6 +151,39 @@ def plan(adapter: ModelAdapter, state: "ForwardState", mode: str, neurons_top_k:
             levels.append(post)
             out = post
         source = out
+    return Plan(levels, steps)
+
+
+def _with_neuron_nodes(level: Level, mlp: "MLPState", top_k: int) -> Level:
+    """The ``top_k`` neurons of each token by |relevance|, flat index ``position · top_k + rank``."""
+    n_pos, d_mlp = mlp.relevance.shape
+    k = min(top_k, d_mlp)
+    units = mlp.relevance.abs().topk(k, dim=-1).indices                     # [pos, k]
+    level.relevance = mlp.relevance.gather(-1, units).reshape(-1)
+    level.pos = torch.arange(n_pos).repeat_interleave(k)
+    level.unit = units.reshape(-1).cpu()
+    return level
+
+
+def _neuron_plan(adapter: ModelAdapter, state: "ForwardState", top_k: int) -> Plan:
+    """Each MLP becomes ``resid_mid → neurons.l`` (token-local), ``neurons.l → resid_post`` (neuron
+    relevance) and ``resid_mid → resid_post`` (residual connection); neurons outside the top-k of
+    their token are left out (their relevance is not drawn)."""
+    if adapter.arch.attn_only:
+        raise InputError("levels='neurons' needs MLPs but the model is attention-only")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"neurons_top_k must be a positive int, got {top_k!r}")
+    source = _with_state_nodes(state_levels(adapter, "block")[0], state)
+    levels, steps = [source], []
+    for layer in range(adapter.arch.n_layers):
+        mid = _resid_level(adapter, "resid_mid", layer, state)
+        neurons = _with_neuron_nodes(Level(f"neurons.{layer}", "neurons", layer, adapter.mlp_hook(layer, "hook_post")),
+                                     state.mlps[layer], top_k)
+        post = _resid_level(adapter, "resid_post", layer, state)
+        steps += [Transition(source, mid, layer, "attention"), Transition(mid, neurons, layer, "neuron_in"),
+                  Transition(neurons, post, layer, "neuron_out"), Transition(mid, post, layer, "mlp_skip")]
+        levels += [mid, neurons, post]
+        source = post
     return Plan(levels, steps)
 
 
@@ -166,6 +205,15 @@ class AttentionState:
 
 
 @dataclass
+class MLPState:
+    """Per token and neuron: relevance ``post ⊙ ∂target/∂post`` and the edge from resid_mid into it."""
+
+    relevance: Float[torch.Tensor, "pos d_mlp"]
+    incoming: Float[torch.Tensor, "pos d_mlp"]
+    g_post: Float[torch.Tensor, "pos d_mlp"]
+
+
+@dataclass
 class ForwardState:
     """Target value, every residual state with its gradient, and per-layer attention internals."""
 
@@ -177,6 +225,7 @@ class ForwardState:
     resid: dict[str, tuple[torch.Tensor, torch.Tensor]]   # hook name -> (h [pos, d], g [pos, d])
     layers: list[AttentionState]
     attn_scale: float
+    mlps: list["MLPState"] = field(default_factory=list)
 
     def relevance(self, hook: str) -> Float[torch.Tensor, "pos"]:
         h, g = self.resid[hook]
@@ -218,12 +267,22 @@ def _bias_parts(adapter: ModelAdapter) -> list[dict[str, torch.Tensor]]:
     map resid_pre → q/k/v when the norm scale is held fixed (LN(0) = b, RMS(0) = 0)."""
     arch, rec = adapter.arch, _Recorder()
     hooks: list = []
+    zero = lambda t, hook: torch.zeros_like(t)  # noqa: E731
     for layer in range(arch.n_layers):
-        hooks.append((adapter.block(layer, "hook_resid_pre"), lambda t, hook: torch.zeros_like(t)))
+        hooks.append((adapter.block(layer, "hook_resid_pre"), zero))
         hooks += [(adapter.attn_hook(layer, n), rec.hook(f"{layer}.{n}")) for n in ("hook_q", "hook_k", "hook_v")]
+        if not arch.attn_only:  # on a bridge hook_resid_mid feeds only the MLP: exactly what is zeroed here
+            hooks.append((adapter.block(layer, "hook_resid_mid"), zero))
+            hooks += [(adapter.mlp_hook(layer, n), rec.hook(f"{layer}.{n}")) for n in _mlp_inputs(arch)]
     with adapter.model.hooks(fwd_hooks=hooks):
         adapter.model(torch.zeros((1, 1), dtype=torch.long, device=adapter.device))
-    return [{n: rec.tensors[f"{layer}.hook_{n}"][0, 0] for n in "qkv"} for layer in range(arch.n_layers)]
+    return [{n[len(f"{layer}."):]: t[0, 0] for n, t in rec.tensors.items() if n.startswith(f"{layer}.")}
+            for layer in range(arch.n_layers)]
+
+
+def _mlp_inputs(arch) -> tuple[str, ...]:
+    """The pre-activation hooks feeding each MLP neuron (gate and linear branch when gated)."""
+    return ("hook_pre", "hook_pre_linear") if arch.gated_mlp else ("hook_pre",)
 
 
 def _norm_eps(adapter: ModelAdapter) -> float:
@@ -239,7 +298,8 @@ def _record_hooks(adapter: ModelAdapter, rules: str, rec: _Recorder, names: Sequ
         for n in ("hook_q", "hook_k", "hook_v", "hook_z") + (("hook_rot_q", "hook_rot_k") if rotary else ()):
             hooks.append((adapter.attn_hook(layer, n), rec.hook(adapter.attn_hook(layer, n))))
         if arch.normalization is not None and rules == "gxi":
-            hooks.append((adapter.block(layer, "ln1.hook_scale"), rec.hook(adapter.block(layer, "ln1.hook_scale"))))
+            for ln in ("ln1", "ln2") if not arch.attn_only else ("ln1",):
+                hooks.append((adapter.block(layer, f"{ln}.hook_scale"), rec.hook(adapter.block(layer, f"{ln}.hook_scale"))))
     return hooks
 
 
@@ -312,26 +372,43 @@ def _layerwise_gradients(adapter, tokens, position, target, rules, resid_names, 
 
 
 def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], position: int, target: Target,
-                  rules: str, low_memory: bool | None = None) -> ForwardState:
-    """One forward under ``rules`` and one backward: everything both edge methods need. With
-    ``low_memory`` (default: inputs over 1024 tokens) the backward is done block by block."""
+                  rules: str, low_memory: bool | None = None, neurons: bool = False) -> ForwardState:
+    """One forward under ``rules`` and one backward: everything both edge methods need (MLP neuron
+    activations and gradients too with ``neurons``). With ``low_memory`` (default: inputs over 1024
+    tokens) the backward is done block by block."""
     arch, model = adapter.arch, adapter.model
     resid_names = list(dict.fromkeys([adapter.block(0, "hook_resid_pre")] + adapter.resid_hooks()[1:]))
-    wrt = resid_names + [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
+    mlp_names = [adapter.mlp_hook(l, n) for l in range(arch.n_layers) for n in _mlp_inputs(arch) + ("hook_post",)] if neurons else []
+    wrt = resid_names + [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)] + mlp_names
     if low_memory is None:
         low_memory = tokens.shape[0] > 1024
     gradients = _layerwise_gradients if low_memory else _one_pass_gradients
-    value, tensors, grads = gradients(adapter, tokens[None].to(adapter.device), position, target, rules, resid_names, wrt)
+    value, tensors, grads = gradients(adapter, tokens[None].to(adapter.device), position, target, rules,
+                                      resid_names + mlp_names, wrt)
     act = {n: t[0].detach() for n, t in tensors.items()}
     grad = {n: (torch.zeros_like(act[n]) if grads.get(n) is None else grads[n][0].detach()) for n in wrt}
     resid = {n: (act[n], grad[n]) for n in resid_names}
     biases = _bias_parts(adapter)
     rotary = arch.positional == "rotary"
     layers = [_attention_state(adapter, layer, act, grad, biases[layer], rules, rotary) for layer in range(arch.n_layers)]
+    mlps = [_mlp_state(adapter, layer, act, grad, biases[layer], rules) for layer in range(arch.n_layers)] if neurons else []
     return ForwardState(
         value=float(value.detach()[0]), tokens=tokens, position=position, target=target, rules=rules,
-        resid=resid, layers=layers, attn_scale=_attn_scale(model, arch.d_head),
+        resid=resid, layers=layers, attn_scale=_attn_scale(model, arch.d_head), mlps=mlps,
     )
+
+
+def _mlp_state(adapter, layer, act, grad, bias, rules) -> "MLPState":
+    """Neuron relevance and the neuron-input edges ``Σ_p ∂̃target/∂p_n · (p_n − p_n(0)) · ρ`` over the
+    pre-activations p feeding neuron n: the Gradient×Input of resid_mid through the affine map
+    resid_mid → p (norm scale held fixed; ρ = ε/σ² under gxi, see the module docstring)."""
+    arch = adapter.arch
+    rho = torch.ones(1, dtype=act[adapter.mlp_hook(layer, "hook_post")].dtype)
+    if rules == "gxi" and arch.normalization is not None:
+        rho = (_norm_eps(adapter) / act[adapter.block(layer, "ln2.hook_scale")].reshape(-1, 1).pow(2))
+    incoming = sum(grad[adapter.mlp_hook(layer, n)] * (act[adapter.mlp_hook(layer, n)] - bias[n]) for n in _mlp_inputs(arch))
+    post = adapter.mlp_hook(layer, "hook_post")
+    return MLPState(relevance=act[post] * grad[post], incoming=incoming * rho, g_post=grad[post])
 
 
 def _attention_state(adapter, layer, act, grad, bias, rules, rotary) -> AttentionState:
@@ -343,7 +420,7 @@ def _attention_state(adapter, layer, act, grad, bias, rules, rotary) -> Attentio
         scale = act[adapter.block(layer, "ln1.hook_scale")].reshape(-1)
         rho = (_norm_eps(adapter) / scale.pow(2))[:, None, None]
     if rotary:
-        if bias["q"].abs().max() > 0 or bias["k"].abs().max() > 0:
+        if bias["hook_q"].abs().max() > 0 or bias["hook_k"].abs().max() > 0:
             raise UnsupportedModelError(
                 "method='fast' does not support rotary attention with query/key biases; use method='autograd'"
             )
@@ -351,11 +428,11 @@ def _attention_state(adapter, layer, act, grad, bias, rules, rotary) -> Attentio
         q0, k0 = q * rho, k * rho
     else:
         q, k = a("hook_q"), a("hook_k")
-        q0, k0 = (q - bias["q"]) * rho, (k - bias["k"]) * rho
+        q0, k0 = (q - bias["hook_q"]) * rho, (k - bias["hook_k"]) * rho
     return AttentionState(
         x=act[adapter.block(layer, "hook_resid_pre")], g_out=grad[out_hook],
         q=q, k=k, v=a("hook_v"), z=a("hook_z"), g_z=grad[adapter.attn_hook(layer, "hook_z")],
-        q0=q0, k0=k0, v0=(a("hook_v") - bias["v"]) * rho,
+        q0=q0, k0=k0, v0=(a("hook_v") - bias["hook_v"]) * rho,
     )
 
 
@@ -380,6 +457,20 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
         return _diagonal_rows(state.relevance(transition.source.hook), rows)
     if transition.kind == "skip":
         return _diagonal_rows((att.x * att.g_out).sum(-1), rows)
+    if transition.kind == "mlp_skip":
+        mid, _ = state.resid[transition.source.hook]
+        return _diagonal_rows((mid * state.resid[transition.target.hook][1]).sum(-1), rows)
+    if transition.kind == "neuron_in":
+        level, incoming = transition.target, state.mlps[transition.layer].incoming
+        out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype)
+        out[torch.arange(len(rows)), level.pos[rows]] = incoming[level.pos[rows], level.unit[rows]]
+        return out
+    if transition.kind == "neuron_out":
+        level = transition.source
+        columns = rows[:, None] * (level.size // n_pos) + torch.arange(level.size // n_pos)[None, :]  # [row, k]
+        out = torch.zeros(len(rows), level.size, dtype=att.x.dtype)
+        out.scatter_(1, columns, level.relevance[columns])
+        return out
     if transition.kind == "head_out":
         out = torch.zeros(len(rows), transition.source.relevance.shape[0], dtype=att.x.dtype)
         columns = torch.arange(att.q.shape[1])[None, :] * n_pos + rows[:, None]  # [row, head]
@@ -501,6 +592,11 @@ def _target_of(state: ForwardState, transition: Transition, rows: torch.Tensor):
     """(hook to stop at, function: captured activation [B, ...] → per-replica value whose gradient
     gives row b) for the target level of ``transition``."""
     n_pos = state.tokens.shape[0]
+    if transition.target.kind == "neurons":
+        g_post = state.mlps[transition.layer].g_post
+        positions, units = transition.target.pos[rows], transition.target.unit[rows]
+        replica = torch.arange(len(rows))
+        return transition.target.hook, lambda post: (post[replica, positions, units] * g_post[positions, units]).sum()
     if transition.target.kind == "heads":
         g_z = state.layers[transition.layer].g_z
         heads, positions = rows // n_pos, rows % n_pos
@@ -528,12 +624,14 @@ def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: T
         leaves: list = []
         captured: dict = {}
         target_hook, objective = _target_of(state, transition, chunk)
-        if source.kind == "heads":
-            extra = [_reroot_z(z_hook, leaves)]
+        if source.kind in ("heads", "neurons"):
+            extra = [_reroot_z(source.hook, leaves)]
         else:
             extra = _reroot_hooks(adapter, source, leaves)
             if transition.kind == "skip":
                 extra.append((z_hook, lambda t, hook: t.detach()))
+            if transition.kind == "mlp_skip":
+                extra.append((adapter.mlp_hook(transition.layer, "hook_post"), lambda t, hook: t.detach()))
         hooks = rule_hooks(adapter, state.rules) + extra + [_stop_after(target_hook, captured)]
         tokens = state.tokens[None].expand(len(chunk), n_pos).to(adapter.device)
         with torch.enable_grad():
@@ -546,5 +644,7 @@ def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: T
         contribution = (leaves[-1].detach() * grad).sum(-1).cpu()           # [B, pos] or [B, pos, head]
         if source.kind == "heads":
             contribution = contribution.transpose(1, 2).reshape(len(chunk), -1)  # flat head·pos + pos
+        elif source.kind == "neurons":
+            contribution = (leaves[-1].detach() * grad).cpu()[:, source.pos, source.unit]
         out[start:start + len(chunk)] = contribution
     return out

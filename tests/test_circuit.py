@@ -44,18 +44,38 @@ def transitions_of(graph: CircuitGraph):
 
 
 # ---------------------------------------------------------------------------- fast == autograd
+def _assert_agreement(fast: CircuitGraph, ref: CircuitGraph) -> None:
+    assert fast.levels == ref.levels
+    for source, target in transitions_of(fast):
+        scale = float(fast.node_relevance(source).abs().max())
+        error = scaled_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target), scale)
+        assert error < FLOAT32_SOFTMAX_TOL, (fast.level_mode, source, target, error)
+
+
 @pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_fast_equals_autograd(kind, rules):
     model = model_of(kind)
-    for levels in ("half", "block", "heads"):
-        fast = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, **ALL)
-        ref = circuit_graph(model, PROMPT, TARGET, rules=rules, levels=levels, method="autograd", batch_size=64, **ALL)
-        assert fast.levels == ref.levels
-        for source, target in transitions_of(fast):
-            scale = float(fast.node_relevance(source).abs().max())
-            error = scaled_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target), scale)
-            assert error < FLOAT32_SOFTMAX_TOL, (levels, source, target, error)
+    for levels in ("half", "heads") + (() if kind == "attn_only" else ("neurons",)):
+        options = dict(rules=rules, levels=levels, neurons_top_k=3, **ALL)
+        fast = circuit_graph(model, PROMPT, TARGET, **options)
+        _assert_agreement(fast, circuit_graph(model, PROMPT, TARGET, method="autograd", batch_size=64, **options))
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_block_level_fast_equals_autograd_and_half_level(kind):
+    """Block edges (resid_post → resid_post) are the attention edges of the half graph (g taken at
+    resid_mid, SPEC §2.4); checked against autograd re-rooted at resid_pre and read at resid_post."""
+    model = model_of(kind)
+    fast = circuit_graph(model, PROMPT, TARGET, levels="block", **ALL)
+    _assert_agreement(fast, circuit_graph(model, PROMPT, TARGET, levels="block", method="autograd", batch_size=64, **ALL))
+    for rules in ("cplrp", "gxi", "attnlrp"):
+        block = circuit_graph(model, PROMPT, TARGET, rules=rules, levels="block", **ALL)
+        half = circuit_graph(model, PROMPT, TARGET, rules=rules, levels="half", **ALL)
+        for layer in range(2):
+            source = "embeddings" if layer == 0 else f"resid_post.{layer - 1}"
+            inner = f"resid_post.{layer}" if kind == "attn_only" else f"resid_mid.{layer}"
+            assert torch.equal(block.edge_matrix(source, f"resid_post.{layer}"), half.edge_matrix(source, inner))
 
 
 def test_low_memory_gradients_are_identical(kind):
@@ -86,6 +106,25 @@ def test_head_graph_outgoing_edges_sum_to_source_relevance(kind):
     heads = graph.node_relevance("heads.0")
     assert heads.shape == (4, graph.n_pos)
     assert all(len(k) == 3 for k in graph.to_networkx().nodes if k[0].startswith("heads"))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_neuron_graph_keeps_top_k_neurons_per_token(kind):
+    graph = circuit_graph(model_of(kind), PROMPT, TARGET, levels="neurons", neurons_top_k=2, **ALL)
+    level = graph.nodes["neurons.0"]
+    assert level.size == 2 * graph.n_pos and torch.equal(level.pos, torch.arange(graph.n_pos).repeat_interleave(2))
+    outgoing: dict[str, torch.Tensor] = {}
+    for es in graph.edge_sets:
+        outgoing[es.source] = outgoing.get(es.source, 0) + graph.edge_matrix(es.source, es.target).sum(0)
+    for name in ("embeddings", "neurons.0", "resid_post.0"):  # every outgoing edge kept: the chain rule holds
+        assert relative_error(outgoing[name], graph.nodes[name].relevance) < FLOAT32_SOFTMAX_TOL
+    keys = [k for k in graph.to_networkx().nodes if k[0].startswith("neurons")]
+    assert all(len(k) == 3 for k in keys)
+
+
+def test_attention_only_models_have_no_neuron_level():
+    with pytest.raises(InputError, match="attention-only"):
+        circuit_graph(model_of("attn_only"), PROMPT, TARGET, levels="neurons")
 
 
 def test_incoming_edges_sum_to_target_relevance_for_cplrp_without_biases(kind):
