@@ -8,6 +8,7 @@ the tokenizer come from a local directory holding ``config.json``, ``model.safet
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,20 @@ from typing import Any
 import torch
 
 __all__ = ["has_hooked_transformer", "load_tokenizer", "load_hf_directory", "from_hf_model"]
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """No "Loading weights" bar for a local model of a few hundred kB; the user's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def has_hooked_transformer() -> bool:
@@ -143,9 +158,10 @@ def load_hf_directory(directory: str | Path, dtype: torch.dtype = torch.float32)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(directory))
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        str(directory), config=config, dtype=dtype, attn_implementation="eager"
-    )
+    with _quiet_progress_bars():
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(directory), config=config, dtype=dtype, attn_implementation="eager"
+        )
     tokenizer = load_tokenizer(directory)
     return from_hf_model(hf_model, tokenizer, name=str(directory))
 
