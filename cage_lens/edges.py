@@ -329,46 +329,60 @@ def _grad_from(name: str, leaves: dict) -> Callable:
     return hook
 
 
+def _run_from(adapter: ModelAdapter, tokens: torch.Tensor, layer: int, resid: torch.Tensor):
+    """Forward pass that runs block ``layer`` on ``resid``: a HookedTransformer starts there
+    (``start_at_layer``); a bridge re-runs from the tokens (its blocks need HF's own inputs)."""
+    if adapter.arch.is_bridge:
+        return adapter.model(tokens)
+    return adapter.model(resid, start_at_layer=layer)
+
+
 def _layerwise_gradients(adapter, tokens, position, target, rules, resid_names, wrt):
     """The same gradients with one layer's autograd graph alive at a time: a no-grad forward records
-    the activations, then for the head and each block from the top the forward is re-run without
-    grad up to that block, which alone is differentiated (memory O(one layer), time O(layers²))."""
+    the activations, then the head and each block from the top are re-run from their recorded input,
+    with autograd switched on for that block alone (memory O(one layer); time about two forwards on
+    a HookedTransformer, O(layers²) block forwards on a bridge)."""
     model, arch = adapter.model, adapter.arch
     rec = _Recorder()
     with torch.no_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + _record_hooks(adapter, rules, rec, resid_names)):
         value = _checked_value(target, model(tokens), position)
     grads: dict[str, torch.Tensor] = {}
     last = adapter.block(arch.n_layers - 1, "hook_resid_post")
-    leaves: dict = {}
-    with torch.no_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + [(last, _grad_from(last, leaves))]):
-        logits = model(tokens)
-        with torch.enable_grad():
-            (grads[last],) = torch.autograd.grad(_checked_value(target, logits, position).sum(), leaves[last])
-    del logits
+    grads[last] = _head_gradient(adapter, tokens, position, target, rules, rec.tensors[last])
     for layer in reversed(range(arch.n_layers)):
         pre, post = adapter.block(layer, "hook_resid_pre"), adapter.block(layer, "hook_resid_post")
         inner = [n for n in wrt if n.startswith(f"blocks.{layer}.") and n not in (pre, post)]
         local, leaves = _Recorder(), {}
         captured: dict = {}
-
-        def stop(tensor, hook):
-            captured["post"] = tensor
-            raise _StopForward
-
         hooks = rule_hooks(adapter, rules) + [(pre, _grad_from(pre, leaves))] + [(n, local.hook(n)) for n in inner]
         with torch.no_grad():
             try:
-                with model.hooks(fwd_hooks=hooks + [(post, stop)]):
-                    model(tokens)
+                with model.hooks(fwd_hooks=hooks + [_stop_after(post, captured)]):
+                    _run_from(adapter, tokens, layer, rec.tensors[pre])
             except _StopForward:
                 pass
             with torch.enable_grad():
-                objective = (captured["post"] * grads[post]).sum()
+                objective = (captured["h"] * grads[post]).sum()
                 found = torch.autograd.grad(objective, [leaves[pre]] + [local.tensors[n] for n in inner], allow_unused=True)
         grads.update(zip([pre] + inner, found))
         if layer > 0:
             grads[adapter.block(layer - 1, "hook_resid_post")] = grads[pre]
     return value, rec.tensors, grads
+
+
+def _head_gradient(adapter, tokens, position, target, rules, resid_last: torch.Tensor) -> torch.Tensor:
+    """∂target/∂(last resid_post) under the rules, differentiating only the final norm and unembed."""
+    model, last = adapter.model, adapter.block(adapter.arch.n_layers - 1, "hook_resid_post")
+    if not adapter.arch.is_bridge:
+        leaf = resid_last.detach().requires_grad_(True)
+        with torch.enable_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules)):
+            logits = model(leaf, start_at_layer=adapter.arch.n_layers)
+            return torch.autograd.grad(_checked_value(target, logits, position).sum(), leaf)[0]
+    leaves: dict = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + [(last, _grad_from(last, leaves))]):
+        logits = model(tokens)
+        with torch.enable_grad():
+            return torch.autograd.grad(_checked_value(target, logits, position).sum(), leaves[last])[0]
 
 
 def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], position: int, target: Target,
