@@ -2,6 +2,8 @@
 
     cage-lens explain "when mary and john went to the store , john gave a drink to" --out report.html
     cage-lens explain "PROMPT" --target " mary" --contrast " john" --rules cplrp
+    cage-lens failure "PROMPT" --correct " mary" --out graph.html   # contrastive failure analysis
+    cage-lens cage "PROMPT" --model pointer-chase --completion " i n b"
     cage-lens zoo                       # list the shipped models
 
 ``--model`` takes a zoo model (``ioi``, ``pointer-chase:tiny``, ``ioi@2000`` for a checkpoint), a local
@@ -98,6 +100,38 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_failure(args) -> int:
+    import cage_lens
+
+    model = load_model(args.model)
+    explanation = cage_lens.explain_failure(
+        model, args.prompt, wrong=args.wrong, correct=args.correct, rules=args.rules, levels=args.levels
+    )
+    print(explanation)
+    if args.out:
+        explanation.to_html(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_cage(args) -> int:
+    import cage_lens
+    from cage_lens.viz import html_page
+
+    model = load_model(args.model)
+    graph = cage_lens.cage(
+        model, args.prompt, completion=args.completion, max_new_tokens=None if args.completion else args.max_new_tokens,
+        method=args.method, granularity=args.granularity, normalize=args.normalize,
+    )
+    print(graph)
+    if graph.empty_rows:
+        print(f"note: generated rows {graph.empty_rows} had no positive attribution and were set to zero")
+    if args.out:
+        Path(args.out).write_text(html_page("cage_lens CAGE graph", graph._repr_html_()))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_zoo(args) -> int:
     from cage_lens import zoo
 
@@ -127,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default=None, help="write a self-contained HTML report here")
     explain.add_argument("--no-color", action="store_true")
     explain.set_defaults(func=cmd_explain)
+
+    failure = sub.add_parser("failure", help="explain logit(wrong) - logit(correct): heatmap, trace, pruned graph")
+    failure.add_argument("prompt", help="the input plus the completion up to (not including) the wrong token")
+    failure.add_argument("--correct", required=True, help="a correct alternative token")
+    failure.add_argument("--wrong", default=None, help="the wrong token (default: the model's prediction)")
+    failure.add_argument("--model", default=None)
+    failure.add_argument("--rules", default="attnlrp", choices=["attnlrp", "cplrp", "gxi"])
+    failure.add_argument("--levels", default="half", choices=["block", "half", "heads", "neurons"])
+    failure.add_argument("--out", default=None, help="write the HTML graph view here")
+    failure.set_defaults(func=cmd_failure)
+
+    cage_cmd = sub.add_parser("cage", help="CAGE generation graph of a continuation")
+    cage_cmd.add_argument("prompt")
+    cage_cmd.add_argument("--completion", default=None, help="teacher-force this continuation")
+    cage_cmd.add_argument("--max-new-tokens", type=int, default=4, help="greedy tokens when no --completion")
+    cage_cmd.add_argument("--model", default=None)
+    cage_cmd.add_argument("--method", default="attnlrp")
+    cage_cmd.add_argument("--granularity", default="token", choices=["token", "sentence"])
+    cage_cmd.add_argument("--normalize", default="paper", choices=["paper", "signed", "none"])
+    cage_cmd.add_argument("--out", default=None, help="write an HTML view of the graph here")
+    cage_cmd.set_defaults(func=cmd_cage)
 
     zoo_cmd = sub.add_parser("zoo", help="list the shipped ground-truth models")
     zoo_cmd.set_defaults(func=cmd_zoo)

@@ -43,3 +43,21 @@ def test_console_script():
     proc = subprocess.run(["cage-lens", "explain", IOI_PROMPT, "--no-color"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "most relevant tokens" in proc.stdout
+
+
+def test_failure_subcommand(tmp_path, capsys):
+    out = tmp_path / "failure.html"
+    prompt = "friends lucy and grace found a drink at the station . grace gave it to"
+    assert main(["failure", prompt, "--correct", " lucy", "--wrong", " grace", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FailureExplanation: wrong 'grace' vs correct 'lucy'" in printed
+    assert "<svg" in out.read_text()
+
+
+def test_cage_subcommand(tmp_path, capsys):
+    out = tmp_path / "cage.html"
+    prompt = "d > i ; o > p ; j > d ; p > j ; a > g ; c > i ; start p :"
+    assert main(["cage", prompt, "--model", "pointer-chase", "--completion", " j d i", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GenerationGraph(method='attnlrp'" in printed and "generated: j | d | i" in printed
+    assert out.read_text().startswith("<!DOCTYPE html>")
