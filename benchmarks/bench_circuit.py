@@ -111,7 +111,7 @@ def main() -> None:
     compare = [128, 256] if args.quick else [256, 512]
     long = [] if args.quick else [2048, 4096]
     print(f"GPT-2-small-sized random model, float32, levels='block', AttnLRP, {args.threads} threads; "
-          f"autograd: B={args.batch_size} rows per backward, timed on one call at the first/middle/last "
+          "autograd: B rows per backward, timed on one call at the first/middle/last "
           "transition and extrapolated linearly to all rows")
     print(f"{'tokens':>7} {'fast s':>9} {'fast peak GB':>13} {'autograd s':>11} {'speed-up':>9} {'B':>3} {'autograd peak GB':>17}")
     for n_pos in compare + long:

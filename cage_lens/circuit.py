@@ -13,6 +13,16 @@ batch-packed backpropagation) and prunes them:
 
 The unpruned matrices stay available through :meth:`CircuitGraph.edge_matrix` for inputs up to
 ``dense_limit`` tokens; above that only the pruned edges are stored (no dense ``[pos, pos]`` is kept).
+
+Identities (SPEC §2.4, tested): with every row computed, the edges leaving a node sum to its relevance,
+``Σ_j A[j, i] = R_s(i)`` (the chain rule; for head/neuron graphs summed over all transitions leaving the
+level). The edges entering a node sum to ``R_t(j) − absorbed(j)``: nothing is absorbed under CP-LRP on
+a bias-free model; with biases an attention transition absorbs ``⟨attn_out(x = 0), g_t(j)⟩`` under
+CP-LRP (the output bias plus the norm/value biases sent through ``W_V W_O``), an MLP half absorbs
+``R_post(j) − R_mid(j)`` (its biases), AttnLRP's softmax absorbs part of the query/key paths, and
+under gxi the norm scale (not detached) absorbs most of what enters through the attention inputs.
+Head graphs add the residual connection as its own transition (``source → resid_mid``); neuron graphs
+drop the neurons outside each token's top-k (their relevance is not drawn).
 """
 
 from __future__ import annotations
