@@ -44,7 +44,7 @@ from cage_lens.inputs import to_token_batch, resolve_positions
 from cage_lens.rules import check_rules
 from cage_lens.targets import Target
 
-__all__ = ["circuit_graph", "CircuitGraph", "EdgeSet", "METHODS", "gini"]
+__all__ = ["circuit_graph", "CircuitGraph", "EdgeSet", "METHODS", "gini", "node_label"]
 
 METHODS = ("fast", "autograd")
 
@@ -266,7 +266,9 @@ class CircuitGraph:
 
     # -------------------------------------------------------------- metrics
     def metrics(self) -> list[dict]:
-        """Per transition of the pruned graph: node/edge counts, mean fan-in/out, Gini of |edge| and
+        """Per transition of the pruned graph: ``nodes`` (graph nodes of the target level — a node under
+        the node threshold can be in the graph as a source without incoming edges), edge count, mean
+        fan-in/out (over nodes with at least one edge in this transition), Gini of |edge| and
         |node| relevance, verticality (share of |A| mass from the same token position), the number of
         source tokens covering 90 % of the mass, hubs (top-3 source tokens by outgoing mass) and the
         mean look-back distance (|A|-weighted mean of j − i in token positions)."""
@@ -335,9 +337,7 @@ class CircuitGraph:
         Node ids are ``"{level}@{pos}"`` or ``"{level}:{unit}@{pos}"``; ``layer`` is -1 for the
         embeddings; ``value`` is the signed relevance flowing along the link. Only the pruned ancestor
         graph is exported (d3/networkx "node-link" layout)."""
-        def node_id(key):
-            return f"{key[0]}@{key[-1]}" if len(key) == 2 else f"{key[0]}:{key[1]}@{key[2]}"
-
+        node_id = node_label
         g = self.to_networkx()
         nodes = [
             {"id": node_id(k), "level": d["level"], "layer": d["layer"], "pos": d["pos"],
@@ -379,6 +379,11 @@ class CircuitGraph:
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+def node_label(key: tuple) -> str:
+    """``"level@pos"`` or ``"level:unit@pos"`` (the node ids of :meth:`CircuitGraph.to_json`)."""
+    return f"{key[0]}@{key[-1]}" if len(key) == 2 else f"{key[0]}:{key[1]}@{key[2]}"
 
 
 def _nonzero(x: float) -> float:

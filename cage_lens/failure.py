@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 
 from cage_lens.attribution import Attribution, attribute
-from cage_lens.circuit import CircuitGraph, circuit_graph
+from cage_lens.circuit import CircuitGraph, circuit_graph, node_label
 from cage_lens.errors import InputError
 from cage_lens.targets import resolve_token
 from cage_lens.viz import html_page, terminal_heatmap, token_spans_html
@@ -64,7 +64,7 @@ class FailureExplanation:
             f"  {self.graph.summary()}",
         ]
         for flow, path in self.graph.top_paths(3):
-            lines.append(f"  path {flow:+.3g}: " + " → ".join(f"{n[0]}@{n[-1]}" for n in path))
+            lines.append(f"  path {flow:+.3g}: " + " → ".join(node_label(n) for n in path))
         return "\n".join(lines)
 
     def to_html(self, path=None) -> str:
