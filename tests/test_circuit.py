@@ -300,6 +300,8 @@ def test_batch_and_too_long_prompts_are_refused():
     with pytest.raises(InputError, match="n_ctx"):
         circuit_graph(model, torch.zeros(100, dtype=torch.long), TARGET)
     graph = circuit_graph(model, PROMPT, TARGET, dense_limit=2)
+    assert all(es.dense is None for es in graph.edge_sets)  # only the pruned sparse edges are stored
+    assert graph.edge_matrix("embeddings", "resid_post.0", pruned=True).abs().sum() > 0
     with pytest.raises(InputError, match="dense_limit"):
         graph.edge_matrix("embeddings", "resid_post.0")
     with pytest.raises(InputError, match="unknown level"):
@@ -337,6 +339,11 @@ def test_explain_failure_on_a_random_model():
     assert "Δℓ" in repr(e) and "<svg" in e.to_html()
     with pytest.raises(InputError, match="same token"):
         explain_failure(model, PROMPT, wrong=TARGET, correct=TARGET)
+    top1 = model.to_string(logits.argmax()[None])
+    default = explain_failure(model, PROMPT, correct=" store")
+    assert default.wrong == top1 and default.delta > 0
+    with pytest.raises(InputError, match="no failure"):
+        explain_failure(model, PROMPT, correct=top1)
 
 
 def test_explain_failure_on_the_ioi_zoo_model():
