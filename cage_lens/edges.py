@@ -69,7 +69,9 @@ class Transition:
     """Edges from ``source`` to ``target``. Kinds: ``"attention"`` (residual → residual through the
     attention of ``layer``), ``"local"`` (resid_mid → resid_post through a token-local MLP: diagonal),
     ``"head_in"`` (residual → head outputs), ``"head_out"`` (heads → residual, diagonal per token),
-    ``"skip"`` (the residual connection around a split sublayer: diagonal)."""
+    ``"skip"`` (the residual connection around the attention sublayer: diagonal), ``"neuron_in"``
+    (resid_mid → MLP neurons, token-local), ``"neuron_out"`` (neurons → resid_post, token-local) and
+    ``"mlp_skip"`` (the residual connection around the MLP: diagonal)."""
 
     source: Level
     target: Level
