@@ -106,7 +106,7 @@ class Plan:
 
 
 def _with_state_nodes(level: Level, state: "ForwardState") -> Level:
-    relevance = state.relevance(level.hook)
+    relevance = state.relevance(level.hook).cpu()  # node bookkeeping lives on the CPU
     level.relevance, level.pos = relevance, torch.arange(relevance.shape[0])
     level.unit = torch.full_like(level.pos, -1)
     return level
@@ -114,7 +114,7 @@ def _with_state_nodes(level: Level, state: "ForwardState") -> Level:
 
 def _with_head_nodes(level: Level, att: "AttentionState") -> Level:
     """Head nodes, flat index ``head · pos + position``; relevance ``Σ_d z ⊙ ∂target/∂z``."""
-    relevance = (att.z * att.g_z).sum(-1).T  # [head, pos]
+    relevance = (att.z * att.g_z).sum(-1).T.cpu()  # [head, pos]
     n_heads, n_pos = relevance.shape
     level.relevance = relevance.reshape(-1)
     level.pos = torch.arange(n_pos).repeat(n_heads)
@@ -161,7 +161,7 @@ def _with_neuron_nodes(level: Level, mlp: "MLPState", top_k: int) -> Level:
     n_pos, d_mlp = mlp.relevance.shape
     k = min(top_k, d_mlp)
     units = mlp.relevance.abs().topk(k, dim=-1).indices                     # [pos, k]
-    level.relevance = mlp.relevance.gather(-1, units).reshape(-1)
+    level.relevance = mlp.relevance.gather(-1, units).reshape(-1).cpu()
     level.pos = torch.arange(n_pos).repeat_interleave(k)
     level.unit = units.reshape(-1).cpu()
     return level
@@ -477,7 +477,7 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
         mid, _ = state.resid[transition.source.hook]
         return _diagonal_rows((mid * state.resid[transition.target.hook][1]).sum(-1), rows)
     if transition.kind == "neuron_in":
-        level, incoming = transition.target, state.mlps[transition.layer].incoming
+        level, incoming = transition.target, state.mlps[transition.layer].incoming.cpu()
         out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype)
         out[torch.arange(len(rows)), level.pos[rows]] = incoming[level.pos[rows], level.unit[rows]]
         return out
@@ -507,7 +507,8 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
 
 def _diagonal_rows(values: Float[torch.Tensor, "pos"], rows: torch.Tensor) -> torch.Tensor:
     """Token-local transitions (MLP with its norm, residual connection): ``A[j, i] = δ_ij values[j]``."""
-    out = torch.zeros(len(rows), values.shape[0], dtype=values.dtype, device=values.device)
+    values = values.cpu()
+    out = torch.zeros(len(rows), values.shape[0], dtype=values.dtype)
     out[torch.arange(len(rows)), rows] = values[rows]
     return out
 
