@@ -20,10 +20,10 @@ N_CTX = 64
 SIZES: dict[tuple[str, str], dict] = {
     ("pointer-chase", "small"): dict(arch="llama", d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=256),
     ("pointer-chase", "tiny"): dict(arch="llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=192),
-    ("facts", "small"): dict(arch="llama", d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=256),
-    ("facts", "tiny"): dict(arch="llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=192),
-    ("arith", "small"): dict(arch="llama", d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=256),
-    ("arith", "tiny"): dict(arch="llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=192),
+    ("facts", "small"): dict(arch="llama", d_model=96, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=256),
+    ("facts", "tiny"): dict(arch="llama", d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=192),
+    ("arith", "small"): dict(arch="llama", d_model=96, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=256),
+    ("arith", "tiny"): dict(arch="llama", d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=192),
     ("ioi", "small"): dict(arch="gpt2", d_model=96, n_layers=3, n_heads=4, d_mlp=384),
     ("ioi", "tiny"): dict(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=192),
 }
