@@ -30,31 +30,30 @@ __all__ = [
 class Capture:
     """Forward hooks that record activations so one backward call can return all their gradients.
 
-    The embedding outputs are re-rooted (detached, ``requires_grad``) so relevance exists even when
-    the model's parameters are frozen; nothing flows into ``W_E`` (and no ``.grad`` is written into the
-    user's parameters: gradients are taken with ``torch.autograd.grad``).
+    The ``roots`` (the embedding outputs) are re-rooted (detached, ``requires_grad``) so relevance
+    exists even when the model's parameters are frozen; nothing flows into ``W_E`` (and no ``.grad`` is
+    written into the user's parameters: gradients are taken with ``torch.autograd.grad``).
+    Every hook returns the tensor it recorded: a bridge hook point with a shape conversion
+    (``hook_z``, ``hook_q`` …) hands the hook a reshaped copy and computes on with it only when the
+    hook returns it, so returning it keeps the recorded tensor in the graph (elsewhere it is a no-op).
     """
 
-    def __init__(self, names: Sequence[str], roots: Sequence[str] = ()):
+    def __init__(self, names: Sequence[str] = (), roots: Sequence[str] = ()):
         self.names = list(dict.fromkeys(names))
         self.roots = set(roots)
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def _hook(self, name: str) -> Callable:
-        def hook(tensor, hook):
+    def hook(self, name: str) -> Callable:
+        def record(tensor, hook):
             if name in self.roots:
                 tensor = tensor.detach().requires_grad_(True)
-                self.tensors[name] = tensor
-                return tensor
             self.tensors[name] = tensor
-            # A bridge hook point with a shape conversion (hook_z, hook_q, …) hands the hook a reshaped
-            # copy and uses it downstream only when the hook returns it: return it to stay in the graph.
-            return tensor if getattr(hook, "hook_conversion", None) is not None else None
-        return hook
+            return tensor
+        return record
 
     @property
     def hooks(self) -> list[tuple[str, Callable]]:
-        return [(name, self._hook(name)) for name in self.names]
+        return [(name, self.hook(name)) for name in self.names]
 
     def gradients(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
         names = [n for n in self.names if n in self.tensors]

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.adapter import ModelAdapter
+from cage_lens.attribution import Capture
 from cage_lens.errors import InputError, NumericalError, UnsupportedModelError
 from cage_lens.rules import rule_hooks
 from cage_lens.targets import Target
@@ -234,27 +235,6 @@ class ForwardState:
         return (h * g).sum(-1)
 
 
-class _Recorder:
-    """Forward hooks that record activations; ``roots`` are re-rooted as leaves (SPEC §3 pitfall 1:
-    names bound in closures). The recorded tensor is returned so that a bridge, which hands hooks a
-    reshaped view (``hook_conversion``), computes on with exactly the recorded tensor: otherwise
-    ``hook_z``/``hook_v`` get no gradient there."""
-
-    def __init__(self, roots: Sequence[str] = ()):
-        self.roots = set(roots)
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def hook(self, name: str) -> Callable:
-        def record(tensor, hook):
-            if name in self.roots:
-                tensor = tensor.detach().requires_grad_(True)
-                self.tensors[name] = tensor
-                return tensor
-            self.tensors[name] = tensor
-            return tensor
-        return record
-
-
 def _attn_scale(model, d_head: int) -> float:
     cfg = model.cfg
     if not getattr(cfg, "use_attn_scale", True):
@@ -267,7 +247,7 @@ def _attn_scale(model, d_head: int) -> float:
 def _bias_parts(adapter: ModelAdapter) -> list[dict[str, torch.Tensor]]:
     """q, k, v of every layer for an all-zero residual input: the constant (bias) part of the affine
     map resid_pre → q/k/v when the norm scale is held fixed (LN(0) = b, RMS(0) = 0)."""
-    arch, rec = adapter.arch, _Recorder()
+    arch, rec = adapter.arch, Capture()
     hooks: list = []
     zero = lambda t, hook: torch.zeros_like(t)  # noqa: E731
     for layer in range(arch.n_layers):
@@ -291,7 +271,7 @@ def _norm_eps(adapter: ModelAdapter) -> float:
     return float(getattr(adapter.model.cfg, "eps", 1e-5))
 
 
-def _record_hooks(adapter: ModelAdapter, rules: str, rec: _Recorder, names: Sequence[str]) -> list:
+def _record_hooks(adapter: ModelAdapter, rules: str, rec: Capture, names: Sequence[str]) -> list:
     """Recording hooks for the residual states ``names`` and every layer's attention internals."""
     arch = adapter.arch
     rotary = arch.positional == "rotary"
@@ -314,7 +294,7 @@ def _checked_value(target: Target, logits: torch.Tensor, position: int) -> torch
 
 def _one_pass_gradients(adapter, tokens, position, target, rules, resid_names, wrt):
     """One forward under the rules and one backward through the whole model."""
-    rec = _Recorder(roots=[resid_names[0]])
+    rec = Capture(roots=[resid_names[0]])
     with torch.enable_grad(), adapter.model.hooks(fwd_hooks=rule_hooks(adapter, rules) + _record_hooks(adapter, rules, rec, resid_names)):
         value = _checked_value(target, adapter.model(tokens), position)
         grads = torch.autograd.grad(value.sum(), [rec.tensors[n] for n in wrt], allow_unused=True)
@@ -345,7 +325,7 @@ def _layerwise_gradients(adapter, tokens, position, target, rules, resid_names, 
     with autograd switched on for that block alone (memory O(one layer); time about two forwards on
     a HookedTransformer, O(layers²) block forwards on a bridge)."""
     model, arch = adapter.model, adapter.arch
-    rec = _Recorder()
+    rec = Capture()
     with torch.no_grad(), model.hooks(fwd_hooks=rule_hooks(adapter, rules) + _record_hooks(adapter, rules, rec, resid_names)):
         value = _checked_value(target, model(tokens), position)
     grads: dict[str, torch.Tensor] = {}
@@ -354,7 +334,7 @@ def _layerwise_gradients(adapter, tokens, position, target, rules, resid_names, 
     for layer in reversed(range(arch.n_layers)):
         pre, post = adapter.block(layer, "hook_resid_pre"), adapter.block(layer, "hook_resid_post")
         inner = [n for n in wrt if n.startswith(f"blocks.{layer}.") and n not in (pre, post)]
-        local, leaves = _Recorder(), {}
+        local, leaves = Capture(), {}
         captured: dict = {}
         hooks = rule_hooks(adapter, rules) + [(pre, _grad_from(pre, leaves))] + [(n, local.hook(n)) for n in inner]
         with torch.no_grad():
