@@ -7,9 +7,12 @@ with one score per earlier position (columns ``>= P + t`` are zero: causality). 
 with this signature is a valid CAGE base method.
 
 Exact and fast (issue 4, item 3): causal masking makes the prediction of token ``t`` independent of
-later tokens, so the whole teacher-forced sequence is fed once; rows are replicated over the batch
-(each copy truncated to the longest prefix its chunk needs) and every copy explains its own position
-and target in one batched forward + backward. The numbers equal the naive per-step loop
+later tokens, so one teacher-forced forward over a chunk of ``chunk_size`` rows (truncated to the
+longest prefix the chunk needs) serves all its rows; each row then gets its own backward through the
+retained graph (``shared_forward=True``, best on CPU). With ``shared_forward=False`` the sequence is
+instead replicated over the batch, every copy explaining its own position and target in one batched
+forward + backward (best where a batch runs in parallel, e.g. a GPU). Integrated gradients and the
+perturbation methods are batched the same way. The numbers equal the naive per-step loop
 (:func:`naive_table`) up to floating-point summation order.
 
 Options shared by all built-ins: ``chunk_size`` (sequences per batched pass, bounds memory) and, for
@@ -173,7 +176,34 @@ def _finite(table: torch.Tensor, method: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- LRP family
-def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int) -> Float[torch.Tensor, "Y T"]:
+def _shared_forward_rows(
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "1 L"], positions: list[int], target_ids: list[int], rules: str,
+) -> Float[torch.Tensor, "R L"]:
+    """Input relevance of several rows of one sequence from ONE forward (batch 1) and one backward per
+    row through the retained graph: the rows share every activation (causal masking), so only the
+    backward differs. Cheaper than replicating the sequence when the batch does not run in parallel
+    (CPU): the forward is paid once per chunk, not once per row."""
+    model = adapter.model
+    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
+    capture = Capture(roots, roots=roots)
+    target = Target.build(model, len(positions), target=target_ids, mode="logprob")
+    where = torch.tensor(positions, device=adapter.device)
+    out = []
+    with torch.enable_grad():
+        hooks = rule_hooks(adapter, rules) + capture.hooks
+        logits = _logits_at(adapter, tokens.to(adapter.device), lambda x: x[:, where], hooks)[0]  # [R, vocab]
+        values = target(logits)
+        if not torch.isfinite(values).all():
+            raise NumericalError(f"a generated token's log-probability is not finite: {values.tolist()}")
+        inputs = [capture.tensors[n] for n in roots]
+        for r in range(len(positions)):
+            grads = torch.autograd.grad(values[r], inputs, retain_graph=r < len(positions) - 1, allow_unused=True)
+            rel = sum((x.detach() * g).sum(-1) for x, g in zip(inputs, grads) if g is not None)
+            out.append(rel[0].double().cpu())
+    return torch.stack(out)
+
+
+def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int, shared_forward: bool = True) -> Float[torch.Tensor, "Y T"]:
     adapter = adapt(model)
     adapter.check_eval_mode()
     rules = check_rules(rules)
@@ -181,31 +211,34 @@ def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int) -> Flo
     table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
     for rows in _chunks(range(Y), chunk_size):
         length = n_prompt + rows[-1]  # the longest prefix in the chunk: positions < P + t
-        batch = tokens[:, :length].expand(len(rows), -1)
         positions = [n_prompt + t - 1 for t in rows]
-        capture, grads = _forward_backward(adapter, batch, positions, tokens[0, [n_prompt + t for t in rows]].tolist(), rules)
-        rel = _input_relevance(adapter, capture, grads)
+        targets = tokens[0, [n_prompt + t for t in rows]].tolist()
+        if shared_forward:
+            rel = _shared_forward_rows(adapter, tokens[:, :length], positions, targets, rules)
+        else:
+            capture, grads = _forward_backward(adapter, tokens[:, :length].expand(len(rows), -1), positions, targets, rules)
+            rel = _input_relevance(adapter, capture, grads)
         for b, t in enumerate(rows):
             table[t, : n_prompt + t] = rel[b, : n_prompt + t]
     return _finite(table, rules)
 
 
 @register("attnlrp")
-def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, shared_forward: bool = True, **_) -> Float[torch.Tensor, "Y T"]:
     """AttnLRP (SPEC §2.3) relevance of every earlier position for each generated token's log-prob."""
-    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size)
+    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size, shared_forward)
 
 
 @register("cplrp")
-def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, shared_forward: bool = True, **_) -> Float[torch.Tensor, "Y T"]:
     """CP-LRP (SPEC §2.3): no relevance through the softmax."""
-    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size)
+    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size, shared_forward)
 
 
 @register("input_x_gradient")
-def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, shared_forward: bool = True, **_) -> Float[torch.Tensor, "Y T"]:
     """Plain Gradient×Input of the token and position embeddings."""
-    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size)
+    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size, shared_forward)
 
 
 def naive_table(model, tokens, n_prompt: int, rules: str = "attnlrp") -> Float[torch.Tensor, "Y T"]:

@@ -143,11 +143,13 @@ def test_exports():
 # ---------------------------------------------------------------------------- exact fast tables
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
-def test_batched_table_equals_naive_loop(kind, rules):
+@pytest.mark.parametrize("shared_forward", [True, False])
+def test_batched_table_equals_naive_loop(kind, rules, shared_forward):
     model = tiny(kind)
     prompt = model.to_tokens(PROMPT)
     tokens = torch.cat([prompt, torch.tensor([[5, 9, 12, 4, 7]])], dim=1)
-    fast = methods.METHODS[{"gxi": "input_x_gradient"}.get(rules, rules)](model, tokens, prompt.shape[1], chunk_size=3)
+    method = methods.METHODS[{"gxi": "input_x_gradient"}.get(rules, rules)]
+    fast = method(model, tokens, prompt.shape[1], chunk_size=3, shared_forward=shared_forward)
     naive = methods.naive_table(model, tokens, prompt.shape[1], rules)
     arch = adapt(model).arch
     # HF Llama (under a TransformerBridge) computes rotary cos/sin in float32 even for a float64 model;
