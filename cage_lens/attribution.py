@@ -168,10 +168,14 @@ class Attribution:
         names = list(self.node_relevance)
         return names, torch.stack([self.node_relevance[n][row] for n in names])
 
-    def normalized(self, row: int = 0, exclude: Sequence[int] = (0,)) -> Float[torch.Tensor, "pos"]:
-        """Token relevance of one row divided by max |R| over the non-excluded tokens (by default the
-        BOS position is excluded: it acts as an attention sink, SPEC §2.2)."""
-        r = self.token_relevance[row, : self.lengths[row]]
+    def normalized(
+        self, row: int = 0, exclude: Sequence[int] = (0,), include_positions: bool = False
+    ) -> Float[torch.Tensor, "pos"]:
+        """Token relevance of one row (plus position-embedding relevance with ``include_positions``)
+        divided by max |R| over the non-excluded tokens. By default the BOS position is excluded: it
+        acts as an attention sink (SPEC §2.2)."""
+        source = self.input_relevance if include_positions else self.token_relevance
+        r = source[row, : self.lengths[row]]
         keep = torch.ones_like(r, dtype=torch.bool)
         keep[[i for i in exclude if i < len(r)]] = False
         scale = r[keep].abs().max() if keep.any() else r.abs().max()

@@ -90,13 +90,6 @@ def _special_positions(model, token_ids: Sequence[int], extra: Sequence[int]) ->
     return sorted(positions | {i if i >= 0 else len(token_ids) + i for i in extra})
 
 
-def _normalise(relevance: torch.Tensor, excluded: list[int]) -> torch.Tensor:
-    keep = torch.ones_like(relevance, dtype=torch.bool)
-    keep[excluded] = False
-    scale = relevance[keep].abs().max() if keep.any() else relevance.abs().max()
-    return relevance / scale.clamp_min(1e-30)
-
-
 def explain_failure(
     model,
     prompt: str | torch.Tensor,
@@ -140,7 +133,7 @@ def explain_failure(
         wrong=model.to_string(torch.tensor([wrong_id])),
         correct=model.to_string(torch.tensor([attribution.contrast_ids[0]])),
         delta=float(attribution.target_value[0]),
-        heatmap=_normalise(relevance, excluded),
+        heatmap=attribution.normalized(0, excluded, include_positions=True),
         excluded=excluded,
         trace_points=["embeddings"] + points,
         trace=torch.cat([relevance[None], trace[:, :n]]),
