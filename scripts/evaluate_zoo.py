@@ -244,7 +244,8 @@ def write_card(results: list[dict], path: Path) -> None:
             "query is at chance among the three value variables) after 1,750 steps with 3 layers and",
             "1,250 steps with 4 layers; an earlier variant ending in a sum (`3 + 4 = 7`) stayed near",
             "30 % after 2,000 steps. `facts` needed 4 layers (3 layers plateaued at 7 % after",
-            "4,250 steps; 4 layers pass 90 % after 500 steps), so 4 layers and longer training are",
+            "4,250 steps; with 4 layers `facts-small` passed 90 % after 500 steps, `facts-tiny` sat on",
+            "a plateau for ~10,000 steps before reaching 99 %), so 4 layers and longer training are",
             "the first things to try: `PYTHONPATH=. python scripts/train_zoo.py --only arith-small arith-tiny`.",
             "",
         ]
