@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--ig-steps", type=int, default=20)
     ap.add_argument("--chunk-size", type=int, default=methods.DEFAULT_CHUNK)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shared-forward", action="store_true", help="one batch-1 forward per chunk, one backward per row")
     ap.add_argument("--ig-rows", type=int, default=None,
                     help="time (b) on the first N generated rows only, against the batched AttnLRP table on the "
                          "same rows (a like-for-like ratio when the full IG run is too slow for the machine)")
@@ -49,7 +50,7 @@ def main() -> None:
     P = args.prompt
 
     methods.attnlrp(model, tokens[:, : P + 2], P, chunk_size=2)  # warm-up (adapter probe, allocator)
-    fast, t_fast = timed(lambda: methods.attnlrp(model, tokens, P, chunk_size=args.chunk_size))
+    fast, t_fast = timed(lambda: methods.attnlrp(model, tokens, P, chunk_size=args.chunk_size, shared_forward=args.shared_forward))
     naive, t_naive = timed(lambda: methods.naive_table(model, tokens, P, "attnlrp"))
     rows = [("AttnLRP table, batched (cage_lens)", t_fast, t_fast), ("(a) naive per-step loop, AttnLRP", t_naive, t_fast)]
     if args.ig_rows is None:
@@ -57,7 +58,7 @@ def main() -> None:
         rows.append((f"(b) integrated_gradients, {args.ig_steps} steps", t_ig, t_fast))
     else:
         sub = tokens[:, : P + args.ig_rows]
-        _, t_sub = timed(lambda: methods.attnlrp(model, sub, P, chunk_size=args.chunk_size))
+        _, t_sub = timed(lambda: methods.attnlrp(model, sub, P, chunk_size=args.chunk_size, shared_forward=args.shared_forward))
         _, t_ig = timed(lambda: methods.integrated_gradients(model, sub, P, steps=args.ig_steps, chunk_size=args.chunk_size))
         rows.append((f"AttnLRP table, first {args.ig_rows} rows", t_sub, t_sub))
         rows.append((f"(b) IG {args.ig_steps} steps, first {args.ig_rows} rows", t_ig, t_sub))
