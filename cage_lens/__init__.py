@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 # Heavier features are imported on first use: ``cage_lens.cage(...)``, ``cage_lens.circuit_graph(...)``.
 _LAZY = {
-    "cage": ("cage_lens.cage", "cage"),
-    "GenerationGraph": ("cage_lens.cage", "GenerationGraph"),
+    "cage": ("cage_lens.cage_graph", "cage"),
+    "GenerationGraph": ("cage_lens.cage_graph", "GenerationGraph"),
     "circuit_graph": ("cage_lens.circuit", "circuit_graph"),
     "CircuitGraph": ("cage_lens.circuit", "CircuitGraph"),
     "explain_failure": ("cage_lens.failure", "explain_failure"),

@@ -11,7 +11,7 @@ import torch
 
 from cage_lens import methods
 from cage_lens.adapter import adapt
-from cage_lens.cage import GenerationGraph, cage
+from cage_lens.cage_graph import GenerationGraph, cage
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.testing import random_model
 
