@@ -23,6 +23,7 @@ from cage_lens.targets import Target
 
 __all__ = [
     "attribute", "Attribution", "ConservationReport", "NeuronRelevance", "Capture", "run_attribution", "logits_at",
+    "select_logits",
 ]
 
 
@@ -263,26 +264,36 @@ def _final_residual_hook(adapter: ModelAdapter) -> str | None:
     return None
 
 
-def logits_at(
-    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = ()
-) -> Float[torch.Tensor, "batch vocab"]:
-    """Logits of row ``b`` at ``positions[b]``, from one forward with ``hooks`` installed.
+def select_logits(
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"],
+    select: Callable[[torch.Tensor], torch.Tensor], hooks: Sequence = (),
+) -> torch.Tensor:
+    """``select(logits)`` from one forward with ``hooks`` installed, where ``select`` picks positions
+    (``[batch, pos, ·] -> [batch, k, ·]``).
 
-    Where the model has a hook just before the unembedding, only the explained rows are projected
-    onto the vocabulary (the unembedding is a third of GPT-2-small's forward at 50k vocab); the
-    kept rows' values are unchanged because the final norm and the unembedding act per position."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    where = torch.as_tensor(list(positions), device=tokens.device)
+    Where the model has a hook just before the unembedding, ``select`` is applied to the final
+    residual instead, so only the needed rows are projected onto the vocabulary (the unembedding is a
+    third of GPT-2-small's forward at 50k vocab); the kept rows' values are unchanged because the
+    final norm and the unembedding act per position."""
     name, selected = _final_residual_hook(adapter), []
 
     def select_rows(tensor, hook):
         selected.append(True)
-        return tensor[rows, where][:, None].contiguous()
+        return select(tensor).contiguous()
 
     extra = [] if name is None else [(name, select_rows)]
     with adapter.model.hooks(fwd_hooks=list(hooks) + extra):
         logits = adapter.model(tokens)
-    return logits[:, 0] if selected else logits[rows, where]
+    return logits if selected else select(logits)
+
+
+def logits_at(
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = ()
+) -> Float[torch.Tensor, "batch vocab"]:
+    """Logits of row ``b`` at ``positions[b]`` (see :func:`select_logits`)."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    where = torch.as_tensor(list(positions), device=tokens.device)
+    return select_logits(adapter, tokens, lambda x: x[rows, where][:, None], hooks)[:, 0]
 
 
 def run_attribution(

@@ -29,8 +29,9 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.adapter import ModelAdapter, adapt
-from cage_lens.attribution import Capture
+from cage_lens.attribution import Capture, run_attribution, select_logits
 from cage_lens.errors import CageLensError, InputError, NumericalError
+from cage_lens.inputs import TokenBatch
 from cage_lens.rules import check_rules, rule_hooks
 from cage_lens.spans import Span, check_tiling, token_spans
 from cage_lens.targets import Target
@@ -102,59 +103,16 @@ def _chunks(items: Sequence, size: int) -> Iterator[list]:
         yield list(items[i : i + size])
 
 
-def _final_norm_hook(adapter: ModelAdapter) -> str | None:
-    """The last hook before the unembedding (the final norm's output), if the model has one."""
-    if adapter.arch.normalization is None:
-        return None
-    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
-        if name in adapter.model.hook_dict:
-            return name
-    return None
-
-
-def _select_positions(select: Callable[[torch.Tensor], torch.Tensor], fired: list) -> Callable:
-    """A hook on the final norm that keeps only the residual rows whose logits are needed, so the
-    unembedding (a third of GPT-2's forward FLOPs at 50k vocab) runs on those rows only. Forward
-    values of the kept rows are unchanged (the norm and unembedding act per position)."""
-
-    def hook(tensor, hook):
-        fired.append(True)
-        return select(tensor).contiguous()
-
-    return hook
-
-
-def _logits_at(adapter: ModelAdapter, tokens: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor], hooks: Sequence = ()) -> torch.Tensor:
-    """``select(logits)`` computed as ``unembed(select(final residual))`` when the final norm has a
-    hook (cheaper), else from the full logits."""
-    name, fired = _final_norm_hook(adapter), []
-    extra = [] if name is None else [(name, _select_positions(select, fired))]
-    with adapter.model.hooks(fwd_hooks=list(hooks) + extra):
-        logits = adapter.model(tokens)
-    return logits if fired else select(logits)
-
-
 def _forward_backward(
     adapter: ModelAdapter, tokens: Int[torch.Tensor, "B L"], positions: list[int], target_ids: list[int],
     rules: str, pre_hooks: Sequence = (),
 ) -> tuple[Capture, dict[str, torch.Tensor]]:
-    """One forward under ``rules`` (with ``pre_hooks`` installed before the capture hooks) and one
-    backward of Σ_rows log p(target_row | position_row). Same as :func:`cage_lens.attribution.run_attribution`
-    plus the extra hooks integrated gradients needs, and the unembedding applied to the explained
-    positions only."""
-    model = adapter.model
-    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
-    capture = Capture(roots, roots=roots)
-    tokens = tokens.to(adapter.device)
-    target = Target.build(model, tokens.shape[0], target=target_ids, mode="logprob")
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    where = torch.tensor(positions, device=tokens.device)
-    with torch.enable_grad():
-        hooks = list(pre_hooks) + rule_hooks(adapter, rules) + capture.hooks
-        value = target(_logits_at(adapter, tokens, lambda x: x[rows, where][:, None], hooks)[:, 0])
-        if not torch.isfinite(value).all():
-            raise NumericalError(f"a generated token's log-probability is not finite: {value.tolist()}")
-        grads = capture.gradients(value.sum())
+    """One forward under ``rules`` (``pre_hooks`` first: integrated gradients scales the embeddings
+    there) and one backward of Σ_rows log p(target_row | position_row), via the engine's
+    :func:`cage_lens.attribution.run_attribution`."""
+    target = Target.build(adapter.model, tokens.shape[0], target=target_ids, mode="logprob")
+    batch = TokenBatch(tokens, [tokens.shape[1]] * tokens.shape[0])
+    _, capture, grads = run_attribution(adapter, batch, positions, target, rules, (), pre_hooks)
     return capture, grads
 
 
@@ -192,7 +150,7 @@ def _shared_forward_rows(
     out = []
     with torch.enable_grad():
         hooks = rule_hooks(adapter, rules) + capture.hooks
-        logits = _logits_at(adapter, tokens.to(adapter.device), lambda x: x[:, where], hooks)[0]  # [R, vocab]
+        logits = select_logits(adapter, tokens.to(adapter.device), lambda x: x[:, where], hooks)[0]  # [R, vocab]
         values = target(logits)
         if not torch.isfinite(values).all():
             raise NumericalError(f"a generated token's log-probability is not finite: {values.tolist()}")
@@ -359,7 +317,7 @@ def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, ch
     out = []
     with torch.no_grad():
         for rows in _chunks(range(tokens.shape[0]), chunk_size):
-            logits = _logits_at(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1])
+            logits = select_logits(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1])
             logits = logits.double().log_softmax(-1)
             out.append(logits.cpu() if full else logits.gather(-1, ids.expand(len(rows), -1)[..., None])[..., 0].cpu())
     return torch.cat(out)
