@@ -252,10 +252,6 @@ class Attribution:
 
 
 # ---------------------------------------------------------------------------- the engine
-def _residual_points(adapter: ModelAdapter) -> list[str]:
-    return adapter.resid_hooks()
-
-
 def _final_residual_hook(adapter: ModelAdapter) -> str | None:
     """The last hook before the unembedding, where rows can be selected before the vocab projection."""
     for name in ("unembed.hook_in", "ln_final.hook_normalized"):
@@ -359,7 +355,7 @@ def attribute(
     if neurons is not None and not (neurons == "all" or (isinstance(neurons, int) and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
 
-    points = _residual_points(adapter)
+    points = adapter.resid_hooks()
     z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
     mlp_names = [adapter.mlp_hook(l, "hook_post") for l in range(arch.n_layers)] if neurons is not None else []
     value, capture, grads = run_attribution(adapter, batch, positions, spec, rules, points + z_names + mlp_names)

@@ -9,7 +9,6 @@ the tokenizer come from a local directory holding ``config.json``, ``model.safet
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,10 @@ def has_hooked_transformer() -> bool:
 
 
 def load_tokenizer(directory: str | Path):
-    """A fast tokenizer built from ``tokenizer.json`` (readable by transformers 4.x and 5.x).
-
-    Special tokens come from ``tokenizer_config.json`` when present. ``name_or_path`` points at the
-    directory so TransformerLens can reload it (it does, to add the BOS token).
-    """
+    """The tokenizer of a local directory holding ``tokenizer.json`` and a minimal hand-written
+    ``tokenizer_config.json`` (a directory that transformers 5 wrote with ``save_pretrained`` is not
+    readable by transformers 4.57). Loading by path sets ``name_or_path``, which TransformerLens
+    needs to reload the tokenizer (it does, to add the BOS token)."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)
@@ -164,7 +162,3 @@ def load_hf_directory(directory: str | Path, dtype: torch.dtype = torch.float32)
         )
     tokenizer = load_tokenizer(directory)
     return from_hf_model(hf_model, tokenizer, name=str(directory))
-
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -9,7 +9,7 @@ minus the mean of the top-k logits, k = 10) — or any callable ``f(logits[batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -141,7 +141,3 @@ class Target:
         elif self.mode == "topk_avg":
             text += f" − mean top-{self.top_k} logit"
         return text
-
-
-def as_sequence(x) -> Sequence:
-    return x if isinstance(x, (list, tuple)) else [x]
