@@ -23,9 +23,9 @@ import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens.adapter import adapt
 from cage_lens.errors import InputError
-from cage_lens.methods import check_sequence, eos_id, get_method
+from cage_lens.inputs import greedy_continuation
+from cage_lens.methods import check_sequence, get_method
 from cage_lens.spans import Span, block_sum, check_tiling, split_sentences, token_spans
 
 __all__ = ["cage", "GenerationGraph", "NORMALIZATIONS", "normalize_table", "greedy_continuation"]
@@ -255,20 +255,6 @@ class GenerationGraph:
 
 
 # ---------------------------------------------------------------------------- cage()
-def greedy_continuation(model, tokens: Int[torch.Tensor, "1 P"], max_new_tokens: int, stop_at_eos: bool = False) -> Int[torch.Tensor, "1 T"]:
-    """Greedy decoding with plain ``model(tokens)`` calls (portable across TL versions)."""
-    device = adapt(model).device
-    tokens = tokens.to(device)
-    eos = eos_id(model)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            if stop_at_eos and int(nxt) == eos:
-                break
-    return tokens.cpu()
-
-
 def _prompt_tokens(model, prompt, prepend_bos) -> Int[torch.Tensor, "1 P"]:
     if isinstance(prompt, torch.Tensor):
         return prompt.reshape(1, -1).long().cpu()

@@ -43,23 +43,6 @@ def load_model(spec: str | None):
     return TransformerBridge.boot_transformers(spec, device="cpu").eval()
 
 
-def greedy_continuation(model, tokens, max_new_tokens: int) -> list[int]:
-    import torch
-
-    eos = getattr(getattr(model, "tokenizer", None), "eos_token_id", None)
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            if tokens.shape[1] >= model.cfg.n_ctx:
-                break
-            nxt = int(model(tokens)[0, -1].argmax())
-            if nxt == eos:
-                break
-            out.append(nxt)
-            tokens = torch.cat([tokens, torch.tensor([[nxt]], device=tokens.device)], dim=1)
-    return out
-
-
 def _warn_unknown_tokens(model, str_tokens: list[str]) -> None:
     unk = getattr(getattr(model, "tokenizer", None), "unk_token", None)
     unknown = [t for t in str_tokens if unk is not None and t.strip() == unk]
@@ -70,13 +53,15 @@ def _warn_unknown_tokens(model, str_tokens: list[str]) -> None:
 def cmd_explain(args) -> int:
     import cage_lens
     from cage_lens import zoo
+    from cage_lens.inputs import greedy_continuation, special_token_id
     from cage_lens.viz import explain_report_html, terminal_heatmap
 
     model = load_model(args.model)
     tokens = model.to_tokens(args.prompt)
     str_tokens = list(model.to_str_tokens(tokens[0]))
     _warn_unknown_tokens(model, str_tokens)
-    continuation = greedy_continuation(model, tokens, args.max_new_tokens)
+    generated_ids = greedy_continuation(model, tokens, args.max_new_tokens, stop_at_eos=True)[0, tokens.shape[1]:]
+    continuation = [t for t in generated_ids.tolist() if t != special_token_id(model, "eos_token_id", "bos_token_id")]
     attr = cage_lens.attribute(
         model, tokens, target=args.target, contrast=args.contrast, rules=args.rules, mode=args.mode
     )

@@ -10,7 +10,7 @@ from jaxtyping import Int
 
 from cage_lens.errors import InputError
 
-__all__ = ["TokenBatch", "to_token_batch", "resolve_positions"]
+__all__ = ["TokenBatch", "to_token_batch", "resolve_positions", "special_token_id", "greedy_continuation"]
 
 Inputs = Union[str, Sequence[str], torch.Tensor]
 
@@ -28,13 +28,35 @@ class TokenBatch:
         return self.tokens.shape[0]
 
 
-def _pad_id(model) -> int:
+def special_token_id(model, *attributes: str, default: int = 0) -> int:
+    """The first of the tokenizer's ``attributes`` (e.g. ``"eos_token_id"``) that is set, else ``default``."""
     tokenizer = getattr(model, "tokenizer", None)
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+    for attr in attributes:
         value = getattr(tokenizer, attr, None) if tokenizer is not None else None
         if value is not None:
             return int(value)
-    return 0
+    return default
+
+
+def greedy_continuation(
+    model, tokens: Int[torch.Tensor, "1 P"], max_new_tokens: int, stop_at_eos: bool = False
+) -> Int[torch.Tensor, "1 T"]:
+    """Prompt plus up to ``max_new_tokens`` greedy tokens, with plain ``model(tokens)`` calls (portable
+    across TL versions). Stops at the model's context length, and after emitting EOS when
+    ``stop_at_eos`` (the EOS token is kept)."""
+    from cage_lens.adapter import adapt
+
+    tokens = tokens.to(adapt(model).device)
+    eos = special_token_id(model, "eos_token_id", "bos_token_id")
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if tokens.shape[1] >= int(model.cfg.n_ctx):
+                break
+            nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if stop_at_eos and int(nxt) == eos:
+                break
+    return tokens.cpu()
 
 
 def to_token_batch(model, inputs: Inputs, prepend_bos: bool | None = None) -> TokenBatch:
@@ -66,7 +88,7 @@ def to_token_batch(model, inputs: Inputs, prepend_bos: bool | None = None) -> To
             kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
             rows.append(model.to_tokens(text, **kwargs)[0])
         lengths = [len(r) for r in rows]
-        tokens = torch.full((len(rows), max(lengths)), _pad_id(model), dtype=torch.long)
+        tokens = torch.full((len(rows), max(lengths)), special_token_id(model, "pad_token_id", "eos_token_id", "bos_token_id"), dtype=torch.long)
         for i, row in enumerate(rows):
             tokens[i, : len(row)] = row.cpu()
     else:

@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from cage_lens.adapter import ModelAdapter, adapt
 from cage_lens.attribution import Capture, run_attribution, select_logits
 from cage_lens.errors import CageLensError, InputError, NumericalError
-from cage_lens.inputs import TokenBatch
+from cage_lens.inputs import TokenBatch, special_token_id
 from cage_lens.rules import check_rules, rule_hooks
 from cage_lens.spans import Span, check_tiling, token_spans
 from cage_lens.targets import Target
@@ -88,12 +88,7 @@ def check_sequence(model, tokens, n_prompt: int) -> tuple[Int[torch.Tensor, "1 T
 
 def eos_id(model) -> int:
     """The EOS id used as the deletion baseline (SPEC §2.1); falls back to BOS, then 0."""
-    tok = getattr(model, "tokenizer", None)
-    for attr in ("eos_token_id", "bos_token_id"):
-        value = getattr(tok, attr, None) if tok is not None else None
-        if value is not None:
-            return int(value)
-    return 0
+    return special_token_id(model, "eos_token_id", "bos_token_id")
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[list]:

@@ -119,14 +119,8 @@ def greedy_complete(model, prompt: str, n_tokens: int) -> builtins.list[str]:
     A plain loop over ``model(tokens)`` so it behaves the same on HookedTransformer and
     TransformerBridge.
     """
-    import torch
+    from cage_lens.inputs import greedy_continuation
 
     tokens = model.to_tokens(prompt)
-    out = []
-    with torch.no_grad():
-        for _ in range(n_tokens):
-            logits = model(tokens)
-            nxt = logits[0, -1].argmax()
-            out.append(nxt.item())
-            tokens = torch.cat([tokens, nxt.view(1, 1).to(tokens.device)], dim=1)
+    out = greedy_continuation(model, tokens, n_tokens)[0, tokens.shape[1]:].tolist()
     return [model.tokenizer.convert_ids_to_tokens(i) for i in out]
