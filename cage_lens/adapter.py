@@ -20,9 +20,6 @@ __all__ = ["Architecture", "ModelAdapter", "adapt"]
 _REQUIRED_MODEL_API = ("cfg", "hook_dict", "hooks", "to_tokens", "to_str_tokens")
 _SUPPORTED_NORMS = {None, "LN", "LNPre", "RMS", "RMSPre"}
 _SUPPORTED_POSITIONS = {"standard", "rotary"}
-_SUPPORTED_ACTIVATIONS = {
-    "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "swish", "quick_gelu",
-}
 
 
 @dataclass(frozen=True)
@@ -103,9 +100,11 @@ class ModelAdapter:
             )
         attn_only = bool(_cfg_get(cfg, "attn_only", False))
         act_fn = getattr(cfg, "act_fn", None)
-        if not attn_only and act_fn not in _SUPPORTED_ACTIVATIONS:
+        from cage_lens.rules import ACTIVATIONS  # the rule table is the list of what is supported
+
+        if not attn_only and act_fn not in ACTIVATIONS:
             raise UnsupportedModelError(
-                f"activation {act_fn!r} has no LRP rule here (supported: {sorted(_SUPPORTED_ACTIVATIONS)})"
+                f"activation {act_fn!r} has no LRP rule here (supported: {sorted(ACTIVATIONS)})"
             )
         n_heads = int(cfg.n_heads)
         return Architecture(

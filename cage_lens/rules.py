@@ -89,7 +89,7 @@ class _GatedProduct(torch.autograd.Function):
         return grad_gate, grad_up, None, None, None, None
 
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "relu": F.relu,
@@ -126,7 +126,7 @@ def _mlp_hooks(adapter: ModelAdapter, layer: int, gate_weight: float, up_weight:
     post_name = adapter.mlp_hook(layer, "hook_post")
     hooks: list[Hook] = [(pre_name, remember("pre"))]
     if arch.gated_mlp:
-        act_fn = _ACTIVATIONS[arch.act_fn]
+        act_fn = ACTIVATIONS[arch.act_fn]
         hooks.append((adapter.mlp_hook(layer, "hook_pre_linear"), remember("up")))
 
         def gated_post(tensor, hook):
