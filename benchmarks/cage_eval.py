@@ -28,6 +28,7 @@ Protocol (every choice stated):
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ METRICS = {  # name: higher is better?
 }
 VARIANTS = [("row", "paper"), ("cage", "paper"), ("row", "signed"), ("cage", "signed")]
 RESULTS = Path(__file__).resolve().parent / "results"
-RAW_DIR = Path("/tmp/cage_eval")
+RAW_DIR = RESULTS / "raw"  # per-sample results (gzipped JSON), committed so --report reproduces the table
 
 
 def prompt_spans(sample) -> list[tuple[int, int]]:
@@ -144,7 +145,7 @@ def task_report(data: dict) -> tuple[list[str], dict]:
              f"{data['model'].get('size')}, {data['model'].get('parameters')} parameters)", ""]
     lines.append("| method | variant | " + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in METRICS.items()) + " | empty rows |")
     lines.append("|---|---|" + "---|" * (len(METRICS) + 1))
-    tally = {"better": 0, "worse": 0, "comparisons": 0, "losses": []}
+    tally = {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": []} for m in METRICS}
     for method, per_sample in data["results"].items():
         for kind, norm in VARIANTS:
             key = f"{kind}-{norm}"
@@ -165,11 +166,11 @@ def task_report(data: dict) -> tuple[list[str], dict]:
                 diff = (sum(c) - sum(r)) / len(c)
                 better = diff > 1e-9 if up else diff < -1e-9
                 worse = diff < -1e-9 if up else diff > 1e-9
-                tally["comparisons"] += 1
-                tally["better"] += better
-                tally["worse"] += worse
+                tally[m]["comparisons"] += 1
+                tally[m]["better"] += better
+                tally[m]["worse"] += worse
                 if worse:
-                    tally["losses"].append(f"{data['task']}/{method}/{norm}/{m}")
+                    tally[m]["losses"].append(f"{data['task']}/{method}/{norm}")
             lines.append(f"| {method} | {norm} | " + " | ".join(cells) + " |")
     return lines + [""], tally
 
@@ -180,20 +181,26 @@ def write_report(raw: list[dict], path: Path, notes: list[str]) -> None:
              "RISE/MAS: sentence deletion, lower is better. AC: attribution coverage (double bound). "
              "P@k, AUROC: ground-truth source sentences among the content sentences.", ""]
     lines += notes
-    totals = {"better": 0, "worse": 0, "comparisons": 0, "losses": []}
+    totals = {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": []} for m in METRICS}
     body = []
     for data in raw:
         task_lines, tally = task_report(data)
         body += task_lines
-        for k in ("better", "worse", "comparisons"):
-            totals[k] += tally[k]
-        totals["losses"] += tally["losses"]
+        for m in METRICS:
+            for k in ("better", "worse", "comparisons", "losses"):
+                totals[m][k] += tally[m][k]
+    n_all = sum(t["comparisons"] for t in totals.values())
+    n_better = sum(t["better"] for t in totals.values())
+    n_worse = sum(t["worse"] for t in totals.values())
     lines += ["## Summary", "",
-              f"Mean-level comparisons (task × method × normalisation × metric): CAGE better in "
-              f"{totals['better']} of {totals['comparisons']}, worse in {totals['worse']}, equal (within 1e-9) in "
-              f"{totals['comparisons'] - totals['better'] - totals['worse']}.", ""]
-    if totals["losses"]:
-        lines += ["Where CAGE's mean is worse than row attribution's:", ""] + [f"- {x}" for x in totals["losses"]] + [""]
+              f"Mean-level comparisons CAGE vs row attribution (task × method × normalisation, per metric; "
+              f"equal = within 1e-9). Over all metrics: CAGE better in {n_better} of {n_all}, worse in {n_worse}.", "",
+              "| metric | CAGE better | CAGE worse | equal | where CAGE is worse (task/method/normalisation) |",
+              "|---|---|---|---|---|"]
+    for m, t in totals.items():
+        equal = t["comparisons"] - t["better"] - t["worse"]
+        lines.append(f"| {m} | {t['better']} | {t['worse']} | {equal} | {', '.join(t['losses']) or '—'} |")
+    lines.append("")
     path.write_text("\n".join(lines + body) + "\n")
 
 
@@ -219,8 +226,13 @@ def main() -> None:
                 continue
             print(f"{name}: {args.n} samples × {len(args.methods)} methods", flush=True)
             data = run_task(name, args.n, args.seed, args.methods, args.steps)
-            (RAW_DIR / f"{name}.json").write_text(json.dumps(data))
-    raw = [json.loads((RAW_DIR / f"{t}.json").read_text()) for t in TASKS if (RAW_DIR / f"{t}.json").exists()]
+            with gzip.open(RAW_DIR / f"{name}.json.gz", "wt") as f:
+                json.dump(data, f)
+    raw = []
+    for t in TASKS:
+        if (RAW_DIR / f"{t}.json.gz").exists():
+            with gzip.open(RAW_DIR / f"{t}.json.gz", "rt") as f:
+                raw.append(json.load(f))
     RESULTS.mkdir(exist_ok=True)
     write_report(raw, RESULTS / "cage_eval.md", [f"{n}  " for n in args.note] + ([""] if args.note else []))
     print(f"wrote {RESULTS / 'cage_eval.md'}")

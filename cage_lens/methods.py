@@ -7,16 +7,15 @@ with one score per earlier position (columns ``>= P + t`` are zero: causality). 
 with this signature is a valid CAGE base method.
 
 Exact and fast (issue 4, item 3): causal masking makes the prediction of token ``t`` independent of
-later tokens, so the teacher-forced sequence is replicated over a batch of ``chunk_size`` rows
-(truncated to the longest prefix the chunk needs) and every copy explains its own position and target
-in one batched forward + backward; the unembedding runs on the explained positions only. With
-``shared_forward=True`` a chunk instead runs ONE batch-1 forward and one backward per row through the
-retained graph (fewer forward FLOPs; on the shared 2-core CPU of this project it measured the same
-speed as the default). Integrated gradients and the
-perturbation methods are batched the same way. The numbers equal the naive per-step loop
+later tokens. The LRP family (``attnlrp``, ``cplrp``, ``input_x_gradient``) therefore runs ONE
+batch-1 forward over the teacher-forced sequence per ``chunk_size`` rows (truncated to the longest
+prefix the chunk needs), unembeds only the explained positions, and runs ONE backward vectorised
+over the chunk's rows (``torch.autograd.grad(..., is_grads_batched=True)``). Integrated gradients
+replicates the sequence over a batch (one copy per row and quadrature node), the perturbation
+methods batch their perturbed copies. The numbers equal the naive per-step loop
 (:func:`naive_table`) up to floating-point summation order.
 
-Options shared by all built-ins: ``chunk_size`` (sequences per batched pass, bounds memory) and, for
+Options shared by all built-ins: ``chunk_size`` (rows or sequences per batched pass, bounds memory) and, for
 the perturbation methods, ``spans`` (the units left out; default one span per token).
 """
 
@@ -45,6 +44,7 @@ __all__ = [
 Method = Callable[..., Float[torch.Tensor, "Y T"]]
 METHODS: dict[str, Method] = {}
 
+#: rows (LRP family: rows per shared forward) or sequences per batched pass
 DEFAULT_CHUNK = 8
 
 
@@ -130,19 +130,29 @@ def _finite(table: torch.Tensor, method: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- LRP family
-def _shared_forward_rows(
+def _vmapped_backward(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of every entry of ``value [R]`` w.r.t. ``inputs``, stacked on a new leading row axis:
+    one backward vectorised over the rows (``is_grads_batched``). A model whose backward contains an
+    op without a batching rule falls back to one backward per row (same numbers, slower)."""
+    seeds = torch.eye(len(value), dtype=value.dtype, device=value.device)
+    try:
+        return torch.autograd.grad(value, inputs, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
+                                   allow_unused=True)
+    except RuntimeError:
+        rows = [torch.autograd.grad(v, inputs, retain_graph=True, allow_unused=True) for v in value]
+        return tuple(None if g[0] is None else torch.stack(g) for g in zip(*rows))
+
+
+def _rows_from_one_forward(
     adapter: ModelAdapter, tokens: Int[torch.Tensor, "1 L"], positions: list[int], target_ids: list[int], rules: str,
 ) -> Float[torch.Tensor, "R L"]:
-    """Input relevance of several rows of one sequence from ONE forward (batch 1) and one backward per
-    row through the retained graph: the rows share every activation (causal masking), so only the
-    backward differs. Cheaper than replicating the sequence when the batch does not run in parallel
-    (CPU): the forward is paid once per chunk, not once per row."""
-    model = adapter.model
+    """Input relevance of several rows of one sequence from ONE forward (batch 1) and ONE backward
+    vectorised over the rows: causal masking makes every row's activations the prefix of the shared
+    ones, so only the backward differs per row (issue 4, item 3)."""
     roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
     capture = Capture(roots, roots=roots)
-    target = Target.build(model, len(positions), target=target_ids, mode="logprob")
+    target = Target.build(adapter.model, len(positions), target=target_ids, mode="logprob")
     where = torch.tensor(positions, device=adapter.device)
-    out = []
     with torch.enable_grad():
         hooks = rule_hooks(adapter, rules) + capture.hooks
         logits = select_logits(adapter, tokens.to(adapter.device), lambda x: x[:, where], hooks)[0]  # [R, vocab]
@@ -150,14 +160,12 @@ def _shared_forward_rows(
         if not torch.isfinite(values).all():
             raise NumericalError(f"a generated token's log-probability is not finite: {values.tolist()}")
         inputs = [capture.tensors[n] for n in roots]
-        for r in range(len(positions)):
-            grads = torch.autograd.grad(values[r], inputs, retain_graph=r < len(positions) - 1, allow_unused=True)
-            rel = sum((x.detach() * g).sum(-1) for x, g in zip(inputs, grads) if g is not None)
-            out.append(rel[0].double().cpu())
-    return torch.stack(out)
+        grads = _vmapped_backward(values, inputs)
+    rel = sum((x.detach() * g).sum(-1) for x, g in zip(inputs, grads) if g is not None)  # [R, 1, L]
+    return rel[:, 0].double().cpu()
 
 
-def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int, shared_forward: bool = False) -> Float[torch.Tensor, "Y T"]:
+def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int) -> Float[torch.Tensor, "Y T"]:
     adapter = adapt(model)
     adapter.check_eval_mode()
     rules = check_rules(rules)
@@ -167,32 +175,28 @@ def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int, shared
         length = n_prompt + rows[-1]  # the longest prefix in the chunk: positions < P + t
         positions = [n_prompt + t - 1 for t in rows]
         targets = tokens[0, [n_prompt + t for t in rows]].tolist()
-        if shared_forward:
-            rel = _shared_forward_rows(adapter, tokens[:, :length], positions, targets, rules)
-        else:
-            capture, grads = _forward_backward(adapter, tokens[:, :length].expand(len(rows), -1), positions, targets, rules)
-            rel = _input_relevance(adapter, capture, grads)
+        rel = _rows_from_one_forward(adapter, tokens[:, :length], positions, targets, rules)
         for b, t in enumerate(rows):
             table[t, : n_prompt + t] = rel[b, : n_prompt + t]
     return _finite(table, rules)
 
 
 @register("attnlrp")
-def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, shared_forward: bool = False, **_) -> Float[torch.Tensor, "Y T"]:
+def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
     """AttnLRP (SPEC §2.3) relevance of every earlier position for each generated token's log-prob."""
-    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size, shared_forward)
+    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size)
 
 
 @register("cplrp")
-def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, shared_forward: bool = False, **_) -> Float[torch.Tensor, "Y T"]:
+def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
     """CP-LRP (SPEC §2.3): no relevance through the softmax."""
-    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size, shared_forward)
+    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size)
 
 
 @register("input_x_gradient")
-def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, shared_forward: bool = False, **_) -> Float[torch.Tensor, "Y T"]:
+def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
     """Plain Gradient×Input of the token and position embeddings."""
-    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size, shared_forward)
+    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size)
 
 
 def naive_table(model, tokens, n_prompt: int, rules: str = "attnlrp") -> Float[torch.Tensor, "Y T"]:

@@ -45,7 +45,7 @@ PLAN: dict[str, dict] = {
     "facts-small": dict(seed=13, lr=3e-3, batch=64, min_steps=1000, max_steps=20000, target=0.99, checkpoints=False),
     "facts-tiny": dict(seed=14, lr=3e-3, batch=64, min_steps=1000, max_steps=20000, target=0.99, checkpoints=False),
     "arith-small": dict(seed=5, lr=3e-3, batch=64, min_steps=1000, max_steps=20000, target=0.995, checkpoints=False),
-    "arith-tiny": dict(seed=6, lr=3e-3, batch=64, min_steps=1000, max_steps=20000, target=0.99, checkpoints=False),
+    "arith-tiny": dict(seed=6, lr=3e-3, batch=64, min_steps=1000, max_steps=4000, target=0.99, checkpoints=False),
     "ioi-small": dict(n_val=512, seed=7, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=True),
     "ioi-tiny": dict(n_val=512, seed=8, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
 }

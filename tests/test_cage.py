@@ -143,13 +143,13 @@ def test_exports():
 # ---------------------------------------------------------------------------- exact fast tables
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
-@pytest.mark.parametrize("shared_forward", [True, False])
-def test_batched_table_equals_naive_loop(kind, rules, shared_forward):
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_batched_table_equals_naive_loop(kind, rules, chunk_size):
     model = tiny(kind)
     prompt = model.to_tokens(PROMPT)
     tokens = torch.cat([prompt, torch.tensor([[5, 9, 12, 4, 7]])], dim=1)
     method = methods.METHODS[{"gxi": "input_x_gradient"}.get(rules, rules)]
-    fast = method(model, tokens, prompt.shape[1], chunk_size=3, shared_forward=shared_forward)
+    fast = method(model, tokens, prompt.shape[1], chunk_size=chunk_size)
     naive = methods.naive_table(model, tokens, prompt.shape[1], rules)
     arch = adapt(model).arch
     # HF Llama (under a TransformerBridge) computes rotary cos/sin in float32 even for a float64 model;
@@ -158,6 +158,27 @@ def test_batched_table_equals_naive_loop(kind, rules, shared_forward):
     tol = 1e-6 if arch.is_bridge and arch.positional == "rotary" else 1e-8
     assert (fast - naive).abs().max() < tol
     assert fast.abs().sum() > 0
+
+
+def test_per_row_backward_fallback_gives_the_same_table(monkeypatch):
+    """A backward without batching rules for some op falls back to one backward per row."""
+    model = tiny("gpt2")
+    prompt = model.to_tokens(PROMPT)
+    tokens = torch.cat([prompt, torch.tensor([[5, 9, 12, 4]])], dim=1)
+    batched = methods.attnlrp(model, tokens, prompt.shape[1])
+    real_grad = torch.autograd.grad
+    calls = {"batched": 0, "single": 0}
+
+    def no_vmap(*args, is_grads_batched=False, **kwargs):
+        calls["batched" if is_grads_batched else "single"] += 1
+        if is_grads_batched:
+            raise RuntimeError("vmap: no batching rule for this op")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = methods.attnlrp(model, tokens, prompt.shape[1])
+    assert calls == {"batched": 1, "single": 4}
+    torch.testing.assert_close(looped, batched, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- cage() end to end

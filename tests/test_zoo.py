@@ -54,12 +54,10 @@ def test_list_covers_every_task_with_two_sizes():
     listed = zoo.list()
     assert zoo.DEFAULT_MODEL == "ioi"
     assert set(zoo.tasks()) == set(TASKS)
-    assert {"pointer-chase", "ioi"} <= set(SHIPPED_TASKS)
+    assert set(SHIPPED_TASKS) == set(TASKS)  # every task ships a final model and a second size
     for name in SHIPPED_TASKS:
         sizes = {m["size"] for m in listed if m["name"] == name}
-        assert TASKS[name].default_size in sizes, (name, sizes)
-        if name in ("pointer-chase", "ioi"):
-            assert len(sizes) >= 2, (name, sizes)
+        assert TASKS[name].default_size in sizes and len(sizes) >= 2, (name, sizes)
     archs = {m["architecture"] for m in listed}
     assert {"GPT2LMHeadModel", "LlamaForCausalLM"} <= archs
     ioi = next(m for m in listed if m["name"] == "ioi" and m["default"])
@@ -70,7 +68,7 @@ def test_list_covers_every_task_with_two_sizes():
 
 def test_shipped_size_limit():
     total = sum(f.stat().st_size for f in zoo.MODELS_DIR.rglob("*") if f.is_file())
-    assert total <= 20 * 1024 * 1024, total
+    assert total <= 25e6, total  # issue 3: the whole zoo, checkpoints included, within 25 MB
 
 
 def test_bad_names_raise_value_error_listing_options():
@@ -161,10 +159,11 @@ def test_ground_truth_points_at_the_right_tokens(name):
         elif name == "arith":
             q = s.meta["query"]
             v = s.meta["aliases"][q]
-            assert toks[-2] == q and s.completion_tokens == [v, s.meta["values"][v]]
-            assert sorted(toks[p] for p in s.direct_sources[0]) == sorted([q, q, v])
-            assert sorted(toks[p] for p in s.direct_sources[1]) == sorted([v, s.meta["values"][v]])
-            assert s.total_sources[1] == s.direct_sources[0] | s.direct_sources[1]
+            assert toks[-2] == q and s.completion_tokens == [q, v, s.meta["values"][v]]
+            assert [toks[p] for p in s.direct_sources[0]] == [q]
+            assert sorted(toks[p] for p in s.direct_sources[1]) == sorted([q, v])
+            assert sorted(toks[p] for p in s.direct_sources[2]) == sorted([v, s.meta["values"][v]])
+            assert s.total_sources[2] == s.direct_sources[0] | s.direct_sources[1] | s.direct_sources[2]
             heads = set()
             for k in s.ground_truth_sentences:
                 a, b = s.sentence_spans[k]

@@ -256,12 +256,12 @@ ARITH_FILLERS = 2
 
 
 def _gen_arith(rng: random.Random) -> Sample:
-    """Two-step lookup among distractor sentences (CAGE's Math-task analogue).
+    """Two-step lookup among distractor sentences (CAGE's Math-task analogue), worked step by step.
 
     Three value definitions ``a = 3 .``, two alias definitions ``c = a .`` and two unrelated
-    sentences, shuffled, then ``compute c :`` → `` a 3``: first the alias is resolved (reads the
-    query and the alias definition), then the value of the *generated* variable is looked up (reads
-    that variable's definition).
+    sentences, shuffled, then ``compute c :`` → `` c a 3``: the query is restated (reads the query),
+    its alias is resolved (reads the alias definition of the *generated* ``c``), then the value of
+    the generated ``a`` is looked up (reads that variable's definition).
     """
     vars_ = rng.sample(ARITH_VARS, ARITH_DEFS + ARITH_ALIASES)
     value_vars, alias_vars = vars_[:ARITH_DEFS], vars_[ARITH_DEFS:]
@@ -291,8 +291,8 @@ def _gen_arith(rng: random.Random) -> Sample:
     words += [q, ":"]
     lengths.append(3)
     spans = _spans_from_sentences(lengths)
-    comp = [v, vals[v]]
-    direct = [{qpos, def_pos[q], def_pos[q] + 2}, {def_pos[v], def_pos[v] + 2}]
+    comp = [q, v, vals[v]]
+    direct = [{qpos}, {def_pos[q], def_pos[q] + 2}, {def_pos[v], def_pos[v] + 2}]
     return _finish(
         words, comp, direct, sentence_spans=spans,
         ground_truth_sentences=sorted({def_sent[q], def_sent[v]}), query_sentences=[len(items)],
@@ -395,7 +395,7 @@ TASKS: dict[str, Task] = {
     ),
     "arith": Task(
         name="arith",
-        description="two-step variable lookup (alias, then value) among distractor sentences",
+        description="two-step variable lookup worked step by step (query, alias, value) among distractor sentences",
         vocab=_uniq(ARITH_VARS, DIGITS, ["=", ".", ":", "compute"], *FILLER),
         default_size="small",
         _gen=_gen_arith,
