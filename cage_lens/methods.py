@@ -133,7 +133,8 @@ def _finite(table: torch.Tensor, method: str) -> torch.Tensor:
 def _vmapped_backward(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """Gradients of every entry of ``value [R]`` w.r.t. ``inputs``, stacked on a new leading row axis:
     one backward vectorised over the rows (``is_grads_batched``). A model whose backward contains an
-    op without a batching rule falls back to one backward per row (same numbers, slower)."""
+    op without a batching rule (or a vectorised backward that does not fit in memory) falls back to
+    one backward per row (same numbers, slower)."""
     seeds = torch.eye(len(value), dtype=value.dtype, device=value.device)
     try:
         return torch.autograd.grad(value, inputs, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
