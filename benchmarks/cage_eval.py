@@ -140,12 +140,17 @@ def _fmt(values) -> str:
     return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _empty_tally() -> dict:
+    """Per metric: mean-level comparison counts CAGE vs row, and the cells where CAGE is worse."""
+    return {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": []} for m in METRICS}
+
+
 def task_report(data: dict) -> tuple[list[str], dict]:
     lines = [f"### {data['task']} (n = {data['n']}, seed {data['seed']}, model {data['model'].get('name')}-"
              f"{data['model'].get('size')}, {data['model'].get('parameters')} parameters)", ""]
     lines.append("| method | variant | " + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in METRICS.items()) + " | empty rows |")
     lines.append("|---|---|" + "---|" * (len(METRICS) + 1))
-    tally = {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": []} for m in METRICS}
+    tally = _empty_tally()
     for method, per_sample in data["results"].items():
         for kind, norm in VARIANTS:
             key = f"{kind}-{norm}"
@@ -181,7 +186,7 @@ def write_report(raw: list[dict], path: Path, notes: list[str]) -> None:
              "RISE/MAS: sentence deletion, lower is better. AC: attribution coverage (double bound). "
              "P@k, AUROC: ground-truth source sentences among the content sentences.", ""]
     lines += notes
-    totals = {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": []} for m in METRICS}
+    totals = _empty_tally()
     body = []
     for data in raw:
         task_lines, tally = task_report(data)
