@@ -111,18 +111,6 @@ def _forward_backward(
     return capture, grads
 
 
-def _summed(capture: Capture, grads, name: str) -> Float[torch.Tensor, "B L"]:
-    return capture.relevance(grads, name).sum(-1).detach().double().cpu()
-
-
-def _input_relevance(adapter: ModelAdapter, capture: Capture, grads) -> Float[torch.Tensor, "B L"]:
-    """Token + position embedding relevance (everything that enters block 0)."""
-    rel = _summed(capture, grads, adapter.embed_hook)
-    if adapter.has_position_embedding:
-        rel = rel + _summed(capture, grads, adapter.pos_embed_hook)
-    return rel
-
-
 def _finite(table: torch.Tensor, method: str) -> torch.Tensor:
     if not torch.isfinite(table).all():
         raise NumericalError(f"{method} produced NaN or inf scores; try float32/float64 weights")
