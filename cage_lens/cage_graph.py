@@ -1,4 +1,4 @@
-"""CAGE generation graphs (SPEC §2.1): attribution across generation steps, marginalised over paths.
+"""CAGE generation graphs: attribution across generation steps, marginalised over paths (docs/cage.md).
 
 >>> graph = cage(model, "a > b ; b > c ; start a :", max_new_tokens=2)
 >>> graph.context_attribution()        # CAGE: all paths prompt → … → outputs
@@ -24,14 +24,15 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
-from cage_lens.inputs import greedy_continuation
+from cage_lens.inputs import as_int, check_token_ids, greedy_continuation, single_prompt, tokenize
 from cage_lens.methods import check_sequence, get_method
 from cage_lens.spans import Span, block_sum, check_tiling, split_sentences, token_spans
+from cage_lens.viz import printable
 
 __all__ = ["cage", "GenerationGraph", "NORMALIZATIONS", "normalize_table", "greedy_continuation"]
 
 NORMALIZATIONS = ("paper", "signed", "none")
-PAPER_EPS = 1e-8  # the reference implementation's denominator guard (SPEC §2.1)
+PAPER_EPS = 1e-8  # the reference implementation's denominator guard (docs/cage.md#normalisation)
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -42,7 +43,7 @@ def _causal_mask(n_rows: int, n_prompt: int) -> torch.Tensor:
 
 
 def normalize_table(table: Float[torch.Tensor, "Y N"], how: str) -> tuple[Float[torch.Tensor, "Y N"], list[int]]:
-    """Normalise rows (SPEC §2.1). Returns the matrix and the rows that carried no mass.
+    """Normalise rows (docs/cage.md#normalisation). Returns the matrix and the rows that carried no mass.
 
     - ``"paper"``: ``max(T, 0) / (Σ max(T, 0) + 1e-8)`` (the reference's guard); a row with no positive
       entry becomes all zeros and is reported.
@@ -129,12 +130,13 @@ class GenerationGraph:
         Y = self.n_generated
         if outputs is None:
             return torch.ones(Y, dtype=torch.float64)
-        items = [outputs] if isinstance(outputs, int) else list(outputs)
+        items = [outputs] if as_int(outputs) is not None else list(outputs)
         e = torch.zeros(Y, dtype=torch.float64)
         for o in items:
-            if isinstance(o, bool) or not isinstance(o, int) or not -Y <= o < Y:
+            index = as_int(o)
+            if index is None or not -Y <= index < Y:
                 raise InputError(f"output {o!r} is not a generated node index in [-{Y}, {Y})")
-            e[o] = 1
+            e[index] = 1
         return e
 
     def _path_weights(self, outputs) -> Float[torch.Tensor, "Y"]:
@@ -150,7 +152,7 @@ class GenerationGraph:
         return self._selector(outputs) @ self.A_YP
 
     def context_attribution(self, outputs=None) -> Float[torch.Tensor, "P"]:
-        """CAGE: ``Σ_τ e_τᵀ (I − A_YY)⁻¹ A_YP`` over the chosen outputs (SPEC §2.1)."""
+        """CAGE: ``Σ_τ e_τᵀ (I − A_YY)⁻¹ A_YP`` over the chosen outputs (docs/cage.md#context-attribution)."""
         return self._path_weights(outputs) @ self.A_YP
 
     def context_matrix(self) -> Float[torch.Tensor, "Y P"]:
@@ -172,11 +174,11 @@ class GenerationGraph:
         """The ``k`` paths (by |product of edge weights|) from prompt node ``source`` to generated node
         ``output``; each path is a list of node indices (prompt j, generated t as ``n_prompt + t``)."""
         P, Y = self.n_prompt, self.n_generated
-        if not isinstance(source, int) or not 0 <= source < P:
+        if as_int(source) is None or not 0 <= as_int(source) < P:
             raise InputError(f"source must be a prompt node index in [0, {P}), got {source!r}")
-        if not isinstance(output, int) or not -Y <= output < Y:
+        if as_int(output) is None or not -Y <= as_int(output) < Y:
             raise InputError(f"output must be a generated node index in [-{Y}, {Y}), got {output!r}")
-        output %= Y
+        source, output = as_int(source), as_int(output) % Y
         best: list[list[tuple[float, list[int]]]] = []
         for u in range(output + 1):
             cands = []
@@ -225,7 +227,8 @@ class GenerationGraph:
         lines = [
             f"GenerationGraph(method={self.method!r}, normalize={self.normalize!r}, "
             f"{self.n_prompt} prompt nodes, {self.n_generated} generated nodes)",
-            f"  generated: {' | '.join(self.labels[self.n_prompt:][:12])}{' …' if self.n_generated > 12 else ''}",
+            f"  generated: {' | '.join(printable(w) for w in self.labels[self.n_prompt:][:12])}"
+            f"{' …' if self.n_generated > 12 else ''}",
             f"  CAGE top prompt nodes: {self._top(self.context_attribution())}",
             f"  row attribution top:   {self._top(self.row_attribution())}",
         ]
@@ -243,9 +246,10 @@ class GenerationGraph:
             return f'<td style="background:{color}">{float(v):+.3f}</td>'
 
         rows = "".join(
-            f"<tr><td>{j}</td><td>{html.escape(self.labels[j])}</td>{cell(c[j])}{cell(r[j])}</tr>" for j in range(self.n_prompt)
+            f"<tr><td>{j}</td><td>{html.escape(printable(self.labels[j]))}</td>{cell(c[j])}{cell(r[j])}</tr>"
+            for j in range(self.n_prompt)
         )
-        gen = html.escape(" | ".join(self.labels[self.n_prompt:]))
+        gen = html.escape(" | ".join(printable(w) for w in self.labels[self.n_prompt:]))
         note = f"<p>rows with no mass: {self.empty_rows}</p>" if self.empty_rows else ""
         return (
             f"<div><b>GenerationGraph</b> method={html.escape(self.method)} normalize={self.normalize}<br>"
@@ -255,36 +259,36 @@ class GenerationGraph:
 
 
 # ---------------------------------------------------------------------------- cage()
-def _prompt_tokens(model, prompt, prepend_bos) -> Int[torch.Tensor, "1 P"]:
-    if isinstance(prompt, torch.Tensor):
-        return prompt.reshape(1, -1).long().cpu()
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("prompt must be a non-empty string or a token tensor")
-    kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-    return model.to_tokens(prompt, **kwargs).cpu()
-
-
-def _completion_tokens(model, completion) -> Int[torch.Tensor, "1 Y"]:
+def _completion_tokens(model, completion) -> Int[torch.Tensor, "1 pos"]:
     if isinstance(completion, str):
-        ids = model.to_tokens(completion, prepend_bos=False).cpu() if completion else torch.zeros(1, 0, dtype=torch.long)
-    else:
-        ids = torch.as_tensor(completion, dtype=torch.long).reshape(1, -1)
-    if ids.shape[1] == 0:
-        raise InputError("the completion is empty: there is no generated token to explain")
+        if not completion.strip():
+            raise InputError("the completion is empty: there is no generated token to explain")
+        return tokenize(model, completion, prepend_bos=False, role="the completion")[None]
+    ids = check_token_ids(model, completion, role="the completion")
+    if ids.shape[0] != 1:
+        raise InputError(f"the completion must be one row of token ids, got shape {tuple(ids.shape)}")
     return ids
 
 
 def _sequence(model, prompt, completion, max_new_tokens, prepend_bos, stop_at_eos) -> tuple[torch.Tensor, int]:
-    prompt_ids = _prompt_tokens(model, prompt, prepend_bos)
-    if completion is not None:
-        if max_new_tokens is not None:
-            raise InputError("give either completion= (teacher forcing) or max_new_tokens= (greedy generation), not both")
-        return torch.cat([prompt_ids, _completion_tokens(model, completion)], dim=1), prompt_ids.shape[1]
-    if max_new_tokens is None:
+    """Prompt + continuation ``[1, pos]`` and the prompt length."""
+    if completion is not None and max_new_tokens is not None:
+        raise InputError("give either completion= (teacher forcing) or max_new_tokens= (greedy generation), not both")
+    if completion is None and max_new_tokens is None:
         raise InputError("give completion= (teacher forcing) or max_new_tokens= (greedy generation)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    prompt_ids = single_prompt(model, prompt, prepend_bos, "cage")
+    n_prompt, n_ctx = prompt_ids.shape[1], int(model.cfg.n_ctx)
+    if completion is not None:
+        return torch.cat([prompt_ids, _completion_tokens(model, completion)], dim=1), n_prompt
+    new_tokens = as_int(max_new_tokens)
+    if new_tokens is None or new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int (an empty continuation has nothing to explain), got {max_new_tokens!r}")
-    return greedy_continuation(model, prompt_ids, max_new_tokens, stop_at_eos), prompt_ids.shape[1]
+    if n_prompt + new_tokens > n_ctx:
+        raise InputError(
+            f"the prompt has {n_prompt} tokens and the model's context (n_ctx) is {n_ctx}: "
+            f"max_new_tokens={new_tokens} does not fit; at most {max(0, n_ctx - n_prompt)} new tokens do"
+        )
+    return greedy_continuation(model, prompt_ids, new_tokens, stop_at_eos), n_prompt
 
 
 def _node_spans(model, tokens, n_prompt: int, granularity) -> list[Span] | None:
@@ -328,7 +332,7 @@ def cage(
     stop_at_eos: bool = False,
     **method_options,
 ) -> GenerationGraph:
-    """Explain a continuation of ``prompt`` as a CAGE graph (SPEC §2.1).
+    """Explain a continuation of ``prompt`` as a CAGE graph (docs/cage.md).
 
     Args:
         model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.

@@ -1,4 +1,4 @@
-"""``explain_failure``: why did the model prefer the wrong token over the correct one? (SPEC §2.2)
+"""``explain_failure``: why did the model prefer the wrong token over the correct one? (docs/failure.md)
 
 The explained quantity is ``Δℓ = logit(wrong) − logit(correct)`` at the last position of the prompt
 (the prompt being the input plus the completion up to, not including, the wrong token). Positive
@@ -14,9 +14,11 @@ from typing import Sequence
 import torch
 from jaxtyping import Float
 
+from cage_lens.adapter import adapt
 from cage_lens.attribution import Attribution, attribute
 from cage_lens.circuit import CircuitGraph, circuit_graph, node_label
 from cage_lens.errors import InputError
+from cage_lens.inputs import as_int, single_prompt
 from cage_lens.targets import resolve_token
 from cage_lens.viz import html_page, terminal_heatmap, token_spans_html
 
@@ -83,11 +85,24 @@ class FailureExplanation:
         return page
 
 
-def _special_positions(model, token_ids: Sequence[int], extra: Sequence[int]) -> list[int]:
+def _excluded_positions(model, token_ids: Sequence[int], extra: Sequence[int]) -> list[int]:
+    """Special-token positions plus the user's ``extra`` ones (negatives count from the end)."""
+    n = len(token_ids)
     tokenizer = getattr(model, "tokenizer", None)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     positions = {i for i, t in enumerate(token_ids) if t in special}
-    return sorted(positions | {i if i >= 0 else len(token_ids) + i for i in extra})
+    for p in extra:
+        q = as_int(p)
+        if q is None or not -n <= q < n:
+            raise InputError(f"exclude holds {p!r}, which is not a position of the {n}-token prompt (valid: -{n} to {n - 1})")
+        positions.add(q % n)
+    return sorted(positions)
+
+
+def _top1(model, tokens: torch.Tensor) -> int:
+    """The model's greedy next token after ``tokens [1, pos]``."""
+    with torch.no_grad():
+        return int(model(tokens.to(adapt(model).device))[0, -1].argmax())
 
 
 def explain_failure(
@@ -106,7 +121,8 @@ def explain_failure(
 
     Args:
         model: a TransformerLens model.
-        prompt: the input plus the completion up to (not including) the wrong token.
+        prompt: ONE input (string or token ids) plus the completion up to (not including) the wrong
+            token; explain a list of failures one call at a time.
         wrong: the wrong token the model emitted (one token; default: its top-1 prediction).
         correct: a correct alternative (one token).
         exclude: extra positions left out of the heatmap's normalisation (chat-template tokens);
@@ -115,23 +131,23 @@ def explain_failure(
     """
     if correct is None:
         raise InputError("explain_failure needs correct= (a correct alternative token)")
-    if wrong is not None and resolve_token(model, wrong, "wrong") == resolve_token(model, correct, "correct"):
+    tokens = single_prompt(model, prompt, prepend_bos, "explain_failure")
+    correct_id = resolve_token(model, correct, "correct")
+    wrong_id = _top1(model, tokens) if wrong is None else resolve_token(model, wrong, "wrong")
+    if wrong_id == correct_id:
+        if wrong is None:
+            raise InputError("the model's top-1 prediction is the correct token: there is no failure to explain")
         raise InputError(f"wrong and correct are the same token ({wrong!r}); nothing to contrast")
-    attribution = attribute(model, prompt, target=wrong, contrast=correct, rules=rules, prepend_bos=prepend_bos)
+    excluded = _excluded_positions(model, tokens[0].tolist(), exclude)
+    attribution = attribute(model, tokens, target=wrong_id, contrast=correct_id, rules=rules)
     n = attribution.lengths[0]
-    tokens = attribution.tokens[0, :n].tolist()
-    wrong_id = attribution.target_ids[0]
-    if wrong_id == attribution.contrast_ids[0]:
-        raise InputError("the model's top-1 prediction is the correct token: there is no failure to explain")
-    excluded = _special_positions(model, tokens, exclude)
     relevance = attribution.input_relevance[0, :n]
     points, trace = attribution.layer_trace(0)
-    graph = circuit_graph(model, attribution.tokens[0, :n], target=wrong_id, contrast=attribution.contrast_ids[0],
-                          rules=rules, levels=levels, **graph_options)
+    graph = circuit_graph(model, tokens, target=wrong_id, contrast=correct_id, rules=rules, levels=levels, **graph_options)
     return FailureExplanation(
         prompt_tokens=attribution.str_tokens[0][:n],
         wrong=model.to_string(torch.tensor([wrong_id])),
-        correct=model.to_string(torch.tensor([attribution.contrast_ids[0]])),
+        correct=model.to_string(torch.tensor([correct_id])),
         delta=float(attribution.target_value[0]),
         heatmap=attribution.normalized(0, excluded, include_positions=True),
         excluded=excluded,

@@ -1,18 +1,33 @@
-"""Turning user inputs (string, list of strings, token tensor) into a checked token batch."""
+"""Turning user inputs (string, list of strings, token ids) into a checked token batch.
+
+Every entry point (``attribute``, ``circuit_graph``, ``explain_failure``, ``cage``, the CLI) tokenises
+through :func:`tokenize`, so the same checks hold everywhere (see docs/transformerlens.md#tokenisation):
+
+- no silent truncation: TransformerLens' ``to_tokens`` cuts strings to ``n_ctx`` by default; here a
+  string longer than the model's context is refused with its length;
+- no silent substitution: a word the tokenizer does not know would become ``<unk>``; it is refused
+  with the words named. To explain ``<unk>`` deliberately, pass token ids (``model.to_tokens(...)``):
+  ids are taken as they are;
+- token ids must be integers inside the vocabulary; numpy integers are accepted wherever ints are.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from jaxtyping import Int
 
 from cage_lens.errors import InputError
 
-__all__ = ["TokenBatch", "to_token_batch", "resolve_positions", "special_token_id", "greedy_continuation"]
+__all__ = [
+    "TokenBatch", "to_token_batch", "tokenize", "encode", "unknown_words", "single_prompt", "check_token_ids", "as_int",
+    "resolve_positions", "special_token_id", "greedy_continuation",
+]
 
-Inputs = Union[str, Sequence[str], torch.Tensor]
+Inputs = Union[str, Sequence[str], torch.Tensor, np.ndarray]
 
 
 @dataclass
@@ -28,6 +43,25 @@ class TokenBatch:
         return self.tokens.shape[0]
 
 
+# ---------------------------------------------------------------------------- scalars
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer: an ``int``, a numpy integer, or a one-element
+    integer tensor / array. ``None`` for anything else (bools and floats are not token ids)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
+        return int(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not _non_integer(value.dtype):
+        return int(value.item())
+    return None
+
+
+def _non_integer(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
+
+
 def special_token_id(model, *attributes: str, default: int = 0) -> int:
     """The first of the tokenizer's ``attributes`` (e.g. ``"eos_token_id"``) that is set, else ``default``."""
     tokenizer = getattr(model, "tokenizer", None)
@@ -38,9 +72,143 @@ def special_token_id(model, *attributes: str, default: int = 0) -> int:
     return default
 
 
+# ---------------------------------------------------------------------------- strings
+def encode(model, text: str, prepend_bos: bool | None = None) -> Int[torch.Tensor, "pos"]:
+    """``model.to_tokens(text)[0]`` on the CPU, *without* TransformerLens' silent truncation to ``n_ctx``."""
+    kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+    try:
+        tokens = model.to_tokens(text, truncate=False, **kwargs)
+    except TypeError:  # a duck-typed model without the truncate option: it cannot truncate either
+        tokens = model.to_tokens(text, **kwargs)
+    return tokens[0].cpu()
+
+
+def unknown_words(model, text: str) -> list[str]:
+    """The pieces of ``text`` that the model's tokenizer maps to its unknown token (``<unk>``), in order.
+    A literal ``<unk>`` written in the text is not counted. Empty when the tokenizer has no unknown
+    token (byte-level BPE such as GPT-2's never needs one)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
+    if unk_id is None:
+        return []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk_id and text[a:b] != unk]
+    except (NotImplementedError, TypeError, KeyError, ValueError):  # a slow tokenizer has no offsets: count instead
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [str(unk)] * max(0, ids.count(unk_id) - (text.count(unk) if unk else 0))
+
+
+def _refuse_unknown(model, text: str, role: str) -> None:
+    words = unknown_words(model, text)
+    if words:
+        unk = getattr(model.tokenizer, "unk_token", "<unk>")
+        named = ", ".join(repr(w) for w in dict.fromkeys(words))
+        raise InputError(
+            f"{role} has {len(words)} word(s) the model's vocabulary does not contain: {named} (each would become "
+            f"{unk!r}). Use known words, or pass token ids (model.to_tokens(...)) to explain {unk!r} deliberately."
+        )
+
+
+def tokenize(
+    model, text: str, prepend_bos: bool | None = None, role: str = "the prompt", allow_unknown: bool = False
+) -> Int[torch.Tensor, "pos"]:
+    """One prompt as token ids, checked: not empty, not longer than the model's context (nothing is
+    truncated), no word silently replaced by ``<unk>`` (unless ``allow_unknown``)."""
+    if not isinstance(text, str):
+        raise InputError(f"{role} is a {type(text).__name__}; expected a string")
+    if not text.strip():
+        raise InputError(f"{role} is empty: there is nothing to explain")
+    tokens = encode(model, text, prepend_bos)
+    n_ctx = int(model.cfg.n_ctx)
+    if len(tokens) > n_ctx:
+        raise InputError(
+            f"{role} is {len(tokens)} tokens long but the model's context (n_ctx) is {n_ctx}; "
+            f"TransformerLens would silently cut it to the first {n_ctx}. Shorten it."
+        )
+    if not allow_unknown:
+        _refuse_unknown(model, text, role)
+    return tokens
+
+
+# ---------------------------------------------------------------------------- token ids
+def check_token_ids(model, ids, role: str = "the token tensor") -> Int[torch.Tensor, "batch pos"]:
+    """Integer ids ``[pos]`` or ``[batch, pos]`` (tensor, numpy array or list of ints) inside the
+    vocabulary and the context, as a ``[batch, pos]`` long tensor on the CPU."""
+    if isinstance(ids, (list, tuple)) and ids and all(as_int(i) is not None for i in ids):
+        ids = np.asarray([as_int(i) for i in ids])
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"{role} must hold integer ids, got numpy dtype {ids.dtype}")
+        ids = torch.as_tensor(ids)
+    if not isinstance(ids, torch.Tensor):
+        raise InputError(f"{role} must hold token ids, got {type(ids).__name__}")
+    if _non_integer(ids.dtype):
+        raise InputError(f"{role} must hold integer ids, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise InputError(f"{role} must be [pos] or [batch, pos], got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise InputError(f"{role} is empty")
+    d_vocab, n_ctx = int(model.cfg.d_vocab), int(model.cfg.n_ctx)
+    if int(ids.min()) < 0 or int(ids.max()) >= d_vocab:
+        raise InputError(f"token ids must lie in [0, {d_vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
+    if ids.shape[1] > n_ctx:
+        raise InputError(f"the input has {ids.shape[1]} tokens but the model's context (n_ctx) is {n_ctx}")
+    return ids.long().cpu()
+
+
+def to_token_batch(model, inputs: Inputs, prepend_bos: bool | None = None) -> TokenBatch:
+    """A prompt, a list of prompts (right-padded) or token ids as a checked :class:`TokenBatch`."""
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        tokens = check_token_ids(model, inputs)
+        return TokenBatch(tokens, [tokens.shape[1]] * tokens.shape[0])
+    if isinstance(inputs, str):
+        rows = [tokenize(model, inputs, prepend_bos)]
+    elif isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise InputError("no inputs given (empty list)")
+        rows = [tokenize(model, text, prepend_bos, role=f"inputs[{i}]") for i, text in enumerate(inputs)]
+    else:
+        raise InputError(f"inputs must be a string, a list of strings or a token tensor, got {type(inputs).__name__}")
+    lengths = [len(r) for r in rows]
+    pad = special_token_id(model, "pad_token_id", "eos_token_id", "bos_token_id")
+    tokens = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    return TokenBatch(tokens, lengths)
+
+
+def single_prompt(model, inputs: Inputs, prepend_bos: bool | None, what: str) -> Int[torch.Tensor, "1 pos"]:
+    """The tokens of exactly one prompt; ``what`` (e.g. ``"cage"``) names the caller in the error."""
+    batch = to_token_batch(model, inputs, prepend_bos)
+    if batch.batch != 1:
+        raise InputError(f"{what} explains one prompt at a time; got a batch of {batch.batch}. Call it once per prompt.")
+    return batch.tokens
+
+
+def resolve_positions(position, lengths: list[int]) -> list[int]:
+    """Explained position per row; negative values count from each row's last real token."""
+    positions = position if isinstance(position, (list, tuple)) else [position] * len(lengths)
+    if len(positions) != len(lengths):
+        raise InputError(f"position has {len(positions)} entries but the batch has {len(lengths)} rows")
+    out = []
+    for p, n in zip(positions, lengths):
+        q = as_int(p)
+        if q is None:
+            raise InputError(f"position must be an int, got {type(p).__name__}")
+        p, q = q, q + n if q < 0 else q
+        if not 0 <= q < n:
+            raise InputError(f"position {p} is outside the prompt of {n} tokens (valid: -{n} to {n - 1})")
+        out.append(q)
+    return out
+
+
+# ---------------------------------------------------------------------------- generation
 def greedy_continuation(
-    model, tokens: Int[torch.Tensor, "1 P"], max_new_tokens: int, stop_at_eos: bool = False
-) -> Int[torch.Tensor, "1 T"]:
+    model, tokens: Int[torch.Tensor, "1 pos"], max_new_tokens: int, stop_at_eos: bool = False
+) -> Int[torch.Tensor, "1 pos"]:
     """Prompt plus up to ``max_new_tokens`` greedy tokens, with plain ``model(tokens)`` calls (portable
     across TL versions). Stops at the model's context length, and after emitting EOS when
     ``stop_at_eos`` (the EOS token is kept)."""
@@ -57,60 +225,3 @@ def greedy_continuation(
             if stop_at_eos and int(nxt) == eos:
                 break
     return tokens.cpu()
-
-
-def to_token_batch(model, inputs: Inputs, prepend_bos: bool | None = None) -> TokenBatch:
-    """Tokenise with the model's own ``to_tokens`` (default BOS handling unless ``prepend_bos``)."""
-    n_ctx, d_vocab = int(model.cfg.n_ctx), int(model.cfg.d_vocab)
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
-            raise InputError(f"a token tensor must hold integer ids, got dtype {inputs.dtype}")
-        if inputs.ndim == 1:
-            inputs = inputs[None]
-        if inputs.ndim != 2:
-            raise InputError(f"a token tensor must be [pos] or [batch, pos], got shape {tuple(inputs.shape)}")
-        if inputs.shape[1] == 0 or inputs.shape[0] == 0:
-            raise InputError("the token tensor is empty")
-        if int(inputs.min()) < 0 or int(inputs.max()) >= d_vocab:
-            raise InputError(f"token ids must lie in [0, {d_vocab}); got range [{int(inputs.min())}, {int(inputs.max())}]")
-        tokens, lengths = inputs.long(), [inputs.shape[1]] * inputs.shape[0]
-    elif isinstance(inputs, (list, tuple)):
-        if not inputs:
-            raise InputError("no inputs given (empty list)")
-        rows = []
-        for i, text in enumerate(inputs):
-            if not isinstance(text, str):
-                raise InputError(f"inputs[{i}] is a {type(text).__name__}; expected a string")
-            if not text.strip():
-                raise InputError(f"inputs[{i}] is an empty prompt")
-            kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-            rows.append(model.to_tokens(text, **kwargs)[0])
-        lengths = [len(r) for r in rows]
-        tokens = torch.full((len(rows), max(lengths)), special_token_id(model, "pad_token_id", "eos_token_id", "bos_token_id"), dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = row.cpu()
-    else:
-        raise InputError(f"inputs must be a string, a list of strings or a token tensor, got {type(inputs).__name__}")
-    if tokens.shape[1] > n_ctx:
-        raise InputError(f"the input has {tokens.shape[1]} tokens but the model's context (n_ctx) is {n_ctx}")
-    return TokenBatch(tokens, lengths)
-
-
-def resolve_positions(position, lengths: list[int]) -> list[int]:
-    """Explained position per row; negative values count from each row's last real token."""
-    positions = position if isinstance(position, (list, tuple)) else [position] * len(lengths)
-    if len(positions) != len(lengths):
-        raise InputError(f"position has {len(positions)} entries but the batch has {len(lengths)} rows")
-    out = []
-    for p, n in zip(positions, lengths):
-        if isinstance(p, torch.Tensor):
-            p = int(p.item())
-        if not isinstance(p, int) or isinstance(p, bool):
-            raise InputError(f"position must be an int, got {type(p).__name__}")
-        q = p + n if p < 0 else p
-        if not 0 <= q < n:
-            raise InputError(f"position {p} is outside the prompt of {n} tokens")
-        out.append(q)
-    return out

@@ -26,6 +26,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cage_lens.errors import InputError
+
 __all__ = ["Sample", "Task", "TASKS", "task", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -75,6 +77,8 @@ class Task:
     sentence_level: bool = False
 
     def sample(self, n: int, seed: int = 0) -> list[Sample]:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InputError(f"n is the number of samples: a non-negative int, got {n!r}")
         rng = random.Random(f"{self.name}:{seed}")
         return [self._gen(rng) for _ in range(n)]
 
