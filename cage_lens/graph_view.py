@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 
-from cage_lens.viz import html_page, relevance_color
+from cage_lens.viz import html_page, printable, relevance_color
 
 __all__ = ["graph_svg", "graph_html"]
 
@@ -72,7 +72,7 @@ def graph_svg(graph, max_edges: int = 3000) -> str:
         weight = "bold" if pos == graph.position else "normal"
         parts.append(
             f"<text x='{x:.1f}' y='{base}' text-anchor='end' font-weight='{weight}' "
-            f"transform='rotate(-40 {x:.1f} {base})'>{html.escape(token)}</text>"
+            f"transform='rotate(-40 {x:.1f} {base})'>{html.escape(printable(token))}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)

@@ -7,12 +7,36 @@ contrastive explanation), blue = negative (supports the contrast / correct token
 from __future__ import annotations
 
 import html
+import unicodedata
 from typing import Sequence
 
 __all__ = [
-    "relevance_color", "token_spans_html", "attribution_html", "terminal_heatmap", "html_page",
+    "printable", "relevance_color", "token_spans_html", "attribution_html", "terminal_heatmap", "html_page",
     "layer_token_table_html", "explain_report_html",
 ]
+
+
+#: control (Cc), format (Cf: bidi overrides such as RLO, zero-width marks), surrogate (Cs) and
+#: line/paragraph separator (Zl, Zp) characters never reach a terminal or a page as they are
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control, format or separator character replaced by a visible escape
+    (``\\x1b``, ``\\u202e``, ``\\n`` …), so token text can neither drive the terminal (ANSI escape
+    sequences), reorder what is displayed (bidi overrides) nor break a line. Used for every token shown
+    by the heatmaps, HTML views and result reprs."""
+    out = []
+    for ch in str(text):
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def relevance_color(value: float) -> str:
@@ -26,7 +50,7 @@ def token_spans_html(tokens: Sequence[str], scaled: Sequence[float], raw: Sequen
     raw = scaled if raw is None else raw
     spans = []
     for tok, s, r in zip(tokens, scaled, raw):
-        text = html.escape(tok).replace(" ", "&nbsp;") or "&#8203;"
+        text = html.escape(printable(tok)).replace(" ", "&nbsp;") or "&#8203;"
         spans.append(
             f'<span title="{html.escape(repr(tok))}: {r:+.4g}" '
             f'style="background:{relevance_color(s)};padding:1px 2px;margin:1px;border-radius:3px;'
@@ -68,7 +92,7 @@ def terminal_heatmap(tokens: Sequence[str], scaled: Sequence[float], color: bool
     """Tokens with ANSI 24-bit background colours, plus a ``[+0.42]`` tag when colour is off."""
     out = []
     for tok, v in zip(tokens, scaled):
-        shown = tok.replace("\n", "\\n")
+        shown = printable(tok)
         if color:
             rgb = relevance_color(v)[4:-1]
             r, g, b = (int(x) for x in rgb.split(","))
@@ -81,7 +105,7 @@ def terminal_heatmap(tokens: Sequence[str], scaled: Sequence[float], color: bool
 def layer_token_table_html(str_tokens: Sequence[str], names: Sequence[str], matrix) -> str:
     """Layer × token heatmap table; each row is scaled by its own max |R| (the title shows raw values)."""
     header = "<tr><th></th>" + "".join(
-        f"<th style='writing-mode:vertical-rl;font-family:monospace'>{html.escape(t)}</th>" for t in str_tokens
+        f"<th style='writing-mode:vertical-rl;font-family:monospace'>{html.escape(printable(t))}</th>" for t in str_tokens
     ) + "</tr>"
     rows = []
     for name, values in zip(names, matrix.tolist()):
@@ -105,7 +129,7 @@ def explain_report_html(attribution, prompt: str, continuation: str, model_name:
     )
     body = (
         f"<p><b>model</b> {html.escape(model_name)} &nbsp; <b>rules</b> {html.escape(attribution.rules)}<br>"
-        f"<b>prompt</b> {html.escape(prompt)}<br><b>greedy continuation</b> {html.escape(continuation)!s}<br>"
+        f"<b>prompt</b> {html.escape(printable(prompt))}<br><b>greedy continuation</b> {html.escape(printable(continuation))}<br>"
         f"<b>explained</b> {html.escape(attribution.target_description)} = {float(attribution.target_value[0]):.4f}</p>"
         "<h3>Input tokens</h3>" + attribution_html(attribution, max_rows=1)
         + "<h3>Relevance per layer and token</h3>"
