@@ -6,48 +6,57 @@
 >>> attr.token_relevance          # [batch, pos]
 >>> with cage_lens.lrp(model, "attnlrp"):   # any TL workflow under the LRP rules
 ...     logits, cache = model.run_with_cache(tokens)
+
+Every public name is imported on first use (PEP 562), so ``import cage_lens`` and ``cage-lens --help``
+do not pay for importing torch and TransformerLens.
 """
 
-from cage_lens.adapter import Architecture, ModelAdapter, adapt
-from cage_lens.attribution import Attribution, ConservationReport, NeuronRelevance, attribute
-from cage_lens.errors import CageLensError, InputError, NumericalError, UnsupportedModelError
-from cage_lens.loading import from_hf_model, load_hf_directory
-from cage_lens.rules import RULE_SETS, lrp
-from cage_lens.targets import TARGET_MODES
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-# Heavier features are imported on first use: ``cage_lens.cage(...)``, ``cage_lens.circuit_graph(...)``.
-_LAZY = {
-    "cage": ("cage_lens.cage_graph", "cage"),
-    "GenerationGraph": ("cage_lens.cage_graph", "GenerationGraph"),
-    "circuit_graph": ("cage_lens.circuit", "circuit_graph"),
-    "CircuitGraph": ("cage_lens.circuit", "CircuitGraph"),
-    "explain_failure": ("cage_lens.failure", "explain_failure"),
-    "FailureExplanation": ("cage_lens.failure", "FailureExplanation"),
-    "methods": ("cage_lens.methods", None),
-    "metrics": ("cage_lens.metrics", None),
-    "zoo": ("cage_lens.zoo", None),
+#: public name -> the module defining it (a module itself when the name is a submodule)
+_EXPORTS = {
+    "Architecture": "cage_lens.adapter",
+    "ModelAdapter": "cage_lens.adapter",
+    "adapt": "cage_lens.adapter",
+    "Attribution": "cage_lens.attribution",
+    "ConservationReport": "cage_lens.attribution",
+    "NeuronRelevance": "cage_lens.attribution",
+    "attribute": "cage_lens.attribution",
+    "CageLensError": "cage_lens.errors",
+    "InputError": "cage_lens.errors",
+    "NumericalError": "cage_lens.errors",
+    "UnsupportedModelError": "cage_lens.errors",
+    "from_hf_model": "cage_lens.loading",
+    "load_hf_directory": "cage_lens.loading",
+    "RULE_SETS": "cage_lens.rules",
+    "lrp": "cage_lens.rules",
+    "TARGET_MODES": "cage_lens.targets",
+    "cage": "cage_lens.cage_graph",
+    "GenerationGraph": "cage_lens.cage_graph",
+    "circuit_graph": "cage_lens.circuit",
+    "CircuitGraph": "cage_lens.circuit",
+    "explain_failure": "cage_lens.failure",
+    "FailureExplanation": "cage_lens.failure",
+    "methods": "cage_lens.methods",
+    "metrics": "cage_lens.metrics",
+    "zoo": "cage_lens.zoo",
 }
 
+__all__ = sorted(_EXPORTS)
 
-def __getattr__(name):
-    if name not in _LAZY:
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'cage_lens' has no attribute {name!r}")
-    import importlib
-
-    module_name, attr = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attr is None else getattr(module, attr)
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__ == f"cage_lens.{name}" else getattr(module, name)
     globals()[name] = value
     return value
 
 
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
-
-__all__ = [
-    "Architecture", "Attribution", "CageLensError", "ConservationReport", "InputError", "ModelAdapter",
-    "NeuronRelevance", "NumericalError", "RULE_SETS", "TARGET_MODES", "UnsupportedModelError", "adapt",
-    "attribute", "from_hf_model", "load_hf_directory", "lrp", *_LAZY,
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,8 +6,14 @@
     cage-lens cage "PROMPT" --model pointer-chase --completion " i n b"
     cage-lens zoo                       # list the shipped models
 
-``--model`` takes a zoo model (``ioi``, ``pointer-chase:tiny``, ``ioi@2000`` for a checkpoint), a local
-Hugging Face directory, or a TransformerLens model name (needs the weights locally or network).
+``--model`` takes a zoo model (``ioi``, ``pointer-chase:tiny``, ``ioi@200`` for a checkpoint), a local
+Hugging Face directory, or the name of a model already in the local Hugging Face cache (cage-lens
+never downloads).
+
+Exit status: 0 on success, 2 with one line on stderr for a user error (bad argument, prompt, token,
+model or output path), 130 when interrupted (Ctrl-C). Only ``argparse``, ``os``, ``sys`` and
+``pathlib`` are imported at start-up: torch and TransformerLens load inside the commands, so
+``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -17,58 +23,177 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "load_model"]
+__all__ = ["main", "load_model", "build_parser"]
+
+RULES = ("attnlrp", "cplrp", "gxi")
+MODES = ("logit", "logprob", "demean", "topk_avg")
+
+
+# ---------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``cage-lens explain: error: …``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _user_error(message: str):
+    from cage_lens.errors import InputError
+
+    return InputError(message)
+
+
+def _output_path(path: str | None) -> Path | None:
+    """``--out``, checked before any computation: a file name in an existing, writable directory."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise _user_error(f"--out {path!r} is a directory; give a file name such as {str(out / 'report.html')!r}")
+    if not out.parent.is_dir():
+        raise _user_error(f"--out {path!r}: the directory {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise _user_error(f"--out {path!r} is not writable")
+    return out
+
+
+# ---------------------------------------------------------------------------- models
+def _parse_zoo_spec(spec: str) -> tuple[str, str | None, int | None]:
+    """``name[:size][@checkpoint]`` → (name, size, checkpoint)."""
+    rest, _, checkpoint = spec.partition("@")
+    name, _, size = rest.partition(":")
+    if "@" in spec and not checkpoint.lstrip("-").isdigit():
+        raise _user_error(f"{spec!r}: the checkpoint after '@' must be a training step number (e.g. {name}@200), got {checkpoint!r}")
+    return name, size or None, int(checkpoint) if checkpoint else None
+
+
+def _cached_hub_name(spec: str) -> str | None:
+    """The Hugging Face repo id under which ``spec`` (a repo id or a TransformerLens alias) is in the
+    local Hugging Face cache, or ``None``. Looks at the cache only: no network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    def cached(repo: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+        except ValueError:  # not a valid repo id
+            return False
+
+    if cached(spec):
+        return spec
+    if not any(Path(constants.HF_HUB_CACHE).glob("models--*")):
+        return None  # nothing cached at all: no need to import TransformerLens to resolve an alias
+    for module in ("transformer_lens.supported_models", "transformer_lens.loading_from_pretrained"):
+        try:
+            official = getattr(__import__(module, fromlist=["get_official_model_name"]), "get_official_model_name")(spec)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        return official if cached(official) else None
+    return None
 
 
 def load_model(spec: str | None):
-    """A TL model from a zoo spec ``name[:size][@checkpoint]``, a local HF directory, or a TL model name."""
+    """A TL model from a zoo spec ``name[:size][@checkpoint]``, a local HF directory, or a model in the
+    local Hugging Face cache. Anything else is refused at once, without waiting on the network."""
     from cage_lens import zoo
-    from cage_lens.loading import has_hooked_transformer, load_hf_directory
+    from cage_lens.errors import CageLensError
 
     spec = spec or zoo.DEFAULT_MODEL
-    name, _, checkpoint = spec.partition("@")
-    name, _, size = name.partition(":")
-    if name in zoo.tasks():
-        return zoo.load(name, size or None, int(checkpoint) if checkpoint else None)
-    if Path(spec).is_dir():
-        return load_hf_directory(spec)
-    if spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{spec!r} is not a directory (and not a zoo model: {', '.join(zoo.tasks())})")
-    if has_hooked_transformer():
-        from transformer_lens import HookedTransformer
+    name, size, checkpoint = _parse_zoo_spec(spec)
+    zoo_names = ", ".join(zoo.tasks())
+    try:
+        if name in zoo.tasks():
+            try:
+                directory = zoo.model_dir(name, size, checkpoint)
+            except ValueError as err:
+                raise _user_error(str(err)) from None
+            return _load_directory(directory)
+        if Path(spec).expanduser().is_dir():
+            return _load_directory(Path(spec).expanduser())
+        if spec.startswith((".", "/", "~")):
+            raise _user_error(f"{spec!r} is not a directory (and not a zoo model: {zoo_names})")
+        repo = _cached_hub_name(spec)
+        if repo is None:
+            raise _user_error(
+                f"{spec!r} is not a zoo model ({zoo_names}), a local model directory, or a model in the local "
+                "Hugging Face cache; cage-lens does not download models (fetch it first, e.g. "
+                f"`huggingface-cli download {spec}`, or pass a directory)"
+            )
+        from cage_lens.loading import has_hooked_transformer
 
-        return HookedTransformer.from_pretrained(spec, device="cpu").eval()
-    from transformer_lens.model_bridge import TransformerBridge
+        if has_hooked_transformer():
+            from transformer_lens import HookedTransformer
 
-    return TransformerBridge.boot_transformers(spec, device="cpu").eval()
+            return HookedTransformer.from_pretrained(spec, device="cpu").eval()
+        from transformer_lens.model_bridge import TransformerBridge
+
+        return TransformerBridge.boot_transformers(repo, device="cpu").eval()
+    except CageLensError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # a broken or mismatched model on disk
+        raise _user_error(f"could not load model {spec!r}: {_first_line(err)}") from None
 
 
-def _warn_unknown_tokens(model, str_tokens: list[str]) -> None:
-    unk = getattr(getattr(model, "tokenizer", None), "unk_token", None)
-    unknown = [t for t in str_tokens if unk is not None and t.strip() == unk]
-    if unknown:
-        print(f"warning: {len(unknown)} word(s) are not in this model's vocabulary and became {unk!r}", file=sys.stderr)
+def _load_directory(directory: Path):
+    from cage_lens.loading import load_hf_directory
+
+    return load_hf_directory(directory)
 
 
+# ---------------------------------------------------------------------------- shared steps
+def _prompt_tokens(model, text: str, allow_unknown: bool, role: str = "the prompt", prepend_bos: bool | None = None):
+    """``[1, pos]`` tokens of ``text``; with ``--allow-unknown`` words outside the vocabulary become the
+    unknown token, and the command says which."""
+    from cage_lens.inputs import tokenize, unknown_words
+
+    tokens = tokenize(model, text, prepend_bos, role=role, allow_unknown=allow_unknown)
+    words = unknown_words(model, text) if allow_unknown else []
+    if words:
+        unk = model.tokenizer.unk_token
+        print(f"note: {role} has {len(words)} word(s) outside the vocabulary, explained as {unk!r}: "
+              + ", ".join(repr(w) for w in dict.fromkeys(words)), file=sys.stderr)
+    return tokens[None]
+
+
+def _write(out: Path | None, page: str) -> None:
+    if out is not None:
+        out.write_text(page, encoding="utf-8")
+        print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------- commands
 def cmd_explain(args) -> int:
+    out = _output_path(args.out)
+    model = load_model(args.model)
     import cage_lens
     from cage_lens import zoo
     from cage_lens.inputs import greedy_continuation, special_token_id
-    from cage_lens.viz import explain_report_html, terminal_heatmap
+    from cage_lens.viz import explain_report_html, printable, terminal_heatmap
 
-    model = load_model(args.model)
-    tokens = model.to_tokens(args.prompt)
-    str_tokens = list(model.to_str_tokens(tokens[0]))
-    _warn_unknown_tokens(model, str_tokens)
-    generated_ids = greedy_continuation(model, tokens, args.max_new_tokens, stop_at_eos=True)[0, tokens.shape[1]:]
-    continuation = [t for t in generated_ids.tolist() if t != special_token_id(model, "eos_token_id", "bos_token_id")]
+    tokens = _prompt_tokens(model, args.prompt, args.allow_unknown)
     attr = cage_lens.attribute(
         model, tokens, target=args.target, contrast=args.contrast, rules=args.rules, mode=args.mode
     )
+    generated_ids = greedy_continuation(model, tokens, args.max_new_tokens, stop_at_eos=True)[0, tokens.shape[1]:]
+    eos = special_token_id(model, "eos_token_id", "bos_token_id")
+    continuation = [t for t in generated_ids.tolist() if t != eos]
     color = not args.no_color and (os.environ.get("NO_COLOR") is None) and sys.stdout.isatty()
     generated = model.to_string(continuation) if continuation else ""
     print(f"model:        {args.model or 'zoo:' + zoo.DEFAULT_MODEL} ({cage_lens.adapt(model).arch.describe()})")
-    print(f"prompt:       {args.prompt}")
+    print(f"prompt:       {printable(args.prompt)}")
     print(f"continuation: {generated!r}")
     print(f"explained:    {attr.target_description} = {float(attr.target_value[0]):.4f}   rules: {attr.rules}")
     print()
@@ -79,41 +204,42 @@ def cmd_explain(args) -> int:
         print(f"  {pos:>4}  {tok!r:<16} {rel:+.4f}")
     share = float(attr.conservation.input_share()[0])
     print(f"\nshare of the target reaching the input tokens: {share:.3f} (the rest is absorbed by biases / softmax)")
-    if args.out:
-        Path(args.out).write_text(explain_report_html(attr, args.prompt, generated, args.model or "zoo default"))
-        print(f"wrote {args.out}")
+    _write(out, explain_report_html(attr, args.prompt, generated, args.model or "zoo default"))
     return 0
 
 
 def cmd_failure(args) -> int:
+    out = _output_path(args.out)
+    model = load_model(args.model)
     import cage_lens
 
-    model = load_model(args.model)
+    tokens = _prompt_tokens(model, args.prompt, args.allow_unknown)
     explanation = cage_lens.explain_failure(
-        model, args.prompt, wrong=args.wrong, correct=args.correct, rules=args.rules, levels=args.levels
+        model, tokens, wrong=args.wrong, correct=args.correct, rules=args.rules, levels=args.levels
     )
     print(explanation)
-    if args.out:
-        explanation.to_html(args.out)
-        print(f"wrote {args.out}")
+    _write(out, explanation.to_html())
     return 0
 
 
 def cmd_cage(args) -> int:
+    out = _output_path(args.out)
+    model = load_model(args.model)
     import cage_lens
     from cage_lens.viz import html_page
 
-    model = load_model(args.model)
+    tokens = _prompt_tokens(model, args.prompt, args.allow_unknown)
+    completion = args.completion
+    if completion is not None and completion.strip() and args.allow_unknown:
+        completion = _prompt_tokens(model, completion, True, role="the completion", prepend_bos=False)
     graph = cage_lens.cage(
-        model, args.prompt, completion=args.completion, max_new_tokens=None if args.completion else args.max_new_tokens,
+        model, tokens, completion=completion, max_new_tokens=None if completion is not None else args.max_new_tokens,
         method=args.method, granularity=args.granularity, normalize=args.normalize,
     )
     print(graph)
     if graph.empty_rows:
         print(f"note: generated rows {graph.empty_rows} had no positive attribution and were set to zero")
-    if args.out:
-        Path(args.out).write_text(html_page("cage_lens CAGE graph", graph._repr_html_()))
-        print(f"wrote {args.out}")
+    _write(out, html_page("cage_lens CAGE graph", graph._repr_html_()))
     return 0
 
 
@@ -131,41 +257,49 @@ def cmd_zoo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cage-lens", description="Relevance explanations for TransformerLens models.")
+    from cage_lens import __version__
+
+    parser = _Parser(prog="cage-lens", description="Relevance explanations for TransformerLens models.")
+    parser.add_argument("--version", action="version", version=f"cage-lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "zoo model name[:size][@step] (default: ioi), a local HF directory, or a model in the local HF cache"
+    unknown_help = "explain words outside the vocabulary as the unknown token instead of refusing them"
 
     explain = sub.add_parser("explain", help="explain the next-token prediction for a prompt")
     explain.add_argument("prompt")
-    explain.add_argument("--model", default=None, help="zoo model (default: ioi), local HF directory or TL model name")
+    explain.add_argument("--model", default=None, help=model_help)
     explain.add_argument("--target", default=None, help="token to explain (default: the model's prediction)")
     explain.add_argument("--contrast", default=None, help="explain target minus this token")
-    explain.add_argument("--rules", default="attnlrp", choices=["attnlrp", "cplrp", "gxi"])
-    explain.add_argument("--mode", default="logit", choices=["logit", "logprob", "demean", "topk_avg"])
-    explain.add_argument("--max-new-tokens", type=int, default=4, help="length of the greedy continuation shown")
-    explain.add_argument("--top", type=int, default=5, help="how many top tokens to list")
+    explain.add_argument("--rules", default="attnlrp", choices=RULES)
+    explain.add_argument("--mode", default="logit", choices=MODES)
+    explain.add_argument("--max-new-tokens", type=_integer(0), default=4, help="length of the greedy continuation shown")
+    explain.add_argument("--top", type=_integer(1), default=5, help="how many top tokens to list")
     explain.add_argument("--out", default=None, help="write a self-contained HTML report here")
     explain.add_argument("--no-color", action="store_true")
+    explain.add_argument("--allow-unknown", action="store_true", help=unknown_help)
     explain.set_defaults(func=cmd_explain)
 
     failure = sub.add_parser("failure", help="explain logit(wrong) - logit(correct): heatmap, trace, pruned graph")
     failure.add_argument("prompt", help="the input plus the completion up to (not including) the wrong token")
     failure.add_argument("--correct", required=True, help="a correct alternative token")
     failure.add_argument("--wrong", default=None, help="the wrong token (default: the model's prediction)")
-    failure.add_argument("--model", default=None)
-    failure.add_argument("--rules", default="attnlrp", choices=["attnlrp", "cplrp", "gxi"])
+    failure.add_argument("--model", default=None, help=model_help)
+    failure.add_argument("--rules", default="attnlrp", choices=RULES)
     failure.add_argument("--levels", default="half", choices=["block", "half", "heads", "neurons"])
     failure.add_argument("--out", default=None, help="write the HTML graph view here")
+    failure.add_argument("--allow-unknown", action="store_true", help=unknown_help)
     failure.set_defaults(func=cmd_failure)
 
     cage_cmd = sub.add_parser("cage", help="CAGE generation graph of a continuation")
     cage_cmd.add_argument("prompt")
     cage_cmd.add_argument("--completion", default=None, help="teacher-force this continuation")
-    cage_cmd.add_argument("--max-new-tokens", type=int, default=4, help="greedy tokens when no --completion")
-    cage_cmd.add_argument("--model", default=None)
-    cage_cmd.add_argument("--method", default="attnlrp")
+    cage_cmd.add_argument("--max-new-tokens", type=_integer(1), default=4, help="greedy tokens when no --completion")
+    cage_cmd.add_argument("--model", default=None, help=model_help)
+    cage_cmd.add_argument("--method", default="attnlrp", help="base attribution method (see cage_lens.methods.METHODS)")
     cage_cmd.add_argument("--granularity", default="token", choices=["token", "sentence"])
     cage_cmd.add_argument("--normalize", default="paper", choices=["paper", "signed", "none"])
     cage_cmd.add_argument("--out", default=None, help="write an HTML view of the graph here")
+    cage_cmd.add_argument("--allow-unknown", action="store_true", help=unknown_help)
     cage_cmd.set_defaults(func=cmd_cage)
 
     zoo_cmd = sub.add_parser("zoo", help="list the shipped ground-truth models")
@@ -173,24 +307,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _first_line(err: BaseException) -> str:
+    """The message on one line: its first line (with the next one when the first ends in a colon)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def _quiet_libraries() -> None:
+    """No progress bars, no hub access (cage-lens never downloads), no library warnings on stderr.
+    Set before transformers is imported (it reads the environment at import)."""
     import warnings
 
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
     from cage_lens.errors import CageLensError
 
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a TL dependency
-        pass
     args = build_parser().parse_args(argv)
     try:
+        _quiet_libraries()
         return args.func(args)
-    except (CageLensError, ValueError, OSError) as err:
-        print(f"cage-lens: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("cage-lens: interrupted", file=sys.stderr)
+        return 130
+    except (CageLensError, OSError) as err:
+        print(f"cage-lens: error: {_first_line(err)}", file=sys.stderr)
         return 2
 
 
