@@ -18,7 +18,9 @@ from cage_lens import zoo
 model = zoo.load("ioi")
 prompt = "when mary and john went to the store , john gave a drink to"
 print(cage_lens.adapt(model).arch.describe())
-print("prediction:", model.to_string(model(model.to_tokens(prompt))[0, -1].argmax()))
+prediction = model.to_string(model(model.to_tokens(prompt))[0, -1].argmax())
+print("prediction:", prediction)
+assert prediction == "mary"  # the indirect object: the trained model solves this prompt
 
 # %% [markdown]
 # ## 1. A contrastive explanation
@@ -32,6 +34,8 @@ print(attr)
 # in a terminal, print(attr.show()) renders an ANSI heatmap; in a notebook, `attr` alone shows one
 for pos, tok, rel in attr.top_tokens(5):
     print(f"{pos:>3} {tok!r:>10} {rel:+.3f}")
+# the indirect object's own name carries the largest relevance, and it argues *for* mary
+assert attr.top_tokens(1)[0][:2] == (2, "mary") and attr.top_tokens(1)[0][2] > 0
 
 # %% [markdown]
 # ## 2. Conservation: where does the relevance go?
@@ -42,9 +46,21 @@ for pos, tok, rel in attr.top_tokens(5):
 # %%
 for rules in ("cplrp", "attnlrp", "gxi"):
     a = cage_lens.attribute(model, prompt, target=" mary", contrast=" john", rules=rules)
+    report = a.conservation
     print(f"{rules:8s} target {float(a.target_value[0]):7.3f}   reaches the input: "
-          f"{float(a.conservation.input_share()[0]):6.3f}")
+          f"{float(report.input_share()[0]):6.3f}")
+    # nothing disappears unreported: what reaches the input plus everything absorbed is the target
+    # (float32 model: agreement to float32 rounding of a sum of ~10 terms)
+    assert torch.allclose(report.sums[:, 0] + report.absorbed.sum(-1), a.target_value, rtol=1e-5, atol=1e-5)
 print(attr.conservation.table())
+
+# The exact case: CP-LRP on a random bias-free model (float64) conserves at every residual point.
+from cage_lens.testing import random_model
+
+bias_free = random_model("gpt2", biases=False, dtype=torch.float64)
+exact = cage_lens.attribute(bias_free, "the cat sat on the mat", rules="cplrp")
+print("bias-free model, CP-LRP: largest relative conservation error", exact.conservation.max_error())
+assert exact.conservation.max_error() < 1e-12
 
 # %% [markdown]
 # ## 3. The rules inside any TransformerLens workflow
@@ -58,6 +74,7 @@ stored = {}
 def keep(name):
     def hook(t, hook):
         stored[name] = t
+        return t  # returned: on a TransformerBridge, reshaped hook points (hook_z) join the graph only then
     return hook
 
 with cage_lens.lrp(model, "attnlrp"), model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", keep("r"))]):
@@ -65,7 +82,11 @@ with cage_lens.lrp(model, "attnlrp"), model.hooks(fwd_hooks=[("blocks.1.hook_res
     target = logits[0, -1, attr.target_ids[0]] - logits[0, -1, attr.contrast_ids[0]]
     (grad,) = torch.autograd.grad(target, stored["r"])
 by_hand = (stored["r"] * grad).sum(-1)[0]
-print("by hand == attribute():", torch.allclose(by_hand, attr.node_relevance["blocks.1.hook_resid_post"][0], atol=1e-5))
+same = torch.allclose(by_hand, attr.node_relevance["blocks.1.hook_resid_post"][0], rtol=1e-5, atol=1e-5)
+print("by hand == attribute():", same)
+assert same  # float32 model: the two backward passes may sum in a different order
+with torch.no_grad():
+    assert torch.equal(logits.detach(), model(tokens))  # the rules leave forward values untouched
 
 # %% [markdown]
 # ## 4. Which heads matter?
@@ -75,3 +96,14 @@ print("by hand == attribute():", torch.allclose(by_hand, attr.node_relevance["bl
 per_head = attr.head_relevance[0].sum(-1)  # [layer, head]
 for layer, row in enumerate(per_head.tolist()):
     print(f"layer {layer}: " + "  ".join(f"h{h} {v:+.2f}" for h, v in enumerate(row)))
+
+# The same by hand: z ⊙ ∂target/∂z at every layer's hook_z, summed over d_head and positions.
+zs = {}
+with cage_lens.lrp(model, "attnlrp"), model.hooks(
+    fwd_hooks=[(f"blocks.{l}.attn.hook_z", keep(l)) for l in range(model.cfg.n_layers)]
+):
+    logits = model(tokens)
+    target = logits[0, -1, attr.target_ids[0]] - logits[0, -1, attr.contrast_ids[0]]
+    grads = torch.autograd.grad(target, [stored[l] for l in range(model.cfg.n_layers)])
+by_hand = torch.stack([(stored[l] * g).sum((-1, 1))[0] for l, g in enumerate(grads)])  # [layer, head]
+assert torch.allclose(by_hand, per_head, rtol=1e-5, atol=1e-5)  # float32, as above

@@ -3,7 +3,7 @@
 #
 # The IOI zoo model ships with intermediate training checkpoints. Early checkpoints still fail on
 # many prompts: they name the repeated subject ("bob") instead of the indirect object ("lucy").
-# We explain each failure as `Δℓ = logit(wrong) − logit(correct)` (SPEC §2.2, Tan et al. 2026), then
+# We explain each failure as `Δℓ = logit(wrong) − logit(correct)` (Tan et al. 2026; docs/failure.md), then
 # aggregate over failures and compare the early checkpoint with the final model.
 # Runs offline: `python tutorials/02_failure_analysis.py`.
 
@@ -34,7 +34,9 @@ def failures(model):
 
 
 early_failures = failures(early)
-print(f"step {steps[0]}: {len(early_failures)}/{len(samples)} wrong;  final: {len(failures(final))}/{len(samples)} wrong")
+final_failures = failures(final)
+print(f"step {steps[0]}: {len(early_failures)}/{len(samples)} wrong;  final: {len(final_failures)}/{len(samples)} wrong")
+assert len(early_failures) >= 20 and len(final_failures) < len(early_failures)  # training fixed most of them
 
 # %% [markdown]
 # ## One failure, explained
@@ -44,10 +46,13 @@ print(f"step {steps[0]}: {len(early_failures)}/{len(samples)} wrong;  final: {le
 # attribution graph. Positive relevance pushes towards the wrong token.
 
 # %%
-case = early_failures[0] if early_failures else samples[0]
+case = early_failures[0]
 explanation = cage_lens.explain_failure(early, case.prompt, correct=" " + case.correct)
 print(case.prompt, "| correct:", case.correct)
 print(explanation)
+assert explanation.delta > 0  # a failure: the wrong token's logit is above the correct one's
+shown = [i for i in range(len(explanation.heatmap)) if i not in explanation.excluded]
+assert explanation.heatmap[shown].abs().max() == 1  # divided by max |R| over the non-special tokens
 
 # %% [markdown]
 # ## Aggregated over failures: where does the wrong answer come from?
@@ -67,10 +72,15 @@ def relevance_by_role(model, cases):
     return torch.stack(shares).mean(0) if shares else torch.zeros(4)
 
 
-cases = early_failures[:20] or samples[:20]
+cases = early_failures[:20]
+by_role = {}
 for name, model in (("early", early), ("final", final)):
-    delta, io, subj, rest = relevance_by_role(model, cases).tolist()
+    by_role[name] = delta, io, subj, rest = relevance_by_role(model, cases).tolist()
     print(f"{name:5s} mean Δℓ {delta:+7.3f} | relevance on IO name {io:+7.3f}, subject names {subj:+7.3f}, other {rest:+7.3f}")
+# the early checkpoint prefers the wrong name on these prompts, the final model the correct one, and the
+# IO name argues for the correct answer far more strongly in the final model
+assert by_role["early"][0] > 0 > by_role["final"][0]
+assert by_role["final"][1] < by_role["early"][1] < 0
 
 # %% [markdown]
 # Read it like this: negative relevance on the IO name means the name *argues for the correct

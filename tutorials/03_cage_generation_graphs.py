@@ -4,8 +4,8 @@
 # In the `pointer-chase` zoo task the prompt lists facts `key > value` and a start key; the model
 # generates a chain where every token is the value of the previous *generated* token. So the third
 # generated token depends on the prompt **through** the first two generations. Direct ("row")
-# attribution of the last token sees only its immediate inputs; CAGE (Walker & Ewetz 2025, SPEC §2.1)
-# follows every path through earlier generations. Runs offline:
+# attribution of the last token sees only its immediate inputs; CAGE (Walker & Ewetz 2025;
+# docs/cage.md) follows every path through earlier generations. Runs offline:
 # `python tutorials/03_cage_generation_graphs.py`.
 
 # %%
@@ -32,6 +32,11 @@ last = graph.n_generated - 1
 row = graph.row_attribution(outputs=[last])
 ctx = graph.context_attribution(outputs=[last])
 print("mass of the last token's explanation: row", float(row.sum()), " CAGE", float(ctx.sum()))
+# CAGE conserves the unit mass of the output row across paths; the direct edges into the prompt hold less.
+# (Not exactly 1: the paper's normalisation divides by Σ + 1e-8, which costs a row with little positive
+# mass up to 1e-8 / Σ of its unit.)
+assert graph.empty_rows == [] and abs(float(ctx.sum()) - 1) < 1e-3
+assert float(row.sum()) < float(ctx.sum())
 
 # %% [markdown]
 # ## Does CAGE find the true sources?
@@ -43,7 +48,9 @@ print("mass of the last token's explanation: row", float(row.sum()), " CAGE", fl
 truth = sorted(sample.total_sources[last])
 candidates = list(range(1, graph.n_prompt))  # every prompt position except BOS
 print("true sources of the last token:", truth)
-print(f"AUROC  row attribution {metrics.auroc(row, truth, candidates):.3f}   CAGE {metrics.auroc(ctx, truth, candidates):.3f}")
+auroc_row, auroc_cage = metrics.auroc(row, truth, candidates), metrics.auroc(ctx, truth, candidates)
+print(f"AUROC  row attribution {auroc_row:.3f}   CAGE {auroc_cage:.3f}")
+assert auroc_cage > auroc_row
 
 # %% [markdown]
 # ## Over many samples, with confidence intervals
@@ -57,10 +64,13 @@ for s in zoo.task("pointer-chase").sample(30, seed=11):
     cands = list(range(1, g.n_prompt))
     row_scores.append(metrics.auroc(g.row_attribution(outputs=[t]), sorted(s.total_sources[t]), cands))
     cage_scores.append(metrics.auroc(g.context_attribution(outputs=[t]), sorted(s.total_sources[t]), cands))
+summary = {}
 for name, scores in (("row", row_scores), ("CAGE", cage_scores)):
-    mean, lo, hi = metrics.bootstrap_ci(scores)
+    summary[name] = mean, lo, hi = metrics.bootstrap_ci(scores)
     print(f"{name:5s} AUROC {mean:.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
-print("paired wins (CAGE vs row):", metrics.paired_wins(cage_scores, row_scores))
+wins = metrics.paired_wins(cage_scores, row_scores)
+print("paired wins (CAGE vs row):", wins)
+assert summary["CAGE"][0] > summary["row"][0] and wins["wins"] > 3 * wins["losses"]
 
 # %% [markdown]
 # ## The signed variant
@@ -70,3 +80,5 @@ print("paired wins (CAGE vs row):", metrics.paired_wins(cage_scores, row_scores)
 # %%
 signed = cage_lens.cage(model, sample.prompt, completion=sample.completion, normalize="signed")
 print("signed CAGE, last token:", [round(v, 3) for v in signed.context_attribution(outputs=[last]).tolist()])
+assert torch.allclose(signed.adjacency.abs().sum(-1), torch.ones(signed.n_generated, dtype=torch.float64))  # Σ|·| = 1
+assert (signed.adjacency < 0).any()  # the inhibitory edges the paper's normalisation drops
