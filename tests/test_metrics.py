@@ -1,4 +1,4 @@
-"""Metrics of cage_lens.metrics pinned on hand-computable inputs (SPEC §5)."""
+"""Metrics of cage_lens.metrics pinned on hand-computable inputs (definitions: docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_deletion_logprobs_match_manual_ablation():
     for a, b in [(2, 4), (0, 2), (4, P)]:  # most relevant first
         seq[0, a:b] = eos
         expected.append(total(seq))
-    assert s.tolist() == pytest.approx(expected, abs=1e-10)
+    assert s.tolist() == pytest.approx(expected, abs=1e-10)  # float64; batched vs one-by-one forwards
     result = metrics.deletion_metrics(model, tokens, P, spans, scores)
     assert result.order == [1, 0, 2] and 0 <= result.rise <= 1 and 0 <= result.mas <= 1
     with pytest.raises(InputError, match="inside the prompt"):
