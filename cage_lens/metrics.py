@@ -1,4 +1,5 @@
-"""Evaluation metrics for context attribution (SPEC §5), each choice documented where it is made.
+"""Evaluation metrics for context attribution (definitions: docs/metrics.md), each choice documented
+where it is made.
 
 Faithfulness by deletion (CAGE's protocol): prompt spans are ranked by attribution and replaced one by
 one, most relevant first, by the same number of EOS tokens; after each step the summed log-probability
@@ -64,8 +65,9 @@ def deletion_logprobs(
 
 def normalize_curve(logprobs) -> np.ndarray:
     """``(s_i − s_last) / |s_0 − s_last|``, clipped to [0, 1], then made non-increasing with a running
-    minimum (SPEC §5). When deleting everything changes nothing (``s_0 = s_last``) the curve is all
-    zeros (the deletion is uninformative; every method scores the same on that sample)."""
+    minimum (docs/metrics.md#deletion-curves). When deleting everything changes nothing
+    (``s_0 = s_last``) the curve is all zeros (the deletion is uninformative; every method scores the
+    same on that sample)."""
     s = _vector(logprobs, "log-probabilities")
     scale = abs(s[0] - s[-1])
     curve = (s - s[-1]) / scale if scale > 0 else np.zeros_like(s)
@@ -132,7 +134,7 @@ class DeletionResult:
 
 
 def deletion_metrics(model, tokens, n_prompt: int, spans: Sequence[Span], scores, **kwargs) -> DeletionResult:
-    """RISE, MAS and RISE+AP of one attribution vector over prompt ``spans`` (SPEC §5)."""
+    """RISE, MAS and RISE+AP of one attribution vector over prompt ``spans`` (docs/metrics.md#curve-scores)."""
     s = deletion_logprobs(model, tokens, n_prompt, spans, scores, **kwargs).numpy()
     curve = normalize_curve(s)
     return DeletionResult(ranking(scores), s, curve, rise(curve), mas(curve, scores), rise_ap(curve, scores))
@@ -140,10 +142,11 @@ def deletion_metrics(model, tokens, n_prompt: int, spans: Sequence[Span], scores
 
 # ---------------------------------------------------------------------------- coverage and ground truth
 def attribution_coverage(scores, ground_truth: Sequence[int]) -> dict[str, float]:
-    """Attribution coverage (SPEC §5, the CAGE paper's AC): with K ground-truth spans and E = 1/K, a
-    ground-truth span is covered when its share of the total |attribution| (over all spans) lies in
-    [E/2, 3E/2] (``"double"``, two-sided), is > E/2 (``"lower"``) or is > E (``"mean"``). Returns the
-    fraction covered for each bound; zero attribution covers nothing."""
+    """Attribution coverage (the CAGE paper's AC; docs/metrics.md#attribution-coverage): with K
+    ground-truth spans and E = 1/K, a ground-truth span is covered when its share of the total
+    |attribution| (over all spans) lies in [E/2, 3E/2] (``"double"``, two-sided), is > E/2 (``"lower"``)
+    or is > E (``"mean"``). Returns the fraction covered for each bound; zero attribution covers
+    nothing."""
     a = np.abs(_vector(scores))
     gt = sorted(set(int(i) for i in ground_truth))
     if not gt:

@@ -1,8 +1,8 @@
 """Token spans: a built-in sentence splitter, tiling checks and block sums of attribution tables.
 
 A *span* is a half-open token range ``(start, end)``. Span lists used as graph nodes must *tile* the
-sequence: sorted, non-empty, contiguous, from 0 to its length (SPEC §2.1: sentence granularity sums
-token scores inside each (generated sentence × source sentence) block).
+sequence: sorted, non-empty, contiguous, from 0 to its length (sentence granularity sums token scores
+inside each (generated sentence × source sentence) block: docs/cage.md#granularity).
 """
 
 from __future__ import annotations
