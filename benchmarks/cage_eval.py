@@ -1,4 +1,4 @@
-"""Reproduction: CAGE vs row attribution on the zoo tasks (issue 4, item 6; SPEC §2.1, §5).
+"""Reproduction: CAGE vs row attribution on the zoo tasks (docs/cage.md, metrics: docs/metrics.md).
 
 For every base method and each normalisation (paper, signed), compare the direct-edge baseline
 (row attribution) with CAGE's path-marginalised context attribution, on teacher-forced ground-truth
@@ -8,7 +8,7 @@ Protocol (every choice stated):
 - Nodes: the BOS token alone, then the prompt's sentences (``sample.sentence_spans``, BOS removed from
   the first), then every generated token as its own node (generated sentences would make the
   pointer-chase chain a single node, where CAGE and row attribution coincide). Token scores are
-  summed per (generated token × source span) block, then normalised (SPEC §2.1).
+  summed per (generated token × source span) block, then normalised (docs/cage.md#normalisation).
 - Attribution vector: summed over all generated outputs. The BOS node (an attention sink) is
   excluded from every metric.
 - Faithfulness: deletion of prompt sentences, most relevant first, replaced by EOS tokens; summed
@@ -22,15 +22,22 @@ Protocol (every choice stated):
 - Means with 95 % percentile-bootstrap CIs (1000 resamples); paired win counts CAGE vs row.
 
     python benchmarks/cage_eval.py --n 200 --tasks pointer-chase facts arith
-    python benchmarks/cage_eval.py --report   # rebuild the markdown from the saved per-sample JSON
+    python benchmarks/cage_eval.py --report   # rebuild results/cage_eval.md from the saved per-sample JSON
+
+The generated ``results/cage_eval.md`` holds tables only, computed from ``results/raw/*.json.gz``; the
+reading of the results is written by hand in ``results/cage_eval_notes.md``, which no script touches.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gzip
 import json
+import platform
+import statistics
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -124,7 +131,14 @@ def run_task(task_name: str, n: int, seed: int, methods: list[str], steps: int) 
     info = next((d for d in zoo.list() if d["name"] == task_name and d["default"]), {})
     return {"task": task_name, "n": n, "seed": seed, "methods": methods, "results": results,
             "model": {k: info.get(k) for k in ("name", "size", "architecture", "parameters", "accuracy")},
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "run": environment()}
+
+
+def environment() -> dict:
+    """When and with what the samples were computed (stored with them, printed in the report)."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformer-lens": version("transformer-lens"), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------- report
@@ -141,8 +155,15 @@ def _fmt(values) -> str:
 
 
 def _empty_tally() -> dict:
-    """Per metric: mean-level comparison counts CAGE vs row, and the cells where CAGE is worse."""
-    return {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": []} for m in METRICS}
+    """Per metric: mean-level comparison counts CAGE vs row, the cells where CAGE is worse, the
+    differences of means |mean(CAGE) − mean(row)| and the half-widths of the two CIs."""
+    return {m: {"better": 0, "worse": 0, "comparisons": 0, "losses": [], "deltas": [], "half_widths": []}
+            for m in METRICS}
+
+
+def _half_width(values) -> float:
+    _, lo, hi = bootstrap_ci(values, n=1000, seed=0)
+    return (hi - lo) / 2
 
 
 def task_report(data: dict) -> tuple[list[str], dict]:
@@ -174,25 +195,42 @@ def task_report(data: dict) -> tuple[list[str], dict]:
                 tally[m]["comparisons"] += 1
                 tally[m]["better"] += better
                 tally[m]["worse"] += worse
+                tally[m]["deltas"].append(abs(diff))
+                tally[m]["half_widths"] += [_half_width(c), _half_width(r)]
                 if worse:
                     tally[m]["losses"].append(f"{data['task']}/{method}/{norm}")
             lines.append(f"| {method} | {norm} | " + " | ".join(cells) + " |")
     return lines + [""], tally
 
 
-def write_report(raw: list[dict], path: Path, notes: list[str]) -> None:
+def _run_line(data: dict) -> str:
+    model, run = data["model"], data.get("run") or {}
+    accuracy = model.get("accuracy")
+    when = ", ".join(f"{k} {v}" for k, v in run.items()) or "run details not recorded"
+    return (f"| {data['task']} | {data['n']} | {data['seed']} | {model.get('name')}-{model.get('size')} "
+            f"({model.get('architecture')}, {model.get('parameters')} parameters) | "
+            f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} | {len(data['methods'])} | "
+            f"{data['seconds']:.0f} | {when} |")
+
+
+def write_report(raw: list[dict], path: Path) -> None:
+    """``path``: tables only, every number computed from ``raw`` (the per-sample results)."""
     lines = ["# CAGE vs row attribution on the zoo tasks", "",
-             "Generated by `benchmarks/cage_eval.py` (protocol in its docstring). Cells: mean [95 % bootstrap CI].",
-             "RISE/MAS: sentence deletion, lower is better. AC: attribution coverage (double bound). "
-             "P@k, AUROC: ground-truth source sentences among the content sentences.", ""]
-    lines += notes
+             "Generated by `python benchmarks/cage_eval.py --report` from `benchmarks/results/raw/*.json.gz` "
+             "(protocol in the script's docstring; the per-sample runs: `python benchmarks/cage_eval.py --n 200`). "
+             "Do not edit: the reading of these tables is `cage_eval_notes.md`.", "",
+             "Cells: mean [95 % bootstrap CI]. RISE/MAS: sentence deletion, lower is better. AC: attribution "
+             "coverage (double bound). P@k, AUROC: ground-truth source sentences among the content sentences. "
+             "Completions are the zoo's ground-truth ones, teacher-forced.", "",
+             "| task | n | seed | model | held-out accuracy | methods | seconds | run |", "|---|---|---|---|---|---|---|---|"]
+    lines += [_run_line(data) for data in raw] + [""]
     totals = _empty_tally()
     body = []
     for data in raw:
         task_lines, tally = task_report(data)
         body += task_lines
         for m in METRICS:
-            for k in ("better", "worse", "comparisons", "losses"):
+            for k in totals[m]:
                 totals[m][k] += tally[m][k]
     n_all = sum(t["comparisons"] for t in totals.values())
     n_better = sum(t["better"] for t in totals.values())
@@ -200,11 +238,15 @@ def write_report(raw: list[dict], path: Path, notes: list[str]) -> None:
     lines += ["## Summary", "",
               f"Mean-level comparisons CAGE vs row attribution (task × method × normalisation, per metric; "
               f"equal = within 1e-9). Over all metrics: CAGE better in {n_better} of {n_all}, worse in {n_worse}.", "",
-              "| metric | CAGE better | CAGE worse | equal | where CAGE is worse (task/method/normalisation) |",
-              "|---|---|---|---|---|"]
+              "|Δ|: |mean(CAGE) − mean(row)| per cell; CI half-width: median over the cells' CAGE and row intervals.", "",
+              "| metric | CAGE better | CAGE worse | equal | largest \\|Δ\\| | median \\|Δ\\| | median CI half-width "
+              "| where CAGE is worse (task/method/normalisation) |",
+              "|---|---|---|---|---|---|---|---|"]
     for m, t in totals.items():
         equal = t["comparisons"] - t["better"] - t["worse"]
-        lines.append(f"| {m} | {t['better']} | {t['worse']} | {equal} | {', '.join(t['losses']) or '—'} |")
+        lines.append(f"| {m} | {t['better']} | {t['worse']} | {equal} | {max(t['deltas']):.3f} | "
+                     f"{statistics.median(t['deltas']):.3f} | {statistics.median(t['half_widths']):.3f} | "
+                     f"{', '.join(t['losses']) or '—'} |")
     lines.append("")
     path.write_text("\n".join(lines + body) + "\n")
 
@@ -218,17 +260,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="integrated-gradients steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only rebuild the markdown from saved JSON")
-    ap.add_argument("--note", action="append", default=[], help="a line added to the report header")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RAW_DIR.mkdir(parents=True, exist_ok=True)
     if not args.report:
         for name in args.tasks:
-            try:
-                zoo.model_dir(name)
-            except ValueError as exc:
-                print(f"skipping {name}: {exc}")
-                continue
+            zoo.model_dir(name)  # a missing zoo model is an error, not a silently shorter report
             print(f"{name}: {args.n} samples × {len(args.methods)} methods", flush=True)
             data = run_task(name, args.n, args.seed, args.methods, args.steps)
             with gzip.open(RAW_DIR / f"{name}.json.gz", "wt") as f:
@@ -238,9 +275,8 @@ def main() -> None:
         if (RAW_DIR / f"{t}.json.gz").exists():
             with gzip.open(RAW_DIR / f"{t}.json.gz", "rt") as f:
                 raw.append(json.load(f))
-    RESULTS.mkdir(exist_ok=True)
-    write_report(raw, RESULTS / "cage_eval.md", [f"{n}  " for n in args.note] + ([""] if args.note else []))
-    print(f"wrote {RESULTS / 'cage_eval.md'}")
+    write_report(raw, RESULTS / "cage_eval.md")
+    print(f"wrote {RESULTS / 'cage_eval.md'} ({', '.join(d['task'] for d in raw)})")
 
 
 if __name__ == "__main__":
