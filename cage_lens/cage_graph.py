@@ -42,7 +42,9 @@ def _causal_mask(n_rows: int, n_prompt: int) -> torch.Tensor:
     return cols[None, :] < (n_prompt + torch.arange(n_rows))[:, None]
 
 
-def normalize_table(table: Float[torch.Tensor, "Y N"], how: str) -> tuple[Float[torch.Tensor, "Y N"], list[int]]:
+def normalize_table(
+    table: Float[torch.Tensor, "row node"], how: str
+) -> tuple[Float[torch.Tensor, "row node"], list[int]]:
     """Normalise rows (docs/cage.md#normalisation). Returns the matrix and the rows that carried no mass.
 
     - ``"paper"``: ``max(T, 0) / (Σ max(T, 0) + 1e-8)`` (the reference's guard); a row with no positive
@@ -74,22 +76,22 @@ class GenerationGraph:
     generated nodes whose row had no usable mass (``"paper"``: no positive entry) and became zero.
     """
 
-    adjacency: Float[torch.Tensor, "Y N"]
-    table: Float[torch.Tensor, "Y N"]
+    adjacency: Float[torch.Tensor, "row node"]
+    table: Float[torch.Tensor, "row node"]
     n_prompt: int
     normalize: str
     empty_rows: list[int]
     labels: list[str]
     spans: list[Span] | None = None
     method: str = "table"
-    tokens: Int[torch.Tensor, "1 T"] | None = None
-    token_table: Float[torch.Tensor, "Ytok T"] | None = None
+    tokens: Int[torch.Tensor, "1 pos"] | None = None
+    token_table: Float[torch.Tensor, "row pos"] | None = None
     meta: dict = field(default_factory=dict)
 
     # -------------------------------------------------------------- construction
     @classmethod
     def from_table(
-        cls, table: Float[torch.Tensor, "Y N"], n_prompt: int, normalize: str = "paper",
+        cls, table: Float[torch.Tensor, "row node"], n_prompt: int, normalize: str = "paper",
         labels: Sequence[str] | None = None, **extra,
     ) -> "GenerationGraph":
         """Build the graph from a raw attribution table ``[Y, n_prompt + Y]`` (row t explains generated
@@ -117,14 +119,14 @@ class GenerationGraph:
         return self.adjacency.shape[0]
 
     @property
-    def A_YP(self) -> Float[torch.Tensor, "Y P"]:
+    def A_YP(self) -> Float[torch.Tensor, "row source"]:
         return self.adjacency[:, : self.n_prompt]
 
     @property
-    def A_YY(self) -> Float[torch.Tensor, "Y Y"]:
+    def A_YY(self) -> Float[torch.Tensor, "row row"]:
         return self.adjacency[:, self.n_prompt :]
 
-    def _selector(self, outputs) -> Float[torch.Tensor, "Y"]:
+    def _selector(self, outputs) -> Float[torch.Tensor, "row"]:
         """Indicator over generated nodes: ``None`` = all, an int or a list of ints (negatives count
         from the end)."""
         Y = self.n_generated
@@ -139,7 +141,7 @@ class GenerationGraph:
             e[index] = 1
         return e
 
-    def _path_weights(self, outputs) -> Float[torch.Tensor, "Y"]:
+    def _path_weights(self, outputs) -> Float[torch.Tensor, "row"]:
         """``w = Σ_τ e_τᵀ (I − A_YY)⁻¹``: total weight of all paths from each generated node into the
         chosen outputs (1 for an output itself). Solved as ``w (I − A_YY) = e`` (lower triangular)."""
         identity = torch.eye(self.n_generated, dtype=torch.float64)
@@ -147,25 +149,25 @@ class GenerationGraph:
         return torch.linalg.solve_triangular(identity - self.A_YY, e, upper=False, left=False)[0]
 
     # -------------------------------------------------------------- attributions
-    def row_attribution(self, outputs=None) -> Float[torch.Tensor, "P"]:
+    def row_attribution(self, outputs=None) -> Float[torch.Tensor, "source"]:
         """The baseline: direct edges only, ``Σ_τ A[τ, prompt]``."""
         return self._selector(outputs) @ self.A_YP
 
-    def context_attribution(self, outputs=None) -> Float[torch.Tensor, "P"]:
+    def context_attribution(self, outputs=None) -> Float[torch.Tensor, "source"]:
         """CAGE: ``Σ_τ e_τᵀ (I − A_YY)⁻¹ A_YP`` over the chosen outputs (docs/cage.md#context-attribution)."""
         return self._path_weights(outputs) @ self.A_YP
 
-    def context_matrix(self) -> Float[torch.Tensor, "Y P"]:
+    def context_matrix(self) -> Float[torch.Tensor, "row source"]:
         """``(I − A_YY)⁻¹ A_YP``: row τ is the context attribution of output τ alone."""
         identity = torch.eye(self.n_generated, dtype=torch.float64)
         return torch.linalg.solve_triangular(identity - self.A_YY, self.A_YP, upper=False)
 
-    def entry_decomposition(self, outputs=None) -> Float[torch.Tensor, "Y P"]:
+    def entry_decomposition(self, outputs=None) -> Float[torch.Tensor, "row source"]:
         """Context attribution split by the generated node ``u`` through which paths leave the prompt:
         row u = ``w_u · A_YP[u]``. Rows sum to :meth:`context_attribution`."""
         return self._path_weights(outputs)[:, None] * self.A_YP
 
-    def intermediate_contributions(self, outputs=None) -> Float[torch.Tensor, "Y"]:
+    def intermediate_contributions(self, outputs=None) -> Float[torch.Tensor, "row"]:
         """Per generated node, the part of the outputs' context attribution that enters the generation
         at that node (sums to the total context attribution)."""
         return self.entry_decomposition(outputs).sum(-1)

@@ -36,7 +36,7 @@ class FailureExplanation:
     heatmap: Float[torch.Tensor, "pos"]
     excluded: list[int]
     trace_points: list[str]
-    trace: Float[torch.Tensor, "point pos"]
+    trace: Float[torch.Tensor, "row pos"]  # rows: trace_points
     attribution: Attribution
     graph: CircuitGraph
 

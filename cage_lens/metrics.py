@@ -43,9 +43,9 @@ def ranking(scores) -> list[int]:
 
 # ---------------------------------------------------------------------------- deletion curves
 def deletion_logprobs(
-    model, tokens: Int[torch.Tensor, "1 T"], n_prompt: int, spans: Sequence[Span], scores, *,
+    model, tokens: Int[torch.Tensor, "1 pos"], n_prompt: int, spans: Sequence[Span], scores, *,
     baseline: str | int = "eos", chunk_size: int = 8,
-) -> Float[torch.Tensor, "steps"]:
+) -> Float[torch.Tensor, "row"]:
     """``s_0 … s_n``: the summed log-probability of the original generation ``tokens[P:]`` after
     replacing the ``i`` most relevant spans by EOS tokens (``s_0`` = nothing replaced). All ``n + 1``
     perturbed sequences run in batched forwards."""

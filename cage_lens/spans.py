@@ -71,8 +71,8 @@ def span_of(spans: Sequence[Span], position: int) -> int:
 
 
 def block_sum(
-    table: Float[torch.Tensor, "Y T"], n_prompt: int, spans: Sequence[Span], n_prompt_spans: int
-) -> Float[torch.Tensor, "Yspans Tspans"]:
+    table: Float[torch.Tensor, "row pos"], n_prompt: int, spans: Sequence[Span], n_prompt_spans: int
+) -> Float[torch.Tensor, "row node"]:
     """Sum a token table (row t explains generated token ``n_prompt + t``) into a span table whose row i
     explains generated span ``n_prompt_spans + i``. Blocks on or above the diagonal (a generated span
     explaining itself or a later span) are zero: edges point strictly forward in time."""
