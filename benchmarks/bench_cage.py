@@ -86,7 +86,8 @@ def main() -> None:
             ("(a) naive loop via attribute()", t_naive, t_fast),
             ("(a') naive loop, lean (1 call per step)", t_lean, t_fast)]
     if args.ig_rows is None:
-        _, t_ig = timed(lambda: methods.integrated_gradients(model, tokens, P, steps=args.ig_steps, chunk_size=args.ig_chunk_size))
+        _, t_ig = timed(lambda: methods.integrated_gradients(
+            model, tokens, P, steps=args.ig_steps, chunk_size=args.ig_chunk_size))
         rows.append((f"(b) integrated_gradients, {args.ig_steps} steps", t_ig, t_fast))
     else:
         sub = tokens[:, : P + args.ig_rows]

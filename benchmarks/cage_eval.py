@@ -169,7 +169,8 @@ def _half_width(values) -> float:
 def task_report(data: dict) -> tuple[list[str], dict]:
     lines = [f"### {data['task']} (n = {data['n']}, seed {data['seed']}, model {data['model'].get('name')}-"
              f"{data['model'].get('size')}, {data['model'].get('parameters')} parameters)", ""]
-    lines.append("| method | variant | " + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in METRICS.items()) + " | empty rows |")
+    arrows = " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in METRICS.items())
+    lines.append(f"| method | variant | {arrows} | empty rows |")
     lines.append("|---|---|" + "---|" * (len(METRICS) + 1))
     tally = _empty_tally()
     for method, per_sample in data["results"].items():

@@ -284,7 +284,9 @@ def _sequence(model, prompt, completion, max_new_tokens, prepend_bos, stop_at_eo
         return torch.cat([prompt_ids, _completion_tokens(model, completion)], dim=1), n_prompt
     new_tokens = as_int(max_new_tokens)
     if new_tokens is None or new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive int (an empty continuation has nothing to explain), got {max_new_tokens!r}")
+        raise InputError(
+            f"max_new_tokens must be a positive int (an empty continuation has nothing to explain), got {max_new_tokens!r}"
+        )
     if n_prompt + new_tokens > n_ctx:
         raise InputError(
             f"the prompt has {n_prompt} tokens and the model's context (n_ctx) is {n_ctx}: "

@@ -77,7 +77,9 @@ def _parse_zoo_spec(spec: str) -> tuple[str, str | None, int | None]:
     rest, _, checkpoint = spec.partition("@")
     name, _, size = rest.partition(":")
     if "@" in spec and not checkpoint.lstrip("-").isdigit():
-        raise _user_error(f"{spec!r}: the checkpoint after '@' must be a training step number (e.g. {name}@200), got {checkpoint!r}")
+        raise _user_error(
+            f"{spec!r}: the checkpoint after '@' must be a training step number (e.g. {name}@200), got {checkpoint!r}"
+        )
     return name, size or None, int(checkpoint) if checkpoint else None
 
 

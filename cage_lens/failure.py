@@ -94,7 +94,9 @@ def _excluded_positions(model, token_ids: Sequence[int], extra: Sequence[int]) -
     for p in extra:
         q = as_int(p)
         if q is None or not -n <= q < n:
-            raise InputError(f"exclude holds {p!r}, which is not a position of the {n}-token prompt (valid: -{n} to {n - 1})")
+            raise InputError(
+                f"exclude holds {p!r}, which is not a position of the {n}-token prompt (valid: -{n} to {n - 1})"
+            )
         positions.add(q % n)
     return sorted(positions)
 

@@ -93,7 +93,8 @@ def unknown_words(model, text: str) -> list[str]:
         return []
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk_id and text[a:b] != unk]
+        pieces = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk_id]
+        return [p for p in pieces if p != unk]
     except (NotImplementedError, TypeError, KeyError, ValueError):  # a slow tokenizer has no offsets: count instead
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return [str(unk)] * max(0, ids.count(unk_id) - (text.count(unk) if unk else 0))

@@ -129,7 +129,8 @@ def explain_report_html(attribution, prompt: str, continuation: str, model_name:
     )
     body = (
         f"<p><b>model</b> {html.escape(model_name)} &nbsp; <b>rules</b> {html.escape(attribution.rules)}<br>"
-        f"<b>prompt</b> {html.escape(printable(prompt))}<br><b>greedy continuation</b> {html.escape(printable(continuation))}<br>"
+        f"<b>prompt</b> {html.escape(printable(prompt))}<br>"
+        f"<b>greedy continuation</b> {html.escape(printable(continuation))}<br>"
         f"<b>explained</b> {html.escape(attribution.target_description)} = {float(attribution.target_value[0]):.4f}</p>"
         "<h3>Input tokens</h3>" + attribution_html(attribution, max_rows=1)
         + "<h3>Relevance per layer and token</h3>"

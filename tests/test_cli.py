@@ -32,7 +32,10 @@ def _cached_load(spec):
 @pytest.fixture(autouse=True)
 def fast_loads(monkeypatch):
     """Zoo models load once per session (loading is what ``test_model_errors`` checks)."""
-    monkeypatch.setattr(cli, "load_model", lambda spec: _cached_load(spec) if spec in (None, "pointer-chase") else _real_load_model(spec))
+    def load(spec):
+        return _cached_load(spec) if spec in (None, "pointer-chase") else _real_load_model(spec)
+
+    monkeypatch.setattr(cli, "load_model", load)
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -124,7 +127,8 @@ def test_user_errors_exit_2_with_one_line(argv, phrase, capsys):
     ("ioi@12345", "has no checkpoint 12345"),
     ("ioi:huge", "zoo model 'ioi' has no size 'huge'; available sizes:"),
     ("./no-such-dir", "is not a directory (and not a zoo model"),
-    ("ioii", "'ioii' is not a zoo model (pointer-chase, facts, arith, ioi), a local model directory, or a model in the local Hugging Face cache"),
+    ("ioii", "'ioii' is not a zoo model (pointer-chase, facts, arith, ioi), a local model directory, or a model in "
+             "the local Hugging Face cache"),
 ])
 def test_model_errors(model, phrase, capsys, monkeypatch):
     connections = []

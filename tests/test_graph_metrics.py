@@ -36,7 +36,8 @@ def graph(tokens, position, nodes, edge_sets) -> CircuitGraph:
 #   emb  relevance [0.5, 1.0, 2.0]
 #   mid  relevance [0.2, 1.5, 3.0]
 #   post relevance [0.1, 0.4, 4.0]
-# emb → mid: mid2 ← emb0 2.0, mid2 ← emb1 −1.0, mid2 ← emb2 4.0, mid1 ← emb1 0.5, mid1 ← emb0 0.5, mid0 ← emb0 0.2
+# emb → mid: mid2 ← emb0 2.0, mid2 ← emb1 −1.0, mid2 ← emb2 4.0,
+#            mid1 ← emb1 0.5, mid1 ← emb0 0.5, mid0 ← emb0 0.2
 # mid → post: post2 ← mid2 3.0, post2 ← mid1 1.0, post1 ← mid1 0.4
 # Ancestors of post2: mid2, mid1 (edges into post2), then emb0, emb1, emb2; mid0 and post1 are not ancestors,
 # so the edges mid0 ← emb0 and post1 ← mid1 leave the graph.
