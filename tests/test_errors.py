@@ -128,19 +128,21 @@ def test_empty_prompts(gpt2):
         cage_lens.attribute(gpt2, torch.zeros((1, 0), dtype=torch.long))
 
 
+def refused_by_every_entry_point(model, prompt: str, phrase: str) -> None:
+    """attribute (alone and in a list), circuit_graph, explain_failure and cage all refuse ``prompt``."""
+    with refused(model, "the prompt " + phrase):
+        cage_lens.attribute(model, prompt)
+    with refused(model, "inputs[1] " + phrase):
+        cage_lens.attribute(model, [PROMPT, prompt])
+    for entry_point in (circuit_graph, lambda m, p: explain_failure(m, p, correct=" cat"),
+                        lambda m, p: cage(m, p, max_new_tokens=2)):
+        with refused(model, phrase):
+            entry_point(model, prompt)
+
+
 def test_strings_longer_than_the_context_are_refused_not_truncated(gpt2):
     assert gpt2.to_tokens(LONG).shape[1] == 64  # TransformerLens itself truncates silently
-    said = "is 71 tokens long but the model's context (n_ctx) is 64"
-    with refused(gpt2, "the prompt " + said):
-        cage_lens.attribute(gpt2, LONG)
-    with refused(gpt2, "inputs[1] " + said):
-        cage_lens.attribute(gpt2, [PROMPT, LONG])
-    with refused(gpt2, said):
-        circuit_graph(gpt2, LONG)
-    with refused(gpt2, said):
-        explain_failure(gpt2, LONG, correct=" cat")
-    with refused(gpt2, said):
-        cage(gpt2, LONG, max_new_tokens=2)
+    refused_by_every_entry_point(gpt2, LONG, "is 71 tokens long but the model's context (n_ctx) is 64")
     with refused(gpt2, "the completion is 70 tokens long"):
         cage(gpt2, "the cat", completion=" " + LONG)
     with refused(gpt2, "has 65 tokens but the model's context (n_ctx) is 64"):
@@ -148,17 +150,7 @@ def test_strings_longer_than_the_context_are_refused_not_truncated(gpt2):
 
 
 def test_unknown_words_are_refused_with_the_words_named(gpt2):
-    named = "2 word(s) the model's vocabulary does not contain: 'zorblax', 'qux'"
-    with refused(gpt2, "the prompt has " + named):
-        cage_lens.attribute(gpt2, UNKNOWN)
-    with refused(gpt2, "inputs[0] has " + named):
-        cage_lens.attribute(gpt2, [UNKNOWN, PROMPT])
-    with refused(gpt2, named):
-        circuit_graph(gpt2, UNKNOWN)
-    with refused(gpt2, named):
-        explain_failure(gpt2, UNKNOWN, correct=" cat")
-    with refused(gpt2, named):
-        cage(gpt2, UNKNOWN, max_new_tokens=2)
+    refused_by_every_entry_point(gpt2, UNKNOWN, "has 2 word(s) the model's vocabulary does not contain: 'zorblax', 'qux'")
     with refused(gpt2, "the completion has 1 word(s) the model's vocabulary does not contain: 'zorblax'"):
         cage(gpt2, PROMPT, completion=" the zorblax")
     # the way out: token ids are taken as they are, <unk> included
