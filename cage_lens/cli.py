@@ -114,10 +114,10 @@ def load_model(spec: str | None):
     from cage_lens.errors import CageLensError
 
     spec = spec or zoo.DEFAULT_MODEL
-    name, size, checkpoint = _parse_zoo_spec(spec)
     zoo_names = ", ".join(zoo.tasks())
     try:
-        if name in zoo.tasks():
+        if spec.partition("@")[0].partition(":")[0] in zoo.tasks():
+            name, size, checkpoint = _parse_zoo_spec(spec)
             try:
                 directory = zoo.model_dir(name, size, checkpoint)
             except ValueError as err:
