@@ -8,7 +8,7 @@ relevance supports the wrong token, negative relevance the correct one.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -17,6 +17,7 @@ from jaxtyping import Float
 from cage_lens.attribution import Attribution, attribute
 from cage_lens.circuit import CircuitGraph, circuit_graph, node_label
 from cage_lens.errors import InputError
+from cage_lens.persist import provenance
 from cage_lens.targets import resolve_token
 from cage_lens.viz import html_page, terminal_heatmap, token_spans_html
 
@@ -37,6 +38,7 @@ class FailureExplanation:
     trace: Float[torch.Tensor, "point pos"]
     attribution: Attribution
     graph: CircuitGraph
+    meta: dict = field(default_factory=dict)
 
     @property
     def relevance(self) -> Float[torch.Tensor, "pos"]:
@@ -66,6 +68,19 @@ class FailureExplanation:
         for flow, path in self.graph.top_paths(3):
             lines.append(f"  path {flow:+.3g}: " + " → ".join(node_label(n) for n in path))
         return "\n".join(lines)
+
+    def save(self, path):
+        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
+        from cage_lens.persist import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "FailureExplanation":
+        """Read a failure explanation written by :meth:`save` (refuses other kinds and newer schemas)."""
+        from cage_lens.persist import load
+
+        return load(path, expect=cls)
 
     def to_html(self, path=None) -> str:
         from cage_lens.graph_view import graph_svg
@@ -139,4 +154,5 @@ def explain_failure(
         trace=torch.cat([relevance[None], trace[:, :n]]),
         attribution=attribution,
         graph=graph,
+        meta=provenance(model, function="explain_failure", rules=rules, levels=levels, wrong=wrong, correct=correct, exclude=exclude, prepend_bos=prepend_bos, graph_options=graph_options),
     )
