@@ -276,7 +276,8 @@ def _prune_by_size(graph, top_p, edge_threshold, node_threshold) -> list:
             t, s, v, total = prune_edges(matrix, rows, top_p=top_p, edge_threshold=edge_threshold, scale=scale)
         elif (edge_threshold is not None and edge_threshold * scale >= _stored_cutoff(graph, es)
               and len(rows) == len(es.computed_rows)):
-            keep = es.values.abs() > edge_threshold * scale
+            keep = (es.values.abs() > edge_threshold * scale).nonzero().flatten()
+            keep = keep[(es.targets[keep] * graph.nodes[es.source].size + es.sources[keep]).argsort()]  # row-major, as built
             t, s, v, total = es.targets[keep], es.sources[keep], es.values[keep], es.total_mass
         else:
             _unpruned_or_refuse(graph, "top_p pruning" if top_p is not None else "a new node_threshold"
