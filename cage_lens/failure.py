@@ -83,13 +83,13 @@ class FailureExplanation:
         return load(path, expect=cls)
 
     def to_html(self, path=None) -> str:
-        from cage_lens.graph_view import graph_svg
+        from cage_lens.graph_view import graph_fragment
 
         body = (
             f"<p>Δℓ = logit({html.escape(repr(self.wrong))}) − logit({html.escape(repr(self.correct))}) = "
             f"{self.delta:+.4g}. Red supports the wrong token, blue the correct one.</p>"
             f"<div>{token_spans_html(self.prompt_tokens, self.heatmap.tolist(), self.relevance.tolist())}</div>"
-            f"<h3>Attribution graph</h3>{graph_svg(self.graph)}"
+            f"<h3>Attribution graph</h3>{graph_fragment(self.graph)}"
         )
         page = html_page("cage_lens failure explanation", body)
         if path is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from importlib.metadata import version
 
@@ -18,7 +17,7 @@ from cage_lens.circuit import CircuitGraph, circuit_graph
 from cage_lens.errors import InputError
 from cage_lens.failure import FailureExplanation, explain_failure
 from cage_lens.persist import SCHEMA_VERSION, SavedCallable, read_header
-from cage_lens.testing import random_model
+from conftest import cached_model
 
 PROMPT = "the cat sat on the mat and john"
 
@@ -31,9 +30,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
 def model_of(kind: str):
-    return random_model(kind)
+    return cached_model(kind)  # shared with the other test modules
 
 
 # ---------------------------------------------------------------------------- comparison

@@ -3,7 +3,6 @@ with the same rule, and a dense reference of circuit-tracer's cumulative-influen
 
 from __future__ import annotations
 
-import functools
 from fractions import Fraction
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from cage_lens.circuit import CircuitGraph, EdgeSet, LevelNodes, circuit_graph, prune_edges
 from cage_lens.errors import InputError
 from cage_lens.pruning import cumulative_influence, find_threshold
-from cage_lens.testing import random_model
+from conftest import cached_model
 
 PROMPT = "the cat sat on the mat and john"
 
@@ -25,9 +24,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
 def model_of(kind: str):
-    return random_model(kind)
+    return cached_model(kind)  # shared with the other test modules
 
 
 # ---------------------------------------------------------------------------- hand-built graphs
