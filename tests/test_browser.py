@@ -14,32 +14,19 @@ import shutil
 
 import networkx as nx
 import pytest
-import torch
 
 from cage_lens.attribution import attribute
 from cage_lens.cage_graph import cage
 from cage_lens.circuit import circuit_graph
-from cage_lens.graph_view import graph_fragment
 from cage_lens.viewer import PAGE_BUDGET_BYTES, visible
 from cage_lens.viz import html_page
 from conftest import cached_model
+from results_support import one_thread  # noqa: F401  (autouse)
 
 PROMPT = "the cat sat on the mat and john"
 CHROMIUM = os.environ.get("CAGE_LENS_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_of(kind: str):
-    return cached_model(kind)  # shared with the other test modules
 
 
 def _unavailable(reason: str):
@@ -145,7 +132,7 @@ def check_interactions(view: Page, data: dict, start: int) -> None:
 # ---------------------------------------------------------------------------- pages
 @pytest.mark.parametrize("levels", ["half", "heads"])
 def test_circuit_graph_page(browser, tmp_path, levels):
-    graph = circuit_graph(model_of("gpt2"), PROMPT, " mary", levels=levels, top_p=0.9)
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels=levels, top_p=0.9)
     view = Page(browser, write(tmp_path, "graph.html", graph.to_html()))
     try:
         (data,) = view.views()
@@ -165,7 +152,7 @@ def test_circuit_graph_page(browser, tmp_path, levels):
 
 
 def test_generation_graph_page(browser, tmp_path):
-    g = cage(model_of("gpt2"), PROMPT, completion=" mary went . john sat .")
+    g = cage(cached_model("gpt2"), PROMPT, completion=" mary went . john sat .")
     path = write(tmp_path, "gen.html", g.to_html())
     view = Page(browser, path)
     try:
@@ -183,7 +170,7 @@ def test_generation_graph_page(browser, tmp_path):
 
 
 def test_attribution_page_and_two_notebook_outputs(browser, tmp_path):
-    attr = attribute(model_of("llama"), [PROMPT, "the dog ran"], target=" mat")
+    attr = attribute(cached_model("llama"), [PROMPT, "the dog ran"], target=" mat")
     view = Page(browser, write(tmp_path, "attr.html", attr.to_html()))
     try:
         assert view.page.locator(".cl-strip span").count() == sum(attr.lengths)
@@ -191,7 +178,7 @@ def test_attribution_page_and_two_notebook_outputs(browser, tmp_path):
     finally:
         view.close()
     # two graph outputs in one notebook page: both come alive, the script is defined once
-    model = model_of("gpt2")
+    model = cached_model("gpt2")
     one, two = (circuit_graph(model, PROMPT, " mary", levels=lv) for lv in ("block", "half"))
     page = html_page("notebook", one._repr_html_() + two._repr_html_())
     view = Page(browser, write(tmp_path, "notebook.html", page))
@@ -204,7 +191,7 @@ def test_attribution_page_and_two_notebook_outputs(browser, tmp_path):
 
 
 def test_static_fallback_without_scripts(browser, tmp_path):
-    graph = circuit_graph(model_of("gpt2"), PROMPT, " mary", levels="half")
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels="half")
     view = Page(browser, write(tmp_path, "static.html", graph.to_html()), javascript=False)
     try:
         assert view.page.locator("svg.cl-graph circle").count() == len(graph.node_list())
@@ -219,9 +206,9 @@ HOSTILE = ["<script>alert(1)</script>", "\"'><img src=x onerror=alert(2)>", "a\x
 
 
 def test_hostile_tokens_stay_text(browser, tmp_path):
-    graph = circuit_graph(model_of("gpt2"), PROMPT, " mary", levels="block", top_p=None, node_threshold=None)
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels="block", top_p=None, node_threshold=None)
     graph.str_tokens = HOSTILE + graph.str_tokens[len(HOSTILE):]
-    attr = attribute(model_of("gpt2"), PROMPT, target=" mat")
+    attr = attribute(cached_model("gpt2"), PROMPT, target=" mat")
     attr.str_tokens = [HOSTILE + attr.str_tokens[0][len(HOSTILE):]]
     for name, page in (("graph.html", graph.to_html()), ("attr.html", attr.to_html())):
         view = Page(browser, write(tmp_path, name, page))
@@ -241,7 +228,7 @@ def test_hostile_tokens_stay_text(browser, tmp_path):
 
 # ---------------------------------------------------------------------------- size (no browser needed)
 def test_pages_stay_under_the_budget_and_say_what_they_left_out():
-    graph = circuit_graph(model_of("gpt2"), " ".join([PROMPT] * 4), " mary", levels="heads", top_p=None, node_threshold=None)
+    graph = circuit_graph(cached_model("gpt2"), " ".join([PROMPT] * 4), " mary", levels="heads", top_p=None, node_threshold=None)
     n_edges = sum(len(es) for es in graph.edges())
     page = graph.to_html()
     assert n_edges > 1500 and len(page.encode("utf-8")) <= PAGE_BUDGET_BYTES

@@ -19,12 +19,12 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
-import torch
 
 from cage_lens.circuit import circuit_graph
 from cage_lens.errors import InputError
 from cage_lens.export import circuit_tracer_dict
 from conftest import cached_model
+from results_support import one_thread  # noqa: F401  (autouse)
 from test_pruning import twelve_node_graph
 
 PROMPT = "the cat sat on the mat and john"
@@ -49,18 +49,6 @@ for directory in sys.argv[1:]:
                               "metadata_unchanged": all(dumped["metadata"][k] == v for k, v in doc["metadata"].items() if k in dumped["metadata"])})
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_of(kind: str):
-    return cached_model(kind)  # shared with the other test modules
 
 
 def circuit_tracer_python() -> str:
@@ -91,7 +79,7 @@ def validate(*directories) -> dict:
 
 # ---------------------------------------------------------------------------- circuit-tracer's models
 def test_exports_validate_with_circuit_tracer_models(tmp_path):
-    model = model_of("gpt2")
+    model = cached_model("gpt2")
     graphs = {levels: circuit_graph(model, PROMPT, " mary", levels=levels) for levels in ("block", "half", "heads", "neurons")}
     graphs["influence"] = graphs["half"].prune(influence=True)
     for slug, graph in graphs.items():
@@ -113,7 +101,7 @@ def test_exports_validate_with_circuit_tracer_models(tmp_path):
 # ---------------------------------------------------------------------------- our mapping
 @pytest.mark.parametrize("levels", ["half", "heads", "neurons"])
 def test_ids_are_unique_and_links_carry_the_graph_edges(levels):
-    graph = circuit_graph(model_of("gpt2"), PROMPT, " mary", levels=levels, top_p=0.95)
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels=levels, top_p=0.95)
     document = circuit_tracer_dict(graph)
     nodes = document["nodes"]
     for field in ("node_id", "jsNodeId"):

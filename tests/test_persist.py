@@ -18,20 +18,9 @@ from cage_lens.errors import InputError
 from cage_lens.failure import FailureExplanation, explain_failure
 from cage_lens.persist import SCHEMA_VERSION, SavedCallable, read_header
 from conftest import cached_model
+from results_support import one_thread  # noqa: F401  (autouse)
 
 PROMPT = "the cat sat on the mat and john"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_of(kind: str):
-    return cached_model(kind)  # shared with the other test modules
 
 
 # ---------------------------------------------------------------------------- comparison
@@ -73,7 +62,7 @@ def round_trip(result, tmp_path, loader):
 # ---------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("kind, neurons, contrast", [("gpt2", 3, " store"), ("llama", "all", None), ("attn_only", None, None)])
 def test_attribution_round_trip(tmp_path, kind, neurons, contrast):
-    model = model_of(kind)
+    model = cached_model(kind)
     attr = attribute(model, [PROMPT, "the dog ran"], target=" mat", contrast=contrast, neurons=neurons)
     loaded = round_trip(attr, tmp_path, Attribution.load)
     assert loaded.lengths == attr.lengths and loaded.str_tokens == attr.str_tokens
@@ -90,7 +79,7 @@ def test_callable_target_is_kept_by_name_and_refuses_to_run(tmp_path):
     def margin(logits):
         return logits[:, 3] - logits[:, 4]
 
-    attr = attribute(model_of("gpt2"), PROMPT, target=margin)
+    attr = attribute(cached_model("gpt2"), PROMPT, target=margin)
     loaded = round_trip(attr, tmp_path, Attribution.load)
     assert loaded.target_description == attr.target_description == "custom target margin"
     assert loaded.target.mode.qualified_name.endswith("margin")
@@ -100,7 +89,7 @@ def test_callable_target_is_kept_by_name_and_refuses_to_run(tmp_path):
 
 @pytest.mark.parametrize("levels", ["half", "heads", "neurons"])
 def test_circuit_graph_round_trip(tmp_path, levels):
-    graph = circuit_graph(model_of("gpt2"), PROMPT, " mary", levels=levels, top_p=0.9)
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels=levels, top_p=0.9)
     assert all(es.dense is not None for es in graph.edge_sets)
     loaded = round_trip(graph, tmp_path, CircuitGraph.load)
     for es in graph.edge_sets:
@@ -111,7 +100,7 @@ def test_circuit_graph_round_trip(tmp_path, levels):
 
 
 def test_circuit_graph_without_dense_matrices_round_trip(tmp_path):
-    graph = circuit_graph(model_of("llama"), PROMPT, " mary", levels="block", dense_limit=2)
+    graph = circuit_graph(cached_model("llama"), PROMPT, " mary", levels="block", dense_limit=2)
     assert all(es.dense is None for es in graph.edge_sets)
     loaded = round_trip(graph, tmp_path, CircuitGraph.load)
     assert loaded.metrics() == graph.metrics()
@@ -119,7 +108,7 @@ def test_circuit_graph_without_dense_matrices_round_trip(tmp_path):
 
 @pytest.mark.parametrize("granularity", ["token", "sentence"])
 def test_generation_graph_round_trip(tmp_path, granularity):
-    g = cage(model_of("gpt2"), PROMPT, completion=" mary went . john sat .", granularity=granularity)
+    g = cage(cached_model("gpt2"), PROMPT, completion=" mary went . john sat .", granularity=granularity)
     loaded = round_trip(g, tmp_path, GenerationGraph.load)
     if granularity == "sentence":
         assert all(type(s) is tuple for s in loaded.spans) and loaded.spans == g.spans
@@ -128,14 +117,14 @@ def test_generation_graph_round_trip(tmp_path, granularity):
 
 
 def test_failure_explanation_round_trip(tmp_path):
-    e = explain_failure(model_of("gpt2"), PROMPT, wrong=" mary", correct=" store")
+    e = explain_failure(cached_model("gpt2"), PROMPT, wrong=" mary", correct=" store")
     loaded = round_trip(e, tmp_path, FailureExplanation.load)
     assert repr(loaded) == repr(e)
 
 
 # ---------------------------------------------------------------------------- provenance
 def test_builders_fill_meta_with_provenance():
-    model = model_of("llama")
+    model = cached_model("llama")
     attr = attribute(model, PROMPT, target=" mat", contrast=" store", rules="cplrp")
     graph = circuit_graph(model, PROMPT, " mary", levels="block", top_p=0.7)
     gen = cage(model, PROMPT, completion=" mary went", method="input_x_gradient")
@@ -164,7 +153,7 @@ def test_zoo_models_are_named_in_provenance():
 
 
 def test_header_is_readable_without_loading(tmp_path):
-    attr = attribute(model_of("gpt2"), PROMPT, target=" mat")
+    attr = attribute(cached_model("gpt2"), PROMPT, target=" mat")
     path = attr.save(tmp_path / "a.safetensors")
     header = read_header(path)
     assert header["kind"] == "Attribution" and header["schema_version"] == SCHEMA_VERSION
@@ -177,14 +166,14 @@ def test_header_is_readable_without_loading(tmp_path):
 
 
 def test_to_json_keeps_neuron_relevance_and_meta():
-    attr = attribute(model_of("gpt2"), [PROMPT, "the dog ran"], target=" mat", neurons=2)
+    attr = attribute(cached_model("gpt2"), [PROMPT, "the dog ran"], target=" mat", neurons=2)
     data = json.loads(attr.to_json())
     n = attr.lengths[1]
     assert data["neuron_relevance"]["top_k"] == 2
     assert data["neuron_relevance"]["values"][1] == attr.neuron_relevance.values[1, :, :n].tolist()
     assert data["neuron_relevance"]["indices"][0] == attr.neuron_relevance.indices[0].tolist()
     assert data["meta"] == attr.meta
-    assert json.loads(attribute(model_of("gpt2"), PROMPT).to_json())["neuron_relevance"] is None
+    assert json.loads(attribute(cached_model("gpt2"), PROMPT).to_json())["neuron_relevance"] is None
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -199,21 +188,21 @@ def _rewrite_header(path, change):
 
 
 def test_newer_schema_is_refused(tmp_path):
-    path = attribute(model_of("gpt2"), PROMPT).save(tmp_path / "a.safetensors")
+    path = attribute(cached_model("gpt2"), PROMPT).save(tmp_path / "a.safetensors")
     _rewrite_header(path, lambda h: h.update(schema_version=SCHEMA_VERSION + 1))
     with pytest.raises(InputError, match=f"schema {SCHEMA_VERSION + 1}.*Upgrade cage_lens"):
         cage_lens.load(path)
 
 
 def test_unknown_field_is_refused(tmp_path):
-    path = attribute(model_of("gpt2"), PROMPT).save(tmp_path / "a.safetensors")
+    path = attribute(cached_model("gpt2"), PROMPT).save(tmp_path / "a.safetensors")
     _rewrite_header(path, lambda h: h["result"]["fields"].update(extra=1))
     with pytest.raises(InputError, match=r"fields \['extra'\]"):
         cage_lens.load(path)
 
 
 def test_wrong_kind_and_foreign_files_are_refused(tmp_path):
-    path = circuit_graph(model_of("gpt2"), PROMPT, " mary").save(tmp_path / "g.safetensors")
+    path = circuit_graph(cached_model("gpt2"), PROMPT, " mary").save(tmp_path / "g.safetensors")
     with pytest.raises(InputError, match="holds a CircuitGraph, not a Attribution.*cage_lens.load"):
         Attribution.load(path)
     from safetensors.torch import save_file
@@ -229,7 +218,7 @@ def test_wrong_kind_and_foreign_files_are_refused(tmp_path):
 
 
 def test_values_without_a_stored_form_are_refused(tmp_path):
-    attr = attribute(model_of("gpt2"), PROMPT)
+    attr = attribute(cached_model("gpt2"), PROMPT)
     attr.meta["handle"] = object()
     with pytest.raises(InputError, match=r"Attribution\.meta\.handle: values of type object"):
         attr.save(tmp_path / "a.safetensors")

@@ -7,25 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from cage_lens.attribution import attribute
 from cage_lens.cage_graph import cage
 from cage_lens.circuit import circuit_graph
 from cage_lens.errors import CageLensError
 from conftest import cached_model
+from results_support import one_thread  # noqa: F401  (autouse)
 
 matplotlib = pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra) is not installed")
 
 PROMPT = "the cat sat on the mat and john"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_attribution_plot_shows_the_normalised_heatmap_and_the_layer_trace():

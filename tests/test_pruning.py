@@ -12,20 +12,9 @@ from cage_lens.circuit import CircuitGraph, EdgeSet, LevelNodes, circuit_graph, 
 from cage_lens.errors import InputError
 from cage_lens.pruning import cumulative_influence, find_threshold
 from conftest import cached_model
+from results_support import one_thread  # noqa: F401  (autouse)
 
 PROMPT = "the cat sat on the mat and john"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_of(kind: str):
-    return cached_model(kind)  # shared with the other test modules
 
 
 # ---------------------------------------------------------------------------- hand-built graphs
@@ -148,7 +137,7 @@ def same_edges(a: CircuitGraph, b: CircuitGraph) -> None:
 
 @pytest.mark.parametrize("levels", ["half", "heads"])
 def test_pruning_again_equals_building_with_the_rule(levels):
-    model = model_of("gpt2")
+    model = cached_model("gpt2")
     base = circuit_graph(model, PROMPT, " mary", levels=levels, node_threshold=0.01, top_p=None)
     same_edges(base.prune(top_p=0.7), circuit_graph(model, PROMPT, " mary", levels=levels, top_p=0.7))
     same_edges(base.prune(edge_threshold=0.02), circuit_graph(model, PROMPT, " mary", levels=levels, edge_threshold=0.02))
@@ -159,14 +148,14 @@ def test_pruning_again_equals_building_with_the_rule(levels):
 
 
 def test_a_loaded_graph_prunes_like_the_original(tmp_path):
-    graph = circuit_graph(model_of("llama"), PROMPT, " mary", levels="half")
+    graph = circuit_graph(cached_model("llama"), PROMPT, " mary", levels="half")
     loaded = CircuitGraph.load(graph.save(tmp_path / "g.safetensors"))
     same_edges(loaded.prune(top_p=0.5), graph.prune(top_p=0.5))
     same_edges(loaded.prune(influence=True), graph.prune(influence=True))
 
 
 def test_graphs_that_kept_only_pruned_edges():
-    model = model_of("gpt2")
+    model = cached_model("gpt2")
     graph = circuit_graph(model, PROMPT, " mary", dense_limit=2, top_p=0.85)
     assert all(es.dense is None for es in graph.edge_sets)
     for rule in (dict(top_p=0.5), dict(influence=True), dict(edge_threshold=0.0)):
@@ -192,7 +181,7 @@ def test_graphs_that_kept_only_pruned_edges():
     (dict(top_p=0.5, node_threshold=0.001), "below the graph's node_threshold=0.01"),
 ])
 def test_bad_rules_are_refused(rule, message):
-    graph = circuit_graph(model_of("gpt2"), PROMPT, " mary")
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary")
     with pytest.raises(InputError, match=message):
         graph.prune(**rule)
 
@@ -254,7 +243,7 @@ def reference_influence_pruning(graph, node_fraction, edge_fraction) -> set:
 @pytest.mark.parametrize("kind, levels", [("gpt2", "half"), ("llama", "heads"), ("attn_only", "block")])
 @pytest.mark.parametrize("fractions", [(0.8, 0.98), (0.5, 0.9)])
 def test_influence_pruning_equals_a_dense_reference(kind, levels, fractions):
-    graph = circuit_graph(model_of(kind), PROMPT, " mary", levels=levels, top_p=None)
+    graph = circuit_graph(cached_model(kind), PROMPT, " mary", levels=levels, top_p=None)
     pruned = graph.prune(influence=True, node_influence=fractions[0], edge_influence=fractions[1])
     expected = reference_influence_pruning(graph, *fractions)
     assert kept(pruned) == expected and 0 < len(expected) < len(kept(graph))
