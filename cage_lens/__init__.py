@@ -44,6 +44,7 @@ _EXPORTS = {
     "methods": "cage_lens.methods",
     "metrics": "cage_lens.metrics",
     "zoo": "cage_lens.zoo",
+    "load": "cage_lens.persist",
 }
 
 __all__ = sorted(_EXPORTS)

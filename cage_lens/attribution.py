@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import networkx as nx
@@ -18,6 +19,7 @@ from jaxtyping import Float, Int
 from cage_lens.adapter import ModelAdapter, adapt
 from cage_lens.errors import InputError, NumericalError
 from cage_lens.inputs import Inputs, TokenBatch, resolve_positions, to_token_batch
+from cage_lens.persist import provenance
 from cage_lens.rules import check_rules, rule_hooks
 from cage_lens.targets import Target
 
@@ -206,11 +208,43 @@ class Attribution:
                 k: [r[:n] for r, n in zip(v.tolist(), self.lengths)] for k, v in self.node_relevance.items()
             },
             "head_relevance": self.head_relevance.tolist(),
+            "neuron_relevance": None if self.neuron_relevance is None else {
+                "top_k": self.neuron_relevance.top_k,
+                "values": [r[:, :n].tolist() for r, n in zip(self.neuron_relevance.values, self.lengths)],
+                "indices": [r[:, :n].tolist() for r, n in zip(self.neuron_relevance.indices, self.lengths)],
+            },
             "conservation": self.conservation.to_dict(),
+            "meta": self.meta,
         }
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    def save(self, path) -> Path:
+        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
+        from cage_lens.persist import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "Attribution":
+        """Read an attribution written by :meth:`save` (refuses other result kinds and newer schemas)."""
+        from cage_lens.persist import load
+
+        return load(path, expect=cls)
+
+    def to_html(self, path=None) -> str:
+        """Self-contained HTML page: token heatmaps, layer × token relevance, head relevance and the
+        conservation table. Written to ``path`` when given; the HTML string is returned either way."""
+        from cage_lens.viewer import attribution_page
+
+        return attribution_page(self, path)
+
+    def plot(self, row: int = 0, **kwargs):
+        """Matplotlib figure: token heatmap and layer × token relevance (needs ``cage-lens[plot]``)."""
+        from cage_lens.plots import plot_attribution
+
+        return plot_attribution(self, row, **kwargs)
 
     def to_networkx(self, row: int = 0) -> nx.DiGraph:
         """Nodes ``(point, pos)`` with their relevance; edges join the same position at consecutive
@@ -393,6 +427,7 @@ def attribute(
         neuron_relevance=neuron_rel,
         conservation=conservation,
         target_description=spec.describe(model),
+        meta=provenance(model, function="attribute", rules=rules, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos),
     )
 
 

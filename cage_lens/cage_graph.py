@@ -13,7 +13,6 @@ triangular solve.
 
 from __future__ import annotations
 
-import html
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from jaxtyping import Float, Int
 from cage_lens.errors import InputError
 from cage_lens.inputs import as_int, check_token_ids, greedy_continuation, single_prompt, tokenize
 from cage_lens.methods import check_sequence, get_method
+from cage_lens.persist import provenance
 from cage_lens.spans import Span, block_sum, check_tiling, split_sentences, token_spans
 from cage_lens.viz import printable
 
@@ -239,25 +239,40 @@ class GenerationGraph:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        c, r = self.context_attribution(), self.row_attribution()
-        scale = float(max(c.abs().max(), r.abs().max(), 1e-30))
+        from cage_lens.graph_view import generation_fragment
 
-        def cell(v):
-            a = min(abs(float(v)) / scale, 1.0)
-            color = f"rgba(220,40,40,{a:.2f})" if v >= 0 else f"rgba(40,80,220,{a:.2f})"
-            return f'<td style="background:{color}">{float(v):+.3f}</td>'
+        return generation_fragment(self)
 
-        rows = "".join(
-            f"<tr><td>{j}</td><td>{html.escape(printable(self.labels[j]))}</td>{cell(c[j])}{cell(r[j])}</tr>"
-            for j in range(self.n_prompt)
-        )
-        gen = html.escape(" | ".join(printable(w) for w in self.labels[self.n_prompt:]))
-        note = f"<p>rows with no mass: {self.empty_rows}</p>" if self.empty_rows else ""
-        return (
-            f"<div><b>GenerationGraph</b> method={html.escape(self.method)} normalize={self.normalize}<br>"
-            f"generated: {gen}{note}<table><tr><th>#</th><th>prompt node</th><th>CAGE</th><th>row</th></tr>"
-            f"{rows}</table></div>"
-        )
+    def to_html(self, path=None) -> str:
+        """Self-contained interactive HTML page (prompt and generated nodes on a line, edges as arcs;
+        hover, click, threshold slider, CAGE heatmap; a static SVG where scripts do not run). Written
+        to ``path`` when given; the HTML string is returned either way."""
+        from cage_lens.graph_view import generation_html
+
+        page = generation_html(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+        return page
+
+    def save(self, path):
+        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
+        from cage_lens.persist import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "GenerationGraph":
+        """Read a generation graph written by :meth:`save` (refuses other result kinds and newer schemas)."""
+        from cage_lens.persist import load
+
+        return load(path, expect=cls)
+
+    def plot(self, **kwargs):
+        """Matplotlib figure: CAGE vs row attribution per prompt node and the adjacency (needs ``cage-lens[plot]``)."""
+        from cage_lens.plots import plot_generation
+
+        return plot_generation(self, **kwargs)
 
 
 # ---------------------------------------------------------------------------- cage()
@@ -364,9 +379,10 @@ def cage(
         raise InputError(f"method {method!r} returned shape {tuple(token_table.shape)}, expected [{Y}, {T}]")
     words = [str(s) for s in model.to_str_tokens(tokens[0])]
     name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+    meta = provenance(model, function="cage", method=name, granularity=granularity, normalize=normalize, n_prompt=n_prompt, completion=completion, max_new_tokens=max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos, method_options=method_options)
     if spans is None:
-        return GenerationGraph.from_table(token_table, n_prompt, normalize, words, method=name, tokens=tokens, token_table=token_table)
+        return GenerationGraph.from_table(token_table, n_prompt, normalize, words, method=name, tokens=tokens, token_table=token_table, meta=meta)
     n_prompt_spans = sum(1 for _, b in spans if b <= n_prompt)
     table = block_sum(token_table, n_prompt, spans, n_prompt_spans)
     labels = ["".join(words[a:b]) if all(w.startswith(" ") for w in words[a + 1 : b]) else " ".join(words[a:b]) for a, b in spans]
-    return GenerationGraph.from_table(table, n_prompt_spans, normalize, labels, spans=spans, method=name, tokens=tokens, token_table=token_table)
+    return GenerationGraph.from_table(table, n_prompt_spans, normalize, labels, spans=spans, method=name, tokens=tokens, token_table=token_table, meta=meta)

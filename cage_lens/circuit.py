@@ -40,6 +40,8 @@ from jaxtyping import Float, Int
 from cage_lens import edges as E
 from cage_lens.adapter import ModelAdapter, adapt
 from cage_lens.errors import InputError
+from cage_lens.persist import provenance
+from cage_lens.pruning import prune_edges
 from cage_lens.inputs import to_token_batch, resolve_positions
 from cage_lens.rules import check_rules
 from cage_lens.targets import Target
@@ -94,28 +96,6 @@ class EdgeSet:
                        self.values[keep], self.computed_rows, self.total_mass, self.dense)
 
 
-# ---------------------------------------------------------------------------- pruning
-def prune_edges(matrix: Float[torch.Tensor, "row source"], rows: Int[torch.Tensor, "row"], *,
-                top_p: float | None, edge_threshold: float | None, scale: float):
-    """Pruned sparse edges ``(targets, sources, values)`` of computed rows of one transition, and the
-    transition's total |A| mass (see the module docstring for the rules)."""
-    nz = matrix.nonzero(as_tuple=True)
-    values = matrix[nz]
-    targets, sources = rows[nz[0]], nz[1]
-    magnitude = values.abs()
-    total = float(magnitude.sum())
-    if edge_threshold is not None:
-        keep = magnitude > edge_threshold * scale
-    elif top_p is not None and top_p < 1.0 and len(values):
-        order = magnitude.argsort(descending=True, stable=True)
-        cumulative = magnitude[order].cumsum(0)
-        count = int(torch.searchsorted(cumulative, torch.tensor(top_p * total, dtype=cumulative.dtype))) + 1
-        keep = order[: min(count, len(order))]
-    else:
-        keep = torch.arange(len(values))
-    return targets[keep], sources[keep], values[keep], total
-
-
 def gini(x: torch.Tensor) -> float:
     """Gini coefficient of non-negative values (0: all equal, → 1: one value holds everything)."""
     x = x.flatten().double().sort().values
@@ -144,6 +124,7 @@ class CircuitGraph:
     nodes: dict[str, LevelNodes]
     edge_sets: list[EdgeSet]
     settings: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
     _alive: dict[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------- basic views
@@ -356,8 +337,9 @@ class CircuitGraph:
         return json.dumps(self.to_dict(), **kwargs)
 
     def to_html(self, path: str | Path | None = None) -> str:
-        """Self-contained HTML view (inline SVG: levels as rows, tokens as columns, edge width by
-        |relevance|). Written to ``path`` when given; the HTML string is returned either way."""
+        """Self-contained interactive HTML page (levels as rows, tokens as columns; hover, click,
+        threshold slider; a static SVG where scripts do not run). Written to ``path`` when given; the
+        HTML string is returned either way."""
         from cage_lens.graph_view import graph_html
 
         page = graph_html(self)
@@ -366,9 +348,47 @@ class CircuitGraph:
         return page
 
     def _repr_html_(self) -> str:
-        from cage_lens.graph_view import graph_svg
+        from cage_lens.graph_view import graph_fragment
 
-        return graph_svg(self)
+        return graph_fragment(self)
+
+    def save(self, path) -> Path:
+        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
+        from cage_lens.persist import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "CircuitGraph":
+        """Read a graph written by :meth:`save` (refuses other result kinds and newer schemas)."""
+        from cage_lens.persist import load
+
+        return load(path, expect=cls)
+
+    def prune(self, **rule) -> "CircuitGraph":
+        """A new graph pruned without recomputation: ``top_p=``, ``edge_threshold=`` or
+        ``influence=True`` (circuit-tracer's node 0.8 / edge 0.98); see :func:`cage_lens.pruning.prune`."""
+        from cage_lens.pruning import prune
+
+        return prune(self, **rule)
+
+    def influence(self, unpruned: bool | None = None) -> dict[str, Float[torch.Tensor, "node"]]:
+        """circuit-tracer's node influence on the target, per level (see :func:`cage_lens.pruning.node_influence`)."""
+        from cage_lens.pruning import node_influence
+
+        return node_influence(self, unpruned)
+
+    def to_circuit_tracer(self, directory, slug: str = "cage-lens-graph", **options) -> Path:
+        """Write ``{slug}.json`` and ``graph-metadata.json`` for circuit-tracer's viewer (docs/results.md)."""
+        from cage_lens.export import to_circuit_tracer
+
+        return to_circuit_tracer(self, directory, slug, **options)
+
+    def plot(self, **kwargs):
+        """Matplotlib figure of the graph (needs ``cage-lens[plot]``)."""
+        from cage_lens.plots import plot_circuit
+
+        return plot_circuit(self, **kwargs)
 
     def summary(self) -> str:
         n_nodes = sum(int(a.sum()) for a in self.alive.values())
@@ -499,4 +519,5 @@ def circuit_graph(
         target_description=spec.describe(model), target_value=state.value, nodes=nodes, edge_sets=edge_sets,
         settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
                   "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
+        meta=provenance(model, function="circuit_graph", rules=rules, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos),
     )

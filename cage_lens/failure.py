@@ -8,7 +8,7 @@ relevance supports the wrong token, negative relevance the correct one.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -19,6 +19,7 @@ from cage_lens.attribution import Attribution, attribute
 from cage_lens.circuit import CircuitGraph, circuit_graph, node_label
 from cage_lens.errors import InputError
 from cage_lens.inputs import as_int, single_prompt
+from cage_lens.persist import provenance
 from cage_lens.targets import resolve_token
 from cage_lens.viz import html_page, terminal_heatmap, token_spans_html
 
@@ -39,6 +40,7 @@ class FailureExplanation:
     trace: Float[torch.Tensor, "row pos"]  # rows: trace_points
     attribution: Attribution
     graph: CircuitGraph
+    meta: dict = field(default_factory=dict)
 
     @property
     def relevance(self) -> Float[torch.Tensor, "pos"]:
@@ -69,14 +71,27 @@ class FailureExplanation:
             lines.append(f"  path {flow:+.3g}: " + " → ".join(node_label(n) for n in path))
         return "\n".join(lines)
 
+    def save(self, path):
+        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
+        from cage_lens.persist import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "FailureExplanation":
+        """Read a failure explanation written by :meth:`save` (refuses other kinds and newer schemas)."""
+        from cage_lens.persist import load
+
+        return load(path, expect=cls)
+
     def to_html(self, path=None) -> str:
-        from cage_lens.graph_view import graph_svg
+        from cage_lens.graph_view import graph_fragment
 
         body = (
             f"<p>Δℓ = logit({html.escape(repr(self.wrong))}) − logit({html.escape(repr(self.correct))}) = "
             f"{self.delta:+.4g}. Red supports the wrong token, blue the correct one.</p>"
             f"<div>{token_spans_html(self.prompt_tokens, self.heatmap.tolist(), self.relevance.tolist())}</div>"
-            f"<h3>Attribution graph</h3>{graph_svg(self.graph)}"
+            f"<h3>Attribution graph</h3>{graph_fragment(self.graph)}"
         )
         page = html_page("cage_lens failure explanation", body)
         if path is not None:
@@ -157,4 +172,5 @@ def explain_failure(
         trace=torch.cat([relevance[None], trace[:, :n]]),
         attribution=attribution,
         graph=graph,
+        meta=provenance(model, function="explain_failure", rules=rules, levels=levels, wrong=wrong, correct=correct, exclude=exclude, prepend_bos=prepend_bos, graph_options=graph_options),
     )

@@ -314,7 +314,7 @@ def test_html_view_is_self_contained(tmp_path):
     path = tmp_path / "graph.html"
     page = graph.to_html(path)
     assert path.read_text(encoding="utf-8") == page
-    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<script" not in page
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<script src" not in page  # scripts inline only
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
     assert page.count("<circle") == graph.to_networkx().number_of_nodes()
     assert page.count("<line") >= graph.to_networkx().number_of_edges()

@@ -1,0 +1,239 @@
+"""The interactive views in a real browser (headless Chromium driven by Playwright): pages load without
+errors or network requests, draw every node, show the tooltip on hover, highlight exactly the paths to
+the target on click, and the slider hides exactly the edges under the threshold. Hostile tokens stay text.
+
+Skips only where Chromium or Playwright's Python package is missing, and says which; with
+``CAGE_LENS_REQUIRE_BROWSER=1`` (set by CI) a missing browser fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import networkx as nx
+import pytest
+
+from cage_lens.attribution import attribute
+from cage_lens.cage_graph import cage
+from cage_lens.circuit import circuit_graph
+from cage_lens.viewer import PAGE_BUDGET_BYTES, visible
+from cage_lens.viz import html_page
+from conftest import cached_model
+from results_support import one_thread  # noqa: F401  (autouse)
+
+PROMPT = "the cat sat on the mat and john"
+CHROMIUM = os.environ.get("CAGE_LENS_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CAGE_LENS_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}; CAGE_LENS_REQUIRE_BROWSER=1 requires the browser tests to run")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("Playwright's Python package is not installed (pip install playwright)")
+    if not (os.path.isfile(CHROMIUM) or shutil.which(CHROMIUM)):
+        _unavailable(f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium, or set CAGE_LENS_CHROMIUM)")
+    with sync_playwright() as p:
+        try:
+            chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        except Exception as exc:  # noqa: BLE001 - any launch failure means: no usable browser here
+            _unavailable(f"Chromium at {CHROMIUM} does not start: {str(exc).splitlines()[0]}")
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """A loaded page with everything it logged, requested or tried to pop up."""
+
+    def __init__(self, browser, path, javascript: bool = True):
+        self.context = browser.new_context(java_script_enabled=javascript, viewport={"width": 1400, "height": 900})
+        self.page = self.context.new_page()
+        self.errors, self.requests, self.dialogs = [], [], []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.goto(path.as_uri())
+        self.page.wait_for_load_state("load")
+
+    def views(self) -> list[dict]:
+        return self.page.evaluate("[...document.querySelectorAll('.cl-data')].map(s => JSON.parse(s.textContent))")
+
+    def close(self):
+        self.context.close()
+
+
+def write(tmp_path, name: str, page: str):
+    path = tmp_path / name
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def expected_path(data: dict, start: int, visible_edges=None) -> tuple[set, set]:
+    """Nodes and edges on some path from ``start`` to a target, over the (visible) edges."""
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(data["nodes"])))
+    for k, (s, t, _) in enumerate(data["edges"]):
+        if visible_edges is None or k in visible_edges:
+            g.add_edge(s, t, k=k)
+    below = nx.descendants(g, start) | {start}
+    above = set().union(*[nx.ancestors(g, t) | {t} for t in data["targets"]])
+    nodes = below & above
+    return nodes, {d["k"] for s, t, d in g.edges(data=True) if s in nodes and t in nodes}
+
+
+def highlighted(page, kind: str) -> set:
+    return set(page.evaluate(f"[...document.querySelectorAll('.cl-on[data-{kind}]')].map(e => +e.getAttribute('data-{kind}'))"))
+
+
+def check_interactions(view: Page, data: dict, start: int) -> None:
+    page = view.page
+    n_edges = len(data["edges"])
+    assert page.locator(".cage-lens-view.cl-live").count() == 1  # the script ran
+    assert page.get_attribute(".cage-lens-view", "data-visible-edges") == str(n_edges)
+    assert page.locator(".cl-slider").is_visible()
+    # hover: the tooltip shows the node's label and value
+    node = page.locator(f"svg.cl-graph [data-i='{start}']")
+    node.hover()
+    tip = page.locator(".cl-tip")
+    assert tip.is_visible()
+    value = data["nodes"][start]["value"]
+    assert data["nodes"][start]["label"] in tip.inner_text()
+    assert page.evaluate(f"Number({value}).toPrecision(4)") in tip.inner_text()
+    # click: exactly the nodes and edges on paths from the node to the target
+    node.click()
+    nodes, edges = expected_path(data, start)
+    assert len(nodes) >= 2 and set(data["targets"]) <= nodes
+    assert highlighted(page, "i") == nodes and highlighted(page, "e") == edges
+    # slider at half: exactly the edges with |value| ≥ half the largest stay, the highlight follows
+    page.locator(".cl-slider").fill("500")
+    cut = 0.5 * data["maxEdge"]
+    shown = {k for k, e in enumerate(data["edges"]) if abs(e[2]) >= cut}
+    assert 0 < len(shown) < n_edges
+    assert page.get_attribute(".cage-lens-view", "data-visible-edges") == str(len(shown))
+    drawn = page.evaluate("[...document.querySelectorAll('[data-e]')].filter(e => e.style.display !== 'none').length")
+    assert drawn == len(shown)
+    assert highlighted(page, "e") == expected_path(data, start, shown)[1]
+    # a click on the background clears the highlight
+    page.locator("svg.cl-graph").click(position={"x": 2, "y": 2})
+    assert not highlighted(page, "i")
+
+
+# ---------------------------------------------------------------------------- pages
+@pytest.mark.parametrize("levels", ["half", "heads"])
+def test_circuit_graph_page(browser, tmp_path, levels):
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels=levels, top_p=0.9)
+    view = Page(browser, write(tmp_path, "graph.html", graph.to_html()))
+    try:
+        (data,) = view.views()
+        assert view.page.locator("svg.cl-graph [data-i]").count() == len(graph.node_list()) == len(data["nodes"])
+        assert view.page.locator("svg.cl-graph [data-e]").count() == sum(len(es) for es in graph.edges()) == len(data["edges"])
+        # an input token whose node reaches the target through at least two edges
+        g = graph.to_networkx()
+        start_key = max((k for k in g if k[0] == "embeddings"), key=lambda k: len(nx.descendants(g, k)))
+        labels = [n["label"] for n in data["nodes"]]
+        from cage_lens.circuit import node_label
+
+        check_interactions(view, data, labels.index(node_label(start_key)))
+        assert view.errors == [] and view.dialogs == []
+        assert all(url.startswith("file:") for url in view.requests), view.requests
+    finally:
+        view.close()
+
+
+def test_generation_graph_page(browser, tmp_path):
+    g = cage(cached_model("gpt2"), PROMPT, completion=" mary went . john sat .")
+    path = write(tmp_path, "gen.html", g.to_html())
+    view = Page(browser, path)
+    try:
+        (data,) = view.views()
+        assert view.page.locator("svg.cl-graph [data-i]").count() == g.n_prompt + g.n_generated
+        assert len(data["edges"]) == int((g.adjacency != 0).sum())
+        start = max(range(g.n_prompt), key=lambda j: len(expected_path(data, j)[0]))
+        check_interactions(view, data, start)
+        strip = view.page.locator(".cl-strip span")
+        assert strip.count() == g.n_prompt + g.n_generated
+        assert view.errors == [] and view.dialogs == []
+        assert all(url.startswith("file:") for url in view.requests), view.requests
+    finally:
+        view.close()
+
+
+def test_attribution_page_and_two_notebook_outputs(browser, tmp_path):
+    attr = attribute(cached_model("llama"), [PROMPT, "the dog ran"], target=" mat")
+    view = Page(browser, write(tmp_path, "attr.html", attr.to_html()))
+    try:
+        assert view.page.locator(".cl-strip span").count() == sum(attr.lengths)
+        assert view.errors == [] and view.dialogs == []
+    finally:
+        view.close()
+    # two graph outputs in one notebook page: both come alive, the script is defined once
+    model = cached_model("gpt2")
+    one, two = (circuit_graph(model, PROMPT, " mary", levels=lv) for lv in ("block", "half"))
+    page = html_page("notebook", one._repr_html_() + two._repr_html_())
+    view = Page(browser, write(tmp_path, "notebook.html", page))
+    try:
+        assert view.page.locator(".cage-lens-view.cl-live").count() == 2
+        assert view.page.locator("svg.cl-graph [data-i]").count() == len(one.node_list()) + len(two.node_list())
+        assert view.errors == []
+    finally:
+        view.close()
+
+
+def test_static_fallback_without_scripts(browser, tmp_path):
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels="half")
+    view = Page(browser, write(tmp_path, "static.html", graph.to_html()), javascript=False)
+    try:
+        assert view.page.locator("svg.cl-graph circle").count() == len(graph.node_list())
+        assert not view.page.locator(".cl-slider").is_visible()  # no dead controls
+        titles = view.page.evaluate("[...document.querySelectorAll('svg.cl-graph circle > title')].length")
+        assert titles == len(graph.node_list())  # native tooltips carry the values
+    finally:
+        view.close()
+
+
+HOSTILE = ["<script>alert(1)</script>", "\"'><img src=x onerror=alert(2)>", "a\x00b\x1bc", "</script><b>x", "\u2028&amp;"]
+
+
+def test_hostile_tokens_stay_text(browser, tmp_path):
+    graph = circuit_graph(cached_model("gpt2"), PROMPT, " mary", levels="block", top_p=None, node_threshold=None)
+    graph.str_tokens = HOSTILE + graph.str_tokens[len(HOSTILE):]
+    attr = attribute(cached_model("gpt2"), PROMPT, target=" mat")
+    attr.str_tokens = [HOSTILE + attr.str_tokens[0][len(HOSTILE):]]
+    for name, page in (("graph.html", graph.to_html()), ("attr.html", attr.to_html())):
+        view = Page(browser, write(tmp_path, name, page))
+        try:
+            assert view.dialogs == [] and view.errors == []
+            assert view.page.locator("img").count() == 0 and view.page.locator("b").count() == (1 if name == "attr.html" else 0)
+            strip = view.page.evaluate("[...document.querySelectorAll('.cl-strip span')].map(s => s.textContent)")
+            assert strip[: len(HOSTILE)] == [visible(t).replace(" ", "\xa0") for t in HOSTILE]
+            if name == "graph.html":
+                (data,) = view.views()
+                first = next(i for i, n in enumerate(data["nodes"]) if n["label"] == "embeddings@0")
+                view.page.locator(f"svg.cl-graph [data-i='{first}']").hover()
+                assert json.dumps(HOSTILE[0]) in view.page.locator(".cl-tip").inner_text()
+        finally:
+            view.close()
+
+
+# ---------------------------------------------------------------------------- size (no browser needed)
+def test_pages_stay_under_the_budget_and_say_what_they_left_out():
+    graph = circuit_graph(cached_model("gpt2"), " ".join([PROMPT] * 4), " mary", levels="heads", top_p=None, node_threshold=None)
+    n_edges = sum(len(es) for es in graph.edges())
+    page = graph.to_html()
+    assert n_edges > 1500 and len(page.encode("utf-8")) <= PAGE_BUDGET_BYTES
+    data = json.loads(page.split("class='cl-data'>")[1].split("</script>")[0])
+    assert f"Showing the {len(data['edges'])} strongest edges of {n_edges}" in page
+    kept = sorted((abs(e[2]) for e in data["edges"]), reverse=True)
+    every = sorted((abs(v) for es in graph.edges() for v in es.values.tolist()), reverse=True)
+    assert kept == every[: len(kept)]  # the strongest are the ones drawn
