@@ -1,6 +1,6 @@
 """Export a :class:`~cage_lens.CircuitGraph` in circuit-tracer's graph JSON (the format its frontend
 and Neuronpedia read), with collision-free node ids. The mapping is documented in
-docs/results.md#circuit-tracer.
+docs/results.md#circuit-tracer-export.
 
 Files: ``{slug}.json`` (``metadata``, ``qParams``, ``nodes``, ``links``) and ``graph-metadata.json``
 (``{"graphs": [metadata, ...]}``; an existing file is updated, other slugs kept).
