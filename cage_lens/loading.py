@@ -447,4 +447,9 @@ def load_hf_directory(directory: str | Path, dtype: torch.dtype = torch.float32)
             "Fix config.json or point to the complete checkpoint"
         )
     tokenizer = load_tokenizer(directory)
-    return from_hf_model(hf_model, tokenizer, name=str(directory))
+    model = from_hf_model(hf_model, tokenizer, name=str(directory))
+    if (directory / "zoo.json").exists():
+        # zoo models were trained with <bos> first; some TL adapters (GPT-NeoX on the bridge) default
+        # to no BOS, so state it on every line
+        model.cfg.default_prepend_bos = True
+    return model

@@ -64,7 +64,7 @@ from cage_lens.loading import (
 
 __all__ = [
     "TINY_TOKENIZER_DIR", "tiny_tokenizer", "random_hf_model", "random_model", "MODEL_KINDS", "FAMILIES",
-    "FAMILY_SUPPORT", "supported_families",
+    "FAMILY_SUPPORT", "supported_families", "logits_tolerance", "EXACT_AGREEMENT", "FLOAT32_AGREEMENT",
 ]
 
 #: every architecture family ``random_hf_model`` builds
@@ -95,6 +95,28 @@ def tiny_tokenizer():
 def supported_families() -> tuple[str, ...]:
     """The families the installed TL line can load."""
     return HOOKED_FAMILIES if has_hooked_transformer() else BRIDGE_FAMILIES
+
+
+#: TL-vs-HF logits agreement (relative max-abs error, float64) where both sides compute in float64
+EXACT_AGREEMENT = 1e-12
+#: ... where Hugging Face computes part of the forward in float32 even in a float64 model
+FLOAT32_AGREEMENT = 1e-6
+
+
+def logits_tolerance(family: str) -> float:
+    """How closely TL logits of ``family`` match HF logits in float64 on the installed TL line
+    (relative max-abs error), and why.
+
+    Hugging Face computes the attention softmax in float32 in every family but GPT-2
+    (``softmax(..., dtype=torch.float32)``), and RMSNorm and the rotary tables in float32, even in a
+    float64 model. A ``HookedTransformer`` computes all of it in float64, and so does the bridge's own
+    joint-QKV attention (GPT-NeoX, Phi-3); those pairs agree to float32 rounding (measured ≤ 3e-7).
+    Everywhere else the bridge runs HF's own modules and GPT-2 computes in float64: exact agreement.
+    A wrong mapping (eps, rotary dimension, scale, soft-cap) is off by ≥ 1e-5.
+    """
+    if has_hooked_transformer():
+        return EXACT_AGREEMENT if family == "gpt2" else FLOAT32_AGREEMENT
+    return FLOAT32_AGREEMENT if family in ("gpt_neox", "phi3") else EXACT_AGREEMENT
 
 
 def _family_config(family: str, *, n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab, n_ctx, biases):
@@ -230,8 +252,7 @@ def random_hf_model(
     for key, value in overrides.items():
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config, **eager_kwargs())
-    model = model.to(dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **eager_kwargs()).eval()
     _draw_weights(model, seed=seed, init_scale=init_scale, biases=biases)
     return model
 

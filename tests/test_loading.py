@@ -15,25 +15,15 @@ import torch
 from cage_lens import UnsupportedModelError
 from cage_lens.loading import from_hf_model, has_hooked_transformer
 from cage_lens.testing import (
-    FAMILIES, FAMILY_SUPPORT, random_hf_model, random_model, supported_families, tiny_tokenizer,
+    FAMILIES, FAMILY_SUPPORT, FLOAT32_AGREEMENT, logits_tolerance, random_hf_model, random_model, supported_families, tiny_tokenizer,
 )
 
 HOOKED = has_hooked_transformer()
 LINE = "HookedTransformer" if HOOKED else "TransformerBridge"
 TOKENS = torch.tensor([[0, 5, 9, 17, 33, 40, 7, 2, 11, 60, 8, 9, 4, 71, 23, 5]])
 
-# Relative max-abs error of TL logits against HF logits, float64. Exact agreement (1e-12) where both
-# compute in float64. Hugging Face computes the attention softmax in float32 for every family but
-# GPT-2 (eager_attention_forward: softmax(..., dtype=torch.float32)), and RMSNorm and the rotary
-# tables in float32, even in a float64 model; HookedTransformer computes them in float64, and so does
-# the bridge's own joint-QKV attention (GPT-NeoX, Phi-3). Those pairs agree to float32 rounding
-# (measured ≤ 3e-7), so they get 1e-6; a wrong mapping (eps, rotary dim, scale, cap) is ≥ 1e-5 off.
-FLOAT32_IN_HF = 1e-6
-EXACT = 1e-12
-if HOOKED:
-    TOLERANCE = {f: FLOAT32_IN_HF for f in FAMILIES} | {"gpt2": EXACT}
-else:
-    TOLERANCE = {f: EXACT for f in FAMILIES} | {"gpt_neox": FLOAT32_IN_HF, "phi3": FLOAT32_IN_HF}
+# tolerances per family and line, with their reason: cage_lens.testing.logits_tolerance
+TOLERANCE = {f: logits_tolerance(f) for f in FAMILIES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,3 +136,66 @@ def test_random_hf_model_leaves_global_rng_alone():
     torch.manual_seed(123)
     random_hf_model("llama")
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------- local HF directories
+def _save(family: str, directory, **kwargs):
+    import shutil
+
+    from cage_lens.testing import TINY_TOKENIZER_DIR
+
+    hf = random_hf_model(family, **kwargs)
+    hf.save_pretrained(str(directory))
+    for file in TINY_TOKENIZER_DIR.iterdir():
+        shutil.copy(file, directory)
+    return hf
+
+
+@pytest.mark.parametrize("family", supported_families())
+def test_load_hf_directory_equals_the_saved_model(family, tmp_path):
+    from cage_lens.loading import load_hf_directory
+
+    from transformers import AutoModelForCausalLM
+
+    from cage_lens.loading import eager_kwargs
+
+    saved = _save(family, tmp_path)
+    model = load_hf_directory(tmp_path, dtype=torch.float64)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float64, **eager_kwargs()).eval()
+    with torch.no_grad():
+        hf_logits = reloaded(TOKENS).logits
+        tl_logits = model(TOKENS)
+        saved_logits = saved(TOKENS).logits
+    assert _rel(tl_logits, hf_logits) <= TOLERANCE[family], _rel(tl_logits, hf_logits)
+    # the weights come back; non-persistent buffers (GPT-J's sine table) are recomputed on load in
+    # float32, so the reloaded model agrees with the saved one to float32 rounding only
+    assert _rel(hf_logits, saved_logits) <= FLOAT32_AGREEMENT, _rel(hf_logits, saved_logits)
+
+
+def test_load_hf_directory_refuses_unsupported_family_on_this_line(tmp_path):
+    from cage_lens.loading import load_hf_directory
+
+    if HOOKED:
+        _save("olmo2", tmp_path)
+        with pytest.raises(UnsupportedModelError, match="no HookedTransformer conversion for olmo2"):
+            load_hf_directory(tmp_path)
+    else:
+        assert "olmo2" in supported_families()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"intermediate_size": 48}, r"model\.layers\.0\.mlp\.\w+_proj\.weight is \(\d+, \d+\) in the weights but config\.json makes it"),
+    ({"num_hidden_layers": 3}, r"lack 9 parameter\(s\) .*first: model\.layers\.2\."),
+])
+def test_load_hf_directory_refuses_config_weight_mismatch_in_one_line(tmp_path, change, message):
+    import json
+
+    from cage_lens import CageLensError
+    from cage_lens.loading import load_hf_directory
+
+    _save("llama", tmp_path, dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, **change)))
+    with pytest.raises(CageLensError, match=message) as caught:
+        load_hf_directory(tmp_path)
+    assert "\n" not in str(caught.value)

@@ -1,7 +1,8 @@
-"""Ground-truth model zoo (SPEC §4): synthetic tasks with known mechanisms and small trained models.
+"""Ground-truth model zoo: synthetic tasks with known mechanisms and small trained models (docs/zoo.md).
 
 >>> from cage_lens import zoo
 >>> model = zoo.load("ioi")                      # TL model (HookedTransformer or TransformerBridge)
+>>> pythia_like = zoo.load("ioi", "neox")        # the same task in GPT-NeoX (Pythia) architecture
 >>> sample = zoo.task("ioi").sample(1, seed=0)[0]
 >>> sample.prompt, sample.completion, sample.direct_sources
 
@@ -104,8 +105,8 @@ def model_dir(name: str | None = None, size: str | None = None, checkpoint: int 
 def load(name: str | None = None, size: str | None = None, checkpoint: int | None = None):
     """A zoo model as a TransformerLens model (CPU, eval mode, offline).
 
-    ``name``: task name (default ``DEFAULT_MODEL``); ``size``: e.g. ``"small"``/``"tiny"`` (default:
-    the task's default size); ``checkpoint``: a training step number or an index into the sorted
+    ``name``: task name (default ``DEFAULT_MODEL``); ``size``: e.g. ``"small"``/``"tiny"``, or an
+    architecture model such as ``"neox"``/``"gemma2"`` for ``ioi`` (default: the task's default size); ``checkpoint``: a training step number or an index into the sorted
     checkpoint steps (``None``: the final model).  Raises ``ValueError`` listing the options.
     """
     from cage_lens.loading import load_hf_directory
