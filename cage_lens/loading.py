@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from cage_lens.errors import CageLensError, UnsupportedModelError
+from cage_lens.errors import CageLensError, InputError, UnsupportedModelError
 
 __all__ = [
     "has_hooked_transformer", "eager_kwargs", "load_tokenizer", "load_hf_directory", "from_hf_model", "family_of",
@@ -119,7 +119,10 @@ def load_tokenizer(directory: str | Path):
 
     directory = Path(directory)
     if not (directory / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json")
+        raise InputError(
+            f"{directory} has no tokenizer.json; put the model's tokenizer.json (and its "
+            "tokenizer_config.json) next to the weights"
+        )
     return AutoTokenizer.from_pretrained(str(directory))
 
 
@@ -145,11 +148,25 @@ def _refuse(family: str, problem: str) -> None:
     )
 
 
+def _rope_scaling_kind(c: Any) -> str:
+    scaling = getattr(c, "rope_scaling", None) or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def _require_plain_rope(c: Any, family: str) -> None:
-    scaling = getattr(c, "rope_scaling", None)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) if scaling else "default"
-    if kind != "default":
-        _refuse(family, f"uses rotary scaling {kind!r}")
+    if _rope_scaling_kind(c) != "default":
+        _refuse(family, f"uses rotary scaling {_rope_scaling_kind(c)!r}")
+
+
+def _llama3_rope(c: Any) -> dict[str, Any]:
+    """Llama 3.1+ "NTK-by-parts" rotary scaling, which HookedTransformer implements."""
+    scaling = c.rope_scaling
+    return dict(
+        use_NTK_by_parts_rope=True, NTK_by_parts_factor=float(scaling["factor"]),
+        NTK_by_parts_low_freq_factor=float(scaling["low_freq_factor"]),
+        NTK_by_parts_high_freq_factor=float(scaling["high_freq_factor"]),
+        NTK_original_ctx_len=int(scaling["original_max_position_embeddings"]),
+    )
 
 
 def _local_attention(c: Any) -> dict[str, Any]:
@@ -223,6 +240,8 @@ def _opt(c):
 def _llama(c):
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         _refuse("llama", "has attention or MLP biases")
+    if _rope_scaling_kind(c) == "llama3":
+        return dict(_rms_decoder(c), **_llama3_rope(c))
     _require_plain_rope(c, "llama")
     return _rms_decoder(c)
 
@@ -421,7 +440,10 @@ def load_hf_directory(directory: str | Path, dtype: torch.dtype = torch.float32)
 
     directory = Path(directory)
     if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
+        raise InputError(
+            f"{directory} is not a Hugging Face model directory: it has no config.json. Point to the folder "
+            "save_pretrained wrote (config.json, *.safetensors, tokenizer.json)"
+        )
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except (ValueError, KeyError) as error:

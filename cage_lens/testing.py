@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from cage_lens.errors import UnsupportedModelError
+from cage_lens.errors import InputError, UnsupportedModelError
 from cage_lens.loading import (
     BRIDGE_FAMILIES, HOOKED_FAMILIES, eager_kwargs, from_hf_model, has_hooked_transformer, load_tokenizer,
     unsupported_family_message,
@@ -119,8 +119,12 @@ def logits_tolerance(family: str) -> float:
     return FLOAT32_AGREEMENT if family in ("gpt_neox", "phi3") else EXACT_AGREEMENT
 
 
-def _family_config(family: str, *, n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab, n_ctx, biases):
-    """The family's ``transformers`` config at tiny size (dropouts 0)."""
+def _make(config_class, overrides: dict, **fields):
+    return config_class(**{**fields, **overrides})
+
+
+def _family_config(family: str, *, n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab, n_ctx, overrides):
+    """The family's ``transformers`` config at tiny size (dropouts 0), ``overrides`` applied by its constructor."""
     import transformers
 
     d_head = d_model // n_heads
@@ -133,74 +137,88 @@ def _family_config(family: str, *, n_layers, d_model, n_heads, n_kv_heads, d_mlp
     )
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
     if family == "gpt2":
-        return transformers.GPT2Config(
+        return _make(
+            transformers.GPT2Config, overrides,
             vocab_size=vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=dense,
             activation_function="gelu_new", attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **_TOKEN_IDS,
         )
     if family == "gpt_neox":
         # Pythia rotates ¼ of each head; ½ here, so that d_head 8 keeps two frequencies
-        return transformers.GPTNeoXConfig(
+        return _make(
+            transformers.GPTNeoXConfig, overrides,
             vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
             intermediate_size=dense, hidden_act="gelu", max_position_embeddings=n_ctx, rotary_pct=0.5,
             use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False,
             attention_bias=True, **_TOKEN_IDS,
         )
     if family == "gptj":
-        return transformers.GPTJConfig(
+        return _make(
+            transformers.GPTJConfig, overrides,
             vocab_size=vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
             rotary_dim=d_head // 2, n_inner=dense, activation_function="gelu_new", resid_pdrop=0.0,
             embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, **_TOKEN_IDS,
         )
     if family == "opt":
-        return transformers.OPTConfig(
+        return _make(
+            transformers.OPTConfig, overrides,
             vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, ffn_dim=dense,
             num_attention_heads=n_heads, max_position_embeddings=n_ctx, word_embed_proj_dim=d_model,
             do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
             layerdrop=0.0, enable_bias=True, **_TOKEN_IDS,
         )
     if family == "llama":
-        return transformers.LlamaConfig(**rms, attention_bias=False, mlp_bias=False)
+        return _make(transformers.LlamaConfig, overrides, **rms, attention_bias=False, mlp_bias=False)
     if family == "mistral":
-        return transformers.MistralConfig(**rms, sliding_window=_NO_EFFECT_WINDOW)
+        return _make(transformers.MistralConfig, overrides, **rms, sliding_window=_NO_EFFECT_WINDOW)
     if family == "mixtral":
-        return transformers.MixtralConfig(**rms, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
+        return _make(
+            transformers.MixtralConfig, overrides, **rms, num_local_experts=4, num_experts_per_tok=2,
+            router_jitter_noise=0.0,
+        )
     if family == "qwen2":
-        return transformers.Qwen2Config(**rms, use_sliding_window=False)
+        return _make(transformers.Qwen2Config, overrides, **rms, use_sliding_window=False)
     if family == "qwen3":
-        return transformers.Qwen3Config(**rms, head_dim=d_head, attention_bias=False, use_sliding_window=False)
+        return _make(
+            transformers.Qwen3Config, overrides, **rms, head_dim=d_head, attention_bias=False, use_sliding_window=False,
+        )
     if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(
-            **dict(rms, intermediate_size=gated), head_dim=d_head, attention_bias=False, use_sliding_window=False,
+        return _make(
+            transformers.Qwen3MoeConfig, overrides,
+            **rms, head_dim=d_head, attention_bias=False, use_sliding_window=False,
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=gated, decoder_sparse_step=1,
             norm_topk_prob=True,
         )
     if family == "gemma2":
-        return transformers.Gemma2Config(
+        return _make(
+            transformers.Gemma2Config, overrides,
             **dict(rms, tie_word_embeddings=True), head_dim=d_head, query_pre_attn_scalar=d_head,
             hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
             sliding_window=_NO_EFFECT_WINDOW, layer_types=alternating,
         )
     if family == "gemma3":
-        return transformers.Gemma3TextConfig(
+        return _make(
+            transformers.Gemma3TextConfig, overrides,
             **dict(rms, tie_word_embeddings=True), head_dim=d_head, query_pre_attn_scalar=d_head,
             hidden_activation="gelu_pytorch_tanh", sliding_window=_NO_EFFECT_WINDOW, layer_types=alternating,
         )
     if family == "olmo2":
-        return transformers.Olmo2Config(**rms)
+        return _make(transformers.Olmo2Config, overrides, **rms)
     if family == "olmo3":
-        return transformers.Olmo3Config(**rms, sliding_window=_NO_EFFECT_WINDOW, layer_types=alternating)
+        return _make(transformers.Olmo3Config, overrides, **rms, sliding_window=_NO_EFFECT_WINDOW, layer_types=alternating)
     if family == "phi3":
-        return transformers.Phi3Config(
+        return _make(
+            transformers.Phi3Config, overrides,
             **rms, original_max_position_embeddings=n_ctx, resid_pdrop=0.0, embd_pdrop=0.0, sliding_window=None,
         )
     if family == "bloom":
         if d_mlp is not None and d_mlp != 4 * d_model:
-            raise ValueError(f"Bloom's MLP width is fixed at 4 * d_model = {4 * d_model}; got d_mlp={d_mlp}")
-        return transformers.BloomConfig(
+            raise InputError(f"Bloom's MLP width is fixed at 4 * d_model = {4 * d_model}; leave d_mlp out (got {d_mlp})")
+        return _make(
+            transformers.BloomConfig, overrides,
             vocab_size=vocab, hidden_size=d_model, n_layer=n_layers, n_head=n_heads, hidden_dropout=0.0,
             attention_dropout=0.0, **_TOKEN_IDS,
         )
-    raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    raise InputError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)} (or attn_only)")
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
@@ -247,10 +265,8 @@ def random_hf_model(
 
     config = _family_config(
         family, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
-        vocab=d_vocab or len(tiny_tokenizer()), n_ctx=n_ctx, biases=biases,
+        vocab=d_vocab or len(tiny_tokenizer()), n_ctx=n_ctx, overrides=overrides,
     )
-    for key, value in overrides.items():
-        setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **eager_kwargs()).eval()
     _draw_weights(model, seed=seed, init_scale=init_scale, biases=biases)
@@ -297,4 +313,8 @@ def random_model(
         family, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
         d_vocab=d_vocab, n_ctx=n_ctx, biases=biases, dtype=dtype, seed=seed, init_scale=init_scale, **overrides,
     )
-    return from_hf_model(hf, tiny_tokenizer(), name=str(TINY_TOKENIZER_DIR))
+    model = from_hf_model(hf, tiny_tokenizer(), name=str(TINY_TOKENIZER_DIR))
+    # one tokenisation on every line and family: TL's adapters for GPT-NeoX, Qwen and Bloom default to
+    # no BOS, but the tiny tokenizer's models all read <bos> first
+    model.cfg.default_prepend_bos = True
+    return model

@@ -130,6 +130,35 @@ def test_moe_selects_two_of_four_experts():
         assert (getattr(cfg, "num_local_experts", None) or cfg.num_experts) == 4 and cfg.num_experts_per_tok == 2
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+
+
+def test_llama3_rotary_scaling_is_reproduced():
+    scaled = random_hf_model("llama", rope_scaling=LLAMA3_ROPE)
+    plain = random_hf_model("llama")
+    model = from_hf_model(scaled, tiny_tokenizer())
+    with torch.no_grad():
+        hf_logits, tl_logits, plain_logits = scaled(TOKENS).logits, model(TOKENS), plain(TOKENS).logits
+    assert _rel(plain_logits, hf_logits) > 1e-2  # the scaling changes these 16 positions
+    assert _rel(tl_logits, hf_logits) <= logits_tolerance("llama"), _rel(tl_logits, hf_logits)
+
+
+def test_config_the_hooked_conversion_cannot_reproduce_is_refused():
+    hf = random_hf_model("qwen2", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    if HOOKED:
+        with pytest.raises(UnsupportedModelError, match=r"qwen2 model uses rotary scaling 'linear'.*TransformerLens >= 4"):
+            from_hf_model(hf, tiny_tokenizer())
+    else:
+        with torch.no_grad():
+            assert _rel(from_hf_model(hf, tiny_tokenizer())(TOKENS), hf(TOKENS).logits) <= logits_tolerance("qwen2")
+
+
+def test_random_models_prepend_bos_on_every_line():
+    for family in ("gpt_neox", "qwen2", "bloom"):
+        assert random_model(family).to_str_tokens("the cat")[0] == "<bos>", family
+
+
 def test_random_hf_model_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
