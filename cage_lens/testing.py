@@ -112,7 +112,8 @@ def logits_tolerance(family: str) -> float:
     float64 model. A ``HookedTransformer`` computes all of it in float64, and so does the bridge's own
     joint-QKV attention (GPT-NeoX, Phi-3); those pairs agree to float32 rounding (measured ≤ 3e-7).
     Everywhere else the bridge runs HF's own modules and GPT-2 computes in float64: exact agreement.
-    A wrong mapping (eps, rotary dimension, scale, soft-cap) is off by ≥ 1e-5.
+    A wrong HookedTransformer mapping is far outside these tolerances: eps ×10, rotary dimension − 2,
+    a soft-cap +10 % or the rotary base ×2 move the logits by 3e-4 to 0.34 (measured on these models).
     """
     if has_hooked_transformer():
         return EXACT_AGREEMENT if family == "gpt2" else FLOAT32_AGREEMENT
