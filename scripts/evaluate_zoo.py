@@ -18,13 +18,16 @@ For every shipped model (final and checkpoints):
   ``cage_lens.zoo.ablation``).  Flip detection is again teacher-forced (identical to greedy).
 * for ``ioi``: mean logit difference logit(IO) - logit(S) on the clean prompts.
 
-Results are written into each model's ``zoo.json`` (``accuracy``, ``ablation``) and into
-``cage_lens/zoo/MODEL_CARD.md``.
+Results are written into each model's ``zoo.json`` (``accuracy``, ``ablation``); then
+``cage_lens/zoo/MODEL_CARD.md`` is regenerated from every shipped model's ``zoo.json`` (so ``--only``
+re-evaluates some models and still rewrites the whole card). Hand-written notes belong in
+``cage_lens/zoo/MODEL_NOTES.md``, which this script never touches.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import sys
@@ -36,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cage_lens.zoo import MODELS_DIR  # noqa: E402
+from cage_lens.zoo import DEFAULT_MODEL, MODELS_DIR  # noqa: E402
 from cage_lens.zoo.ablation import (  # noqa: E402
     ablatable_positions, replace_positions, replace_sentence,
 )
@@ -45,12 +48,16 @@ from cage_lens.zoo.tasks import Sample, task  # noqa: E402
 EVAL_SEED = 2024
 N_ACC = 500
 N_ABL = 300
+N_LOGIT_DIFF = 200
 
 
 def _load_hf(d: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(d), attn_implementation="eager").eval()
+    from cage_lens.loading import _quiet_transformers, eager_kwargs
+
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(str(d), **eager_kwargs()).eval()
 
 
 def _vocab(d: Path) -> dict[str, int]:
@@ -135,7 +142,8 @@ def ablation(d: Path, name: str, n: int = N_ABL) -> dict:
         res.update(sentence_source_flip=flip_rate(sen_src), sentence_nonsource_flip=flip_rate(sen_non),
                    n_sentence=len(sen_src))
     if name == "ioi":
-        res["mean_logit_diff"] = ioi_logit_diff(model, vocab, t.sample(200, seed=EVAL_SEED))
+        res["mean_logit_diff"] = ioi_logit_diff(model, vocab, t.sample(N_LOGIT_DIFF, seed=EVAL_SEED))
+        res["n_logit_diff"] = N_LOGIT_DIFF
         # IO-only and S2-only ablations, the two classic IOI interventions
         io_pairs, s2_pairs = [], []
         for s in samples:
@@ -155,15 +163,78 @@ def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def write_card(results: list[dict], path: Path) -> None:
-    total = sum(_dir_size(MODELS_DIR / r["key"]) for r in results)
+def _architecture(m: dict, config: dict) -> str:
+    """One-line description of a zoo model's architecture, from its spec and config.json."""
+    spec = m["spec"]
+    if spec["arch"] == "gpt2":
+        return "GPT2LMHeadModel (LayerNorm, biases, learned absolute positions, GELU, tied embeddings)"
+    if spec["arch"] == "gpt_neox":
+        return (f"GPTNeoXForCausalLM, Pythia's architecture (parallel attention + MLP, LayerNorm, biases, rotary on "
+                f"{config['rotary_pct']:g} of each head, GELU, untied unembedding)")
+    if spec["arch"] == "gemma2":
+        return (f"Gemma2ForCausalLM, Gemma-2's architecture (RMSNorm before *and* after each sublayer, embeddings "
+                f"× √d_model, GQA {spec['n_heads']} heads / {spec['n_kv_heads']} kv heads, gated GELU MLP, soft-caps "
+                f"{config['attn_logit_softcapping']:g} on attention scores and {config['final_logit_softcapping']:g} "
+                f"on logits, sliding window {config['sliding_window']} on every other layer (longer than the "
+                "context), tied embeddings, no biases)")
+    return (f"LlamaForCausalLM (RMSNorm, rotary, gated SiLU MLP, GQA {spec['n_heads']} heads / "
+            f"{spec.get('n_kv_heads')} kv heads, no biases)")
+
+
+def _shipped() -> list[Path]:
+    return sorted(d for d in MODELS_DIR.iterdir() if d.is_dir() and (d / "zoo.json").exists())
+
+
+def _ground_truth_lines() -> list[str]:
+    T = importlib.import_module("cage_lens.zoo.tasks")  # (cage_lens.zoo.tasks is also a function name)
+
+    return [
+        "## Ground truth per task",
+        "",
+        f"- `pointer-chase`: {T.PC_FACTS} facts `a > b ;` over {len(T.PC_SYMBOLS)} symbols, then `start a :` →",
+        f"  a chain of {T.PC_STEPS} values. Step 0 reads the start key and the fact keyed by it; step t > 0 reads",
+        "  the fact keyed by the previously *generated* token (`direct_sources` = key and value positions of that",
+        "  fact); `total_sources` accumulate along the chain. Each fact is a sentence span; ground-truth",
+        "  sentences = the chain's facts.",
+        f"- `facts`: {T.FACTS_M} facts `name verb object .` (names, verbs, objects distinct within a prompt), then",
+        f"  `list n1 n2 :` → the {T.FACTS_K} listed facts. Name tokens read the instruction; verb/object tokens",
+        "  read their fact (name + verb, resp. name + verb + object); `.` has no prompt source. Ground-truth",
+        "  sentences = the listed facts; the instruction is `query_sentences`.",
+        f"- `arith`: {T.ARITH_DEFS} value definitions `x = 3 .`, {T.ARITH_ALIASES} alias definitions `c = a .` and",
+        f"  {T.ARITH_FILLERS} unrelated sentences, shuffled, then `compute c :` → ` c a 3` (the lookup worked step",
+        "  by step). The first token restates the query (reads the query position); the second reads the alias",
+        "  definition of the *generated* `c`, the third the value definition of the *generated* `a`, so",
+        "  `total_sources` accumulate along the chain. Ground-truth sentences = the alias and the value",
+        "  definition used.",
+        f"- `ioi`: {len(T.IOI_TEMPLATES)} English-like templates, ABBA and BABA orders, {len(T.IOI_NAMES)} names,",
+        f"  {len(T.IOI_PLACES)} places, {len(T.IOI_OBJECTS)} objects. `direct_sources` = positions of the IO name",
+        "  and both S names; `correct` = IO, `wrong` = S.",
+        "",
+        "Caveat: flip rates measure necessity under in-distribution replacement, not which attention",
+        "path carries the information; they bound how far the ground truth can be wrong, they do not",
+        "prove the circuit.",
+        "",
+    ]
+
+
+def write_card(path: Path) -> None:
+    """The model card, entirely from the shipped models' zoo.json / config.json (written by
+    ``train_zoo.py`` and this script); hand-written notes live in MODEL_NOTES.md."""
+    from train_zoo import BETAS, GRAD_CLIP, LR_FLOOR, WARMUP_STEPS, WEIGHT_DECAY
+
+    from cage_lens.zoo.build import N_CTX, SIZES
+
+    dirs = _shipped()
+    total = sum(_dir_size(d) for d in dirs)
     lines = [
         "# cage_lens ground-truth zoo — model card",
         "",
-        "Generated by `scripts/evaluate_zoo.py` (numbers measured, not estimated). Models are trained by",
-        "`scripts/train_zoo.py` (fixed seeds, CPU) on the synthetic tasks of",
-        "`cage_lens/zoo/tasks.py`, whose generators also emit the ground truth (SPEC §4). Every model is an",
-        "HF-format directory (config.json, model.safetensors in float32, tokenizer.json,",
+        "Generated by `PYTHONPATH=. python scripts/evaluate_zoo.py`; every figure below is printed by that",
+        "script from the models' `zoo.json` (training records written by `scripts/train_zoo.py`, evaluation",
+        "results written by `evaluate_zoo.py`). Hand-written notes (training history, variants that did not",
+        "train) are in `MODEL_NOTES.md`; tasks and loading are described in `docs/zoo.md`. Models are trained",
+        "on the synthetic tasks of `cage_lens/zoo/tasks.py`, whose generators also emit the ground truth. Every",
+        "model is an HF-format directory (config.json, model.safetensors in float32, tokenizer.json,",
         "tokenizer_config.json, zoo.json) that loads offline with transformers 4.57 / 5.x, TransformerLens",
         "2.x (`HookedTransformer`) and 4.x (`TransformerBridge`) through `cage_lens.zoo.load(name, size)`.",
         "",
@@ -179,30 +250,34 @@ def write_card(results: list[dict], path: Path) -> None:
         "  ablatable prompt positions. Sentence rows: one random ground-truth sentence vs one random",
         "  non-ground-truth sentence (query sentence excluded), all its class words replaced.",
         f"  Measured on up to {N_ABL} samples (seed {EVAL_SEED + 1}) that the model completes correctly.",
+        f"- **Optimiser** (all models): AdamW, linear warm-up {WARMUP_STEPS} steps, cosine decay to "
+        f"{100 * LR_FLOOR:g} % of the peak, weight decay {WEIGHT_DECAY}, betas {BETAS}, gradient clip {GRAD_CLIP}.",
         f"- **Total shipped size** (all models and checkpoints): {total / 1e6:.2f} MB.",
         "",
     ]
-    for r in results:
-        m = r["meta"]
-        ab = r["ablation"]
+    for d in dirs:
+        key = d.name
+        m = json.loads((d / "zoo.json").read_text())
+        config = json.loads((d / "config.json").read_text())
+        ab = m["ablation"]
         spec = m["spec"]
-        arch_desc = (
-            f"{m['architecture']} ({'LayerNorm, biases, learned absolute positions, GELU, tied embeddings' if spec['arch'] == 'gpt2' else 'RMSNorm, rotary, gated SiLU MLP, GQA ' + str(spec['n_heads']) + ' heads / ' + str(spec.get('n_kv_heads')) + ' kv heads, no biases'})"
-        )
+        default = m["size"] == task(m["task"]).default_size
         lines += [
-            f"## {r['key']}" + ("  (default demo model)" if r["key"] == "ioi-small" else ""),
+            f"## {key}" + (f"  (`zoo.load(\"{m['task']}\")`, the default size"
+                           + ("; the default model of `zoo.load()` and the CLI" if m["task"] == DEFAULT_MODEL else "")
+                           + ")" if default else ""),
             "",
             f"Task `{m['task']}`: {task(m['task']).description}.",
             "",
             "| property | value |",
             "|---|---|",
-            f"| architecture | {arch_desc} |",
-            f"| dimensions | d_model {spec['d_model']}, {spec['n_layers']} layers, {spec['n_heads']} heads, d_mlp {spec['d_mlp']}, context 64, vocab {r['vocab_size']} |",
+            f"| architecture | {_architecture(m, config)} |",
+            f"| dimensions | d_model {spec['d_model']}, {spec['n_layers']} layers, {spec['n_heads']} heads, d_mlp {spec['d_mlp']}, context {N_CTX}, vocab {config['vocab_size']} |",
             f"| parameters | {m['parameters']:,} |",
             f"| training data | {m['training_samples']:,} fresh generator samples ({m['training_steps']} steps × batch {m['batch_size']}), teacher forcing, loss on completion tokens |",
-            f"| optimiser | AdamW lr {m['learning_rate']}, warm-up 200, cosine to 10 %, wd 0.01, clip 1.0, seed {m['seed']} |",
-            f"| training time | {m['training_time_s']:.0f} s wall clock, {m.get('torch_threads', 1)} CPU thread(s) on a 2-core machine |",
-            f"| held-out greedy exact match | **{_pct(r['accuracy'])}** (n = {N_ACC}) |",
+            f"| learning rate, seed | {m['learning_rate']}, {m['seed']} |",
+            f"| training time | {m['training_time_s']:.0f} s wall clock, {m.get('torch_threads', 1)} CPU thread(s) |",
+            f"| held-out greedy exact match | **{_pct(m['accuracy'])}** (n = {m['accuracy_eval']['n']}) |",
             f"| ablate a source token → flip | {_pct(ab['token_source_flip'])} (n = {ab['n_token']}) |",
             f"| ablate a non-source token → flip | {_pct(ab['token_nonsource_flip'])} (n = {ab['n_token']}) |",
         ]
@@ -213,71 +288,32 @@ def write_card(results: list[dict], path: Path) -> None:
             ]
         if "mean_logit_diff" in ab:
             lines += [
-                f"| mean logit(IO) − logit(S) | {ab['mean_logit_diff']:.2f} (200 prompts) |",
+                f"| mean logit(IO) − logit(S) | {ab['mean_logit_diff']:.2f} ({ab.get('n_logit_diff', 200)} prompts) |",
                 f"| replace the IO name → flip | {_pct(ab['io_flip'])} |",
                 f"| replace the second S name → flip | {_pct(ab['s2_flip'])} |",
             ]
+        own, with_checkpoints = _dir_size(d, False), _dir_size(d)
         lines += [
-            f"| shipped size | {_dir_size(MODELS_DIR / r['key'], False) / 1e6:.2f} MB"
-            + (f" (+ {(_dir_size(MODELS_DIR / r['key']) - _dir_size(MODELS_DIR / r['key'], False)) / 1e6:.2f} MB checkpoints)" if r["checkpoints"] else "")
-            + " |",
+            f"| shipped size | {own / 1e6:.2f} MB"
+            + (f" (+ {(with_checkpoints - own) / 1e6:.2f} MB checkpoints)" if with_checkpoints > own else "") + " |",
         ]
-        if r["checkpoints"]:
-            ck = ", ".join(f"step {c['step']}: {_pct(c['accuracy'])}" for c in r["checkpoints"])
-            lines += [f"| checkpoints (held-out exact match) | {ck}; final step {m['training_steps']}: {_pct(r['accuracy'])} |"]
+        checkpoints = sorted((d / "checkpoints").glob("step-*/zoo.json"), key=lambda p: int(p.parent.name[5:]))
+        if checkpoints:
+            cks = [json.loads(c.read_text()) for c in checkpoints]
+            ck = ", ".join(f"step {c['training_steps']}: {_pct(c['accuracy'])}" for c in cks)
+            lines += [f"| checkpoints (held-out exact match) | {ck}; final step {m['training_steps']}: {_pct(m['accuracy'])} |"]
         lines += [""]
-    from cage_lens.zoo.build import SIZES
-
-    shipped = {r["key"] for r in results}
+    shipped = {d.name for d in dirs}
     missing = [f"{n}-{z}" for (n, z) in SIZES if f"{n}-{z}" not in shipped]
     if missing:
         lines += [
             "## Planned models not shipped",
             "",
-            "All four task generators and their ground truth are complete and tested, but "
-            + ", ".join(f"`{k}`" for k in missing) + " did not reach",
-            "the 95 % held-out bar within the CPU time of this build (2 shared CPU cores), so they are",
-            "not shipped and `zoo.load` raises `ValueError` for them.",
-            "Measured validation exact match when training was stopped (AdamW lr 3e-3, batch 64, Llama",
-            "d_model 96): `arith-small` (two-hop lookup) stayed at 27-28 % (loss ≈ 0.8/token: the",
-            "value lookup keyed by the generated variable is learned, the alias lookup keyed by the",
-            "query is at chance among the three value variables) after 1,750 steps with 3 layers and",
-            "1,250 steps with 4 layers; an earlier variant ending in a sum (`3 + 4 = 7`) stayed near",
-            "30 % after 2,000 steps. `facts` needed 4 layers (3 layers plateaued at 7 % after",
-            "4,250 steps; with 4 layers `facts-small` passed 90 % after 500 steps, `facts-tiny` sat on",
-            "a plateau for ~10,000 steps before reaching 99 %), so 4 layers and longer training are",
-            "the first things to try: `PYTHONPATH=. python scripts/train_zoo.py --only arith-small arith-tiny`.",
+            ", ".join(f"`{k}`" for k in missing) + " are configured in `cage_lens/zoo/build.py` but not shipped",
+            "(see `MODEL_NOTES.md`); `zoo.load` raises `ValueError` for them.",
             "",
         ]
-    lines += [
-        "## Ground truth per task",
-        "",
-        "- `pointer-chase`: `a > b ; c > d ; ... ; start a :` → ` b c d`. Step 0 reads the start key and",
-        "  the fact keyed by it; step t > 0 reads the fact keyed by the previously *generated* token",
-        "  (`direct_sources` = key and value positions of that fact); `total_sources` accumulate along",
-        "  the chain. Each fact is a sentence span; ground-truth sentences = the chain's facts.",
-        "- `facts`: 4 facts `name verb object .` (names, verbs, objects distinct within a prompt), then",
-        "  `list n1 n2 :` → ` n1 v1 o1 . n2 v2 o2 .`. Name tokens read the instruction; verb/object tokens",
-        "  read their fact (name + verb, resp. name + verb + object); `.` has",
-        "  no prompt source. Ground-truth sentences = the two listed facts; the instruction is",
-        "  `query_sentences`.",
-        "- `arith`: 3 value definitions `x = 3 .`, 2 alias definitions `c = a .` and 2 unrelated",
-        "  sentences, shuffled, then `compute c :` → ` c a 3` (the lookup worked step by step). The first",
-        "  token restates the query (reads the query position); the second reads the alias definition of",
-        "  the *generated* `c`, the third the value definition of the *generated* `a`, so `total_sources`",
-        "  accumulate along the chain. Ground-truth sentences = the alias and the value definition used.",
-        "  (Two earlier variants did not train to 95 % on 2 CPU cores: a sum `3 + 4 = 7` stayed near",
-        "  30 %, and `compute c :` → ` a 3`, where the first hop is keyed by the prompt's query token,",
-        "  stayed at 27-28 % after 1,750 steps. Restating the query first makes every hop a lookup",
-        "  keyed by the current token; `arith-small` then reached 99 % after 250 steps.)",
-        "- `ioi`: 12 English-like templates, ABBA and BABA orders, 30 names, 10 places, 10 objects.",
-        "  `direct_sources` = positions of the IO name and both S names; `correct` = IO, `wrong` = S.",
-        "",
-        "Caveat: flip rates measure necessity under in-distribution replacement, not which attention",
-        "path carries the information; they bound how far the ground truth can be wrong, they do not",
-        "prove the circuit.",
-        "",
-    ]
+    lines += _ground_truth_lines()
     path.write_text("\n".join(lines))
 
 
@@ -291,7 +327,6 @@ def main(argv=None):
     keys = args.only or sorted(
         d.name for d in MODELS_DIR.iterdir() if d.is_dir() and (d / "zoo.json").exists()
     )
-    results = []
     for key in keys:
         d = MODELS_DIR / key
         meta = json.loads((d / "zoo.json").read_text())
@@ -315,17 +350,14 @@ def main(argv=None):
         meta["ablation"] = ab
         if not args.no_write:
             (d / "zoo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        vocab_size = len(_vocab(d))
-        results.append({"key": key, "meta": meta, "accuracy": acc, "ablation": ab, "checkpoints": cks,
-                        "vocab_size": vocab_size})
         print(f"{key}: acc {acc:.4f} | token flip src {_pct(ab['token_source_flip'])} vs non {_pct(ab['token_nonsource_flip'])}"
               + (f" | sentence flip src {_pct(ab['sentence_source_flip'])} vs non {_pct(ab['sentence_nonsource_flip'])}" if 'sentence_source_flip' in ab else "")
               + (f" | logit diff {ab['mean_logit_diff']:.2f} io {_pct(ab['io_flip'])} s2 {_pct(ab['s2_flip'])}" if 'mean_logit_diff' in ab else "")
               + (" | checkpoints " + ", ".join(f"{c['step']}:{c['accuracy']:.3f}" for c in cks) if cks else "")
               + f" ({time.time() - t0:.0f}s)", flush=True)
-    if not args.no_write and not args.only:
-        write_card(results, ROOT / "cage_lens" / "zoo" / "MODEL_CARD.md")
-        print("wrote cage_lens/zoo/MODEL_CARD.md")
+    if not args.no_write:
+        write_card(ROOT / "cage_lens" / "zoo" / "MODEL_CARD.md")
+        print("wrote cage_lens/zoo/MODEL_CARD.md (from every shipped model's zoo.json)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the cage_lens ground-truth zoo (SPEC §4) on CPU, reproducibly.
+"""Train the cage_lens ground-truth zoo (docs/zoo.md) on CPU, reproducibly.
 
     python scripts/train_zoo.py                 # every model
     python scripts/train_zoo.py --only ioi-small --threads 1
@@ -48,9 +48,17 @@ PLAN: dict[str, dict] = {
     "arith-tiny": dict(seed=6, lr=3e-3, batch=64, min_steps=1000, max_steps=4000, target=0.99, checkpoints=False),
     "ioi-small": dict(n_val=512, seed=7, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.995, checkpoints=True),
     "ioi-tiny": dict(n_val=512, seed=8, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
+    "ioi-neox": dict(n_val=512, seed=21, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
+    "ioi-gemma2": dict(n_val=512, seed=22, lr=3e-3, batch=64, min_steps=1000, max_steps=8000, target=0.99, checkpoints=False),
 }
 EVAL_EVERY = 250
 N_VAL = 256
+#: optimiser settings shared by every model (the model card prints them from here)
+WARMUP_STEPS = 200
+LR_FLOOR = 0.1  # cosine decay from the peak learning rate to this fraction of it
+WEIGHT_DECAY = 0.01
+BETAS = (0.9, 0.98)
+GRAD_CLIP = 1.0
 
 
 def encode(samples, vocab: dict[str, int]):
@@ -97,17 +105,16 @@ def train_one(key: str, out_root: Path, log) -> dict:
     vocab = {w: i for i, w in enumerate(t.full_vocab())}
     model = make_model(t, size, plan["seed"])
     n_params = sum(p.numel() for p in model.parameters())
-    arch = model.config.architectures[0] if model.config.architectures else type(model).__name__
     arch = type(model).__name__
-    opt = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = 200
+    opt = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=WEIGHT_DECAY, betas=BETAS)
+    warmup = WARMUP_STEPS
     max_steps = plan["max_steps"]
 
     def lr_at(step):
         if step < warmup:
             return plan["lr"] * (step + 1) / warmup
         frac = (step - warmup) / max(1, max_steps - warmup)
-        return plan["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return plan["lr"] * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     val_ids, val_labels = encode(t.sample(plan.get("n_val", N_VAL), seed=VAL_SEED), vocab)
     snapshots: list[tuple[int, dict, float]] = []
@@ -123,7 +130,7 @@ def train_one(key: str, out_root: Path, log) -> dict:
         loss, _ = loss_and_acc(model, ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         step += 1
         if step % (100 if plan["checkpoints"] else EVAL_EVERY) == 0 or step == max_steps:

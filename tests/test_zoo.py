@@ -1,6 +1,7 @@
-"""Tests of the ground-truth zoo (SPEC §4): generators, ground truth, shipped models.
+"""Tests of the ground-truth zoo (docs/zoo.md): generators, ground truth, shipped models.
 
-Runs on TransformerLens 2.x (HookedTransformer) and 4.x (TransformerBridge) alike.
+Runs on TransformerLens 2.x (HookedTransformer) and 4.x (TransformerBridge) alike. A model that fails
+to load fails its tests; nothing here skips.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import pytest
 import torch
 
 from cage_lens import zoo
-from cage_lens.loading import load_tokenizer
+from cage_lens.loading import ARCHITECTURE_FAMILIES, load_tokenizer
+from cage_lens.testing import EXACT_AGREEMENT, logits_tolerance
 from cage_lens.zoo.tasks import TASKS
 
 TEST_SEED = 77
+#: every shipped model (task-size); a model missing from the package fails test_every_model_is_shipped
+SHIPPED = {
+    "arith-small", "arith-tiny", "facts-small", "facts-tiny", "ioi-small", "ioi-tiny", "ioi-neox", "ioi-gemma2",
+    "pointer-chase-small", "pointer-chase-tiny",
+}
 N_ACC = 50
 MARGIN = 0.08  # 50 samples: allow a few misses below the card's 500-sample figure
 
@@ -59,16 +66,34 @@ def test_list_covers_every_task_with_two_sizes():
         sizes = {m["size"] for m in listed if m["name"] == name}
         assert TASKS[name].default_size in sizes and len(sizes) >= 2, (name, sizes)
     archs = {m["architecture"] for m in listed}
-    assert {"GPT2LMHeadModel", "LlamaForCausalLM"} <= archs
+    assert {"GPT2LMHeadModel", "LlamaForCausalLM", "GPTNeoXForCausalLM", "Gemma2ForCausalLM"} <= archs
     ioi = next(m for m in listed if m["name"] == "ioi" and m["default"])
     assert ioi["architecture"] == "GPT2LMHeadModel"
     for name in ("pointer-chase", "ioi"):
         assert any(len(m["checkpoints"]) >= 4 for m in listed if m["name"] == name), name
 
 
+def test_every_model_is_shipped():
+    assert {f"{m['name']}-{m['size']}" for m in zoo.list()} == SHIPPED
+
+
 def test_shipped_size_limit():
     total = sum(f.stat().st_size for f in zoo.MODELS_DIR.rglob("*") if f.is_file())
-    assert total <= 25e6, total  # issue 3: the whole zoo, checkpoints included, within 25 MB
+    assert total <= 25e6, total  # the whole zoo, checkpoints included, within 25 MB (docs/zoo.md)
+
+
+@pytest.mark.parametrize("size,architecture", [("neox", "GPTNeoXForCausalLM"), ("gemma2", "Gemma2ForCausalLM")])
+def test_architecture_models_load_by_size_name(size, architecture):
+    model = zoo.load("ioi", size)
+    meta = json.loads((zoo.model_dir("ioi", size) / "zoo.json").read_text())
+    assert meta["architecture"] == architecture
+    assert model.to_str_tokens("mary and john")[0] == "<bos>"  # trained with <bos> first, on every TL line
+    config = json.loads((zoo.model_dir("ioi", size) / "config.json").read_text())
+    if size == "neox":  # Pythia's defining features
+        assert config["use_parallel_residual"] and config["rotary_pct"] == 0.25
+    else:  # Gemma-2's soft-caps
+        assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)
+    assert next(m for m in zoo.list() if m["size"] == size)["architecture"] == architecture
 
 
 def test_bad_names_raise_value_error_listing_options():
@@ -186,17 +211,27 @@ def test_model_loads_offline_and_matches_hf(directory):
 
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "zoo.json"):
         assert (directory / f).exists(), f
+    from cage_lens.loading import eager_kwargs, load_hf_directory
+
     meta = json.loads((directory / "zoo.json").read_text())
-    model = _tl(str(directory))
-    hf = AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    # compared in float64, where the agreement per family and TL line is known (logits_tolerance
+    # states the reasons: exact, or float32 rounding where HF computes softmax/norms in float32).
+    # Trained weights sharpen the softmax and amplify that float32 rounding: measured ≤ 4.1e-6
+    # relative over the zoo and its checkpoints on TL 2.18, hence 1e-5; exact pairs stay exact.
+    model = load_hf_directory(directory, dtype=torch.float64)
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float64, **eager_kwargs()).eval()
+    assert type(hf).__name__ == meta["architecture"]
+    tolerance = logits_tolerance(ARCHITECTURE_FAMILIES[meta["architecture"]])
+    tolerance = tolerance if tolerance == EXACT_AGREEMENT else 1e-5
     s = zoo.task(meta["task"]).sample(2, seed=TEST_SEED)
     for sample in s:
         tokens = model.to_tokens(sample.prompt + sample.completion)
+        assert tokens[0, 0].item() == model.tokenizer.bos_token_id
         with torch.no_grad():
             tl_logits = model(tokens)
             hf_logits = hf(tokens).logits
-        assert torch.allclose(tl_logits, hf_logits, atol=1e-4), (tl_logits - hf_logits).abs().max()
-    assert type(hf).__name__ == meta["architecture"]
+        error = ((tl_logits - hf_logits).abs().max() / hf_logits.abs().max()).item()
+        assert error <= tolerance, error
 
 
 @pytest.mark.parametrize("name,size", FINALS)

@@ -1,7 +1,8 @@
-"""Ground-truth model zoo (SPEC §4): synthetic tasks with known mechanisms and small trained models.
+"""Ground-truth model zoo: synthetic tasks with known mechanisms and small trained models (docs/zoo.md).
 
 >>> from cage_lens import zoo
 >>> model = zoo.load("ioi")                      # TL model (HookedTransformer or TransformerBridge)
+>>> pythia_like = zoo.load("ioi", "neox")        # the same task in GPT-NeoX (Pythia) architecture
 >>> sample = zoo.task("ioi").sample(1, seed=0)[0]
 >>> sample.prompt, sample.completion, sample.direct_sources
 
@@ -17,6 +18,7 @@ import builtins
 import json
 from pathlib import Path
 
+from cage_lens.errors import InputError
 from cage_lens.zoo.tasks import TASKS, Sample, Task, task
 
 __all__ = ["DEFAULT_MODEL", "MODELS_DIR", "Sample", "Task", "task", "tasks", "load", "list",
@@ -77,23 +79,23 @@ def model_dir(name: str | None = None, size: str | None = None, checkpoint: int 
     """Directory of a zoo model (see :func:`load` for the arguments)."""
     name = DEFAULT_MODEL if name is None else name
     if name not in TASKS:
-        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(TASKS)}")
+        raise InputError(f"unknown zoo model {name!r}; available: {', '.join(TASKS)}")
     sizes = _sizes(name)
     size = TASKS[name].default_size if size is None else size
     if size not in sizes:
-        raise ValueError(f"zoo model {name!r} has no size {size!r}; available sizes: {', '.join(sizes) or 'none'}")
+        raise InputError(f"zoo model {name!r} has no size {size!r}; available sizes: {', '.join(sizes) or 'none'}")
     d = MODELS_DIR / f"{name}-{size}"
     if checkpoint is None:
         return d
     steps = _checkpoints(d)
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int):
-        raise ValueError(f"checkpoint must be a step number or an index, not {checkpoint!r}")
+        raise InputError(f"checkpoint must be a step number or an index, not {checkpoint!r}")
     if checkpoint in steps:
         step = checkpoint
     elif -len(steps) <= checkpoint < len(steps):
         step = steps[checkpoint]
     else:
-        raise ValueError(
+        raise InputError(
             f"zoo model {name}-{size} has no checkpoint {checkpoint!r}; steps: {steps or 'none'} "
             f"(or an index 0..{len(steps) - 1})" if steps else
             f"zoo model {name}-{size} has no checkpoint {checkpoint!r}; it ships no intermediate checkpoints"
@@ -104,8 +106,8 @@ def model_dir(name: str | None = None, size: str | None = None, checkpoint: int 
 def load(name: str | None = None, size: str | None = None, checkpoint: int | None = None):
     """A zoo model as a TransformerLens model (CPU, eval mode, offline).
 
-    ``name``: task name (default ``DEFAULT_MODEL``); ``size``: e.g. ``"small"``/``"tiny"`` (default:
-    the task's default size); ``checkpoint``: a training step number or an index into the sorted
+    ``name``: task name (default ``DEFAULT_MODEL``); ``size``: e.g. ``"small"``/``"tiny"``, or an
+    architecture model such as ``"neox"``/``"gemma2"`` for ``ioi`` (default: the task's default size); ``checkpoint``: a training step number or an index into the sorted
     checkpoint steps (``None``: the final model).  Raises ``ValueError`` listing the options.
     """
     from cage_lens.loading import load_hf_directory

@@ -26,6 +26,9 @@ SIZES: dict[tuple[str, str], dict] = {
     ("arith", "tiny"): dict(arch="llama", d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=192),
     ("ioi", "small"): dict(arch="gpt2", d_model=96, n_layers=3, n_heads=4, d_mlp=384),
     ("ioi", "tiny"): dict(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=192),
+    # course staples: Pythia's architecture (GPT-NeoX) and Gemma-2's
+    ("ioi", "neox"): dict(arch="gpt_neox", d_model=96, n_layers=2, n_heads=4, d_mlp=384),
+    ("ioi", "gemma2"): dict(arch="gemma2", d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=256),
 }
 
 
@@ -66,6 +69,30 @@ def make_config(task: Task, size: str, vocab_size: int, n_ctx: int = N_CTX):
             n_head=spec["n_heads"], n_inner=spec["d_mlp"], activation_function="gelu_new",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, **common,
         )
+    elif spec["arch"] == "gpt_neox":
+        from transformers import GPTNeoXConfig
+
+        # as Pythia: parallel attention + MLP, a quarter of each head rotated, untied unembedding
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
+            num_hidden_layers=spec["n_layers"], num_attention_heads=spec["n_heads"], max_position_embeddings=n_ctx,
+            rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
+            layer_norm_eps=1e-5, attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False, **common,
+        )
+    elif spec["arch"] == "gemma2":
+        from transformers import Gemma2Config
+
+        # as Gemma-2: sandwich norms, GQA, soft-caps 50 (attention) and 30 (logits), tied embeddings;
+        # its sliding window (4096) is longer than the context, so every layer sees the whole prompt
+        d_head = spec["d_model"] // spec["n_heads"]
+        cfg = Gemma2Config(
+            vocab_size=vocab_size, hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
+            num_hidden_layers=spec["n_layers"], num_attention_heads=spec["n_heads"],
+            num_key_value_heads=spec["n_kv_heads"], head_dim=d_head, query_pre_attn_scalar=d_head,
+            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=n_ctx, rms_norm_eps=1e-6,
+            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+            attention_dropout=0.0, tie_word_embeddings=True, **common,
+        )
     else:
         from transformers import LlamaConfig
 
@@ -98,10 +125,13 @@ def _portable_config(model) -> dict:
         d.pop(k, None)
     d["torch_dtype"] = "float32"
     d["use_cache"] = True
-    if d.get("model_type") == "llama":
+    if d.get("model_type") in ("llama", "gemma2", "gpt_neox"):  # rotary settings in both versions' keys
         d["rope_theta"] = 10000.0
         d["rope_scaling"] = None
         d.pop("rope_parameters", None)
+    if d.get("model_type") == "gpt_neox":
+        d["rotary_pct"] = 0.25
+        d["rotary_emb_base"] = 10000
     return d
 
 
