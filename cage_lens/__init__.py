@@ -28,6 +28,7 @@ _LAZY = {
     "methods": ("cage_lens.methods", None),
     "metrics": ("cage_lens.metrics", None),
     "zoo": ("cage_lens.zoo", None),
+    "study": ("cage_lens.study", None),
 }
 
 
