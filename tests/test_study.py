@@ -271,6 +271,19 @@ def test_resume_refuses_other_settings_version_data_and_concurrent_writers(ioi_s
         holder.close()
 
 
+def test_a_run_killed_before_its_manifest_can_start_again(tmp_path):
+    out = tmp_path / "s"
+    (out / "shards").mkdir(parents=True)
+    (out / ".lock").touch()
+    (out / ".manifest.json.tmp-123").write_text("{")
+    run = study.run({"tiny": tiny()}, [{"prompt": PROMPT, "answer": " cat"}], out, **_quiet())
+    assert run.cases_written == 1 and not list(out.rglob(".*.tmp-*"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="is not empty and holds no study manifest"):
+        study.run({"tiny": tiny()}, [{"prompt": PROMPT, "answer": " cat"}], tmp_path / "other", **_quiet())
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 import torch

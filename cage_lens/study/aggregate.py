@@ -119,14 +119,15 @@ class StudySummary:
     segments: pd.DataFrame
     top: pd.DataFrame
 
-    def to_markdown(self) -> str:
-        return "\n\n".join([
-            "**cases per model**\n\n" + _markdown(self.counts),
-            "**Δℓ = logit(wrong) − logit(contrast)** (cases with a contrast)\n\n" + _markdown(self.delta),
-            "**segment relevance** (Σ over the segment's tokens, ÷ max |R| over non-special tokens; explained "
-            "cases; mean with 95 % bootstrap CI)\n\n" + _markdown(self.segments),
-            "**where the top relevance sits** (share of explained cases)\n\n" + _markdown(self.top),
-        ])
+    def to_markdown(self, parts: Sequence[str] = ("counts", "delta", "segments", "top")) -> str:
+        titles = {
+            "counts": "**cases per model**",
+            "delta": "**Δℓ = logit(wrong) − logit(contrast)** (cases with a contrast)",
+            "segments": "**segment relevance** (Σ over the segment's tokens, ÷ max |R| over non-special tokens; "
+                        "explained cases; mean with 95 % bootstrap CI)",
+            "top": "**where the top relevance sits** (share of explained cases)",
+        }
+        return "\n\n".join(f"{titles[p]}\n\n{_markdown(getattr(self, p))}" for p in parts)
 
     def __repr__(self) -> str:
         return self.to_markdown()

@@ -80,7 +80,7 @@ def cmd_study(args) -> int:
         ray_address=args.ray_address, threads=args.threads, progress=not args.no_progress,
     )
     print(result)
-    print(study.summary(args.out).to_markdown().split("\n\n**Δℓ")[0])
+    print(study.summary(args.out).to_markdown(parts=("counts",)))
     print(f"\nload it with cage_lens.study.load({str(args.out)!r}); report: cage-lens report {args.out}")
     return 0
 

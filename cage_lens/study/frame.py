@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+import pyarrow as pa
 
 from cage_lens.study.store import Store, StoreError
 
@@ -26,7 +27,9 @@ def load(path: str | Path) -> pd.DataFrame:
     no such segment. ``df.attrs`` holds the ``manifest`` and ``missing`` (cases not yet computed)."""
     store = Store(path)
     manifest = store.manifest()
-    df = store.table().to_pandas(maps_as_pydicts="strict")
+    # integer columns with missing values stay integers (pandas' nullable Int64), not floats
+    ints = {pa.int64(): pd.Int64Dtype()}
+    df = store.table().to_pandas(maps_as_pydicts="strict", types_mapper=ints.get)
     order = {m["name"]: i for i, m in enumerate(manifest["models"])}
     if df.duplicated(["model", "record"]).any():
         dup = df[df.duplicated(["model", "record"], keep=False)][["model", "record"]].drop_duplicates()

@@ -120,15 +120,27 @@ class Store:
                 raise StoreError(f"{self.path} already holds a study; pass resume=True (--resume) to continue it, "
                                  "or choose another output directory")
             check_compatible(self.manifest(), manifest, self.path)
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.path.exists() and not self._only_leftovers():
             raise StoreError(f"{self.path} is not empty and holds no study manifest; choose an empty or new directory")
-        for d in (self.path, self.shards, self.graphs, self.models_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
-        self._remove_temporaries()
-        if not self.exists():
+        if not self.exists():  # the manifest comes first: a store with shards always has one
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
             _fsync_dir(self.path)
+        for d in (self.shards, self.graphs, self.models_dir):
+            d.mkdir(exist_ok=True)
+        self._remove_temporaries()
+
+    def _only_leftovers(self) -> bool:
+        """Whether a directory without a manifest holds nothing but what a run killed before writing its
+        manifest can leave: the lock file, temporary files, empty store folders."""
+        for p in self.path.iterdir():
+            if p.name == ".lock" or (p.name.startswith(".") and ".tmp-" in p.name):
+                continue
+            if p in (self.shards, self.graphs, self.models_dir) and p.is_dir() and not any(p.iterdir()):
+                continue
+            return False
+        return True
 
     def _acquire_lock(self) -> None:
         import fcntl
