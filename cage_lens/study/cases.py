@@ -240,29 +240,26 @@ def _token_str(ctx: ModelContext, token: int | None) -> str | None:
     return None if token is None else ctx.tokenizer.decode([token])
 
 
+def _try_contrast(ctx: ModelContext, c: _Case, candidates: list[int], source: str, checker, settings) -> None:
+    """Take the best-ranked correct token of ``candidates`` as the contrast (a failing checker skips)."""
+    try:
+        found = _first_correct(ctx, c, candidates, checker, settings)
+    except CheckerError as err:
+        c.stop(SKIPPED, str(err))
+        return
+    if found is not None:
+        (c.contrast, c.contrast_rank), c.contrast_source = found, source
+
+
 def _choose_contrasts(ctx: ModelContext, cases: list[_Case], checker, settings: StudySettings) -> None:
     deviated = [c for c in cases if c.status == "deviated"]
     for c in deviated:
-        try:
-            found = _first_correct(ctx, c, c.ranking, checker, settings)
-        except CheckerError as err:
-            c.stop(SKIPPED, str(err))
-            continue
-        if found is not None:
-            c.contrast, c.contrast_rank = found
-            c.contrast_source = "model"
+        _try_contrast(ctx, c, c.ranking, "model", checker, settings)
     need = [c for c in deviated if c.status == "deviated" and c.contrast is None]
     if need and ctx.sibling is not None:
         sibling_logits = _last_logits(ctx.sibling, [c.input_ids for c in need], ctx.pad)
         for c, row in zip(need, sibling_logits):
-            try:
-                found = _first_correct(ctx, c, _ranking(row, settings.top_k), checker, settings)
-            except CheckerError as err:
-                c.stop(SKIPPED, str(err))
-                continue
-            if found is not None:
-                c.contrast, c.contrast_rank = found
-                c.contrast_source = "sibling"
+            _try_contrast(ctx, c, _ranking(row, settings.top_k), "sibling", checker, settings)
     k = settings.top_k
     for c in deviated:
         if c.status != "deviated":
