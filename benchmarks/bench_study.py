@@ -6,7 +6,7 @@
 1. The same study (IOI step-100 checkpoint on zoo IOI records, own failures) in-process and with
    ``engine="ray"`` on a local 2-worker cluster (1 CPU and 1 torch thread per worker). Reported:
    wall time of ``study.run`` (model loading and, for Ray, cluster start-up included) and the
-   steady-state rate between the first and the last shard written (start-up excluded).
+   steady-state rate from the difference between a 128-record and a full run (start-up cancels).
 2. Per-case cost of the pipeline (one greedy step, contrast check, batched attribution) on random
    GPT-2-style models of three widths at three prompt lengths, in-process with one thread, against
    the time of a plain forward of the same batch ("forward equivalents": the cost model predicts ≈ 4
@@ -32,35 +32,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cage_lens import study  # noqa: E402
-from cage_lens.study.store import Store  # noqa: E402
 from cage_lens.zoo.datasets import dataset  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "bench_study.md"
 
 
 # ---------------------------------------------------------------------------- 1. engines
-def _steady_rate(path: Path) -> tuple[float, int]:
-    """Cases per minute between the first and the last shard written (start-up excluded)."""
-    store = Store(path)
-    shards = sorted(store.shards.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
-    sizes = [len(store.read_chunk(p.stem)) for p in shards]
-    span = shards[-1].stat().st_mtime - shards[0].stat().st_mtime
-    cases = sum(sizes[1:])
-    return (60.0 * cases / span if span > 0 else float("nan")), len(shards)
-
-
 def bench_engines(records: int, graph: bool, tmp: Path) -> list[dict]:
+    """Each engine runs the study twice, on ``small`` and on ``records`` records: the wall time of the
+    larger run gives cases/min including start-up; the difference between the two runs gives the
+    steady-state rate (model loading and Ray start-up cancel out)."""
+    small = 128
     data = dataset("ioi", records, seed=11)
     rows = []
+    study.run({"step-100": "ioi@100"}, data.records[:16], tmp / f"warm-up-{graph}", checker=data.checker,
+              graph=graph, progress=False)  # imports, file caches, first-call overheads
     for label, kw in (("in-process", dict(engine="local")),
                       ("in-process, 1 thread", dict(engine="local", threads=1)),
                       ("Ray, 2 workers × 1 CPU", dict(engine="ray", workers=2, threads=1))):
-        out = tmp / f"{label.split(',')[0].replace(' ', '-')}-{kw.get('threads', 'd')}-{graph}"
-        run = study.run({"step-100": "ioi@100"}, data, out, chunk_size=16, graph=graph, progress=False, **kw)
-        steady, shards = _steady_rate(out)
-        explained = int((study.load(out)["status"] == "explained").sum())
-        rows.append({"engine": label, "graph": graph, "cases": run.cases_written, "explained": explained,
-                     "shards": shards, "wall_s": run.seconds, "per_min": run.cases_per_minute, "steady_per_min": steady})
+        runs = {}
+        for n in (small, records):
+            out = tmp / f"{label.split(',')[0].replace(' ', '-')}-{kw.get('threads', 'd')}-{graph}-{n}"
+            runs[n] = study.run({"step-100": "ioi@100"}, data.records[:n], out, checker=data.checker,
+                                chunk_size=16, graph=graph, progress=False, **kw)
+        big = runs[records]
+        explained = int((study.load(big.path)["status"] == "explained").sum())
+        extra = big.seconds - runs[small].seconds
+        steady = 60.0 * (records - small) / extra if extra > 0 else float("nan")  # start-up noise > compute
+        rows.append({"engine": label, "graph": graph, "cases": big.cases_written, "explained": explained,
+                     "wall_s": big.seconds, "small_wall_s": runs[small].seconds, "per_min": big.cases_per_minute,
+                     "steady_per_min": steady})
         print(rows[-1], flush=True)
     return rows
 
@@ -114,7 +115,9 @@ def bench_cost(widths, lengths, n_cases: int, tmp: Path) -> list[dict]:
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(format(r[k], f) if f else str(r[k]) for _, k, f in cols) + " |")
+        lines.append("| " + " | ".join(
+            "–" if isinstance(r[k], float) and r[k] != r[k] else format(r[k], f) if f else str(r[k])
+            for _, k, f in cols) + " |")
     return "\n".join(lines)
 
 
@@ -124,11 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    records = args.records or (64 if args.quick else 512)
+    records = args.records or (256 if args.quick else 1024)
     widths, lengths, n_cases = ((64, 256), (32, 128), 16) if args.quick else ((64, 256, 512), (32, 128, 512), 48)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        engines = bench_engines(records, False, Path(tmp)) + bench_engines(records // 4, True, Path(tmp))
+        engines = bench_engines(records, False, Path(tmp)) + bench_engines(records, True, Path(tmp))
         cost = bench_cost(widths, lengths, n_cases, Path(tmp))
     text = [
         "# Failure-study throughput", "",
@@ -137,10 +140,12 @@ def main(argv=None) -> int:
         f"{torch.__version__}, Python {platform.python_version()}.", "",
         "## In-process vs Ray (2 workers)", "",
         f"Study: `ioi@100` (IOI step-100 checkpoint, own failures) on `dataset('ioi', n, seed=11)`, chunk_size 16. "
-        "`cases` = (record, model) pairs written, whatever their status; `steady` = rate between the first and "
-        "the last shard (model loading and Ray start-up excluded); `wall` includes them.", "",
+        "`cases` = (record, model) pairs written, whatever their status; `wall` = the full run, model loading "
+        "and Ray start-up included; `steady` = (n − 128) / (wall(n) − wall(128)): start-up cancels (– when "
+        "the start-up varied by more than the extra compute).", "",
         _table(engines, [("engine", "engine", ""), ("graphs", "graph", ""), ("cases", "cases", ""),
                          ("explained", "explained", ""), ("wall s", "wall_s", ".1f"),
+                         ("wall s (128 records)", "small_wall_s", ".1f"),
                          ("cases/min (wall)", "per_min", ".0f"), ("cases/min (steady)", "steady_per_min", ".0f")]),
         "",
         "## Per-case cost vs model size and prompt length", "",

@@ -278,6 +278,11 @@ def test_a_run_killed_before_its_manifest_can_start_again(tmp_path):
     (out / ".manifest.json.tmp-123").write_text("{")
     run = study.run({"tiny": tiny()}, [{"prompt": PROMPT, "answer": " cat"}], out, **_quiet())
     assert run.cases_written == 1 and not list(out.rglob(".*.tmp-*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["environment"]["torch"] = "0.0.1"  # library versions are recorded; a change only warns
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"other library versions \(torch 0\.0\.1 → "):
+        study.run({"tiny": tiny()}, [{"prompt": PROMPT, "answer": " cat"}], out, resume=True, **_quiet())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="is not empty and holds no study manifest"):
