@@ -45,6 +45,7 @@ _EXPORTS = {
     "metrics": "cage_lens.metrics",
     "zoo": "cage_lens.zoo",
     "load": "cage_lens.persist",
+    "study": "cage_lens.study",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo_cmd = sub.add_parser("zoo", help="list the shipped ground-truth models")
     zoo_cmd.set_defaults(func=cmd_zoo)
+
+    from cage_lens.study.cli import add_study_commands  # `study` and `report`; imports nothing heavy
+    add_study_commands(sub)
     return parser
 
 
