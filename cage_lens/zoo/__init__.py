@@ -22,10 +22,18 @@ from cage_lens.errors import InputError
 from cage_lens.zoo.tasks import TASKS, Sample, Task, task
 
 __all__ = ["DEFAULT_MODEL", "MODELS_DIR", "Sample", "Task", "task", "tasks", "load", "list",
-           "model_dir", "greedy_complete"]
+           "model_dir", "greedy_complete", "dataset"]
 
 DEFAULT_MODEL = "ioi"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def dataset(name: str, n: int, seed: int = 0):
+    """A zoo task as a failure-study dataset (records with segments, plus a checker); see
+    :func:`cage_lens.zoo.datasets.dataset`."""
+    from cage_lens.zoo.datasets import dataset as build
+
+    return build(name, n, seed)
 
 
 def tasks() -> builtins.list[str]:
