@@ -12,7 +12,7 @@ from cage_lens.adapter import Architecture, ModelAdapter, adapt
 from cage_lens.attribution import Attribution, ConservationReport, NeuronRelevance, attribute
 from cage_lens.errors import CageLensError, InputError, NumericalError, UnsupportedModelError
 from cage_lens.loading import from_hf_model, load_hf_directory
-from cage_lens.rules import RULE_SETS, lrp
+from cage_lens.rules import RULE_SETS, RuleSet, lrp
 from cage_lens.targets import TARGET_MODES
 
 __version__ = "0.1.0"
@@ -48,6 +48,6 @@ def __dir__():
 
 __all__ = [
     "Architecture", "Attribution", "CageLensError", "ConservationReport", "InputError", "ModelAdapter",
-    "NeuronRelevance", "NumericalError", "RULE_SETS", "TARGET_MODES", "UnsupportedModelError", "adapt",
+    "NeuronRelevance", "NumericalError", "RULE_SETS", "RuleSet", "TARGET_MODES", "UnsupportedModelError", "adapt",
     "attribute", "from_hf_model", "load_hf_directory", "lrp", *_LAZY,
 ]
