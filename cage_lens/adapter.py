@@ -276,7 +276,10 @@ class ModelAdapter:
 
     @property
     def embed_hook(self) -> str:
-        return "hook_embed"
+        """The token embeddings as the embedding layer returns them. On a bridge ``hook_embed`` can
+        alias a later point (Bloom: after its embedding LayerNorm), so the embedding bridge's own
+        output is used there."""
+        return "embed.hook_out" if "embed.hook_out" in self.model.hook_dict else "hook_embed"
 
     @property
     def pos_embed_hook(self) -> str | None:
@@ -464,6 +467,25 @@ class ModelAdapter:
         scale = getattr(cfg, "attn_scale", None)
         return 1.0 / (float(scale) if isinstance(scale, (int, float)) and scale > 0 else self.arch.d_head ** 0.5)
 
+    @cached_property
+    def _stash_point_ids(self) -> frozenset[int]:
+        hook_dict = self.model.hook_dict
+        points = []
+        for site in self.layers:
+            if site.attn_softcap:
+                points += [hook_dict[n] for n in (site.rot_q or site.q, site.rot_k or site.k) if n]
+            for mlp in (site.mlp, *(site.mlp.experts if site.mlp else ())):
+                if mlp is not None:
+                    points += [hook_dict[n] for n in (mlp.pre, mlp.pre_linear) if n]
+        points += [norm.in_hook for norm in self.norm_sites if norm.in_hook is not None]
+        return frozenset(id(p) for p in points)
+
+    def is_stash_point(self, name: str) -> bool:
+        """Whether a rule keeps the tensor of this hook point for a later hook (captures there go
+        first, see :func:`cage_lens.engine.installed`)."""
+        point = self.model.hook_dict.get(name)
+        return point is not None and id(point) in self._stash_point_ids
+
     # ------------------------------------------------------------------ hooks that must exist and fire
     def required_hooks(self) -> list[str]:
         names = [self.embed_hook]
@@ -519,7 +541,7 @@ class ModelAdapter:
         from cage_lens import engine
 
         fired: set[str] = set()
-        candidates = self.required_hooks() + ([self.pos_embed_hook] if self.pos_embed_hook else [])
+        candidates = self.required_hooks() + ([self.pos_embed_hook] if self.pos_embed_hook else []) + self._optional_hooks()
         candidates = [n for n in dict.fromkeys(candidates) if n in self.model.hook_dict]
 
         def recorder(name):
@@ -537,6 +559,17 @@ class ModelAdapter:
                 f"these hook points exist but never fire in a forward pass: {', '.join(silent[:6])}"
             )
         return frozenset(fired)
+
+    def _optional_hooks(self) -> list[str]:
+        """Hooks the graph's closed form reads where they fire (rotated q/k, rotary tables, scores)."""
+        names = []
+        for l in range(self.arch.n_layers):
+            names += [self.attn_hook(l, n) for n in ("hook_rot_q", "hook_rot_k", "hook_cos", "hook_sin",
+                                                     "hook_attn_scores", "hook_pattern")]
+        return names
+
+    def fires(self, name: str | None) -> bool:
+        return name is not None and name in self.fired_hooks
 
     @property
     def has_position_embedding(self) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from cage_lens.adapter import ModelAdapter, is_norm_module
 from cage_lens.errors import UnsupportedModelError
-from cage_lens.realise import ModuleHook, PointHook
+from cage_lens.realise import ModuleHook, ModulePreHook, PointHook
 from cage_lens.rules import CPLRP
 
 __all__ = ["Certificate", "certify", "KNOWN_BRIDGE_COMPONENTS"]
@@ -137,6 +137,7 @@ class _Recorder:
         self.counter = itertools.count()
         self.points: dict[str, tuple[int, torch.Tensor]] = {}
         self.biases: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []  # order, label, bias, output
+        self.entries: dict[str, list[int]] = {}
 
     def point(self, name: str, root: bool = False):
         def hook(tensor, hook):
@@ -151,10 +152,16 @@ class _Recorder:
             self.biases.append((next(self.counter), label, bias, tensor))
         return hook
 
-    def bias_at_output(self, label: str, bias: torch.Tensor):
+    def module_entry(self, key: str):
+        """Pre-hook noting when a module starts: its bias is upstream of every hook point inside it."""
+        def hook(module, args, kwargs):
+            self.entries.setdefault(key, []).append(next(self.counter))
+        return hook
+
+    def bias_at_output(self, label: str, bias: torch.Tensor, key: str):
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, tuple) else output
-            self.biases.append((next(self.counter), label, bias, out))
+            self.biases.append((self.entries[key].pop(), label, bias, out))
         return hook
 
 
@@ -181,7 +188,7 @@ def _bias_hooks(adapter: ModelAdapter, rec: _Recorder) -> list:
             owner = module
             while id(owner) in wrapper_of:  # hook the outermost bridge wrapper: its output carries the bias
                 owner = wrapper_of[id(owner)][1]
-            hooks.append(ModuleHook(owner, rec.bias_at_output(label, param)))
+            hooks += [ModulePreHook(owner, rec.module_entry(label)), ModuleHook(owner, rec.bias_at_output(label, param, label))]
     return hooks
 
 

@@ -473,6 +473,9 @@ def circuit_graph(
     adapter.check_eval_mode()
     if levels == "neurons" and adapter.arch.attn_only:
         raise InputError("levels='neurons' needs MLPs but the model is attention-only")
+    if levels == "neurons" and (adapter.arch.moe or adapter.arch.parallel):
+        structure = "a mixture of experts" if adapter.arch.moe else "parallel attention + MLP blocks"
+        raise InputError(f"levels='neurons' is not available for {structure}; use 'block', 'half' or 'heads'")
     warnings = engine.certify_or_warn(adapter, strict)
     batch = _single_prompt(model, inputs, prepend_bos)
     (pos,) = resolve_positions(position, batch.lengths)

@@ -59,7 +59,7 @@ def _hook_point(adapter: ModelAdapter, point):
         raise UnsupportedModelError(f"the model has no hook point {point!r}") from None
 
 
-def _add_point_hook(hook_point, fn: Callable, inst: Installation) -> Callable[[], None]:
+def _add_point_hook(hook_point, fn: Callable, inst: Installation, first: bool = False) -> Callable[[], None]:
     def guarded(tensor, hook):
         if not inst.acting():
             return None
@@ -69,7 +69,7 @@ def _add_point_hook(hook_point, fn: Callable, inst: Installation) -> Callable[[]
         # TL 3/4 HookPoint: add_hook applies the point's shape conversion and lists the handle, which
         # some bridge components consult (has_hooks). Marked permanent so that another thread's
         # reset_hooks() leaves it alone; removed below by handle, never by level.
-        handle = hook_point.add_hook(guarded, dir="fwd", is_permanent=True)
+        handle = hook_point.add_hook(guarded, dir="fwd", is_permanent=True, prepend=first)
 
         def remove():
             handle.hook.remove()
@@ -77,7 +77,8 @@ def _add_point_hook(hook_point, fn: Callable, inst: Installation) -> Callable[[]
                 hook_point.fwd_hooks.remove(handle)
         return remove
     # TL 2 HookPoint: a plain torch forward hook (TL 2's add_hook returns no handle)
-    torch_handle = hook_point.register_forward_hook(lambda module, inputs, output: guarded(output, hook_point))
+    torch_handle = hook_point.register_forward_hook(lambda module, inputs, output: guarded(output, hook_point),
+                                                    prepend=first)
     return torch_handle.remove
 
 
@@ -101,7 +102,13 @@ def _add_module_pre_hook(module: torch.nn.Module, fn: Callable, inst: Installati
 
 @contextlib.contextmanager
 def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
-    """Install ``hooks`` (PointHook / ModuleHook, in order) for this thread; remove them on exit."""
+    """Install ``hooks`` (PointHook / ModuleHook, in order) for this thread; remove them on exit.
+
+    A ``PointHook`` with ``first=True`` goes ahead of the hooks already on its point. Captures use
+    it at the points where the rules keep a tensor for later (a norm's input, an MLP's
+    pre-activations): a bridge hook point with a shape conversion hands every hook its own converted
+    view, and the rules must compute on the view the capture returned, so that the captured tensor is
+    the one the gradient reaches."""
     inst = Installation()
     try:
         for h in hooks:
@@ -110,7 +117,7 @@ def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
             elif isinstance(h, ModulePreHook):
                 inst.handles.append(_add_module_pre_hook(h.module, h.fn, inst))
             else:
-                inst.handles.append(_add_point_hook(_hook_point(adapter, h.point), h.fn, inst))
+                inst.handles.append(_add_point_hook(_hook_point(adapter, h.point), h.fn, inst, h.first))
         yield inst
     finally:
         for remove in reversed(inst.handles):
@@ -221,9 +228,8 @@ class Capture:
             return tensor
         return record
 
-    @property
-    def hooks(self) -> list[PointHook]:
-        return [PointHook(name, self.hook(name)) for name in self.names]
+    def hooks_for(self, adapter: ModelAdapter) -> list[PointHook]:
+        return [PointHook(name, self.hook(name), first=adapter.is_stash_point(name)) for name in self.names]
 
     def gradients(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
         names = [n for n in self.names if n in self.tensors]
@@ -318,7 +324,7 @@ def run_attribution(
     with session(adapter):
         tokens = batch.tokens.to(adapter.device).clone()
         with rules_active(adapter, rules):
-            hooks = [_as_hook(h) for h in pre_hooks] + capture.hooks
+            hooks = [_as_hook(h) for h in pre_hooks] + capture.hooks_for(adapter)
             value = check_finite(target(logits_at(adapter, tokens, positions, hooks)), "the target value")
             grads = capture.gradients(value.sum())
     return value.detach(), capture, grads

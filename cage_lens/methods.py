@@ -146,7 +146,7 @@ def _rows_from_one_forward(
     with engine.session(adapter):
         where = torch.tensor(positions, device=adapter.device)
         with engine.rules_active(adapter, rules):
-            logits = select_logits(adapter, tokens.to(adapter.device).clone(), lambda x: x[:, where], capture.hooks)[0]
+            logits = select_logits(adapter, tokens.to(adapter.device).clone(), lambda x: x[:, where], capture.hooks_for(adapter))[0]
             values = engine.check_finite(target(logits), "a generated token's log-probability")  # [R]
             inputs = [capture.tensors[n] for n in roots]
             grads = _vmapped_backward(values, inputs)

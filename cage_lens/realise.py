@@ -39,10 +39,12 @@ __all__ = ["PointHook", "ModuleHook", "ModulePreHook", "Realisation", "realise"]
 
 @dataclass(frozen=True)
 class PointHook:
-    """A TransformerLens hook ``fn(tensor, hook)`` on a hook point (legacy name or HookPoint object)."""
+    """A TransformerLens hook ``fn(tensor, hook)`` on a hook point (legacy name or HookPoint object).
+    ``first`` installs it ahead of the hooks already there (see :func:`cage_lens.engine.installed`)."""
 
     point: object
     fn: object
+    first: bool = False
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,11 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
         return out
     if kind == "head_out":
         out = torch.zeros(len(rows), transition.source.relevance.shape[0], dtype=att.x.dtype)
-        columns = torch.arange(att.q.shape[1])[None, :] * n_pos + rows[:, None]  # [row, head]
+        columns = torch.arange(att.z.shape[1])[None, :] * n_pos + rows[:, None]  # [row, head]
         out.scatter_(1, columns, transition.source.relevance[columns])
         return out
+    if att.problem is not None:
+        raise UnsupportedModelError(f"method='fast' cannot compute these edges: {att.problem}; use method='autograd'")
     return _attention_rows(state, att, transition, rows, budget_bytes)
 
 
@@ -82,7 +84,7 @@ def _attention_rows(state: ForwardState, att: AttentionState, transition: Transi
     kind = transition.kind
     positions, heads = (rows % n_pos, rows // n_pos) if kind == "head_in" else (rows, None)
     out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype, device=att.x.device)
-    step = _row_chunk(att.q.shape[1], n_pos, att.x.element_size(), budget_bytes)
+    step = _row_chunk(att.z.shape[1], n_pos, att.x.element_size(), budget_bytes)
     branch = state.branches[transition.layer].diagonal if kind == "attention" and state.branches else None
     for start in range(0, len(rows), step):
         chunk = positions[start:start + step].to(att.x.device)
@@ -120,14 +122,24 @@ def _softcap_factor(scores: torch.Tensor, cap: float | None, rules: RuleSet) -> 
 
 def _head_terms(att: AttentionState, rows: torch.Tensor, rules: RuleSet) -> torch.Tensor:
     """Per-head attention edges ``[head, row, pos]`` without the residual connection."""
-    n_heads, n_pos = att.q.shape[1], att.x.shape[0]
-    k, v = _expand_kv(att.k, n_heads), _expand_kv(att.v, n_heads)
-    k0, v0 = _expand_kv(att.k0, n_heads), _expand_kv(att.v0, n_heads)
-    q, q0, g_z = att.q[rows], att.q0[rows], att.g_z[rows]                   # [row, head, d]
+    n_heads, n_pos = att.z.shape[1], att.x.shape[0]
+    v, v0 = _expand_kv(att.v, n_heads), _expand_kv(att.v0, n_heads)
+    g_z = att.g_z[rows]                                                      # [row, head, d]
     causal = torch.arange(n_pos, device=rows.device)[None, :] <= rows[:, None]  # [row, pos]
-    raw = torch.einsum("rhd,phd->hrp", q, k) * att.scale
-    scores = raw if att.softcap is None else att.softcap * torch.tanh(raw / att.softcap)
-    pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)           # [head, row, pos]
+    if att.q is not None:
+        q, k = att.q[rows], _expand_kv(att.k, n_heads)
+        raw = torch.einsum("rhd,phd->hrp", q, k) * att.scale                 # q·k·scale
+        key_term = lambda: torch.einsum("rhd,phd->hrp", q, _expand_kv(att.k0, n_heads)) * att.scale  # noqa: E731
+        query_term = lambda: torch.einsum("rhd,phd->hrp", att.q0[rows], k) * att.scale  # noqa: E731
+    else:  # bias-free q, k: ⟨q_j, k⁰_i⟩ = s_ji ρ_i and ⟨q⁰_j, k_i⟩ = s_ji ρ_j
+        raw = att.scores[:, rows]
+        key_term = lambda: raw * att.rho[None, None, :]  # noqa: E731
+        query_term = lambda: raw * att.rho[rows][None, :, None]  # noqa: E731
+    if att.pattern is not None:
+        pattern = att.pattern[:, rows]
+    else:
+        scores = raw if att.softcap is None else att.softcap * torch.tanh(raw / att.softcap)
+        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)     # [head, row, pos]
     _check_pattern(pattern, v, att.z[rows])
     u = torch.einsum("phd,rhd->hrp", v, g_z)                                 # ⟨v_h(i) W_O, g_j⟩
     u0 = torch.einsum("phd,rhd->hrp", v0, g_z)
@@ -136,9 +148,9 @@ def _head_terms(att: AttentionState, rows: torch.Tensor, rules: RuleSet) -> torc
         score_grad = pattern * (u - (pattern * u).sum(-1, keepdim=True))     # D_h[j, i]
         score_grad = score_grad * _softcap_factor(raw, att.softcap, rules)
         if rules.k:
-            edges = edges + rules.k * score_grad * torch.einsum("rhd,phd->hrp", q, k0) * att.scale
+            edges = edges + rules.k * score_grad * key_term()
         if rules.q:
-            query_path = (score_grad * torch.einsum("rhd,phd->hrp", q0, k) * att.scale).sum(-1)  # [head, row]
+            query_path = (score_grad * query_term()).sum(-1)                 # [head, row]
             edges[:, torch.arange(len(rows)), rows] += rules.q * query_path
     return edges
 

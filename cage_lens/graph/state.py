@@ -33,16 +33,20 @@ class AttentionState:
 
     x: Float[torch.Tensor, "pos d_model"]          # resid_pre
     g_out: Float[torch.Tensor, "pos d_model"]
-    q: Float[torch.Tensor, "pos head d_head"]
-    k: Float[torch.Tensor, "pos kv_head d_head"]
     v: Float[torch.Tensor, "pos kv_head d_head"]
     z: Float[torch.Tensor, "pos head d_head"]
     g_z: Float[torch.Tensor, "pos head d_head"]
-    q0: Float[torch.Tensor, "pos head d_head"]     # bias-free parts (times ρ under the gradient norm rule)
-    k0: Float[torch.Tensor, "pos kv_head d_head"]
-    v0: Float[torch.Tensor, "pos kv_head d_head"]
+    v0: Float[torch.Tensor, "pos kv_head d_head"]  # bias-free part (times ρ under the gradient norm rule)
+    q: Float[torch.Tensor, "pos head d_head"] | None = None    # as they enter the scores (rotated)
+    k: Float[torch.Tensor, "pos kv_head d_head"] | None = None
+    q0: Float[torch.Tensor, "pos head d_head"] | None = None
+    k0: Float[torch.Tensor, "pos kv_head d_head"] | None = None
     scale: float = 1.0                             # factor on q·k in the scores
     softcap: float | None = None
+    scores: Float[torch.Tensor, "head pos pos"] | None = None   # q·k·scale when q, k are not observable
+    pattern: Float[torch.Tensor, "head pos pos"] | None = None  # captured where a position bias (ALiBi) enters
+    rho: Float[torch.Tensor, "pos"] | None = None
+    problem: str | None = None                     # why the closed form cannot be used here
 
 
 @dataclass
@@ -121,7 +125,7 @@ class _Recorder:
                 layer = int(name.split(".")[1])
                 out.append(ModulePreHook(adapter.model.blocks[layer].mlp, self.module_input(name)))
             else:
-                out.append(PointHook(name, self.point(name)))
+                out.append(PointHook(name, self.point(name), first=adapter.is_stash_point(name)))
         return out
 
 
@@ -132,9 +136,19 @@ def _mlp_inputs(adapter: ModelAdapter, layer: int) -> tuple[str, ...]:
 
 
 def _attention_names(adapter: ModelAdapter, layer: int) -> list[str]:
-    site = adapter.layer(layer)
+    """Attention hooks recorded for the closed form: q, k, v, z, and how q and k enter the scores
+    (rotated queries and keys where they are exposed, else the rotary tables, else the scores)."""
+    site, fires = adapter.layer(layer), adapter.fires
     names = [site.q, site.k, site.v, site.z]
-    return names + [n for n in (site.rot_q, site.rot_k) if n]
+    if adapter.arch.positional == "rotary":
+        if fires(site.rot_q) and fires(site.rot_k):
+            names += [site.rot_q, site.rot_k]
+        else:
+            names += [n for n in (adapter.attn_hook(layer, "hook_cos"), adapter.attn_hook(layer, "hook_sin"),
+                                  adapter.attn_hook(layer, "hook_attn_scores")) if fires(n)]
+    elif adapter.arch.positional == "alibi":
+        names += [n for n in (adapter.attn_hook(layer, "hook_pattern"),) if fires(n)]
+    return names
 
 
 def _record_names(adapter: ModelAdapter, resid_names: Sequence[str], neurons: bool) -> list[str]:
@@ -354,30 +368,86 @@ def _branch_state(adapter, layer, act, grad, bias, rules) -> BranchState:
     return BranchState(diagonal=(linear * grad[name]).sum(-1))
 
 
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention of GPT-NeoX/Llama) on the first ``cos.shape[-1]``
+    dimensions of ``x [pos, head, d_head]``; ``cos``/``sin`` are ``[pos, rotary_dim]``."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = torch.cat([-rot[..., r // 2:], rot[..., : r // 2]], dim=-1)
+    return torch.cat([rot * cos[:, None] + half * sin[:, None], rest], dim=-1)
+
+
+def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
+
+
+def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q·k·scale`` per head ``[head, query, key]`` with the entries above the diagonal zeroed."""
+    scores = torch.einsum("qhd,khd->hqk", q, _expand_heads(k, q.shape[1])) * scale
+    return scores.tril()
+
+
+def _queries_and_keys(adapter, layer, act, bias, rules):
+    """(q, k, q_bias, k_bias) as they enter the scores, or None when the rotation is not observable;
+    and a problem description when the closed form cannot cover this layer."""
+    site, local = adapter.layer(layer), (lambda name: name[len(f"blocks.{layer}."):])
+    if adapter.arch.positional != "rotary" or (site.rot_q in act and site.rot_k in act):
+        q_name, k_name = (site.rot_q, site.rot_k) if adapter.arch.positional == "rotary" else (site.q, site.k)
+        return act[q_name], act[k_name], bias[local(q_name)], bias[local(k_name)]
+    cos, sin = act.get(adapter.attn_hook(layer, "hook_cos")), act.get(adapter.attn_hook(layer, "hook_sin"))
+    scores = act.get(adapter.attn_hook(layer, "hook_attn_scores"))
+    if cos is None or sin is None or scores is None:
+        return None
+    cos, sin = cos.reshape(-1, cos.shape[-1])[-act[site.q].shape[0]:], sin.reshape(-1, sin.shape[-1])[-act[site.q].shape[0]:]
+    q, k = _rotate_half(act[site.q], cos, sin), _rotate_half(act[site.k], cos, sin)
+    recomputed = _causal_scores(q, k, adapter.score_scale(layer))
+    captured = scores.tril()
+    if float((recomputed - captured).abs().max()) > 1e-5 * max(float(captured.abs().max()), 1e-30):
+        return None  # not the rotary convention assumed here
+    return q, k, _rotate_half(bias[local(site.q)], cos, sin), _rotate_half(bias[local(site.k)], cos, sin)
+
+
 def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
     site = adapter.layer(layer)
     local = lambda name: name[len(f"blocks.{layer}."):]  # noqa: E731
     x = act[site.resid_pre]
-    rho = _rho(adapter, layer, "attn", x, rules)[:, :, None]   # [pos, 1, 1]
-    q_name, k_name = site.rot_q or site.q, site.rot_k or site.k
-    if adapter.arch.positional == "rotary" and (site.rot_q is None or q_name not in act):
-        raise UnsupportedModelError(
-            f"method='fast' needs the rotated queries and keys of blocks.{layer}.attn, which this model does not "
-            "expose (hook_rot_q/hook_rot_k); use method='autograd'"
-        )
-    q, k, v = act[q_name], act[k_name], act[site.v]
-    q_bias, k_bias, v_bias = bias[local(q_name)], bias[local(k_name)], bias[local(site.v)]
-    if adapter.arch.qk_norm and (rules.norm != "identity" or q_bias.abs().max() > 0 or k_bias.abs().max() > 0):
-        raise UnsupportedModelError(
-            "method='fast' needs the map resid → q, k to be linear; with q/k norms that holds only under the "
-            "identity norm rule and without query/key biases; use method='autograd'"
-        )
-    scale = adapter.score_scale(layer)
-    if scale is None:
-        raise UnsupportedModelError(f"method='fast' cannot read the attention score scale of blocks.{layer}; "
-                                    "use method='autograd'")
-    return AttentionState(
-        x=x, g_out=grad[site.attn_out], q=q, k=k, v=v, z=act[site.z], g_z=grad[site.z],
-        q0=(q - q_bias) * rho, k0=(k - k_bias) * rho, v0=(v - v_bias) * rho,
-        scale=scale, softcap=site.attn_softcap,
+    rho = _rho(adapter, layer, "attn", x, rules)[:, 0]   # [pos]
+    v = act[site.v]
+    state = AttentionState(
+        x=x, g_out=grad[site.attn_out], v=v, z=act[site.z], g_z=grad[site.z],
+        v0=(v - bias[local(site.v)]) * rho[:, None, None], scale=adapter.score_scale(layer) or 1.0,
+        softcap=site.attn_softcap, rho=rho,
     )
+    state.problem = _fast_problem(adapter, layer, rules)
+    if state.problem is not None:
+        return state
+    found = _queries_and_keys(adapter, layer, act, bias, rules)
+    pattern_name = adapter.attn_hook(layer, "hook_pattern")
+    if adapter.arch.positional == "alibi":
+        if pattern_name not in act:
+            state.problem = f"the attention pattern of blocks.{layer} (ALiBi) does not fire"
+            return state
+        state.pattern = act[pattern_name]
+    if found is None:
+        q_bias, k_bias = bias[local(site.q)], bias[local(site.k)]
+        scores = act.get(adapter.attn_hook(layer, "hook_attn_scores"))
+        if scores is None or site.attn_softcap or q_bias.abs().max() > 0 or k_bias.abs().max() > 0:
+            state.problem = (f"the rotated queries and keys of blocks.{layer} are not observable and the scores alone "
+                             "do not determine the edges here (query/key biases or a soft-cap)")
+            return state
+        state.scores = scores.tril()   # bias-free q, k: the scores are ⟨q, k⟩·scale
+        return state
+    q, k, q_bias, k_bias = found
+    if adapter.arch.qk_norm and (rules.norm != "identity" or q_bias.abs().max() > 0 or k_bias.abs().max() > 0):
+        state.problem = ("the map resid → q, k is linear with q/k norms only under the identity norm rule and "
+                         "without query/key biases")
+        return state
+    state.q, state.k = q, k
+    state.q0, state.k0 = (q - q_bias) * rho[:, None, None], (k - k_bias) * rho[:, None, None]
+    return state
+
+
+def _fast_problem(adapter: ModelAdapter, layer: int, rules: RuleSet) -> str | None:
+    if adapter.score_scale(layer) is None:
+        return f"the attention score scale of blocks.{layer} cannot be read"
+    return None
