@@ -229,23 +229,26 @@ def _identity_errors(adapter: ModelAdapter):
         return sum(c for order, _, c in contributions if order > after)
 
     errors: dict[str, float] = {}
+    balance: dict[str, float] = {}   # Σ R(point) + Σ biases after it: f at every point when nothing leaks
     inputs = sum(float((rec.points[n][1].detach() * grads[n]).sum()) for n in roots)
-    errors["embeddings"] = abs(inputs + downstream(-1) - f) / scale
-    order_of = {}
+    balance["embeddings"] = inputs + downstream(-1)
     for name in adapter.resid_hooks():
         h, g = engine.residual_state(adapter, tensors, grads, name)
-        site_order = rec.points[adapter.layer(int(name.split(".")[1])).attn_out if name.endswith("hook_resid_mid") else name][0]
-        order_of[name] = site_order
-        errors[name] = abs(float((h * g).sum()) + downstream(site_order) - f) / max(scale, abs(float((h * g).sum())))
+        anchor = adapter.layer(int(name.split(".")[1])).attn_out if name.endswith("hook_resid_mid") else name
+        balance[name] = float((h * g).sum()) + downstream(rec.points[anchor][0])
+    balance["the logits"] = f
+    for name, b in balance.items():
+        if name != "the logits":
+            errors[name] = abs(b - f) / scale
 
     def leak(tol: float) -> str:
-        names = ["embeddings"] + adapter.resid_hooks()
-        bad = [n for n in names if errors[n] > tol]
-        last_bad = bad[-1]
-        after = names[names.index(last_bad) + 1] if last_bad != names[-1] else "the logits"
-        where = f"between {last_bad} and {after}"
-        return (f"relevance is not conserved {where} under CP-LRP (error {errors[last_bad]:.2g} of the target, "
-                f"tolerance {tol:g} for {adapter.dtype}): a non-linearity there has no LRP rule "
+        names = list(balance)
+        segments = [(a, b, abs(balance[a] - balance[b]) / scale) for a, b in zip(names[:-1], names[1:])]
+        leaking = [seg for seg in segments if seg[2] > tol]
+        a, b, size = leaking[0]
+        more = f" (and {len(leaking) - 1} later segment{'s' if len(leaking) > 2 else ''})" if len(leaking) > 1 else ""
+        return (f"relevance is not conserved between {a} and {b}{more} under CP-LRP ({size:.2g} of the target leaks "
+                f"there, tolerance {tol:g} for {adapter.dtype}): a non-linearity there has no LRP rule "
                 f"({adapter.arch.describe()})")
 
     return errors, leak
