@@ -77,10 +77,10 @@ def test_a_missing_rule_is_caught(monkeypatch, missing):
     """Were a rule forgotten in the realisation, the certificate would refuse the model."""
     if missing == "norms":
         monkeypatch.setattr(R, "_norm_hooks", lambda adapter: [])
-        where = r"between blocks\.0\.hook_resid_mid and blocks\.0\.hook_resid_post \(and 1 later segment\)"
+        where = r"between blocks\.0\.hook_resid_pre and blocks\.0\.hook_resid_mid \(and 4 later segments\)"
     else:
         monkeypatch.setattr(R, "_mlp_hooks", lambda mlp, rules: [])
-        where = "blocks.1.hook_resid_mid and blocks.1.hook_resid_post"
+        where = r"between blocks\.0\.hook_resid_mid and blocks\.0\.hook_resid_post \(and 1 later segment\)"
     with pytest.raises(UnsupportedModelError, match=where):
         cage_lens.attribute(fresh(), PROMPT)
 
