@@ -208,6 +208,8 @@ class ModelAdapter:
                 "Pass a HookedTransformer (TL 2.x/3.x) or a TransformerBridge (TL 3.x/4.x)."
             )
         self.model = model
+        # one snapshot of the name → HookPoint table (a bridge rebuilds its alias table on every access)
+        self.hook_points: dict = dict(model.hook_dict)
         self.lock = threading.RLock()     # serialises cage_lens calls on this model (engine)
         self.active: dict[int, list] = {}  # thread id -> stack of active rule installations (engine)
         self.certificate = None            # cached completeness certificate (certificate)
@@ -242,7 +244,7 @@ class ModelAdapter:
             )
         n_heads = int(cfg.n_heads)
         n_layers = int(cfg.n_layers)
-        hook_dict = model.hook_dict
+        hook_dict = self.hook_points
         parallel = (not attn_only and n_layers > 0 and "blocks.0.hook_resid_mid" not in hook_dict)
         post_norm = "blocks.0.ln1_post.hook_scale" in hook_dict or "blocks.0.ln1_post.hook_in" in hook_dict
         qk_norm = any(n.startswith("blocks.0.attn.q_norm.") for n in hook_dict)
@@ -279,7 +281,7 @@ class ModelAdapter:
         """The token embeddings as the embedding layer returns them. On a bridge ``hook_embed`` can
         alias a later point (Bloom: after its embedding LayerNorm), so the embedding bridge's own
         output is used there."""
-        return "embed.hook_out" if "embed.hook_out" in self.model.hook_dict else "hook_embed"
+        return "embed.hook_out" if "embed.hook_out" in self.hook_points else "hook_embed"
 
     @property
     def pos_embed_hook(self) -> str | None:
@@ -311,7 +313,7 @@ class ModelAdapter:
         return self.block(layer, f"mlp.{name}")
 
     def _existing(self, name: str) -> str | None:
-        return name if name in self.model.hook_dict else None
+        return name if name in self.hook_points else None
 
     # ------------------------------------------------------------------ structure sites
     @cached_property
@@ -469,7 +471,7 @@ class ModelAdapter:
 
     @cached_property
     def _stash_point_ids(self) -> frozenset[int]:
-        hook_dict = self.model.hook_dict
+        hook_dict = self.hook_points
         points = []
         for site in self.layers:
             if site.attn_softcap:
@@ -483,7 +485,7 @@ class ModelAdapter:
     def is_stash_point(self, name: str) -> bool:
         """Whether a rule keeps the tensor of this hook point for a later hook (captures there go
         first, see :func:`cage_lens.engine.installed`)."""
-        point = self.model.hook_dict.get(name)
+        point = self.hook_points.get(name)
         return point is not None and id(point) in self._stash_point_ids
 
     # ------------------------------------------------------------------ hooks that must exist and fire
@@ -515,7 +517,7 @@ class ModelAdapter:
         return names
 
     def _check_hooks_exist(self) -> None:
-        self._refuse_missing([n for n in self._named_hooks() if n not in self.model.hook_dict])
+        self._refuse_missing([n for n in self._named_hooks() if n not in self.hook_points])
         try:
             required = self.required_hooks()
         except AttributeError as exc:
@@ -523,7 +525,7 @@ class ModelAdapter:
                 f"{type(self.model).__name__} ({self.arch.describe()}) does not have the blocks/attn/mlp layout "
                 f"of a TransformerLens decoder: {exc}"
             ) from None
-        self._refuse_missing([n for n in required if n not in self.model.hook_dict])
+        self._refuse_missing([n for n in required if n not in self.hook_points])
 
     def _refuse_missing(self, missing: list[str]) -> None:
         if missing:
@@ -542,7 +544,7 @@ class ModelAdapter:
 
         fired: set[str] = set()
         candidates = self.required_hooks() + ([self.pos_embed_hook] if self.pos_embed_hook else []) + self._optional_hooks()
-        candidates = [n for n in dict.fromkeys(candidates) if n in self.model.hook_dict]
+        candidates = [n for n in dict.fromkeys(candidates) if n in self.hook_points]
 
         def recorder(name):
             def hook(tensor, hook):

@@ -54,7 +54,7 @@ def _hook_point(adapter: ModelAdapter, point):
     if not isinstance(point, str):
         return point
     try:
-        return adapter.model.hook_dict[point]
+        return adapter.hook_points[point]
     except KeyError:
         raise UnsupportedModelError(f"the model has no hook point {point!r}") from None
 
@@ -261,7 +261,7 @@ def check_finite(value: torch.Tensor, what: str) -> torch.Tensor:
 def _final_residual_hook(adapter: ModelAdapter) -> str | None:
     """The last hook before the unembedding, where rows can be selected before the vocab projection."""
     for name in ("unembed.hook_in", "ln_final.hook_normalized"):
-        if name in adapter.model.hook_dict:
+        if name in adapter.hook_points:
             return name
     return None
 

@@ -31,7 +31,7 @@ import torch
 from cage_lens.adapter import MLPSite, ModelAdapter
 from cage_lens.errors import UnsupportedModelError
 from cage_lens.rules import (
-    CenteredIdentity, ElementwiseIdentity, GatedProduct, RuleSet, ScaleGradient, safe_ratio, swap_gradient,
+    CenteredIdentity, ElementwiseIdentity, GatedProduct, RoutedGradient, RuleSet, ScaleGradient, safe_ratio,
 )
 
 __all__ = ["PointHook", "ModuleHook", "ModulePreHook", "Realisation", "realise"]
@@ -166,10 +166,10 @@ def _softcap_hooks(adapter: ModelAdapter, layer: int, cap: float) -> list:
         q, k = stash.take("q"), stash.take("k")  # [batch, pos, head, d_head] / [batch, pos, kv_head, d_head]
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2) if k.shape[2] != q.shape[2] else k
         pre = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        valid = torch.isfinite(post) & (post.abs() <= cap)
-        ratio = torch.where(pre == 0, torch.ones_like(pre), safe_ratio(post.detach(), pre.detach()))
-        ratio = torch.where(valid, ratio, torch.zeros_like(ratio))
-        return swap_gradient(post, ratio * pre)
+        with torch.no_grad():
+            ratio = (post / pre).nan_to_num_(nan=1.0)          # tanh(x)/x → 1 at x = 0
+            ratio.masked_fill_(~(post.abs() <= cap), 0.0)     # masked entries (−inf, finfo.min)
+        return RoutedGradient.apply(post, pre, ratio)
 
     return [PointHook(q_name, stash.keep("q")), PointHook(k_name, stash.keep("k")),
             PointHook(site.attn_scores, rule)]
@@ -201,19 +201,26 @@ def _gated_hooks(mlp: MLPSite, rules: RuleSet) -> list:
         return []
     stash = _Stash()
     act_fn = mlp.act
+    hooks = [PointHook(mlp.pre, stash.keep("gate")), PointHook(mlp.pre_linear, stash.keep("up"))]
+    if isinstance(act_fn, torch.nn.Module):  # a Hugging Face activation module: read its own output
+        def keep_act(module, args, kwargs, out):
+            stash.values["act"] = out.detach()
+        hooks.append(ModuleHook(act_fn, keep_act))
 
     def product(post, hook):
         gate, up = stash.take("gate"), stash.take("up")
-        with torch.no_grad():
-            act = act_fn(gate)
+        if "act" in stash.values:
+            act = stash.take("act")
+        else:
+            with torch.no_grad():
+                act = act_fn(gate)
         if rules.activation == "identity":
             act_grad = safe_ratio(act, gate)
         else:
             act_grad = _activation_derivative(act_fn, gate)
         return GatedProduct.apply(gate, up, post, act, act_grad, rules.gate, rules.up)
 
-    return [PointHook(mlp.pre, stash.keep("gate")), PointHook(mlp.pre_linear, stash.keep("up")),
-            PointHook(mlp.post, product)]
+    return hooks + [PointHook(mlp.post, product)]
 
 
 def _fused_expert_hooks(mlp: MLPSite, rules: RuleSet) -> list:

@@ -149,8 +149,7 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den`` is 0. Used for the identity rule's ``post/pre``: where the
     input is exactly 0 its relevance ``pre · grad`` is 0 whatever the factor (LXT adds 1e-10 to the
     denominator instead; the two agree to ~1e-10 relative and this one keeps conservation exact)."""
-    zero = den == 0
-    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    return (num / den).masked_fill_(den == 0, 0.0)
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -226,10 +225,21 @@ class GatedProduct(torch.autograd.Function):
         return grad_gate, grad_up, None, None, None, None, None
 
 
-def swap_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward pass (bit for bit), the gradient of ``surrogate`` in the backward:
-    ``value.detach() + (surrogate − surrogate.detach())`` (the second term is exactly 0)."""
-    return value.detach() + (surrogate - surrogate.detach())
+class RoutedGradient(torch.autograd.Function):
+    """Forward returns ``value`` untouched (as a view); backward sends ``grad · factor`` to ``source``
+    instead of to ``value``'s own history. The identity rule of an element-wise map whose input is
+    not at hand as a tensor of the forward (a soft-capped score: ``value = c·tanh(source/c)`` with
+    ``source`` recomputed from q and k)."""
+
+    @staticmethod
+    def forward(ctx, value, source, factor):
+        ctx.save_for_backward(factor)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (factor,) = ctx.saved_tensors
+        return None, grad * factor, None
 
 
 # ---------------------------------------------------------------------------- public entry points

@@ -84,7 +84,7 @@ def run_line() -> dict:
             try:
                 fast = circuit_graph(model, PROMPT, 5, levels="half", node_threshold=None, top_p=None)
             except UnsupportedModelError as exc:
-                return {"ok": True, "refused": str(exc).split("edges: ")[-1].split("; use")[0]}
+                return {"ok": True, "refused": str(exc).split("edges: ")[-1].split(" and the scores")[0].split("; use")[0]}
             worst = 0.0
             for es in fast.edge_sets:
                 a, b = fast.edge_matrix(es.source, es.target), ref.edge_matrix(es.source, es.target)
@@ -112,7 +112,7 @@ def run_line() -> dict:
                 errors[rules] = float((ours - ref).abs().max() / ref.abs().max())
             return {"ok": max(errors.values()) < 1e-5, "error": max(errors.values()), **errors}
 
-        for name, fn in (("forward", forward), ("certificate", certificate), ("conservation", conservation),
+        for name, fn in (("certificate", certificate), ("forward", forward), ("conservation", conservation),
                          ("lxt", lxt_agreement), ("graph", graph), ("cage", cage)):
             row[name] = _check(fn)
         rows[family] = row
