@@ -12,12 +12,14 @@ heads, Qwen3 with q/k norms, Gemma-2 with sandwich norms and soft-caps).
   residual point, every head and the embeddings from the same single backward, the conservation
   report (certificate already cached).
 
-Each (family, method, length) runs in a fresh subprocess so that peak RSS is its own; timings are
-the median of ``--repeats`` calls after a warm-up (wall and process CPU time: CPU time is robust when
-other jobs share the cores). One command regenerates ``benchmarks/results/bench_lrp.md``:
+Each (family, method, length) runs in a fresh subprocess; timings are the median of ``--repeats``
+calls after a warm-up (wall and process CPU time). Memory is the peak resident set growth over the
+warm-up and timed calls (Linux: the peak is reset after the model is built, ``/proc/self/clear_refs``). On a
+shared machine use ``--threads 1``: idle OpenMP threads spin and inflate CPU time. One command
+regenerates ``benchmarks/results/bench_lrp.md``:
 
-    python benchmarks/bench_lrp.py                      # 128 and 512 tokens, all three shapes
-    python benchmarks/bench_lrp.py --lengths 128 --repeats 2
+    python benchmarks/bench_lrp.py                      # 128 and 512 tokens, all three shapes, 2 threads
+    python benchmarks/bench_lrp.py --lengths 128 --repeats 2 --threads 1
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -74,10 +75,31 @@ def cage_lens_attnlrp(model, tokens):
     return cage_lens.attribute(model, tokens, target=42, rules="attnlrp").token_relevance
 
 
-def worker(family: str, method: str, length: int, repeats: int) -> dict:
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> float:
+    """Reset the peak RSS (Linux ≥ 4.0) and return the current RSS in MB."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss_mb("VmRSS")
+
+
+def worker(family: str, method: str, length: int, repeats: int, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = build_model(family)
     if method == "certificate":
         from cage_lens.adapter import adapt
@@ -94,21 +116,20 @@ def worker(family: str, method: str, length: int, repeats: int) -> dict:
         from cage_lens.certificate import certify
 
         certify(adapt(model))  # one-time cost, measured separately
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(model, tokens)  # warm-up
+    base_rss = _reset_peak_rss()
+    fn(model, tokens)  # warm-up (inside the memory window: the allocator keeps what it frees)
     wall, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         fn(model, tokens)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_mb": (peak - base_rss) / 1024}
+    return {"time_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_mb": _rss_mb("VmHWM") - base_rss}
 
 
-def run(family: str, method: str, length: int, repeats: int) -> dict:
+def run(family: str, method: str, length: int, repeats: int, threads: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", family, method, str(length), str(repeats)],
+        [sys.executable, __file__, "--worker", family, method, str(length), str(repeats), str(threads)],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -119,21 +140,24 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        family, method, length, repeats = args.worker
-        print(json.dumps(worker(family, method, int(length), int(repeats))))
+        family, method, length, repeats, threads = args.worker
+        print(json.dumps(worker(family, method, int(length), int(repeats), int(threads))))
         return
+    from importlib.metadata import version
+
     import torch
-    import transformer_lens
 
     lines = [
         "# attribute(rules=\"attnlrp\") vs bare gradient × input",
         "",
-        f"Command: `python benchmarks/bench_lrp.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats}`. "
-        f"transformer-lens {transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?'}, "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 2 threads, float32; "
+        f"Command: `python benchmarks/bench_lrp.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats} "
+        f"--threads {args.threads}`. "
+        f"transformer-lens {version('transformer-lens')}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), float32; "
         "GPT-2-small-sized random models (12 layers, d_model 768, 12 heads, vocab 50257). Both methods unembed "
         "only the explained row. Ratios are attnlrp / bare; median of the repeats after a warm-up. Timings on a "
         "shared machine are indicative; the CPU-time ratio is the robust one.",
@@ -144,10 +168,10 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     for family in args.families:
-        cert = run(family, "certificate", 0, 1)
+        cert = run(family, "certificate", 0, 1, args.threads)
         for length in args.lengths:
-            bare = run(family, "bare", length, args.repeats)
-            ours = run(family, "attnlrp", length, args.repeats)
+            bare = run(family, "bare", length, args.repeats, args.threads)
+            ours = run(family, "attnlrp", length, args.repeats, args.threads)
             row = (
                 f"| {family} | {cert['time_s']:.2f} | {length} | {bare['time_s']:.3f} | {ours['time_s']:.3f} | "
                 f"{ours['time_s'] / bare['time_s']:.2f} | {bare['cpu_s']:.3f} | {ours['cpu_s']:.3f} | "

@@ -7,7 +7,7 @@ gated product, and how normalisation, element-wise activations, logit soft-caps 
 treated. The hooks (:mod:`cage_lens.realise`) and the closed-form graph edges
 (:mod:`cage_lens.graph.closed_form`) both read the same object.
 
-Built-in rule sets (looked up by name in :data:`RULE_SETS`):
+Built-in rule sets (looked up by name in :data:`BUILT_IN_RULES`; :data:`RULE_SETS` lists the names):
 
 - ``"attnlrp"`` — AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-wise Relevance
   Propagation for Transformers", ICML 2024): identity rule on normalisation and element-wise
@@ -38,7 +38,7 @@ import torch
 
 from cage_lens.errors import InputError
 
-__all__ = ["RuleSet", "RULE_SETS", "ATTNLRP", "CPLRP", "GXI", "resolve_rules", "lrp", "rule_hooks"]
+__all__ = ["RuleSet", "RULE_SETS", "BUILT_IN_RULES", "ATTNLRP", "CPLRP", "GXI", "resolve_rules", "lrp", "rule_hooks"]
 
 _NORM_RULES = ("identity", "gradient")
 _ACTIVATION_RULES = ("identity", "gradient")
@@ -129,16 +129,18 @@ ATTNLRP = RuleSet("attnlrp", q=0.25, k=0.25, v=0.5, gate=0.5, up=0.5)
 CPLRP = RuleSet("cplrp", q=0.0, k=0.0, v=1.0, gate=0.0, up=1.0)
 GXI = RuleSet("gxi", norm="gradient", activation="gradient", softcap="gradient", router="gradient")
 
-#: the built-in rule sets by name (iterating gives the names)
-RULE_SETS: dict[str, RuleSet] = {r.name: r for r in (ATTNLRP, CPLRP, GXI)}
+#: the built-in rule sets by name
+BUILT_IN_RULES: dict[str, RuleSet] = {r.name: r for r in (ATTNLRP, CPLRP, GXI)}
+#: their names (what ``rules=`` accepts as a string)
+RULE_SETS: tuple[str, ...] = tuple(BUILT_IN_RULES)
 
 
 def resolve_rules(rules: "str | RuleSet") -> RuleSet:
     """A :class:`RuleSet` from a built-in name (case-insensitive) or a RuleSet itself."""
     if isinstance(rules, RuleSet):
         return rules
-    if isinstance(rules, str) and rules.lower() in RULE_SETS:
-        return RULE_SETS[rules.lower()]
+    if isinstance(rules, str) and rules.lower() in BUILT_IN_RULES:
+        return BUILT_IN_RULES[rules.lower()]
     raise InputError(
         f"unknown rule set {rules!r}; choose one of {', '.join(RULE_SETS)} or pass a cage_lens.RuleSet"
     )
@@ -148,8 +150,10 @@ def resolve_rules(rules: "str | RuleSet") -> RuleSet:
 def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den`` is 0. Used for the identity rule's ``post/pre``: where the
     input is exactly 0 its relevance ``pre · grad`` is 0 whatever the factor (LXT adds 1e-10 to the
-    denominator instead; the two agree to ~1e-10 relative and this one keeps conservation exact)."""
-    return (num / den).masked_fill_(den == 0, 0.0)
+    denominator instead; the two agree to ~1e-10 relative and this one keeps conservation exact).
+    Forward values reaching here are finite (the engine checks), so the only non-finite quotients
+    are those divisions by 0."""
+    return (num / den).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -212,16 +216,17 @@ class GatedProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, post, act, act_grad, gate_weight, up_weight):
-        ctx.save_for_backward(up, act, act_grad)
-        ctx.weights = (gate_weight, up_weight)
+        # the two local factors, ready for the backward (two tensors kept instead of three)
+        to_gate = up * act_grad * gate_weight if gate_weight else None
+        to_up = act * up_weight if up_weight else None
+        ctx.save_for_backward(to_gate, to_up)
         return post.view_as(post)
 
     @staticmethod
     def backward(ctx, grad):
-        up, act, act_grad = ctx.saved_tensors
-        gate_weight, up_weight = ctx.weights
-        grad_gate = grad * up * act_grad * gate_weight if gate_weight else None
-        grad_up = grad * act * up_weight if up_weight else None
+        to_gate, to_up = ctx.saved_tensors
+        grad_gate = None if to_gate is None else grad * to_gate
+        grad_up = None if to_up is None else grad * to_up
         return grad_gate, grad_up, None, None, None, None, None
 
 
