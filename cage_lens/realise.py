@@ -7,6 +7,10 @@ Every call builds fresh closures, so the little state the rules keep between two
 forward (a norm's input until its output, an MLP's pre-activation until its product) belongs to that
 call; the engine makes the hooks act only in the thread that installed them.
 
+A rule that replaces a tensor's gradient takes the tensor *detached* as its forward value, so the
+autograd graph of the original computation (which the rule bypasses) is freed at once instead of
+being kept until the backward: memory stays that of a plain backward.
+
 Per structure (docs/rules.md#per-structure-rules):
 
 - normalisation (every norm module, q/k norms included): ``norm="identity"`` holds the scale
@@ -142,8 +146,8 @@ def _norm_hooks(adapter: ModelAdapter) -> list:
             x = stash.take("x")
             if site.centred:
                 bias = site.bias
-                return CenteredIdentity.apply(x, out, None if bias is None else bias.detach())
-            return ElementwiseIdentity.apply(x, out)
+                return CenteredIdentity.apply(x, out.detach(), None if bias is None else bias.detach())
+            return ElementwiseIdentity.apply(x, out.detach())
 
         hooks += [PointHook(site.in_hook, stash.keep("x")), PointHook(site.out_hook, rule)]
     return hooks
@@ -169,7 +173,7 @@ def _softcap_hooks(adapter: ModelAdapter, layer: int, cap: float) -> list:
         with torch.no_grad():
             ratio = (post / pre).nan_to_num_(nan=1.0)          # tanh(x)/x → 1 at x = 0
             ratio.masked_fill_(~(post.abs() <= cap), 0.0)     # masked entries (−inf, finfo.min)
-        return RoutedGradient.apply(post, pre, ratio)
+        return RoutedGradient.apply(post.detach(), pre, ratio)
 
     return [PointHook(q_name, stash.keep("q")), PointHook(k_name, stash.keep("k")),
             PointHook(site.attn_scores, rule)]
@@ -182,7 +186,7 @@ def _mlp_hooks(mlp: MLPSite, rules: RuleSet) -> list:
         stash = _Stash()
 
         def identity(post, hook):
-            return ElementwiseIdentity.apply(stash.take("pre"), post)
+            return ElementwiseIdentity.apply(stash.take("pre"), post.detach())
         return [PointHook(mlp.pre, stash.keep("pre")), PointHook(mlp.post, identity)]
     if mlp.kind == "gated":
         return _gated_hooks(mlp, rules)
@@ -218,7 +222,7 @@ def _gated_hooks(mlp: MLPSite, rules: RuleSet) -> list:
             act_grad = safe_ratio(act, gate)
         else:
             act_grad = _activation_derivative(act_fn, gate)
-        return GatedProduct.apply(gate, up, post, act, act_grad, rules.gate, rules.up)
+        return GatedProduct.apply(gate, up, post.detach(), act, act_grad, rules.gate, rules.up)
 
     return hooks + [PointHook(mlp.post, product)]
 
@@ -241,7 +245,7 @@ def _fused_expert_hooks(mlp: MLPSite, rules: RuleSet) -> list:
         if ratio == 0.0:
             return out.detach()
         if rules.activation == "identity":
-            return ElementwiseIdentity.apply(pre, out, ratio)
+            return ElementwiseIdentity.apply(pre, out.detach(), ratio)
         return ScaleGradient.apply(out, ratio) if ratio != 1.0 else None
 
     def output(module, args, kwargs, out):
