@@ -1,43 +1,54 @@
-"""Cost of ``cage_lens.attribute(rules="attnlrp")`` against a bare TransformerLens gradient × input.
+"""Cost of ``cage_lens.attribute(rules="attnlrp")`` against bare TransformerLens gradient × input.
 
-Model: a random GPT-2-small-sized model (12 layers, d_model 768, 12 heads, vocab 50257), float32, CPU.
-Baseline ("bare TL G×I"): one hook on ``hook_embed`` that re-roots the embedding, one forward, one
-``torch.autograd.grad`` of the target logit w.r.t. the embedding — the cheapest way to get token
-relevance in plain TransformerLens. cage_lens additionally installs the AttnLRP rules and returns
-relevance for every residual point, every head and the position embeddings, plus the conservation
-report, from the same single backward pass.
+Models: random GPT-2-small-sized models (12 layers, d_model 768, 12 heads, vocab 50257, float32, CPU)
+of the Llama, Qwen3 and Gemma-2 shapes (cage_lens.testing.random_model; Llama with 4 key/value
+heads, Qwen3 with q/k norms, Gemma-2 with sandwich norms and soft-caps).
 
-Each (method, length) runs in a fresh subprocess so that peak RSS (``ru_maxrss``) is its own; the
-reported memory is the peak RSS growth over the process's state right after building the model
-(each process warms up its own method once, inside the measured window).
+- **certificate**: the one-time completeness check of a model (first call on a fresh model).
+- **bare G×I** (the baseline): one hook re-rooting ``hook_embed`` and one hook selecting the explained
+  row just before the unembedding — the same single-row unembedding cage_lens does — one forward,
+  one ``torch.autograd.grad`` of the target logit w.r.t. the embedding.
+- **attnlrp**: ``cage_lens.attribute(model, tokens, target=42)``: the rules, relevance of every
+  residual point, every head and the embeddings from the same single backward, the conservation
+  report (certificate already cached).
 
-    python benchmarks/bench_lrp.py            # 128, 512, 1024 tokens
-    python benchmarks/bench_lrp.py --lengths 128 --repeats 2
+Each (family, method, length) runs in a fresh subprocess; timings are the median of ``--repeats``
+calls after a warm-up (wall and process CPU time). Memory is the peak resident set growth over the
+warm-up and timed calls (Linux: the peak is reset after the model is built, ``/proc/self/clear_refs``). On a
+shared machine use ``--threads 1``: idle OpenMP threads spin and inflate CPU time. One command
+regenerates ``benchmarks/results/bench_lrp.md``:
+
+    python benchmarks/bench_lrp.py                      # 128 and 512 tokens, all three shapes, 2 threads
+    python benchmarks/bench_lrp.py --lengths 128 --repeats 2 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "bench_lrp.md"
+FAMILIES = ("llama", "qwen3", "gemma2")
 
 
-def build_model():
+def build_model(family: str):
     import torch
 
     from cage_lens.testing import random_model
 
-    torch.manual_seed(0)
-    return random_model(
-        "gpt2", n_layers=12, d_model=768, n_heads=12, d_vocab=50257, n_ctx=1024, dtype=torch.float32, init_scale=0.02
-    )
+    return random_model(family, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=3072, d_vocab=50257,
+                        n_ctx=1024, dtype=torch.float32, init_scale=0.02)
 
 
 def bare_gradient_x_input(model, tokens):
+    """Plain TL: re-root the embedding, unembed only the last row, one backward."""
     import torch
 
     store = {}
@@ -47,7 +58,12 @@ def bare_gradient_x_input(model, tokens):
         store["embed"] = t
         return t
 
-    with model.hooks(fwd_hooks=[("hook_embed", root)]):
+    def last_row(t, hook):
+        return t[:, -1:].contiguous()
+
+    embed = "embed.hook_out" if "embed.hook_out" in model.hook_dict else "hook_embed"
+    final = "unembed.hook_in" if "unembed.hook_in" in model.hook_dict else "ln_final.hook_normalized"
+    with model.hooks(fwd_hooks=[(embed, root), (final, last_row)]):
         logits = model(tokens)
     (grad,) = torch.autograd.grad(logits[0, -1, 42], store["embed"])
     return (store["embed"] * grad).sum(-1)
@@ -59,28 +75,61 @@ def cage_lens_attnlrp(model, tokens):
     return cage_lens.attribute(model, tokens, target=42, rules="attnlrp").token_relevance
 
 
-def worker(method: str, length: int, repeats: int) -> dict:
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> float:
+    """Reset the peak RSS (Linux ≥ 4.0) and return the current RSS in MB."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss_mb("VmRSS")
+
+
+def worker(family: str, method: str, length: int, repeats: int, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(2)
-    model = build_model()
+    torch.set_num_threads(threads)
+    model = build_model(family)
+    if method == "certificate":
+        from cage_lens.adapter import adapt
+        from cage_lens.certificate import certify
+
+        start, start_cpu = time.perf_counter(), time.process_time()
+        cert = certify(adapt(model))
+        return {"time_s": time.perf_counter() - start, "cpu_s": time.process_time() - start_cpu,
+                "passed": cert.passed, "error": cert.max_error}
     fn = {"bare": bare_gradient_x_input, "attnlrp": cage_lens_attnlrp}[method]
     tokens = torch.randint(100, 50000, (1, length), generator=torch.Generator().manual_seed(length))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(model, tokens)  # warm-up
+    if method == "attnlrp":
+        from cage_lens.adapter import adapt
+        from cage_lens.certificate import certify
+
+        certify(adapt(model))  # one-time cost, measured separately
+    base_rss = _reset_peak_rss()
+    fn(model, tokens)  # warm-up (inside the memory window: the allocator keeps what it frees)
     wall, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         fn(model, tokens)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_mb": (peak - base_rss) / 1024}
+    return {"time_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_mb": _rss_mb("VmHWM") - base_rss}
 
 
-def run(method: str, length: int, repeats: int) -> dict:
+def run(family: str, method: str, length: int, repeats: int, threads: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", method, str(length), str(repeats)],
+        [sys.executable, __file__, "--worker", family, method, str(length), str(repeats), str(threads)],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -88,27 +137,52 @@ def run(method: str, length: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        method, length, repeats = args.worker
-        print(json.dumps(worker(method, int(length), int(repeats))))
+        family, method, length, repeats, threads = args.worker
+        print(json.dumps(worker(family, method, int(length), int(repeats), int(threads))))
         return
-    print("GPT-2-small-sized random model, float32, CPU; median of", args.repeats, "runs after a warm-up")
-    print("wall = elapsed seconds; cpu = process CPU seconds (robust when other jobs share the cores)")
-    print(f"{'tokens':>6} | {'bare wall':>9} {'lrp wall':>9} {'ratio':>6} | {'bare cpu':>8} {'lrp cpu':>8} {'ratio':>6} | "
-          f"{'bare peak MB':>12} {'lrp peak MB':>11} {'ratio':>6}")
-    for length in args.lengths:
-        bare = run("bare", length, args.repeats)
-        ours = run("attnlrp", length, args.repeats)
-        print(
-            f"{length:>6} | {bare['time_s']:>9.3f} {ours['time_s']:>9.3f} {ours['time_s'] / bare['time_s']:>6.2f} | "
-            f"{bare['cpu_s']:>8.3f} {ours['cpu_s']:>8.3f} {ours['cpu_s'] / bare['cpu_s']:>6.2f} | "
-            f"{bare['peak_mb']:>12.0f} {ours['peak_mb']:>11.0f} {ours['peak_mb'] / max(bare['peak_mb'], 1):>6.2f}",
-            flush=True,
-        )
+    from importlib.metadata import version
+
+    import torch
+
+    lines = [
+        "# attribute(rules=\"attnlrp\") vs bare gradient × input",
+        "",
+        f"Command: `python benchmarks/bench_lrp.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats} "
+        f"--threads {args.threads}`. "
+        f"transformer-lens {version('transformer-lens')}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), float32; "
+        "GPT-2-small-sized random models (12 layers, d_model 768, 12 heads, vocab 50257). Both methods unembed "
+        "only the explained row. Ratios are attnlrp / bare; median of the repeats after a warm-up. Timings on a "
+        "shared machine are indicative; the CPU-time ratio is the robust one.",
+        "",
+        "| shape | certificate (one-time) s | tokens | bare wall s | attnlrp wall s | wall ratio | bare cpu s | "
+        "attnlrp cpu s | cpu ratio | bare peak MB | attnlrp peak MB | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(lines), flush=True)
+    for family in args.families:
+        cert = run(family, "certificate", 0, 1, args.threads)
+        for length in args.lengths:
+            bare = run(family, "bare", length, args.repeats, args.threads)
+            ours = run(family, "attnlrp", length, args.repeats, args.threads)
+            row = (
+                f"| {family} | {cert['time_s']:.2f} | {length} | {bare['time_s']:.3f} | {ours['time_s']:.3f} | "
+                f"{ours['time_s'] / bare['time_s']:.2f} | {bare['cpu_s']:.3f} | {ours['cpu_s']:.3f} | "
+                f"{ours['cpu_s'] / bare['cpu_s']:.2f} | {bare['peak_mb']:.0f} | {ours['peak_mb']:.0f} | "
+                f"{ours['peak_mb'] / max(bare['peak_mb'], 1):.2f} |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

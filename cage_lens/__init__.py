@@ -33,6 +33,7 @@ _EXPORTS = {
     "from_hf_model": "cage_lens.loading",
     "load_hf_directory": "cage_lens.loading",
     "RULE_SETS": "cage_lens.rules",
+    "RuleSet": "cage_lens.rules",
     "lrp": "cage_lens.rules",
     "TARGET_MODES": "cage_lens.targets",
     "cage": "cage_lens.cage_graph",

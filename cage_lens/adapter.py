@@ -1,30 +1,50 @@
-"""One view of any TransformerLens model: architecture facts and the hook names that exist *and fire*.
+"""One view of any TransformerLens model: architecture facts, where each structure sits, and the hook
+names that exist *and fire*.
 
 Accepts ``HookedTransformer`` (TL 2.x/3.x) and HF-backed or native ``TransformerBridge`` (TL 3.x/4.x)
-by duck typing (``cfg``, ``hook_dict``, ``hooks``, ``to_tokens``), never by ``isinstance``. The
-pitfalls handled here are listed in SPEC §3.
+by duck typing (``cfg``, ``hook_dict``, ``hooks``, ``to_tokens``), never by ``isinstance`` on one
+model class. Structures are found by walking the module tree (see docs/architectures.md): every
+normalisation module (pre-, post-, sandwich, q/k norms), each block's attention and MLP (plain,
+gated, mixture of experts), parallel attention + MLP, logit soft-caps and ALiBi. What the LRP rules
+do at each of them is :mod:`cage_lens.realise`; whether the result is complete is checked by
+:mod:`cage_lens.certificate`. TransformerLens pitfalls handled here are listed in
+docs/architectures.md#transformerlens-facts.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Callable
 
 import torch
 
 from cage_lens.errors import UnsupportedModelError
 
-__all__ = ["Architecture", "ModelAdapter", "adapt"]
+__all__ = ["Architecture", "ModelAdapter", "NormSite", "MLPSite", "LayerSites", "adapt", "ELEMENTWISE_ACTIVATIONS"]
 
 _REQUIRED_MODEL_API = ("cfg", "hook_dict", "hooks", "to_tokens", "to_str_tokens")
 _SUPPORTED_NORMS = {None, "LN", "LNPre", "RMS", "RMSPre"}
-_SUPPORTED_POSITIONS = {"standard", "rotary"}
+_SUPPORTED_POSITIONS = {"standard", "rotary", "alibi"}
+
+#: activation names (TL ``cfg.act_fn``) that are element-wise, so the identity rule applies
+ELEMENTWISE_ACTIVATIONS = frozenset({
+    "silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu",
+    "gelu_python", "gelu_accurate", "relu2", "relu_squared", "tanh", "sigmoid",
+})
+#: element-wise activation module classes met in Hugging Face models (besides transformers.activations)
+_ACTIVATION_CLASS_NAMES = frozenset({
+    "ReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "BloomGelu", "GELUActivation", "NewGELUActivation",
+    "GELUTanh", "PytorchGELUTanh", "FastGELUActivation", "QuickGELUActivation", "SiLUActivation",
+    "AccurateGELUActivation", "ReLUSquaredActivation", "ClippedGELUActivation", "LinearActivation",
+})
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """What the LRP rules need to know about a model (read from ``model.cfg``)."""
+    """What the LRP rules need to know about a model (read from ``model.cfg`` and its modules)."""
 
     n_layers: int
     n_heads: int
@@ -40,6 +60,12 @@ class Architecture:
     attn_only: bool
     act_fn: str | None
     is_bridge: bool
+    parallel: bool = False
+    moe: bool = False
+    qk_norm: bool = False
+    post_norm: bool = False
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
 
     @property
     def grouped_query(self) -> bool:
@@ -50,11 +76,91 @@ class Architecture:
             f"{self.n_layers} layers", f"{self.n_heads} heads",
             f"{self.n_kv_heads} kv heads" if self.grouped_query else None,
             f"d_model {self.d_model}", self.normalization or "no norm",
+            "q/k norms" if self.qk_norm else None, "post-norms" if self.post_norm else None,
             f"{self.positional} positions",
-            "attention-only" if self.attn_only else ("gated MLP" if self.gated_mlp else "MLP"),
+            "attention-only" if self.attn_only else (
+                "mixture of experts" if self.moe else ("gated MLP" if self.gated_mlp else "MLP")),
+            "parallel attention + MLP" if self.parallel else None,
+            "soft-capped logits" if self.attn_softcap or self.logit_softcap else None,
             "TransformerBridge" if self.is_bridge else "HookedTransformer",
         ]
         return ", ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """One normalisation module. ``centred``: LayerNorm (mean subtracted) rather than RMSNorm.
+    ``scale_hook`` (HookedTransformer) is the hook point whose value is the norm's scale; bridges
+    use ``in_hook``/``out_hook`` (the norm's input and output)."""
+
+    path: str
+    module: torch.nn.Module
+    centred: bool
+    scale_hook: object | None = None
+    in_hook: object | None = None
+    out_hook: object | None = None
+
+    @property
+    def eps(self) -> float:
+        for owner in (getattr(self.module, "original_component", None), self.module):
+            for name in ("eps", "variance_epsilon"):
+                value = getattr(owner, name, None)
+                if isinstance(value, (int, float)):
+                    return float(value)
+        cfg = getattr(self.module, "cfg", None) or getattr(self.module, "config", None)
+        return float(getattr(cfg, "eps", 1e-5))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        inner = getattr(self.module, "original_component", None) or self.module
+        b = getattr(inner, "bias", None)
+        if b is None:
+            b = getattr(inner, "b", None)
+        return b if isinstance(b, torch.Tensor) else None
+
+
+@dataclass(frozen=True)
+class MLPSite:
+    """The MLP of one block. ``kind``: ``"plain"`` (act(pre) → post), ``"gated"`` (act(pre) ·
+    pre_linear → post) or ``"moe"``. Hook names are legacy TL names; ``act`` is the model's own
+    activation callable. A mixture of experts lists its ``experts`` (TL-native experts: one
+    ``MLPSite`` each) or, for a fused Hugging Face experts module, ``fused_experts`` and
+    ``fused_act`` (module objects), and its ``router`` weights hook."""
+
+    kind: str
+    pre: str | None = None
+    post: str | None = None
+    pre_linear: str | None = None
+    act: Callable | None = None
+    experts: tuple["MLPSite", ...] = ()
+    fused_experts: torch.nn.Module | None = None
+    fused_act: torch.nn.Module | None = None
+    router: str | None = None
+    module: torch.nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class LayerSites:
+    """Where the structures of block ``index`` sit (legacy hook names)."""
+
+    index: int
+    resid_pre: str
+    resid_post: str
+    attn_out: str                      # the attention sublayer's contribution to the residual
+    mlp_out: str | None                # the MLP's contribution (None: attention-only)
+    parallel: bool
+    q: str
+    k: str
+    v: str
+    z: str
+    rot_q: str | None
+    rot_k: str | None
+    attn_scores: str | None
+    attn_module: torch.nn.Module
+    attn_softcap: float | None
+    mlp: MLPSite | None
+    mlp_module: torch.nn.Module | None = None
+    extra: dict = field(default_factory=dict)
 
 
 def _cfg_get(cfg, name, default=None):
@@ -62,12 +168,36 @@ def _cfg_get(cfg, name, default=None):
     return default if value is None else value
 
 
+def _positive(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """Normalisation modules by class: TL components, bridge wrappers, HF/torch norms."""
+    name = type(module).__name__
+    return isinstance(module, torch.nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm", "LayerNormPre",
+                                                                   "RMSNormPre", "NormalizationBridge",
+                                                                   "Norm", "NormPre"))
+
+
+def _is_activation_module(module: torch.nn.Module) -> bool:
+    if type(module).__name__ in _ACTIVATION_CLASS_NAMES:
+        return True
+    try:
+        from transformers.activations import ACT2CLS
+    except ImportError:  # pragma: no cover - transformers is always there for HF-backed bridges
+        return False
+    classes = tuple(c[0] if isinstance(c, tuple) else c for c in ACT2CLS.values())
+    return isinstance(module, classes)
+
+
 class ModelAdapter:
-    """Architecture facts and hook names of one TransformerLens model.
+    """Architecture facts, structure sites and hook names of one TransformerLens model.
 
     Hook names are the legacy TL names (``blocks.{l}.hook_resid_pre`` …), which exist on both
     HookedTransformer and TransformerBridge. On a bridge ``hook.name`` is the canonical name, so
-    callers must bind names in closures (SPEC §3, pitfall 1).
+    callers must bind names in closures. Per-model engine state (the lock serialising cage_lens
+    calls, the rule sets active per thread, the cached certificate) lives here too.
     """
 
     def __init__(self, model):
@@ -78,16 +208,20 @@ class ModelAdapter:
                 "Pass a HookedTransformer (TL 2.x/3.x) or a TransformerBridge (TL 3.x/4.x)."
             )
         self.model = model
+        # one snapshot of the name → HookPoint table (a bridge rebuilds its alias table on every access)
+        self.hook_points: dict = dict(model.hook_dict)
+        self.lock = threading.RLock()     # serialises cage_lens calls on this model (engine)
+        self.active: dict[int, list] = {}  # thread id -> stack of active rule installations (engine)
+        self.certificate = None            # cached completeness certificate (certificate)
         self.arch = self._read_architecture(model)
         self._check_hooks_exist()
 
     # ------------------------------------------------------------------ architecture
-    @staticmethod
-    def _read_architecture(model) -> Architecture:
+    def _read_architecture(self, model) -> Architecture:
         cfg = model.cfg
-        for field in ("n_layers", "n_heads", "d_model", "d_head", "d_vocab", "n_ctx"):
-            if getattr(cfg, field, None) is None:
-                raise UnsupportedModelError(f"model.cfg has no {field!r}; cannot read the architecture")
+        for name in ("n_layers", "n_heads", "d_model", "d_head", "d_vocab", "n_ctx"):
+            if getattr(cfg, name, None) is None:
+                raise UnsupportedModelError(f"model.cfg has no {name!r}; cannot read the architecture")
         norm = getattr(cfg, "normalization_type", None)
         if norm not in _SUPPORTED_NORMS:
             raise UnsupportedModelError(
@@ -96,24 +230,32 @@ class ModelAdapter:
         positional = _cfg_get(cfg, "positional_embedding_type", "standard")
         if positional not in _SUPPORTED_POSITIONS:
             raise UnsupportedModelError(
-                f"positional_embedding_type={positional!r} is not supported (supported: standard, rotary)"
+                f"positional_embedding_type={positional!r} has no LRP rule here "
+                f"(supported: {', '.join(sorted(_SUPPORTED_POSITIONS))})"
             )
         attn_only = bool(_cfg_get(cfg, "attn_only", False))
+        is_bridge = hasattr(model, "enable_compatibility_mode")
         act_fn = getattr(cfg, "act_fn", None)
-        from cage_lens.rules import ACTIVATIONS  # the rule table is the list of what is supported
-
-        if not attn_only and act_fn not in ACTIVATIONS:
+        # a bridge's cfg.act_fn is informative only: its rules use the HF activation module itself
+        if not attn_only and not is_bridge and act_fn not in ELEMENTWISE_ACTIVATIONS:
             raise UnsupportedModelError(
-                f"activation {act_fn!r} has no LRP rule here (supported: {sorted(ACTIVATIONS)})"
+                f"activation {act_fn!r} is not element-wise, so the identity rule does not apply "
+                f"(supported: {', '.join(sorted(ELEMENTWISE_ACTIVATIONS))})"
             )
         n_heads = int(cfg.n_heads)
+        n_layers = int(cfg.n_layers)
+        hook_dict = self.hook_points
+        parallel = (not attn_only and n_layers > 0 and "blocks.0.hook_resid_mid" not in hook_dict)
+        post_norm = "blocks.0.ln1_post.hook_scale" in hook_dict or "blocks.0.ln1_post.hook_in" in hook_dict
+        qk_norm = any(n.startswith("blocks.0.attn.q_norm.") for n in hook_dict)
+        n_experts = getattr(cfg, "num_experts", None)
         return Architecture(
-            n_layers=int(cfg.n_layers),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(_cfg_get(cfg, "n_key_value_heads", n_heads)),
             d_model=int(cfg.d_model),
             d_head=int(cfg.d_head),
-            d_mlp=None if attn_only else int(cfg.d_mlp),
+            d_mlp=None if attn_only else int(_cfg_get(cfg, "d_mlp", 0)),
             d_vocab=int(cfg.d_vocab),
             n_ctx=int(cfg.n_ctx),
             normalization=norm,
@@ -121,7 +263,13 @@ class ModelAdapter:
             gated_mlp=bool(_cfg_get(cfg, "gated_mlp", False)),
             attn_only=attn_only,
             act_fn=act_fn,
-            is_bridge=hasattr(model, "enable_compatibility_mode"),
+            is_bridge=is_bridge,
+            parallel=parallel,
+            moe=bool(n_experts),
+            qk_norm=qk_norm,
+            post_norm=post_norm,
+            attn_softcap=_positive(getattr(cfg, "attn_scores_soft_cap", None)),
+            logit_softcap=_positive(getattr(cfg, "output_logits_soft_cap", None)),
         )
 
     # ------------------------------------------------------------------ hook names
@@ -130,48 +278,33 @@ class ModelAdapter:
 
     @property
     def embed_hook(self) -> str:
-        return "hook_embed"
+        """The token embeddings as the embedding layer returns them. On a bridge ``hook_embed`` can
+        alias a later point (Bloom: after its embedding LayerNorm), so the embedding bridge's own
+        output is used there."""
+        return "embed.hook_out" if "embed.hook_out" in self.hook_points else "hook_embed"
 
     @property
     def pos_embed_hook(self) -> str | None:
         return "hook_pos_embed" if self.arch.positional == "standard" else None
 
+    @property
+    def has_resid_mid(self) -> bool:
+        """A residual state between attention and MLP exists (not attention-only, not parallel)."""
+        return not self.arch.attn_only and not self.arch.parallel
+
     def resid_hooks(self) -> list[str]:
-        """Residual-stream hook names from input to output: resid_pre, resid_mid, resid_post per layer."""
+        """Residual-stream points from input to output: resid_pre, resid_mid, resid_post per layer.
+
+        ``resid_mid`` is reported under its legacy name but never *read* at that hook point: on a
+        bridge it can alias a point that feeds only the MLP (OPT, OLMo-2); the engine reads it as
+        ``resid_pre + attn_out`` with the gradient of ``attn_out`` (see :meth:`layer`)."""
         names = []
         for layer in range(self.arch.n_layers):
             names.append(self.block(layer, "hook_resid_pre"))
-            if not self.arch.attn_only:
+            if self.has_resid_mid:
                 names.append(self.block(layer, "hook_resid_mid"))
             names.append(self.block(layer, "hook_resid_post"))
         return names
-
-    def norm_modules(self) -> list[str]:
-        """Prefixes of every normalisation layer (``blocks.{l}.ln1``, ``blocks.{l}.ln2``, ``ln_final``)."""
-        if self.arch.normalization is None:
-            return []
-        names = []
-        for layer in range(self.arch.n_layers):
-            names.append(self.block(layer, "ln1"))
-            if not self.arch.attn_only:
-                names.append(self.block(layer, "ln2"))
-        names.append("ln_final")
-        return names
-
-    def norm_scale_hooks(self) -> list[str]:
-        return [f"{prefix}.hook_scale" for prefix in self.norm_modules()]
-
-    @property
-    def edits_norm_output(self) -> bool:
-        """RMSNorm on a bridge: editing ``hook_scale`` makes TL rebuild the norm output from the hooked
-        values, which changes forward values by ~1e-7 relative. The identity rule is applied at the
-        norm's ``hook_out`` instead (exact there, see :mod:`cage_lens.rules`)."""
-        return self.arch.is_bridge and self.arch.normalization in ("RMS", "RMSPre")
-
-    def norm_rule_hooks(self) -> list[str]:
-        if self.edits_norm_output:
-            return [f"{p}.{h}" for p in self.norm_modules() for h in ("hook_in", "hook_out")]
-        return self.norm_scale_hooks()
 
     def attn_hook(self, layer: int, name: str) -> str:
         return self.block(layer, f"attn.{name}")
@@ -179,18 +312,222 @@ class ModelAdapter:
     def mlp_hook(self, layer: int, name: str) -> str:
         return self.block(layer, f"mlp.{name}")
 
+    def _existing(self, name: str) -> str | None:
+        return name if name in self.hook_points else None
+
+    # ------------------------------------------------------------------ structure sites
+    @cached_property
+    def norm_sites(self) -> tuple[NormSite, ...]:
+        """Every normalisation module, outermost only (a bridge wrapper, not the HF norm inside it)."""
+        sites, covered = [], []
+        for path, module in self.model.named_modules():
+            if any(path.startswith(prefix + ".") for prefix in covered) or not is_norm_module(module):
+                continue
+            covered.append(path)
+            sites.append(self._norm_site(path, module))
+        return tuple(sites)
+
+    def _norm_site(self, path: str, module: torch.nn.Module) -> NormSite:
+        name = type(module).__name__
+        if hasattr(module, "uses_rms_norm") and hasattr(module, "hook_in") and hasattr(module, "hook_out"):
+            return NormSite(path, module, centred=not module.uses_rms_norm, in_hook=module.hook_in,
+                            out_hook=module.hook_out)
+        if hasattr(module, "hook_scale") and name in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
+            return NormSite(path, module, centred=name.startswith("LayerNorm"), scale_hook=module.hook_scale)
+        raise UnsupportedModelError(
+            f"normalisation module {path} ({name}) has no hook point cage_lens can put the identity rule "
+            "on; this architecture is not supported (docs/architectures.md)"
+        )
+
+    def layer(self, index: int) -> LayerSites:
+        return self.layers[index]
+
+    @cached_property
+    def layers(self) -> tuple[LayerSites, ...]:
+        return tuple(self._layer_sites(l) for l in range(self.arch.n_layers))
+
+    def _layer_sites(self, l: int) -> LayerSites:
+        arch, b = self.arch, self.block
+        block = self.model.blocks[l]
+        attn = block.attn
+        rotary = arch.positional == "rotary"
+        softcap = arch.attn_softcap
+        if arch.is_bridge:
+            softcap = _positive(getattr(attn.original_component, "attn_logit_softcapping", None)) or softcap
+        mlp_site = None if arch.attn_only else self._mlp_site(l, block.mlp)
+        return LayerSites(
+            index=l,
+            resid_pre=b(l, "hook_resid_pre"),
+            resid_post=b(l, "hook_resid_post"),
+            attn_out=b(l, "hook_attn_out"),
+            mlp_out=None if arch.attn_only else b(l, "hook_mlp_out"),
+            parallel=arch.parallel,
+            q=self.attn_hook(l, "hook_q"), k=self.attn_hook(l, "hook_k"),
+            v=self.attn_hook(l, "hook_v"), z=self.attn_hook(l, "hook_z"),
+            rot_q=self._existing(self.attn_hook(l, "hook_rot_q")) if rotary else None,
+            rot_k=self._existing(self.attn_hook(l, "hook_rot_k")) if rotary else None,
+            attn_scores=self._existing(self.attn_hook(l, "hook_attn_scores")),
+            attn_module=attn,
+            attn_softcap=softcap,
+            mlp=mlp_site,
+            mlp_module=None if arch.attn_only else block.mlp,
+        )
+
+    def _mlp_site(self, l: int, mlp: torch.nn.Module) -> MLPSite:
+        name = type(mlp).__name__
+        if self.arch.is_bridge:
+            return self._bridge_mlp_site(l, mlp, name)
+        if name == "MLP":
+            return MLPSite("plain", pre=self.mlp_hook(l, "hook_pre"), post=self.mlp_hook(l, "hook_post"),
+                           act=mlp.act_fn, module=mlp)
+        if name == "GatedMLP":
+            return MLPSite("gated", pre=self.mlp_hook(l, "hook_pre"), pre_linear=self.mlp_hook(l, "hook_pre_linear"),
+                           post=self.mlp_hook(l, "hook_post"), act=mlp.act_fn, module=mlp)
+        if name == "MoE":
+            experts = tuple(
+                MLPSite("gated", pre=self.mlp_hook(l, f"experts.{e}.hook_gate"),
+                        pre_linear=self.mlp_hook(l, f"experts.{e}.hook_pre"),
+                        post=self.mlp_hook(l, f"experts.{e}.hook_post"), act=expert.act_fn, module=expert)
+                for e, expert in enumerate(mlp.experts)
+            )
+            return MLPSite("moe", experts=experts, router=self.mlp_hook(l, "hook_expert_weights"), module=mlp)
+        raise UnsupportedModelError(
+            f"blocks.{l}.mlp is a {name}, which has no LRP rule here (supported: MLP, GatedMLP, MoE)"
+        )
+
+    def _bridge_mlp_site(self, l: int, mlp: torch.nn.Module, name: str) -> MLPSite:
+        if name == "MoEBridge":
+            return self._bridge_moe_site(l, mlp)
+        hf = mlp.original_component
+        acts = [m for m in hf.children() if _is_activation_module(m)]
+        if len(acts) != 1:
+            found = [type(m).__name__ for m in hf.children()]
+            raise UnsupportedModelError(
+                f"blocks.{l}.mlp ({name} around {type(hf).__name__}) has no single element-wise activation "
+                f"module cage_lens knows (children: {found}); its non-linearity has no LRP rule here"
+            )
+        act = acts[0]
+        if name in ("GatedMLPBridge", "JointGateUpMLPBridge"):
+            return MLPSite("gated", pre=self.mlp_hook(l, "hook_pre"), pre_linear=self.mlp_hook(l, "hook_pre_linear"),
+                           post=self.mlp_hook(l, "hook_post"), act=act, module=mlp)
+        if name in ("MLPBridge", "BloomMLPBridge"):
+            return MLPSite("plain", pre=self.mlp_hook(l, "hook_pre"), post=self.mlp_hook(l, "hook_post"),
+                           act=act, module=mlp)
+        raise UnsupportedModelError(f"blocks.{l}.mlp is a {name}, which has no LRP rule here")
+
+    def _bridge_moe_site(self, l: int, mlp: torch.nn.Module) -> MLPSite:
+        hf = mlp.original_component
+        children = dict(hf.named_children())
+        router = self._existing(self.mlp_hook(l, "gate.hook_expert_weights"))
+        experts = children.get("experts")
+        unknown = sorted(n for n in children if n not in ("gate", "experts"))
+        if router is None or experts is None or unknown:
+            raise UnsupportedModelError(
+                f"blocks.{l}.mlp ({type(hf).__name__}) is a mixture of experts cage_lens cannot cover: "
+                + ("no router weights hook" if router is None else
+                   "no experts module" if experts is None else f"unknown parts {unknown} (e.g. shared experts)")
+            )
+        acts = [m for m in experts.children() if _is_activation_module(m)]
+        has_own_params = any(p.ndim >= 3 for p in experts.parameters(recurse=False))
+        if len(acts) != 1 or not has_own_params:
+            raise UnsupportedModelError(
+                f"blocks.{l}.mlp.experts ({type(experts).__name__}) is not a fused gated experts module with one "
+                "activation; no LRP rule here"
+            )
+        return MLPSite("moe", fused_experts=experts, fused_act=acts[0], router=router, module=mlp)
+
+    def input_norm(self, layer: int, branch: str) -> NormSite | None:
+        """The norm whose output feeds the attention (``branch="attn"``) or the MLP of ``layer``
+        (None: the sublayer reads the raw residual, e.g. OLMo-2's post-norm blocks)."""
+        block = self.model.blocks[layer]
+        module = getattr(block, "ln1" if branch == "attn" else "ln2", None)
+        if module is None and branch == "mlp" and self.arch.parallel:
+            module = getattr(block, "ln1", None)  # GPT-J: one norm feeds both branches
+        for site in self.norm_sites:
+            if site.module is module:
+                return site
+        return None
+
+    def score_scale(self, layer: int) -> float | None:
+        """The factor multiplying ``q·k`` in the attention scores of ``layer`` (None: unknown)."""
+        attn = self.model.blocks[layer].attn
+        if not self.arch.is_bridge:
+            return 1.0 / float(attn.attn_scale)
+        hf = getattr(attn, "original_component", None)
+        for name, invert in (("scaling", False), ("inv_norm_factor", False), ("scale_attn", True)):
+            value = getattr(hf, name, None)
+            if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+                value = float(value)
+                return 1.0 / value if invert else value
+        for owner in (attn, hf):  # TL-native attention (boot_native)
+            value = getattr(owner, "attn_scale", None)
+            if isinstance(value, (int, float)) and value > 0:
+                return 1.0 / float(value)
+        cfg = self.model.cfg
+        if not getattr(cfg, "use_attn_scale", True):
+            return 1.0
+        scale = getattr(cfg, "attn_scale", None)
+        return 1.0 / (float(scale) if isinstance(scale, (int, float)) and scale > 0 else self.arch.d_head ** 0.5)
+
+    @cached_property
+    def _stash_point_ids(self) -> frozenset[int]:
+        hook_dict = self.hook_points
+        points = []
+        for site in self.layers:
+            if site.attn_softcap:
+                points += [hook_dict[n] for n in (site.rot_q or site.q, site.rot_k or site.k) if n]
+            for mlp in (site.mlp, *(site.mlp.experts if site.mlp else ())):
+                if mlp is not None:
+                    points += [hook_dict[n] for n in (mlp.pre, mlp.pre_linear) if n]
+        points += [norm.in_hook for norm in self.norm_sites if norm.in_hook is not None]
+        return frozenset(id(p) for p in points)
+
+    def is_stash_point(self, name: str) -> bool:
+        """Whether a rule keeps the tensor of this hook point for a later hook (captures there go
+        first, see :func:`cage_lens.engine.installed`)."""
+        point = self.hook_points.get(name)
+        return point is not None and id(point) in self._stash_point_ids
+
+    # ------------------------------------------------------------------ hooks that must exist and fire
     def required_hooks(self) -> list[str]:
-        names = [self.embed_hook] + self.resid_hooks() + self.norm_rule_hooks()
-        for layer in range(self.arch.n_layers):
-            names += [self.attn_hook(layer, n) for n in ("hook_q", "hook_k", "hook_v", "hook_z")]
-            if not self.arch.attn_only:
-                names += [self.mlp_hook(layer, "hook_pre"), self.mlp_hook(layer, "hook_post")]
-                if self.arch.gated_mlp:
-                    names.append(self.mlp_hook(layer, "hook_pre_linear"))
+        names = [self.embed_hook]
+        for site in self.layers:
+            names += [site.resid_pre, site.resid_post, site.attn_out, site.q, site.k, site.v, site.z]
+            if site.mlp_out:
+                names.append(site.mlp_out)
+            if site.attn_softcap:  # the soft-cap rule reads the rotated queries and keys
+                names += [n for n in (site.rot_q, site.rot_k, site.attn_scores) if n]
+            names += self._mlp_hook_names(site.mlp)
+        return names
+
+    def _mlp_hook_names(self, mlp: MLPSite | None) -> list[str]:
+        if mlp is None:
+            return []
+        names = [n for n in (mlp.pre, mlp.pre_linear, mlp.post, mlp.router) if n]
+        for expert in mlp.experts:
+            names += self._mlp_hook_names(expert)
+        return names
+
+    def _named_hooks(self) -> list[str]:
+        """The hook names every supported model has (checked before its modules are read)."""
+        names = [self.embed_hook]
+        for l in range(self.arch.n_layers):
+            names += [self.block(l, "hook_resid_pre"), self.block(l, "hook_resid_post"), self.block(l, "hook_attn_out")]
+            names += [self.attn_hook(l, n) for n in ("hook_q", "hook_k", "hook_v", "hook_z")]
         return names
 
     def _check_hooks_exist(self) -> None:
-        missing = [n for n in self.required_hooks() if n not in self.model.hook_dict]
+        self._refuse_missing([n for n in self._named_hooks() if n not in self.hook_points])
+        try:
+            required = self.required_hooks()
+        except AttributeError as exc:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} ({self.arch.describe()}) does not have the blocks/attn/mlp layout "
+                f"of a TransformerLens decoder: {exc}"
+            ) from None
+        self._refuse_missing([n for n in required if n not in self.hook_points])
+
+    def _refuse_missing(self, missing: list[str]) -> None:
         if missing:
             shown = ", ".join(missing[:6]) + (" …" if len(missing) > 6 else "")
             raise UnsupportedModelError(
@@ -201,10 +538,13 @@ class ModelAdapter:
     @cached_property
     def fired_hooks(self) -> frozenset[str]:
         """Hook names that actually fire in a forward pass (``hook_pos_embed`` is listed but silent on
-        rotary bridges, SPEC §3 pitfall 4). Found once with a two-token probe."""
+        rotary bridges; MoE experts fire only when routed to, so those are not required to). Found
+        once with a short probe."""
+        from cage_lens import engine
+
         fired: set[str] = set()
-        candidates = self.required_hooks() + ([self.pos_embed_hook] if self.pos_embed_hook else [])
-        candidates = [n for n in candidates if n in self.model.hook_dict]
+        candidates = self.required_hooks() + ([self.pos_embed_hook] if self.pos_embed_hook else []) + self._optional_hooks()
+        candidates = [n for n in dict.fromkeys(candidates) if n in self.hook_points]
 
         def recorder(name):
             def hook(tensor, hook):
@@ -212,14 +552,26 @@ class ModelAdapter:
             return hook
 
         probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-        with torch.no_grad(), self.model.hooks(fwd_hooks=[(n, recorder(n)) for n in candidates]):
+        with engine.session(self, grad=False), engine.installed(self, [engine.PointHook(n, recorder(n)) for n in candidates]):
             self.model(probe)
-        silent = [n for n in self.required_hooks() if n not in fired]
+        optional = {n for site in self.layers if site.mlp for e in site.mlp.experts for n in self._mlp_hook_names(e)}
+        silent = [n for n in self.required_hooks() if n not in fired and n not in optional]
         if silent:
             raise UnsupportedModelError(
                 f"these hook points exist but never fire in a forward pass: {', '.join(silent[:6])}"
             )
         return frozenset(fired)
+
+    def _optional_hooks(self) -> list[str]:
+        """Hooks the graph's closed form reads where they fire (rotated q/k, rotary tables, scores)."""
+        names = []
+        for l in range(self.arch.n_layers):
+            names += [self.attn_hook(l, n) for n in ("hook_rot_q", "hook_rot_k", "hook_cos", "hook_sin",
+                                                     "hook_attn_scores", "hook_pattern")]
+        return names
+
+    def fires(self, name: str | None) -> bool:
+        return name is not None and name in self.fired_hooks
 
     @property
     def has_position_embedding(self) -> bool:
@@ -256,20 +608,22 @@ class ModelAdapter:
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[object, ModelAdapter]" = weakref.WeakKeyDictionary()
+_ADAPTERS_LOCK = threading.Lock()
 
 
 def adapt(model) -> ModelAdapter:
-    """The (cached) adapter of ``model``. An adapter passed in is returned as is."""
+    """The (cached, one per model) adapter of ``model``. An adapter passed in is returned as is."""
     if isinstance(model, ModelAdapter):
         return model
-    try:
-        adapter = _ADAPTERS.get(model)
-    except TypeError:
-        adapter = None
-    if adapter is None:
-        adapter = ModelAdapter(model)
+    with _ADAPTERS_LOCK:
         try:
-            _ADAPTERS[model] = adapter
+            adapter = _ADAPTERS.get(model)
         except TypeError:
-            pass
+            adapter = None
+        if adapter is None:
+            adapter = ModelAdapter(model)
+            try:
+                _ADAPTERS[model] = adapter
+            except TypeError:
+                pass
     return adapter

@@ -2,7 +2,8 @@
 
 The rule hooks of :mod:`cage_lens.rules` change local gradients; capture hooks record the activations
 ``h`` at the hook points of interest, and a single ``torch.autograd.grad`` call returns ``∂target/∂h``
-for all of them at once. Relevance is ``Σ_d h ⊙ ∂target/∂h`` (SPEC §2.3).
+for all of them at once (:mod:`cage_lens.engine`). Relevance is ``Σ_d h ⊙ ∂target/∂h``
+(docs/rules.md).
 """
 
 from __future__ import annotations
@@ -16,56 +17,19 @@ import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens.adapter import ModelAdapter, adapt
-from cage_lens.errors import InputError, NumericalError
-from cage_lens.inputs import Inputs, TokenBatch, resolve_positions, to_token_batch
+from cage_lens import engine
+from cage_lens.adapter import adapt
+from cage_lens.engine import Capture, logits_at, run_attribution, select_logits  # noqa: F401  (re-exported)
+from cage_lens.errors import InputError
+from cage_lens.inputs import Inputs, resolve_positions, to_token_batch
 from cage_lens.persist import provenance
-from cage_lens.rules import check_rules, rule_hooks
+from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
 __all__ = [
     "attribute", "Attribution", "ConservationReport", "NeuronRelevance", "Capture", "run_attribution", "logits_at",
     "select_logits",
 ]
-
-
-# ---------------------------------------------------------------------------- capture
-class Capture:
-    """Forward hooks that record activations so one backward call can return all their gradients.
-
-    The ``roots`` (the embedding outputs) are re-rooted (detached, ``requires_grad``) so relevance
-    exists even when the model's parameters are frozen; nothing flows into ``W_E`` (and no ``.grad`` is
-    written into the user's parameters: gradients are taken with ``torch.autograd.grad``).
-    Every hook returns the tensor it recorded: a bridge hook point with a shape conversion
-    (``hook_z``, ``hook_q`` …) hands the hook a reshaped copy and computes on with it only when the
-    hook returns it, so returning it keeps the recorded tensor in the graph (elsewhere it is a no-op).
-    """
-
-    def __init__(self, names: Sequence[str] = (), roots: Sequence[str] = ()):
-        self.names = list(dict.fromkeys(names))
-        self.roots = set(roots)
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def hook(self, name: str) -> Callable:
-        def record(tensor, hook):
-            if name in self.roots:
-                tensor = tensor.detach().requires_grad_(True)
-            self.tensors[name] = tensor
-            return tensor
-        return record
-
-    @property
-    def hooks(self) -> list[tuple[str, Callable]]:
-        return [(name, self.hook(name)) for name in self.names]
-
-    def gradients(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = [n for n in self.names if n in self.tensors]
-        grads = torch.autograd.grad(value, [self.tensors[n] for n in names], allow_unused=True)
-        return {n: (torch.zeros_like(self.tensors[n]) if g is None else g) for n, g in zip(names, grads)}
-
-    def relevance(self, grads: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """Gradient × input of one captured activation, not yet summed over features."""
-        return self.tensors[name].detach() * grads[name]
 
 
 # ---------------------------------------------------------------------------- result objects
@@ -90,7 +54,7 @@ class ConservationReport:
     ``sums[b, i]`` is Σ_pos R at ``points[i]``; the last point is the target itself. ``absorbed[b, i]``
     = ``sums[b, i+1] − sums[b, i]``: relevance the component between the two points does not pass on
     (biases, AttnLRP's softmax, the final norm's bias). Exactly zero everywhere for CP-LRP on a
-    bias-free model (SPEC §2.3).
+    bias-free model (docs/rules.md#conservation).
     """
 
     points: list[str]
@@ -176,7 +140,7 @@ class Attribution:
     ) -> Float[torch.Tensor, "pos"]:
         """Token relevance of one row (plus position-embedding relevance with ``include_positions``)
         divided by max |R| over the non-excluded tokens. By default the BOS position is excluded: it
-        acts as an attention sink (SPEC §2.2)."""
+        acts as an attention sink (docs/rules.md#attention-sinks)."""
         source = self.input_relevance if include_positions else self.token_relevance
         r = source[row, : self.lengths[row]]
         keep = torch.ones_like(r, dtype=torch.bool)
@@ -285,83 +249,20 @@ class Attribution:
         return terminal_heatmap(self.str_tokens[row], self.normalized(row).tolist())
 
 
-# ---------------------------------------------------------------------------- the engine
-def _final_residual_hook(adapter: ModelAdapter) -> str | None:
-    """The last hook before the unembedding, where rows can be selected before the vocab projection."""
-    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
-        if name in adapter.model.hook_dict:
-            return name
-    return None
-
-
-def select_logits(
-    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"],
-    select: Callable[[torch.Tensor], torch.Tensor], hooks: Sequence = (),
-) -> torch.Tensor:
-    """``select(logits)`` from one forward with ``hooks`` installed, where ``select`` picks positions
-    (``[batch, pos, ·] -> [batch, k, ·]``).
-
-    Where the model has a hook just before the unembedding, ``select`` is applied to the final
-    residual instead, so only the needed rows are projected onto the vocabulary (the unembedding is a
-    third of GPT-2-small's forward at 50k vocab); the kept rows' values are unchanged because the
-    final norm and the unembedding act per position."""
-    name, selected = _final_residual_hook(adapter), []
-
-    def select_rows(tensor, hook):
-        selected.append(True)
-        return select(tensor).contiguous()
-
-    extra = [] if name is None else [(name, select_rows)]
-    with adapter.model.hooks(fwd_hooks=list(hooks) + extra):
-        logits = adapter.model(tokens)
-    return logits if selected else select(logits)
-
-
-def logits_at(
-    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = ()
-) -> Float[torch.Tensor, "batch vocab"]:
-    """Logits of row ``b`` at ``positions[b]`` (see :func:`select_logits`)."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    where = torch.as_tensor(list(positions), device=tokens.device)
-    return select_logits(adapter, tokens, lambda x: x[rows, where][:, None], hooks)[:, 0]
-
-
-def run_attribution(
-    adapter: ModelAdapter,
-    batch: TokenBatch,
-    positions: list[int],
-    target: Target,
-    rules: str,
-    capture_names: Sequence[str],
-    pre_hooks: Sequence = (),
-) -> tuple[torch.Tensor, Capture, dict[str, torch.Tensor]]:
-    """One forward under ``rules`` with capture hooks, one backward. Returns (target value, capture,
-    gradients). The building block of every gradient-based method in cage_lens; ``pre_hooks`` run
-    before the rules and captures (integrated gradients uses them to scale the embeddings)."""
-    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
-    capture = Capture(list(roots) + list(capture_names), roots=roots)
-    tokens = batch.tokens.to(adapter.device)
-    with torch.enable_grad():
-        hooks = list(pre_hooks) + rule_hooks(adapter, rules) + capture.hooks
-        value = target(logits_at(adapter, tokens, positions, hooks))
-        if not torch.isfinite(value).all():
-            raise NumericalError(f"the target value is not finite: {value.tolist()}")
-        grads = capture.gradients(value.sum())
-    return value.detach(), capture, grads
-
-
+# ---------------------------------------------------------------------------- attribute
 def attribute(
     model,
     inputs: Inputs,
     target=None,
     contrast=None,
     *,
-    rules: str = "attnlrp",
+    rules: "str | RuleSet" = "attnlrp",
     mode: str | Callable = "logit",
     position: int | Sequence[int] = -1,
     neurons: int | str | None = None,
     top_k: int = 10,
     prepend_bos: bool | None = None,
+    strict: bool = True,
 ) -> Attribution:
     """Explain ``target`` (minus ``contrast``) at ``position`` with LRP rules, in one backward pass.
 
@@ -371,14 +272,16 @@ def attribute(
         target: token string (exactly one token), id, one per row, or a callable on the logits
             ``[batch, vocab] -> [batch]``. ``None`` explains the model's own top-1 prediction.
         contrast: a second token: explain ``target − contrast`` (failure analysis).
-        rules: ``"attnlrp"``, ``"cplrp"`` or ``"gxi"``.
+        rules: ``"attnlrp"``, ``"cplrp"``, ``"gxi"`` or a :class:`cage_lens.RuleSet`.
         mode: ``"logit"``, ``"logprob"``, ``"demean"``, ``"topk_avg"`` (``top_k`` logits) or a callable.
         position: explained position (negative counts from each row's last real token).
         neurons: ``None``, ``"all"`` or ``k`` (top-k MLP neurons per position by |R|).
         prepend_bos: override the model's default BOS handling when tokenising strings.
+        strict: refuse a model the completeness certificate does not pass (docs/rules.md);
+            ``False`` computes anyway and records the reason in ``meta["warnings"]``.
     """
     adapter = adapt(model)
-    rules = check_rules(rules)
+    rule_set = resolve_rules(rules)
     adapter.check_eval_mode()
     batch = to_token_batch(model, inputs, prepend_bos)
     positions = resolve_positions(position, batch.lengths)
@@ -386,25 +289,29 @@ def attribute(
     arch = adapter.arch
     if neurons is not None and arch.attn_only:
         raise InputError("neurons= was requested but the model is attention-only (no MLP neurons)")
+    if neurons is not None and arch.moe:
+        raise InputError("neurons= is not available for a mixture of experts (each token uses different experts)")
     if neurons is not None and not (neurons == "all" or (isinstance(neurons, int) and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
+    warnings = engine.certify_or_warn(adapter, strict)
 
     points = adapter.resid_hooks()
     z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
     mlp_names = [adapter.mlp_hook(l, "hook_post") for l in range(arch.n_layers)] if neurons is not None else []
-    value, capture, grads = run_attribution(adapter, batch, positions, spec, rules, points + z_names + mlp_names)
+    captures = engine.residual_captures(adapter) + z_names + mlp_names
+    value, capture, grads = run_attribution(adapter, batch, positions, spec, rule_set, captures)
 
     def summed(name):
         return capture.relevance(grads, name).sum(-1).detach()
 
-    token_rel = summed(adapter.embed_hook)
+    token_rel = engine.check_finite(summed(adapter.embed_hook), "the token relevance")
     pos_rel = summed(adapter.pos_embed_hook) if adapter.has_position_embedding else None
-    if not torch.isfinite(token_rel).all() or (pos_rel is not None and not torch.isfinite(pos_rel).all()):
-        raise NumericalError(
-            "relevance contains NaN or inf; check the model for overflow (try float32/float64) "
-            "and that the target is finite"
-        )
-    node_rel = {name: summed(name) for name in points}
+    if pos_rel is not None:
+        engine.check_finite(pos_rel, "the position-embedding relevance")
+    node_rel = {}
+    for name in points:
+        h, g = engine.residual_state(adapter, capture.tensors, grads, name)
+        node_rel[name] = (h * g).sum(-1).detach()
     heads = torch.stack([summed(n).transpose(1, 2) for n in z_names], dim=1)  # [batch, layer, head, pos]
     neuron_rel = _neuron_relevance(capture, grads, mlp_names, neurons) if mlp_names else None
 
@@ -412,12 +319,12 @@ def attribute(
     sums = torch.stack([input_sum] + [node_rel[n].sum(-1) for n in points] + [value], dim=1)
     conservation = ConservationReport(["embeddings"] + points + ["target"], sums, value)
     str_tokens = [model.to_str_tokens(row[:n]) for row, n in zip(batch.tokens, batch.lengths)]
-    return Attribution(
+    result = Attribution(
         tokens=batch.tokens,
         lengths=batch.lengths,
         str_tokens=[list(s) for s in str_tokens],
         positions=positions,
-        rules=rules,
+        rules=rule_set.name,
         target=spec,
         target_value=value,
         token_relevance=token_rel,
@@ -427,8 +334,12 @@ def attribute(
         neuron_relevance=neuron_rel,
         conservation=conservation,
         target_description=spec.describe(model),
-        meta=provenance(model, function="attribute", rules=rules, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos),
+        meta=provenance(model, function="attribute", rules=rule_set.name, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict),
     )
+    result.meta["rule_set"] = rule_set.to_dict()
+    if warnings:
+        result.meta.setdefault("warnings", []).extend(warnings)
+    return result
 
 
 def _neuron_relevance(capture: Capture, grads, names: list[str], neurons) -> NeuronRelevance:

@@ -1,4 +1,4 @@
-"""Cross-layer attribution graphs (SPEC §2.2): nodes are (level, token) states, edges carry relevance.
+"""Cross-layer attribution graphs (docs/graphs.md): nodes are (level, token) states, edges carry relevance.
 
 ``circuit_graph(model, prompt, target=..., contrast=...)`` runs one forward and one backward pass under
 the LRP rules, computes the edges between consecutive levels (closed form by default, or the reference
@@ -14,7 +14,7 @@ batch-packed backpropagation) and prunes them:
 The unpruned matrices stay available through :meth:`CircuitGraph.edge_matrix` for inputs up to
 ``dense_limit`` tokens; above that only the pruned edges are stored (no dense ``[pos, pos]`` is kept).
 
-Identities (SPEC §2.4, tested): with every row computed, the edges leaving a node sum to its relevance,
+Identities (docs/graphs.md#identities, tested): with every row computed, the edges leaving a node sum to its relevance,
 ``Σ_j A[j, i] = R_s(i)`` (the chain rule; for head/neuron graphs summed over all transitions leaving the
 level). The edges entering a node sum to ``R_t(j) − absorbed(j)``: nothing is absorbed under CP-LRP on
 a bias-free model; with biases an attention transition absorbs ``⟨attn_out(x = 0), g_t(j)⟩`` under
@@ -37,13 +37,14 @@ import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens import edges as E
+from cage_lens import engine
+from cage_lens import graph as E
 from cage_lens.adapter import ModelAdapter, adapt
 from cage_lens.errors import InputError
 from cage_lens.persist import provenance
 from cage_lens.pruning import prune_edges
 from cage_lens.inputs import to_token_batch, resolve_positions
-from cage_lens.rules import check_rules
+from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
 __all__ = ["circuit_graph", "CircuitGraph", "EdgeSet", "METHODS", "gini", "node_label"]
@@ -447,7 +448,7 @@ def circuit_graph(
     target=None,
     contrast=None,
     *,
-    rules: str = "attnlrp",
+    rules: "str | RuleSet" = "attnlrp",
     levels: str = "block",
     method: str = "fast",
     mode: str = "logit",
@@ -460,19 +461,20 @@ def circuit_graph(
     dense_limit: int = 512,
     low_memory: bool | None = None,
     prepend_bos: bool | None = None,
+    strict: bool = True,
 ) -> CircuitGraph:
-    """Cross-layer attribution graph of one prompt (SPEC §2.2).
+    """Cross-layer attribution graph of one prompt (docs/graphs.md).
 
     Args:
         model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
         inputs: one prompt (string) or a ``[pos]`` / ``[1, pos]`` token tensor.
         target, contrast, mode, position: what is explained, as in :func:`cage_lens.attribute`
             (``target`` must be one token; default: the model's top-1 prediction).
-        rules: ``"attnlrp"``, ``"cplrp"`` or ``"gxi"``.
+        rules: ``"attnlrp"``, ``"cplrp"``, ``"gxi"`` or a :class:`cage_lens.RuleSet`.
         levels: ``"block"`` (embeddings, then each block's output), ``"half"`` (also the state between
             attention and MLP), ``"heads"`` (attention split into per-head nodes) or ``"neurons"``
             (MLPs split into their ``neurons_top_k`` most relevant neurons per token).
-        method: ``"fast"`` (closed form, SPEC §2.4) or ``"autograd"`` (reference batch-packed
+        method: ``"fast"`` (closed form, docs/graphs.md#closed-form) or ``"autograd"`` (reference batch-packed
             backpropagation, ``batch_size`` target rows per backward call). Same numbers.
         node_threshold: edges only into target nodes with ``|R| > node_threshold·|target|``
             (``None``/0: every node).
@@ -482,18 +484,24 @@ def circuit_graph(
             this many tokens.
         low_memory: differentiate one block at a time (memory of one layer's attention instead of
             all layers', at O(layers²) forward time); default: for inputs over 1024 tokens.
+        strict: refuse a model the completeness certificate does not pass (docs/rules.md);
+            ``False`` computes anyway and records the reason in ``settings["warnings"]``.
     """
     _check_options(levels, method, node_threshold, top_p, edge_threshold, batch_size, dense_limit)
     adapter = adapt(model)
-    rules = check_rules(rules)
+    rule_set = resolve_rules(rules)
     adapter.check_eval_mode()
     if levels == "neurons" and adapter.arch.attn_only:
         raise InputError("levels='neurons' needs MLPs but the model is attention-only")
+    if levels == "neurons" and (adapter.arch.moe or adapter.arch.parallel):
+        structure = "a mixture of experts" if adapter.arch.moe else "parallel attention + MLP blocks"
+        raise InputError(f"levels='neurons' is not available for {structure}; use 'block', 'half' or 'heads'")
+    warnings = engine.certify_or_warn(adapter, strict)
     batch = _single_prompt(model, inputs, prepend_bos)
     (pos,) = resolve_positions(position, batch.lengths)
     spec = Target.build(model, 1, target, contrast, mode)
     tokens = batch.tokens[0]
-    state = E.capture_state(adapter, tokens, pos, spec, rules, low_memory, neurons=levels == "neurons")
+    state = E.capture_state(adapter, tokens, pos, spec, rule_set, low_memory, neurons=levels == "neurons")
     scale = abs(state.value)
     plan = E.plan(adapter, state, levels, neurons_top_k)
     nodes = {lv.name: LevelNodes(lv.name, lv.kind, lv.layer, lv.relevance, lv.pos, lv.unit) for lv in plan.levels}
@@ -514,10 +522,14 @@ def circuit_graph(
         edge_sets.append(EdgeSet(tr.source.name, tr.target.name, tr.kind, t_idx, s_idx, values, rows, total, dense))
         del matrix
     str_tokens = list(model.to_str_tokens(tokens))
-    return CircuitGraph(
-        str_tokens=str_tokens, tokens=tokens, position=pos, rules=rules, method=method, level_mode=levels,
+    graph = CircuitGraph(
+        str_tokens=str_tokens, tokens=tokens, position=pos, rules=rule_set.name, method=method, level_mode=levels,
         target_description=spec.describe(model), target_value=state.value, nodes=nodes, edge_sets=edge_sets,
         settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
                   "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
         meta=provenance(model, function="circuit_graph", rules=rules, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos),
     )
+    graph.settings["rule_set"] = rule_set.to_dict()
+    if warnings:
+        graph.settings["warnings"] = warnings
+    return graph

@@ -1,4 +1,4 @@
-"""Base attribution methods for generation graphs (SPEC §2.1), one common signature.
+"""Base attribution methods for generation graphs (CAGE, Walker & Ewetz 2025), one common signature.
 
 Every method is a callable ``method(model, tokens, n_prompt, **options) -> table`` where ``tokens`` is
 ``[1, T]`` (prompt followed by the continuation, ``T = P + Y``) and ``table`` is ``[Y, T]``: row ``t``
@@ -6,7 +6,7 @@ explains the log-probability of the generated token ``tokens[0, P + t]`` given t
 with one score per earlier position (columns ``>= P + t`` are zero: causality). Any user callable
 with this signature is a valid CAGE base method.
 
-Exact and fast (issue 4, item 3): causal masking makes the prediction of token ``t`` independent of
+Exact and fast: causal masking makes the prediction of token ``t`` independent of
 later tokens. The LRP family (``attnlrp``, ``cplrp``, ``input_x_gradient``) therefore runs ONE
 batch-1 forward over the teacher-forced sequence per ``chunk_size`` rows (truncated to the longest
 prefix the chunk needs), unembeds only the explained positions, and runs ONE backward vectorised
@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from cage_lens import engine
 from cage_lens.adapter import ModelAdapter, adapt
-from cage_lens.attribution import Capture, run_attribution, select_logits
+from cage_lens.engine import Capture, run_attribution, select_logits
 from cage_lens.errors import CageLensError, InputError, NumericalError
 from cage_lens.inputs import TokenBatch, special_token_id
-from cage_lens.rules import check_rules, rule_hooks
+from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.spans import Span, check_tiling, token_spans
 from cage_lens.targets import Target
 
@@ -87,7 +88,7 @@ def check_sequence(model, tokens, n_prompt: int) -> tuple[Int[torch.Tensor, "1 T
 
 
 def eos_id(model) -> int:
-    """The EOS id used as the deletion baseline (SPEC §2.1); falls back to BOS, then 0."""
+    """The EOS id used as the deletion baseline (as in the CAGE paper); falls back to BOS, then 0."""
     return special_token_id(model, "eos_token_id", "bos_token_id")
 
 
@@ -100,11 +101,11 @@ def _chunks(items: Sequence, size: int) -> Iterator[list]:
 
 def _forward_backward(
     adapter: ModelAdapter, tokens: Int[torch.Tensor, "B L"], positions: list[int], target_ids: list[int],
-    rules: str, pre_hooks: Sequence = (),
+    rules: "str | RuleSet", pre_hooks: Sequence = (),
 ) -> tuple[Capture, dict[str, torch.Tensor]]:
     """One forward under ``rules`` (``pre_hooks`` first: integrated gradients scales the embeddings
     there) and one backward of Σ_rows log p(target_row | position_row), via the engine's
-    :func:`cage_lens.attribution.run_attribution`."""
+    :func:`cage_lens.engine.run_attribution`."""
     target = Target.build(adapter.model, tokens.shape[0], target=target_ids, mode="logprob")
     batch = TokenBatch(tokens, [tokens.shape[1]] * tokens.shape[0])
     _, capture, grads = run_attribution(adapter, batch, positions, target, rules, (), pre_hooks)
@@ -133,31 +134,31 @@ def _vmapped_backward(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[
 
 
 def _rows_from_one_forward(
-    adapter: ModelAdapter, tokens: Int[torch.Tensor, "1 L"], positions: list[int], target_ids: list[int], rules: str,
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "1 L"], positions: list[int], target_ids: list[int],
+    rules: RuleSet,
 ) -> Float[torch.Tensor, "R L"]:
     """Input relevance of several rows of one sequence from ONE forward (batch 1) and ONE backward
     vectorised over the rows: causal masking makes every row's activations the prefix of the shared
-    ones, so only the backward differs per row (issue 4, item 3)."""
-    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
+    ones, so only the backward differs per row."""
+    roots = engine.input_roots(adapter)
     capture = Capture(roots, roots=roots)
     target = Target.build(adapter.model, len(positions), target=target_ids, mode="logprob")
-    where = torch.tensor(positions, device=adapter.device)
-    with torch.enable_grad():
-        hooks = rule_hooks(adapter, rules) + capture.hooks
-        logits = select_logits(adapter, tokens.to(adapter.device), lambda x: x[:, where], hooks)[0]  # [R, vocab]
-        values = target(logits)
-        if not torch.isfinite(values).all():
-            raise NumericalError(f"a generated token's log-probability is not finite: {values.tolist()}")
-        inputs = [capture.tensors[n] for n in roots]
-        grads = _vmapped_backward(values, inputs)
+    with engine.session(adapter):
+        where = torch.tensor(positions, device=adapter.device)
+        with engine.rules_active(adapter, rules):
+            logits = select_logits(adapter, tokens.to(adapter.device).clone(), lambda x: x[:, where], capture.hooks_for(adapter))[0]
+            values = engine.check_finite(target(logits), "a generated token's log-probability")  # [R]
+            inputs = [capture.tensors[n] for n in roots]
+            grads = _vmapped_backward(values, inputs)
     rel = sum((x.detach() * g).sum(-1) for x, g in zip(inputs, grads) if g is not None)  # [R, 1, L]
     return rel[:, 0].double().cpu()
 
 
-def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int) -> Float[torch.Tensor, "Y T"]:
+def _lrp_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size: int) -> Float[torch.Tensor, "Y T"]:
     adapter = adapt(model)
     adapter.check_eval_mode()
-    rules = check_rules(rules)
+    rules = resolve_rules(rules)
+    engine.certify_or_warn(adapter)
     tokens, Y = check_sequence(model, tokens, n_prompt)
     table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
     for rows in _chunks(range(Y), chunk_size):
@@ -167,18 +168,18 @@ def _lrp_table(model, tokens, n_prompt: int, rules: str, chunk_size: int) -> Flo
         rel = _rows_from_one_forward(adapter, tokens[:, :length], positions, targets, rules)
         for b, t in enumerate(rows):
             table[t, : n_prompt + t] = rel[b, : n_prompt + t]
-    return _finite(table, rules)
+    return _finite(table, rules.name)
 
 
 @register("attnlrp")
 def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
-    """AttnLRP (SPEC §2.3) relevance of every earlier position for each generated token's log-prob."""
+    """AttnLRP (docs/rules.md) relevance of every earlier position for each generated token's log-prob."""
     return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size)
 
 
 @register("cplrp")
 def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
-    """CP-LRP (SPEC §2.3): no relevance through the softmax."""
+    """CP-LRP (docs/rules.md): no relevance through the softmax."""
     return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size)
 
 
@@ -210,7 +211,7 @@ def _embedding_of(adapter: ModelAdapter, token_id: int) -> torch.Tensor:
     def grab(tensor, hook):
         seen["x"] = tensor.detach()[0, 0].clone()
 
-    with torch.no_grad(), adapter.model.hooks(fwd_hooks=[(adapter.embed_hook, grab)]):
+    with engine.session(adapter, grad=False), engine.installed(adapter, [engine.PointHook(adapter.embed_hook, grab)]):
         adapter.model(torch.tensor([[token_id]], device=adapter.device))
     return seen["x"]
 
@@ -258,7 +259,7 @@ def _ig_table(model, tokens, n_prompt, steps, baseline, chunk_size) -> Float[tor
 def integrated_gradients(
     model, tokens, n_prompt: int, *, steps: int = 20, baseline: str | int = "eos", chunk_size: int = DEFAULT_CHUNK, **_
 ) -> Float[torch.Tensor, "Y T"]:
-    """Integrated Gradients of each generated token's log-prob (SPEC §2.1, the paper's base method):
+    """Integrated Gradients of each generated token's log-prob (the CAGE paper's base method):
     token embeddings interpolated from the EOS embedding (position embeddings kept), Gauss–Legendre
     quadrature with ``steps`` nodes, scores summed over the embedding dimension."""
     return _ig_table(model, tokens, n_prompt, steps, baseline, chunk_size)
@@ -277,7 +278,7 @@ def attention(model, tokens, n_prompt: int, **_) -> Float[torch.Tensor, "Y T"]:
     def grab(tensor, hook):
         patterns.append(tensor.detach()[0].double().cpu())  # [head, query, key]
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
+    with engine.session(adapter, grad=False), engine.installed(adapter, [engine.PointHook(n, grab) for n in names]):
         model(tokens.to(adapter.device))
     if len(patterns) != len(names):
         raise CageLensError(f"attention patterns fired in {len(patterns)} of {len(names)} layers")
@@ -289,7 +290,7 @@ def attention(model, tokens, n_prompt: int, **_) -> Float[torch.Tensor, "Y T"]:
 
 @register("attention_x_ig")
 def attention_x_ig(model, tokens, n_prompt: int, *, steps: int = 20, chunk_size: int = DEFAULT_CHUNK, **_):
-    """Attention (mean over layers and heads) times Integrated Gradients, element-wise (SPEC §2.1)."""
+    """Attention (mean over layers and heads) times Integrated Gradients, element-wise (a CAGE paper base method)."""
     return attention(model, tokens, n_prompt) * integrated_gradients(model, tokens, n_prompt, steps=steps, chunk_size=chunk_size)
 
 
@@ -303,7 +304,7 @@ def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, ch
     targets = tokens[:1] if targets is None else targets
     ids = targets[0, n_prompt:].to(adapter.device)
     out = []
-    with torch.no_grad():
+    with engine.session(adapter, grad=False):
         for rows in _chunks(range(tokens.shape[0]), chunk_size):
             logits = select_logits(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1])
             logits = logits.double().log_softmax(-1)
@@ -339,7 +340,7 @@ def _perturbation_spans(spans, T: int) -> list[Span]:
 @register("occlusion")
 def occlusion(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, baseline: str | int = "eos",
               chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
-    """Leave-one-span-out (SPEC §2.1): replace a span by as many EOS tokens; score of the span for
+    """Leave-one-span-out (a CAGE paper base method): replace a span by as many EOS tokens; score of the span for
     generated token t = log p(t | original prefix) − log p(t | perturbed prefix). One teacher-forced
     forward per span gives every row (the prefix of row t only sees the span's part before t).
     A span's score is spread uniformly over its tokens."""
@@ -354,7 +355,7 @@ def occlusion(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = No
 @register("clp")
 def clp(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, baseline: str | int = "eos",
         chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
-    """Contextual leave-one-out with a KL measure (SPEC §2.1): the same span ablation as
+    """Contextual leave-one-out with a KL measure (a CAGE paper base method): the same span ablation as
     :func:`occlusion`, scored by KL(p(·| original prefix) ‖ p(·| perturbed prefix)) of the next-token
     distribution at each generated position (≥ 0)."""
     tokens, Y = check_sequence(model, tokens, n_prompt)

@@ -29,7 +29,7 @@ def test_fired_hooks(kind):
     adapter = adapt(cached_model(kind))
     fired = adapter.fired_hooks
     assert set(adapter.required_hooks()) <= fired
-    # rotary models list hook_pos_embed on some TL versions but it never fires (SPEC §3 pitfall 4)
+    # rotary models list hook_pos_embed on some TL versions but it never fires (docs/architectures.md#transformerlens-facts)
     assert adapter.has_position_embedding == (kind != "llama")
     resid = adapter.resid_hooks()
     assert resid[0] == "blocks.0.hook_resid_pre" and resid[-1] == "blocks.1.hook_resid_post"

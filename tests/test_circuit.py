@@ -13,6 +13,7 @@ from cage_lens.adapter import adapt
 from cage_lens.circuit import CircuitGraph, circuit_graph, gini, prune_edges
 from cage_lens.errors import InputError
 from cage_lens.testing import MODEL_KINDS, random_model
+from conftest import float32_inside
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,9 +28,13 @@ def _one_thread():
 PROMPT = "the cat sat on the mat and john"
 TARGET = " mary"
 ALL = dict(node_threshold=None, top_p=None)
-# float64 models agree to ~1e-14, except HF-backed Llama bridges, whose eager attention runs its softmax
-# in float32 (the closed form recomputes it in float64): ~3e-7 there.
-FLOAT32_SOFTMAX_TOL = 1e-6
+
+
+def graph_tol(model) -> float:
+    """Closed form vs autograd, float64: ~1e-14 where everything is float64; bridges whose Hugging Face
+    modules compute in float32 inside (eager softmax, RMSNorm; see conftest) give the autograd side
+    float32 rounding (measured ≤ 3e-7)."""
+    return 1e-6 if float32_inside(model) else 1e-12
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,12 +57,12 @@ def transitions_of(graph: CircuitGraph):
 
 
 # ---------------------------------------------------------------------------- fast == autograd
-def _assert_agreement(fast: CircuitGraph, ref: CircuitGraph) -> None:
+def _assert_agreement(fast: CircuitGraph, ref: CircuitGraph, tolerance: float) -> None:
     assert fast.levels == ref.levels
     for source, target in transitions_of(fast):
         scale = float(fast.node_relevance(source).abs().max())
         error = scaled_error(fast.edge_matrix(source, target), ref.edge_matrix(source, target), scale)
-        assert error < FLOAT32_SOFTMAX_TOL, (fast.level_mode, source, target, error)
+        assert error < tolerance, (fast.level_mode, source, target, error)
 
 
 @pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
@@ -67,13 +72,14 @@ def test_fast_equals_autograd(kind, rules):
     for levels in ("half", "block", "heads") + (() if kind == "attn_only" else ("neurons",)):
         options = dict(rules=rules, levels=levels, neurons_top_k=3, **ALL)
         fast = circuit_graph(model, PROMPT, TARGET, **options)
-        _assert_agreement(fast, circuit_graph(model, PROMPT, TARGET, method="autograd", batch_size=64, **options))
+        _assert_agreement(fast, circuit_graph(model, PROMPT, TARGET, method="autograd", batch_size=64, **options),
+                          graph_tol(model))
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_block_edges_are_the_attention_edges_of_the_half_graph(kind):
     """Block edges (resid_post → resid_post) equal the attention edges of the half graph (g taken at
-    resid_mid, SPEC §2.4); the autograd reference checks both independently."""
+    resid_mid, docs/graphs.md#levels); the autograd reference checks both independently."""
     model = model_of(kind)
     for rules in ("attnlrp", "cplrp", "gxi"):
         block = circuit_graph(model, PROMPT, TARGET, rules=rules, levels="block", **ALL)
@@ -93,13 +99,13 @@ def test_low_memory_gradients_are_identical(kind):
     assert torch.is_grad_enabled()  # the block-wise pass restores the grad mode
 
 
-# ---------------------------------------------------------------------------- identities (SPEC §2.4)
+# ---------------------------------------------------------------------------- identities (docs/graphs.md#identities)
 @pytest.mark.parametrize("rules", ["attnlrp", "cplrp", "gxi"])
 def test_outgoing_edges_sum_to_source_relevance(kind, rules):
     graph = circuit_graph(model_of(kind), PROMPT, TARGET, rules=rules, levels="half", **ALL)
     for source, target in transitions_of(graph):
         outgoing = graph.edge_matrix(source, target).sum(0)
-        assert relative_error(outgoing, graph.node_relevance(source)) < FLOAT32_SOFTMAX_TOL
+        assert relative_error(outgoing, graph.node_relevance(source)) < graph_tol(model_of(kind))
 
 
 def test_head_graph_outgoing_edges_sum_to_source_relevance(kind):
@@ -108,7 +114,7 @@ def test_head_graph_outgoing_edges_sum_to_source_relevance(kind):
     for es in graph.edge_sets:
         outgoing[es.source] = outgoing.get(es.source, 0) + graph.edge_matrix(es.source, es.target).sum(0)
     for level, total in outgoing.items():
-        assert relative_error(total, graph.nodes[level].relevance) < FLOAT32_SOFTMAX_TOL
+        assert relative_error(total, graph.nodes[level].relevance) < graph_tol(model_of(kind))
     heads = graph.node_relevance("heads.0")
     assert heads.shape == (4, graph.n_pos)
     assert all(len(k) == 3 for k in graph.to_networkx().nodes if k[0].startswith("heads"))
@@ -123,7 +129,7 @@ def test_neuron_graph_keeps_top_k_neurons_per_token(kind):
     for es in graph.edge_sets:
         outgoing[es.source] = outgoing.get(es.source, 0) + graph.edge_matrix(es.source, es.target).sum(0)
     for name in ("embeddings", "neurons.0", "resid_post.0"):  # every outgoing edge kept: the chain rule holds
-        assert relative_error(outgoing[name], graph.nodes[name].relevance) < FLOAT32_SOFTMAX_TOL
+        assert relative_error(outgoing[name], graph.nodes[name].relevance) < graph_tol(model_of(kind))
     keys = [k for k in graph.to_networkx().nodes if k[0].startswith("neurons")]
     assert all(len(k) == 3 for k in keys)
 
@@ -137,7 +143,7 @@ def test_incoming_edges_sum_to_target_relevance_for_cplrp_without_biases(kind):
     graph = circuit_graph(model_of(kind, biases=False), PROMPT, TARGET, rules="cplrp", levels="half", **ALL)
     for source, target in transitions_of(graph):
         incoming = graph.edge_matrix(source, target).sum(1)
-        assert relative_error(incoming, graph.node_relevance(target)) < FLOAT32_SOFTMAX_TOL
+        assert relative_error(incoming, graph.node_relevance(target)) < graph_tol(model_of(kind, biases=False))
 
 
 def _attention_bias_output(model, layer: int) -> torch.Tensor:
