@@ -113,10 +113,12 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if hasattr(value, "to_dict"):  # a RuleSet
+        return _jsonable(value.to_dict())
     if callable(value):
         return f"callable {_callable_name(value)}"
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
+    if hasattr(value, "tolist") and hasattr(value, "shape"):  # numpy scalars and arrays
+        return value.tolist() if getattr(value, "size", 1) <= 64 else f"array of shape {list(value.shape)}"
     return repr(value)
 
 
