@@ -27,6 +27,7 @@ _LAZY = {
     "FailureExplanation": ("cage_lens.failure", "FailureExplanation"),
     "methods": ("cage_lens.methods", None),
     "metrics": ("cage_lens.metrics", None),
+    "patching": ("cage_lens.patching", None),
     "zoo": ("cage_lens.zoo", None),
 }
 

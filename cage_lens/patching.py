@@ -40,7 +40,7 @@ __all__ = [
     "relevance_patch_attn_head_v_by_pos", "relevance_patch_attn_head_pattern_by_pos",
     "relevance_patch_attn_head_pattern_dest_src_pos", "relevance_patch_block_every",
     "relevance_patch_attn_head_all_pos_every", "relevance_patch_attn_head_by_pos_every",
-    "agreement", "Agreement", "pearson", "spearman",
+    "agreement", "Agreement", "activation_patch", "check_same_length", "pearson", "spearman",
 ]
 
 Metric = Callable[[Float[torch.Tensor, "batch pos vocab"]], torch.Tensor]
@@ -135,43 +135,54 @@ def _check_grids(grids: str | Sequence[str], adapter: ModelAdapter) -> list[Grid
 # ---------------------------------------------------------------------------- rules
 @dataclass(frozen=True)
 class PatchRules:
-    """A rule variant for relevance patching, built from an engine rule set (``base``).
+    """A rule variant for relevance patching: the hooks of an engine rule set (``base``), with each
+    component's rule switched on (the base rule) or off (plain gradient).
 
-    ``attention="gradient"`` drops the base rule set's attention rule, so q, k, v, the softmax and the
-    two bilinear products keep their plain gradients while norms, element-wise activations and gated
-    products keep the base rules. With ``base="attnlrp"`` that is the rule set of the RelP reference
-    code for GPT-2-style models (LN rule, identity rule, half rule on the gate; attention untouched).
-    See docs/patching.md#rule-variants for what each variant measured.
+    ``norms``: normalisation scale constant; ``mlp``: identity rule on element-wise activations and the
+    gated product's split; ``attention``: AttnLRP's factors on q, k, v or CP-LRP's detached q and k.
+    ``PatchRules("relp", base="attnlrp", attention=False)`` is the rule set of the RelP reference code
+    (LN rule, identity rule, half rule on the gate; attention untouched). docs/patching.md#rule-variants
+    lists what each variant measured.
     """
 
     name: str
-    base: str = "attnlrp"
-    attention: str = "rules"
+    base: str = "cplrp"
+    norms: bool = True
+    mlp: bool = True
+    attention: bool = True
 
     def __post_init__(self):
         if self.base not in RULE_SETS:
             raise InputError(f"PatchRules.base must be one of {', '.join(RULE_SETS)}, got {self.base!r}")
-        if self.attention not in ("rules", "gradient"):
-            raise InputError(f"PatchRules.attention must be 'rules' or 'gradient', got {self.attention!r}")
+
+    def keeps(self, hook_name: str) -> bool:
+        """Whether the base rule hook at ``hook_name`` belongs to a component whose rule is on."""
+        if ".attn." in hook_name:
+            return self.attention
+        if ".mlp." in hook_name:
+            return self.mlp
+        return self.norms  # ln1 / ln2 / ln_final hooks
+
+    @property
+    def detaches_qk(self) -> bool:
+        return self.base == "cplrp" and self.attention
 
 
 #: named variants accepted by ``rules=`` in this module, next to the engine's rule sets
 RULE_VARIANTS: dict[str, PatchRules] = {
-    "relp": PatchRules("relp", base="attnlrp", attention="gradient"),
+    "relp": PatchRules("relp", base="attnlrp", attention=False),
 }
 
-_ATTENTION_RULE_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
 
-
-def _resolve_rules(rules) -> tuple[str, PatchRules | object]:
-    """``(label, rules)``: a name from the engine or ``RULE_VARIANTS``, a :class:`PatchRules`, or any
-    rule-set object the engine's ``rule_hooks`` accepts."""
+def _resolve_rules(rules) -> tuple[str, object]:
+    """``(label, rules)``: an engine rule-set name (as a :class:`PatchRules`), a name from
+    ``RULE_VARIANTS``, a :class:`PatchRules`, or any rule-set object the engine's ``rule_hooks`` accepts."""
     if isinstance(rules, str):
         key = rules.lower()
         if key in RULE_VARIANTS:
             return key, RULE_VARIANTS[key]
         if key in RULE_SETS:
-            return key, key
+            return key, PatchRules(key, base=key)
         raise InputError(
             f"unknown rule set {rules!r}; choose one of {', '.join(RULE_SETS + tuple(RULE_VARIANTS))}"
         )
@@ -180,22 +191,13 @@ def _resolve_rules(rules) -> tuple[str, PatchRules | object]:
     return str(getattr(rules, "name", rules)), rules
 
 
-def patch_hooks(model, rules="attnlrp") -> list[tuple[str, Callable]]:
-    """The forward hooks that realise ``rules`` for relevance patching (engine rule hooks, filtered
-    for a :class:`PatchRules` variant)."""
+def patch_hooks(model, rules="cplrp") -> list[tuple[str, Callable]]:
+    """The forward hooks that realise ``rules`` for relevance patching (the engine's rule hooks,
+    filtered by a :class:`PatchRules`)."""
     _, resolved = _resolve_rules(rules)
     if not isinstance(resolved, PatchRules):
         return rule_hooks(model, resolved)
-    hooks = rule_hooks(model, resolved.base)
-    if resolved.attention == "gradient":
-        hooks = [(n, fn) for n, fn in hooks if not n.endswith(_ATTENTION_RULE_HOOKS)]
-    return hooks
-
-
-def _detaches_qk(resolved) -> bool:
-    base = resolved.base if isinstance(resolved, PatchRules) else str(getattr(resolved, "name", resolved))
-    attention = resolved.attention if isinstance(resolved, PatchRules) else "rules"
-    return base == "cplrp" and attention == "rules"
+    return [(n, fn) for n, fn in rule_hooks(model, resolved.base) if resolved.keeps(n)]
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -300,7 +302,7 @@ def relevance_patch(
     patching_metric: Metric,
     grids: str | Sequence[str] = BLOCK_GRIDS,
     *,
-    rules="attnlrp",
+    rules="cplrp",
 ) -> dict[str, torch.Tensor]:
     """Every requested grid from ONE forward and ONE backward of ``corrupted_tokens`` under ``rules``.
 
@@ -311,8 +313,10 @@ def relevance_patch(
             (an ``ActivationCache`` or a dict keyed by hook name); same batch and positions.
         patching_metric: ``metric(logits) -> scalar`` on ``[batch, pos, vocab]`` logits (TL's contract).
         grids: names from :data:`GRIDS` (``"resid_pre"``, ``"attn_head_out_all_pos"``, ...).
-        rules: ``"attnlrp"``, ``"cplrp"``, ``"gxi"`` (attribution patching), a name from
-            :data:`RULE_VARIANTS`, a :class:`PatchRules`, or a rule set the engine accepts.
+        rules: ``"cplrp"`` (default: the best agreement measured, docs/patching.md#results), ``"attnlrp"``,
+            ``"gxi"`` (attribution patching), a name from :data:`RULE_VARIANTS` (``"relp"``), a
+            :class:`PatchRules`, or a rule set the engine accepts. CP-LRP detaches q and k, so query/key
+            grids (and the head bundles that contain them) default to ``"relp"``.
 
     Returns: ``{grid name: tensor}`` shaped like TL's grid; each cell estimates
     ``metric(patched) − metric(corrupted)``.
@@ -322,7 +326,7 @@ def relevance_patch(
     adapter.fired_hooks  # validate the model before installing anything
     label, resolved = _resolve_rules(rules)
     wanted = _check_grids(grids, adapter)
-    if _detaches_qk(resolved):
+    if isinstance(resolved, PatchRules) and resolved.detaches_qk:
         qk = [g.name for g in wanted if g.hook in ("attn.hook_q", "attn.hook_k")]
         if qk:
             raise InputError(
@@ -341,7 +345,12 @@ def relevance_patch(
         value = _metric_value(patching_metric, model(tokens))
         found = [taps[n] for n in names]
         grads = dict(zip(names, torch.autograd.grad(value, found, allow_unused=True)))
-    grads = {n: torch.zeros_like(taps[n]) if g is None else g for n, g in grads.items()}
+    unreached = [n for n, g in grads.items() if g is None]
+    if unreached:
+        raise InputError(
+            f"no gradient reaches {unreached[0]} from the metric under rules={label!r} (the rules detach it, "
+            "or the metric does not depend on it); there is no estimate for that grid"
+        )
 
     out = {}
     for grid in wanted:
@@ -363,19 +372,25 @@ def relevance_patch(
     return out
 
 
+def _default_rules(grid: str) -> str:
+    """CP-LRP for every grid it can estimate; RelP's rule set for query and key grids."""
+    return "relp" if GRIDS[grid].hook in ("attn.hook_q", "attn.hook_k") else "cplrp"
+
+
 def _named(grid: str) -> Callable:
     spec = GRIDS[grid]
     shape = " ".join(spec.axes)
+    default = _default_rules(grid)
 
-    def estimate(model, corrupted_tokens, clean_cache, patching_metric, *, rules="attnlrp") -> torch.Tensor:
+    def estimate(model, corrupted_tokens, clean_cache, patching_metric, *, rules=default) -> torch.Tensor:
         return relevance_patch(model, corrupted_tokens, clean_cache, patching_metric, grid, rules=rules)[grid]
 
     estimate.__name__ = estimate.__qualname__ = f"relevance_patch_{grid}"
     estimate.__doc__ = (
         f"Relevance-patching estimate of ``transformer_lens.patching.{spec.tl_function}``: ``[{shape}]``, each "
         f"cell ≈ metric(patched) − metric(corrupted) for patching ``blocks.{{layer}}.{spec.hook}`` from "
-        "``clean_cache`` into the run of ``corrupted_tokens``. One forward and one backward under ``rules``; see "
-        ":func:`relevance_patch`."
+        "``clean_cache`` into the run of ``corrupted_tokens``. One forward and one backward under ``rules`` "
+        f"(default {default!r}); see :func:`relevance_patch`."
     )
     return estimate
 
@@ -403,7 +418,7 @@ def _pad_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def relevance_patch_block_every(
-    model, corrupted_tokens, clean_cache, metric, *, rules="attnlrp"
+    model, corrupted_tokens, clean_cache, metric, *, rules="cplrp"
 ) -> Float[torch.Tensor, "patch_type layer pos"]:
     """``[3, layer, pos]``: resid_pre, attn_out, mlp_out (as ``get_act_patch_block_every``), one backward."""
     grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, BLOCK_GRIDS, rules=rules)
@@ -411,7 +426,7 @@ def relevance_patch_block_every(
 
 
 def relevance_patch_attn_head_all_pos_every(
-    model, corrupted_tokens, clean_cache, metric, *, rules="attnlrp"
+    model, corrupted_tokens, clean_cache, metric, *, rules="relp"
 ) -> Float[torch.Tensor, "patch_type layer head"]:
     """``[5, layer, head]``: out, q, k, v, pattern (as ``get_act_patch_attn_head_all_pos_every``;
     grouped-query k and v zero-padded to ``n_heads``), one backward."""
@@ -422,7 +437,7 @@ def relevance_patch_attn_head_all_pos_every(
 
 
 def relevance_patch_attn_head_by_pos_every(
-    model, corrupted_tokens, clean_cache, metric, *, rules="attnlrp"
+    model, corrupted_tokens, clean_cache, metric, *, rules="relp"
 ) -> Float[torch.Tensor, "patch_type layer pos head"]:
     """``[5, layer, pos, head]``: out, q, k, v, pattern (as ``get_act_patch_attn_head_by_pos_every``:
     k and v zero-padded, the pattern grid moved to ``[layer, dest_pos, head]``), one backward."""
@@ -476,7 +491,9 @@ class Agreement:
 
     ``activation[grid]`` is TL's grid minus the unpatched metric (the effect of each patch);
     ``estimates[rules][grid]`` the one-backward estimates of the same effects. ``baseline`` is the
-    metric of the run being patched, ``source`` the metric of the run patched from."""
+    metric of the run being patched, ``source`` the metric of the run patched from. ``changed[grid]``
+    marks the cells whose activation differs between the two runs: elsewhere the patch is a no-op,
+    every method gives exactly 0, and ``changed_only=True`` leaves those cells out of a correlation."""
 
     direction: str
     grids: list[str]
@@ -485,12 +502,19 @@ class Agreement:
     estimates: dict[str, dict[str, torch.Tensor]]
     baseline: float
     source: float
+    changed: dict[str, torch.Tensor]
 
-    def pearson(self, rules: str, grid: str) -> float:
-        return pearson(self.estimates[rules][grid], self.activation[grid])
+    def _cells(self, rules: str, grid: str, changed_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        est, act = self.estimates[rules][grid], self.activation[grid]
+        if changed_only:
+            return est[self.changed[grid]], act[self.changed[grid]]
+        return est, act
 
-    def spearman(self, rules: str, grid: str) -> float:
-        return spearman(self.estimates[rules][grid], self.activation[grid])
+    def pearson(self, rules: str, grid: str, changed_only: bool = False) -> float:
+        return pearson(*self._cells(rules, grid, changed_only))
+
+    def spearman(self, rules: str, grid: str, changed_only: bool = False) -> float:
+        return spearman(*self._cells(rules, grid, changed_only))
 
     def table(self) -> str:
         lines = [f"{self.direction}: metric {self.baseline:+.4g} (patched run) vs {self.source:+.4g} (source run)",
@@ -507,6 +531,7 @@ class Agreement:
         return {
             "direction": self.direction, "grids": self.grids, "rules": self.rules,
             "baseline": self.baseline, "source": self.source,
+            "changed": {g: v.tolist() for g, v in self.changed.items()},
             "activation": {g: v.tolist() for g, v in self.activation.items()},
             "estimates": {r: {g: v.tolist() for g, v in d.items()} for r, d in self.estimates.items()},
             "pearson": {r: {g: self.pearson(r, g) for g in self.grids} for r in self.rules},
@@ -560,7 +585,7 @@ def agreement(
     metric: Metric,
     *,
     grids: Sequence[str] = DEFAULT_AGREEMENT_GRIDS,
-    rules: Sequence = ("attnlrp", "cplrp", "gxi"),
+    rules: Sequence = ("cplrp", "attnlrp", "gxi"),
     direction: str = "denoising",
 ) -> Agreement:
     """Run TL's activation patching and the one-backward estimates on the same grids, prompts and metric.
@@ -592,5 +617,15 @@ def agreement(
     }
     with torch.no_grad():
         effects = {g: activation_patch(model, tokens, source_cache, metric, g).double().cpu() - baseline for g in wanted}
+    changed = {g: _changed_cells(GRIDS[g], clean_cache, corrupted_cache, adapter.arch.n_layers) for g in wanted}
     return Agreement(direction, wanted, labels, effects,
-                     {r: {g: v.double().cpu() for g, v in d.items()} for r, d in estimates.items()}, baseline, source)
+                     {r: {g: v.double().cpu() for g, v in d.items()} for r, d in estimates.items()}, baseline, source,
+                     changed)
+
+
+def _changed_cells(grid: Grid, cache_a, cache_b, n_layers: int) -> torch.Tensor:
+    """Cells of ``grid`` whose activation differs between the two runs."""
+    return torch.stack([
+        grid.reduce((cache_a[grid.hook_name(layer)] - cache_b[grid.hook_name(layer)]).abs()) > 0
+        for layer in range(n_layers)
+    ]).cpu()

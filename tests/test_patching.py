@@ -292,6 +292,35 @@ def test_named_functions_equal_the_generic_call():
     )
 
 
+def test_defaults_cplrp_except_query_and_key_grids():
+    model = cached_model("gpt2")
+    clean_t, corrupted_t, clean_cache = runs(model)
+    for fn, grid, rules in ((RP.relevance_patch_resid_pre, "resid_pre", "cplrp"),
+                            (RP.relevance_patch_attn_head_k_by_pos, "attn_head_k_by_pos", "relp")):
+        expected = RP.relevance_patch(model, corrupted_t, clean_cache, metric, grid, rules=rules)[grid]
+        torch.testing.assert_close(fn(model, corrupted_t, clean_cache, metric), expected)
+    names = [f"attn_head_{p}_all_pos" for p in RP.HEAD_PARTS]
+    relp = RP.relevance_patch(model, corrupted_t, clean_cache, metric, names, rules="relp")
+    bundle = RP.relevance_patch_attn_head_all_pos_every(model, corrupted_t, clean_cache, metric)
+    torch.testing.assert_close(bundle[1], relp["attn_head_q_all_pos"])
+
+
+def test_rules_that_cut_a_patched_activation_off_are_refused(monkeypatch):
+    """A rule set the engine accepts but that detaches an activation leaves no gradient there: refuse
+    instead of reporting zeros."""
+    model = cached_model("gpt2")
+    clean_t, corrupted_t, clean_cache = runs(model)
+
+    def detach_values(adapter, rules):
+        return [(f"blocks.{layer}.attn.hook_v", lambda t, hook: t.detach()) for layer in range(model.cfg.n_layers)]
+
+    monkeypatch.setattr(RP, "rule_hooks", detach_values)
+    custom = type("Custom", (), {"name": "custom"})()
+    with pytest.raises(InputError, match="no gradient reaches blocks.0.attn.hook_v"):
+        RP.relevance_patch_attn_head_v_all_pos(model, corrupted_t, clean_cache, metric, rules=custom)
+    assert hook_count(model) == 0
+
+
 def test_agreement_compares_with_transformer_lens_in_both_directions():
     model = cached_model("gpt2")
     clean_t, corrupted_t, clean_cache = runs(model, SHORT_CLEAN, SHORT_CORRUPTED)
