@@ -7,8 +7,9 @@ Each cell is the first-order estimate of what patching that cell does to the met
     (a_clean − a_corrupted) · ∂metric/∂a   (evaluated on the corrupted run, gradient under ``rules``)
 
 summed over the batch and the cell's feature axes. ``rules="gxi"`` is classic attribution patching;
-``"attnlrp"`` / ``"cplrp"`` take the gradient under the LRP rules (relevance patching, RelP).
-One forward and one backward of the corrupted batch give every cell of every requested grid.
+``"cplrp"`` (the default, best measured), ``"attnlrp"`` and ``"relp"`` (the RelP reference rules) take
+the gradient under LRP rules (relevance patching). One forward and one backward of the corrupted batch
+give every cell of every requested grid.
 
 Direction and sign: TransformerLens' ``get_act_patch_*`` run ``corrupted_tokens`` with activations
 from ``clean_cache`` patched in (denoising) and return ``metric(patched logits)``. The estimate here
@@ -476,9 +477,22 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((x * y).sum()) / den if den > 0 else float("nan")
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN when either grid is constant."""
-    return pearson(_ranks(a.detach().double().flatten().cpu()), _ranks(b.detach().double().flatten().cpu()))
+#: cells below this fraction of their grid's largest |value| rank as 0 in :func:`spearman`
+SPEARMAN_FLOOR = 1e-4
+
+
+def _floored(x: torch.Tensor, floor: float) -> torch.Tensor:
+    x = x.detach().double().flatten().cpu()
+    return torch.where(x.abs() <= floor * x.abs().max(), torch.zeros_like(x), x)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, floor: float = SPEARMAN_FLOOR) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN when either grid is constant.
+
+    Cells whose |value| is at most ``floor`` × the grid's largest |value| rank as exact zeros (ties):
+    TransformerLens stores patched metrics in float32, so effects that small are rounding, and their
+    order would otherwise decide the ranks of most cells of a sparse grid."""
+    return pearson(_ranks(_floored(a, floor)), _ranks(_floored(b, floor)))
 
 
 DIRECTIONS = ("denoising", "noising")

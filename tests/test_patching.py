@@ -351,6 +351,11 @@ def test_pearson_and_spearman_by_hand():
     # centred (5, -1, -4)/3 and (-4, -1, 5)/3: -39 / 42
     assert RP.pearson(torch.tensor([4.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 4.0])) == pytest.approx(-13 / 14, abs=1e-15)
     assert RP.pearson(torch.zeros(3), a[:3]) != RP.pearson(torch.zeros(3), a[:3])  # NaN for a constant grid
+    # below 1e-4 of the grid's largest |value| a cell ranks as 0: (1e-6, 0, 2e-6, 1) -> ranks (2, 2, 2, 4)
+    tiny, other = torch.tensor([1e-6, 0.0, 2e-6, 1.0]), torch.tensor([3.0, 1.0, 2.0, 4.0])
+    # centred ranks (-.5, -.5, -.5, 1.5) and (.5, -1.5, -.5, 1.5): 3 / sqrt(3 * 5)
+    assert RP.spearman(tiny, other) == pytest.approx(3 / 15 ** 0.5, abs=1e-15)
+    assert RP.spearman(tiny, other, floor=0) == pytest.approx(RP.pearson(torch.tensor([2.0, 1.0, 3.0, 4.0]), other))
 
 
 # ---------------------------------------------------------------------------- Attribution views
@@ -366,7 +371,7 @@ def test_attribution_views_follow_transformer_lens_axes_and_equal_zero_patching(
         return (logits[:, -1, TARGET] - logits[:, -1, CONTRAST]).sum()
 
     grids = ["resid_pre", "resid_mid", "attn_head_out_by_pos", "attn_head_out_all_pos"]
-    est = RP.relevance_patch(model, tokens, zero, summed_metric, grids)
+    est = RP.relevance_patch(model, tokens, zero, summed_metric, grids, rules="attnlrp")
     torch.testing.assert_close(est["resid_pre"], -attr.stack("resid_pre").sum(0), rtol=1e-9, atol=1e-12)
     if not cage_lens.adapt(model).arch.is_bridge:  # on a bridge hook_resid_mid's write reaches only the MLP
         torch.testing.assert_close(est["resid_mid"], -attr.stack("resid_mid").sum(0), rtol=1e-9, atol=1e-12)
