@@ -9,8 +9,9 @@ the per-prompt Pearson and Spearman correlations are averaged over prompts with 
 interval (1000 resamples). Rule variants (each component's LRP rule switched on alone) run in the same
 calls, on the same activation-patching grids.
 
-Run it once per TransformerLens line; each run stores its numbers under ``benchmarks/results/raw/``
-and re-renders the markdown from every line stored there:
+Run it once per TransformerLens line; each run stores its numbers under
+``benchmarks/results/raw/patching_agreement_tl<major>.json.gz`` and re-renders the markdown from every
+line stored there (``--render-only`` re-renders without measuring):
 
     /work/venvs/tl4/bin/python scripts/patching_agreement.py
     /work/venvs/tl2/bin/python scripts/patching_agreement.py
@@ -19,6 +20,7 @@ and re-renders the markdown from every line stored there:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -290,8 +292,8 @@ def render() -> str:
         "|metric(source run) − metric(patched run)|: how much of the effect the grid's largest cell carries",
         "",
     ]
-    for raw in sorted(RAW.glob("patching_agreement_*.json"), reverse=True):
-        data = json.loads(raw.read_text())
+    for raw in sorted(RAW.glob("patching_agreement_*.json.gz"), reverse=True):
+        data = json.loads(gzip.decompress(raw.read_bytes()))
         lines += [f"## TransformerLens {data['transformer_lens']} ({data['results'][0]['architecture']}), "
                   f"torch {data['torch']}", "", "Target check (CP-LRP ≥ 0.95 Pearson everywhere; above AtP "
                   "wherever AtP < 0.9):", ""]
@@ -315,11 +317,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.add_diagnostics:  # add the attention-switch diagnostic to this TL line's stored numbers
-        path = RAW / f"patching_agreement_tl{version('transformer-lens').split('.')[0]}.json"
-        data = json.loads(path.read_text())
+        path = RAW / f"patching_agreement_tl{version('transformer-lens').split('.')[0]}.json.gz"
+        data = json.loads(gzip.decompress(path.read_bytes()))
         for result in data["results"]:
             result["attention_switch"] = attention_switch(result["task"], result["n"], result["seed"])
-        path.write_text(json.dumps(data))
+        path.write_bytes(gzip.compress(json.dumps(data).encode(), mtime=0))
     elif not args.render_only:
         tl = version("transformer-lens")
         results = []
@@ -329,9 +331,9 @@ def main() -> None:
             print(f"  {results[-1]['seconds']:.0f} s", flush=True)
         batches = measure_ioi_batches(args.batches, 8, args.seed) if args.batches and "ioi" in args.tasks else None
         RAW.mkdir(parents=True, exist_ok=True)
-        out = RAW / f"patching_agreement_tl{tl.split('.')[0]}.json"
-        out.write_text(json.dumps({"transformer_lens": tl, "torch": torch.__version__, "results": results,
-                                   "ioi_batches": batches}))
+        out = RAW / f"patching_agreement_tl{tl.split('.')[0]}.json.gz"
+        data = {"transformer_lens": tl, "torch": torch.__version__, "results": results, "ioi_batches": batches}
+        out.write_bytes(gzip.compress(json.dumps(data).encode(), mtime=0))
         print(f"wrote {out}")
     text = render()
     (RESULTS / "patching_agreement.md").write_text(text)
