@@ -47,6 +47,7 @@ _EXPORTS = {
     "zoo": "cage_lens.zoo",
     "load": "cage_lens.persist",
     "study": "cage_lens.study",
+    "patching": "cage_lens.patching",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -148,6 +148,37 @@ class Attribution:
         scale = r[keep].abs().max() if keep.any() else r.abs().max()
         return r / scale.clamp_min(1e-30)
 
+    def stack(self, point: str = "resid_pre") -> Float[torch.Tensor, "batch layer pos"]:
+        """Residual relevance at ``point`` (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``) of every
+        layer, stacked like TransformerLens' ``[layer, pos]`` patching grids (batch first)."""
+        names = [n for n in self.node_relevance if n.endswith(f".hook_{point}")]
+        if not names:
+            points = sorted({n.rsplit(".hook_", 1)[-1] for n in self.node_relevance})
+            raise InputError(f"no residual point {point!r}; this attribution has {', '.join(points)}")
+        return torch.stack([self.node_relevance[n] for n in names], dim=1)
+
+    def head_grid(self, by_pos: bool = True) -> Float[torch.Tensor, "batch layer ..."]:
+        """Head relevance in TransformerLens' patching axis order: ``[batch, layer, pos, head]`` (as
+        ``get_act_patch_attn_head_out_by_pos``) or, with ``by_pos=False``, summed over positions to
+        ``[batch, layer, head]`` (as ``get_act_patch_attn_head_out_all_pos``)."""
+        if by_pos:
+            return self.head_relevance.transpose(2, 3)
+        return self.head_relevance.sum(-1)
+
+    @property
+    def head_labels(self) -> list[str]:
+        """``"L{layer}H{head}"`` in layer-major order, as TL's ``stack_head_results`` labels its rows."""
+        n_layers, n_heads = self.head_relevance.shape[1:3]
+        return [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+
+    def stack_head_relevance(
+        self, return_labels: bool = False
+    ) -> Float[torch.Tensor, "node batch pos"] | tuple[Float[torch.Tensor, "node batch pos"], list[str]]:
+        """One row per head (layer-major, labels in :attr:`head_labels`), like TL's ``stack_head_results``."""
+        b, n_layers, n_heads, p = self.head_relevance.shape
+        stacked = self.head_relevance.permute(1, 2, 0, 3).reshape(n_layers * n_heads, b, p)
+        return (stacked, self.head_labels) if return_labels else stacked
+
     def top_tokens(self, k: int = 5, row: int = 0) -> list[tuple[int, str, float]]:
         r = self.token_relevance[row, : self.lengths[row]]
         order = r.abs().argsort(descending=True)[:k].tolist()

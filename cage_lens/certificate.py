@@ -120,13 +120,18 @@ def _structural_problems(adapter: ModelAdapter) -> list[str]:
         inside_norm = any(path == c or path.startswith(c + ".") for c in covered)
         if "norm" in name.lower() and not inside_norm and not is_norm_module(module):
             problems.append(f"{path} ({name}) looks like a normalisation but carries no identity rule")
-        if _is_bridge_component(module) and name not in KNOWN_BRIDGE_COMPONENTS:
+        if _is_bridge_component(module) and name not in KNOWN_BRIDGE_COMPONENTS and not _wraps_identity(module):
             problems.append(f"{path} is a {name}, a TransformerLens component cage_lens has no LRP rule for")
     return problems
 
 
 def _is_bridge_component(module: torch.nn.Module) -> bool:
     return any(c.__name__ == "GeneralizedComponent" for c in type(module).__mro__)
+
+
+def _wraps_identity(module: torch.nn.Module) -> bool:
+    """A bridge placeholder around ``nn.Identity`` (a model without that norm): nothing to rule."""
+    return isinstance(getattr(module, "original_component", None), torch.nn.Identity)
 
 
 # ---------------------------------------------------------------------------- the identity

@@ -13,7 +13,7 @@ from cage_lens import methods
 from cage_lens.circuit import circuit_graph
 from conftest import cached_model, hook_count
 
-PROMPTS = ["the cat sat on the mat", "the dog ran to the big red box", "mary went to the store", "a b c d e f"]
+PROMPTS = ["the cat sat on the mat", "the dog ran to the big red box", "mary went to the store", "one two three four five six"]
 THREADS, CALLS = 4, 20
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 from cage_lens.errors import InputError
 
-__all__ = ["Sample", "Task", "TASKS", "task", "SPECIAL_TOKENS"]
+__all__ = ["Sample", "Task", "TASKS", "task", "SPECIAL_TOKENS", "Corruption", "CORRUPTIONS"]
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
@@ -90,6 +90,11 @@ class Task:
 
     def full_vocab(self) -> list[str]:
         return SPECIAL_TOKENS + self.vocab
+
+    def corrupt(self, sample: Sample, **options) -> "Corruption":
+        """A clean/corrupted pair for activation patching: one answer-determining token changed
+        (see :data:`CORRUPTIONS`); deterministic for a given sample."""
+        return CORRUPTIONS[self.name](sample, **options)
 
 
 def _spans_from_sentences(sentence_lengths: list[int]) -> list[tuple[int, int]]:
@@ -414,6 +419,100 @@ TASKS: dict[str, Task] = {
         _gen=_gen_ioi,
         word_classes={"name": IOI_NAMES, "place": IOI_PLACES, "object": IOI_OBJECTS},
     ),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# corruptions for activation patching
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Corruption:
+    """A clean/corrupted prompt pair that differ in one token, the one that decides the answer.
+
+    ``clean`` is the sample's prompt, teacher-forced with the completion tokens before the explained
+    one where the first answer is a plain copy; its next token is ``answer``. ``corrupted`` replaces
+    the word at TL position ``position`` (BOS = 0) by ``replacement``, keeping the token count, so its
+    next token becomes ``corrupted_answer``. The patching metric is ``logit(answer) − logit(contrast)``
+    at the last position."""
+
+    clean: str
+    corrupted: str
+    position: int
+    original: str
+    replacement: str
+    answer: str
+    corrupted_answer: str
+    contrast: str
+
+
+def _replace_word(text: str, position: int, word: str) -> str:
+    words = text.split()
+    words[position - 1] = word  # TL position (BOS at 0) -> word index
+    return " ".join(words)
+
+
+def _pair(clean: str, position: int, replacement: str, answer: str, corrupted_answer: str,
+          contrast: str | None = None) -> Corruption:
+    return Corruption(
+        clean=clean, corrupted=_replace_word(clean, position, replacement), position=position,
+        original=clean.split()[position - 1], replacement=replacement, answer=answer,
+        corrupted_answer=corrupted_answer, contrast=corrupted_answer if contrast is None else contrast,
+    )
+
+
+def _rng(sample: Sample) -> random.Random:
+    return random.Random(f"corrupt:{sample.prompt}")
+
+
+def _corrupt_ioi(sample: Sample, swap: str = "io") -> Corruption:
+    """``swap="io"``: the indirect object becomes a name not in the prompt (answer: that name);
+    ``swap="s2"``: the repeated subject becomes the IO name (answer flips to S). Metric contrast: S."""
+    io, s = sample.correct, sample.wrong
+    if swap == "io":
+        unused = [n for n in IOI_NAMES if n not in sample.prompt.split()]
+        name = _rng(sample).choice(unused)
+        return _pair(sample.prompt, sample.meta["io_positions"][0], name, io, name, contrast=s)
+    if swap == "s2":
+        return _pair(sample.prompt, sample.meta["s_positions"][-1], io, io, s, contrast=s)
+    raise ValueError(f"unknown IOI corruption {swap!r}; choose 'io' or 's2'")
+
+
+def _corrupt_pointer_chase(sample: Sample) -> Corruption:
+    """The start key becomes another key of the prompt with a different value (answer: that value)."""
+    words = ["<bos>"] + sample.prompt.split()
+    start, first = sample.meta["chain"][0], sample.completion_tokens[0]
+    others = sorted(k for k, (_, vpos) in sample.meta["fact_positions"].items() if k != start and words[vpos] != first)
+    key = _rng(sample).choice(others)
+    value = words[sample.meta["fact_positions"][key][1]]
+    return _pair(sample.prompt, sample.meta["start_position"], key, first, value)
+
+
+def _corrupt_facts(sample: Sample) -> Corruption:
+    """Explains the first verb (prompt + the copied name): the verb of that name's fact becomes an
+    unused verb (answer: that verb)."""
+    name, verb = sample.completion_tokens[:2]
+    fact = sample.meta["chosen"][0]
+    used = {v for _, v, _ in sample.meta["facts"]}
+    replacement = _rng(sample).choice([v for v in FACT_VERBS if v not in used])
+    return _pair(f"{sample.prompt} {name}", sample.meta["fact_starts"][fact] + 1, replacement, verb, replacement)
+
+
+def _corrupt_arith(sample: Sample) -> Corruption:
+    """Explains the alias hop (prompt + the restated query): the alias definition of the query points
+    to another value variable (answer: that variable)."""
+    query, target = sample.completion_tokens[:2]
+    others = sorted(v for v in sample.meta["values"] if v != target)
+    replacement = _rng(sample).choice(others)
+    position = sample.meta["definition_positions"][query] + 2
+    return _pair(f"{sample.prompt} {query}", position, replacement, target, replacement)
+
+
+#: task name -> ``corrupt(sample, **options) -> Corruption``
+CORRUPTIONS: dict[str, Callable[..., Corruption]] = {
+    "ioi": _corrupt_ioi,
+    "pointer-chase": _corrupt_pointer_chase,
+    "facts": _corrupt_facts,
+    "arith": _corrupt_arith,
 }
 
 
