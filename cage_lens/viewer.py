@@ -53,9 +53,10 @@ def safe_text(token: str) -> str:
 
 
 def script_json(data) -> str:
-    """JSON safe inside ``<script>``: no ``<``, ``>``, ``&`` or line separators can end the block."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
-    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    """JSON safe inside ``<script>``: no ``<``, ``>`` or ``&`` can end the block, and every non-ASCII
+    character (line separators, bidi overrides) is a ``\\u`` escape, so no raw control text reaches the page."""
+    text = json.dumps(data, ensure_ascii=True, allow_nan=False)
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(raw, escaped)
     return text
 

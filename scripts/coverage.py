@@ -7,7 +7,7 @@ error); does CP-LRP conserve relevance on the bias-free model; do AttnLRP and CP
 (or refuse, and why); does ``cage`` run. Each interpreter writes ``benchmarks/results/raw/
 coverage_<line>.json``; the table ``benchmarks/results/coverage.md`` is rendered from all of them.
 
-    python scripts/coverage.py --python /work/venvs/tl4/bin/python /work/venvs/tl2/bin/python
+    python scripts/coverage.py --python <TL 4.3 venv>/bin/python <TL 2.18 venv>/bin/python
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Run it once per TransformerLens line; each run stores its numbers under
 ``benchmarks/results/raw/patching_agreement_tl<major>.json.gz`` and re-renders the markdown from every
 line stored there (``--render-only`` re-renders without measuring):
 
-    /work/venvs/tl4/bin/python scripts/patching_agreement.py
-    /work/venvs/tl2/bin/python scripts/patching_agreement.py
+    <TL 4.3 venv>/bin/python scripts/patching_agreement.py
+    <TL 2.18 venv>/bin/python scripts/patching_agreement.py
 """
 
 from __future__ import annotations

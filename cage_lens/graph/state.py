@@ -1,4 +1,4 @@
-"""One forward under the rules and one backward: everything both edge methods need (docs/graphs.md#state).
+"""One forward under the rules and one backward: everything both edge methods need (docs/graphs.md#closed-form).
 
 :func:`capture_state` records every residual state with its gradient, each layer's attention
 internals (queries and keys as they enter the scores, values, head outputs and their gradients)
@@ -337,7 +337,7 @@ def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], posit
 def _rho(adapter: ModelAdapter, layer: int, branch: str, x: torch.Tensor, rules: RuleSet) -> torch.Tensor:
     """``ρ = ε/σ²`` per token for the norm feeding ``branch`` under the gradient norm rule (1 when the
     scale is held constant, or when no norm feeds the branch): Gradient×Input of ``n(x) = C x/σ(x)``
-    is ``(n(x) − b)·ρ`` (docs/graphs.md#gradient-rule)."""
+    is ``(n(x) − b)·ρ`` (docs/graphs.md#gradient-rule-on-norms)."""
     site = adapter.input_norm(layer, branch)
     one = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     if rules.norm == "identity" or site is None:

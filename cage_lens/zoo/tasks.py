@@ -7,7 +7,7 @@ at position ``i + 1`` of ``model.to_tokens(prompt)[0]``; every position in a :cl
 indexing (BOS at 0).  Completions start with a space, so ``prompt + completion`` tokenizes as the
 prompt tokens followed by the completion tokens.
 
-Ground-truth conventions (SPEC §4):
+Ground-truth conventions (docs/zoo.md):
 
 * ``direct_sources[t]``: prompt positions that completion token ``t`` reads directly (the fact or
   definition it copies from, and the prompt token that selects it).  Structural tokens whose value is
