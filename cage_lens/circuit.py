@@ -27,11 +27,9 @@ drop the neurons outside each token's top-k (their relevance is not drawn).
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import networkx as nx
 import torch
@@ -39,7 +37,7 @@ from jaxtyping import Float, Int
 
 from cage_lens import engine
 from cage_lens import graph as E
-from cage_lens.adapter import ModelAdapter, adapt
+from cage_lens.adapter import adapt
 from cage_lens.errors import InputError
 from cage_lens.persist import provenance
 from cage_lens.pruning import prune_edges

@@ -72,87 +72,11 @@ def _output_path(path: str | None) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- models
-def _parse_zoo_spec(spec: str) -> tuple[str, str | None, int | None]:
-    """``name[:size][@checkpoint]`` → (name, size, checkpoint)."""
-    rest, _, checkpoint = spec.partition("@")
-    name, _, size = rest.partition(":")
-    if "@" in spec and not checkpoint.lstrip("-").isdigit():
-        raise _user_error(
-            f"{spec!r}: the checkpoint after '@' must be a training step number (e.g. {name}@200), got {checkpoint!r}"
-        )
-    return name, size or None, int(checkpoint) if checkpoint else None
-
-
-def _cached_hub_name(spec: str) -> str | None:
-    """The Hugging Face repo id under which ``spec`` (a repo id or a TransformerLens alias) is in the
-    local Hugging Face cache, or ``None``. Looks at the cache only: no network."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    def cached(repo: str) -> bool:
-        try:
-            return isinstance(try_to_load_from_cache(repo, "config.json"), str)
-        except ValueError:  # not a valid repo id
-            return False
-
-    if cached(spec):
-        return spec
-    if not any(Path(constants.HF_HUB_CACHE).glob("models--*")):
-        return None  # nothing cached at all: no need to import TransformerLens to resolve an alias
-    for module in ("transformer_lens.supported_models", "transformer_lens.loading_from_pretrained"):
-        try:
-            official = getattr(__import__(module, fromlist=["get_official_model_name"]), "get_official_model_name")(spec)
-        except (ImportError, AttributeError, ValueError):
-            continue
-        return official if cached(official) else None
-    return None
-
-
 def load_model(spec: str | None):
-    """A TL model from a zoo spec ``name[:size][@checkpoint]``, a local HF directory, or a model in the
-    local Hugging Face cache. Anything else is refused at once, without waiting on the network."""
-    from cage_lens import zoo
-    from cage_lens.errors import CageLensError
+    """The model a ``--model`` spec names (see :mod:`cage_lens.specs`)."""
+    from cage_lens.specs import load_model as load
 
-    spec = spec or zoo.DEFAULT_MODEL
-    zoo_names = ", ".join(zoo.tasks())
-    try:
-        if spec.partition("@")[0].partition(":")[0] in zoo.tasks():
-            name, size, checkpoint = _parse_zoo_spec(spec)
-            try:
-                directory = zoo.model_dir(name, size, checkpoint)
-            except ValueError as err:
-                raise _user_error(str(err)) from None
-            return _load_directory(directory)
-        if Path(spec).expanduser().is_dir():
-            return _load_directory(Path(spec).expanduser())
-        if spec.startswith((".", "/", "~")):
-            raise _user_error(f"{spec!r} is not a directory (and not a zoo model: {zoo_names})")
-        repo = _cached_hub_name(spec)
-        if repo is None:
-            raise _user_error(
-                f"{spec!r} is not a zoo model ({zoo_names}), a local model directory, or a model in the local "
-                "Hugging Face cache; cage-lens does not download models (fetch it first, e.g. "
-                f"`huggingface-cli download {spec}`, or pass a directory)"
-            )
-        from cage_lens.loading import has_hooked_transformer
-
-        if has_hooked_transformer():
-            from transformer_lens import HookedTransformer
-
-            return HookedTransformer.from_pretrained(spec, device="cpu").eval()
-        from transformer_lens.model_bridge import TransformerBridge
-
-        return TransformerBridge.boot_transformers(repo, device="cpu").eval()
-    except CageLensError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:  # a broken or mismatched model on disk
-        raise _user_error(f"could not load model {spec!r}: {_first_line(err)}") from None
-
-
-def _load_directory(directory: Path):
-    from cage_lens.loading import load_hf_directory
-
-    return load_hf_directory(directory)
+    return load(spec)
 
 
 # ---------------------------------------------------------------------------- shared steps
@@ -312,14 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(err: BaseException) -> str:
-    """The message on one line: its first line (with the next one when the first ends in a colon)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
 def _quiet_libraries() -> None:
     """No progress bars, no hub access (cage-lens never downloads), no library warnings on stderr.
     Set before transformers is imported (it reads the environment at import)."""
@@ -332,7 +248,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cage_lens.errors import CageLensError
+    from cage_lens.errors import CageLensError, first_line
 
     args = build_parser().parse_args(argv)
     try:
@@ -342,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cage-lens: interrupted", file=sys.stderr)
         return 130
     except (CageLensError, OSError) as err:
-        print(f"cage-lens: error: {_first_line(err)}", file=sys.stderr)
+        print(f"cage-lens: error: {first_line(err)}", file=sys.stderr)
         return 2
 
 

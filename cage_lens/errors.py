@@ -15,3 +15,11 @@ class InputError(CageLensError):
 
 class NumericalError(CageLensError):
     """Relevance came out NaN or infinite."""
+
+
+def first_line(err: BaseException) -> str:
+    """The message on one line: its first line (with the next one when the first ends in a colon)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -164,6 +164,47 @@ def render() -> str:
     return "\n".join(out)
 
 
+README = ROOT / "README.md"
+README_START = "<!-- coverage summary: written by scripts/coverage.py from benchmarks/results/raw/coverage_*.json -->"
+README_END = "<!-- end of coverage summary -->"
+
+
+def _summary_cell(row: dict) -> str:
+    if not row["supported"]:
+        return "no conversion (refused by name)"
+    checks = [row[k] for k in ("forward", "certificate", "conservation", "cage")]
+    if not all(c.get("ok") for c in checks):
+        failed = [k for k in ("forward", "certificate", "conservation", "cage") if not row[k].get("ok")]
+        return "✗ " + ", ".join(failed)
+    parts = ["certified"]
+    lxt = row["lxt"]
+    if lxt.get("ok") is not None:
+        parts.append("= LXT" if lxt["ok"] else "✗ LXT")
+    graph = row["graph"]
+    parts.append("autograd graph only" if graph.get("refused") else "fast graph" if graph.get("ok") else "✗ graph")
+    return " · ".join(parts)
+
+
+def render_summary() -> str:
+    """The README's compact table: one row per family, one column per TransformerLens line."""
+    lines_data = [json.loads(p.read_text()) for p in sorted(RAW.glob("coverage_*.json"), reverse=True)]
+    families = list(dict.fromkeys(f for data in lines_data for f in data["families"]))
+    out = [README_START, "",
+           "| family | " + " | ".join(data["line"] for data in lines_data) + " |",
+           "| --- |" + " --- |" * len(lines_data)]
+    for family in families:
+        cells = [_summary_cell(data["families"][family]) if family in data["families"] else "—" for data in lines_data]
+        out.append(f"| {family} | " + " | ".join(cells) + " |")
+    out += ["", README_END]
+    return "\n".join(out)
+
+
+def write_readme_summary() -> None:
+    text = README.read_text()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    README.write_text(text[:start] + render_summary() + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", nargs="*", default=None, help="interpreters (one per TL line) to run the checks in")
@@ -179,7 +220,8 @@ def main() -> None:
     for python in args.python or []:
         subprocess.run([python, __file__, "--child"], check=True)
     OUT.write_text(render() + "\n")
-    print(f"wrote {OUT}")
+    write_readme_summary()
+    print(f"wrote {OUT} and the README's coverage summary")
 
 
 if __name__ == "__main__":

@@ -31,13 +31,6 @@ ALL = dict(node_threshold=None, top_p=None)
 FAST_REFUSALS = {"gptj": "rotated queries and keys"} if BRIDGE else {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @functools.lru_cache(maxsize=None)
 def family_model(family: str, biases: bool = True):

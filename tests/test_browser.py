@@ -21,7 +21,6 @@ from cage_lens.circuit import circuit_graph
 from cage_lens.viewer import PAGE_BUDGET_BYTES, visible
 from cage_lens.viz import html_page
 from conftest import cached_model
-from results_support import one_thread  # noqa: F401  (autouse)
 
 PROMPT = "the cat sat on the mat and john"
 CHROMIUM = os.environ.get("CAGE_LENS_CHROMIUM", "/usr/bin/chromium")

@@ -15,7 +15,6 @@ from cage_lens.cage_graph import GenerationGraph, cage
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.testing import random_model
 
-torch.set_num_threads(2)
 
 PROMPT = "the cat sat on the mat . john went to the store ."
 # The paper's normalisation divides each row by Σ + 1e-8: hand-computed fractions are off by at most

@@ -16,14 +16,6 @@ from cage_lens.testing import MODEL_KINDS, random_model
 from conftest import float32_inside
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids thread-pool overhead on a shared machine (30× faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 PROMPT = "the cat sat on the mat and john"
 TARGET = " mary"

@@ -24,7 +24,6 @@ from cage_lens.circuit import circuit_graph
 from cage_lens.errors import InputError
 from cage_lens.export import circuit_tracer_dict
 from conftest import cached_model
-from results_support import one_thread  # noqa: F401  (autouse)
 from test_pruning import twelve_node_graph
 
 PROMPT = "the cat sat on the mat and john"

@@ -161,8 +161,10 @@ def test_models_in_the_local_hub_cache_are_found_without_network(tmp_path, monke
     (tmp_path / "models--someone--tiny-lm" / "refs").mkdir()
     (tmp_path / "models--someone--tiny-lm" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    assert cli._cached_hub_name("someone/tiny-lm") == "someone/tiny-lm"
-    assert cli._cached_hub_name("someone/other-lm") is None
+    from cage_lens.specs import cached_hub_name
+
+    assert cached_hub_name("someone/tiny-lm") == "someone/tiny-lm"
+    assert cached_hub_name("someone/other-lm") is None
 
 
 def test_out_is_checked_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):

@@ -49,3 +49,16 @@ def test_no_references_to_the_external_spec_or_tracker():
     files += [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / ".ci" / "run"]
     pattern = re.compile(r"SPEC(\.md| §)|issue \d|item \d|/work/venvs")
     assert [str(f.relative_to(ROOT)) for f in files if pattern.search(f.read_text())] == []
+
+
+def test_readme_coverage_summary_is_the_generated_one():
+    """The README's family table is what ``scripts/coverage.py`` renders from the committed raw results."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("coverage_script", ROOT / "scripts" / "coverage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(script.README_START), readme.index(script.README_END) + len(script.README_END)
+    assert readme[start:end] == script.render_summary()
+    assert (ROOT / "benchmarks" / "results" / "coverage.md").read_text() == script.render() + "\n"

@@ -11,7 +11,6 @@ from cage_lens import methods
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.testing import random_model
 
-torch.set_num_threads(2)
 
 PROMPT = "the cat sat on the mat ."
 COMPLETION = [19, 23, 24]  # john went to

@@ -13,7 +13,6 @@ from cage_lens.errors import InputError
 from cage_lens.methods import eos_id
 from cage_lens.testing import random_model
 
-torch.set_num_threads(2)
 
 
 def test_normalised_curve_and_rise_by_hand():

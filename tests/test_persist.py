@@ -18,7 +18,6 @@ from cage_lens.errors import InputError
 from cage_lens.failure import FailureExplanation, explain_failure
 from cage_lens.persist import SCHEMA_VERSION, SavedCallable, read_header
 from conftest import cached_model
-from results_support import one_thread  # noqa: F401  (autouse)
 
 PROMPT = "the cat sat on the mat and john"
 

@@ -13,7 +13,6 @@ from cage_lens.cage_graph import cage
 from cage_lens.circuit import circuit_graph
 from cage_lens.errors import CageLensError
 from conftest import cached_model
-from results_support import one_thread  # noqa: F401  (autouse)
 
 matplotlib = pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra) is not installed")
 

@@ -12,7 +12,6 @@ from cage_lens.circuit import CircuitGraph, EdgeSet, LevelNodes, circuit_graph, 
 from cage_lens.errors import InputError
 from cage_lens.pruning import cumulative_influence, find_threshold
 from conftest import cached_model
-from results_support import one_thread  # noqa: F401  (autouse)
 
 PROMPT = "the cat sat on the mat and john"
 

@@ -30,13 +30,6 @@ PROMPT = "the cat sat on the mat and the dog"
 TARGET = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @functools.lru_cache(maxsize=None)
 def family_model(family: str, n_layers: int = 1):

@@ -17,7 +17,6 @@ from jaxtyping import Float, Int
 from cage_lens import engine
 from cage_lens.adapter import ModelAdapter
 from cage_lens.engine import ModulePreHook, PointHook
-from cage_lens.errors import UnsupportedModelError
 from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.targets import Target
 

@@ -1,7 +1,7 @@
 """The models of a study: names, how each is loaded, and a fingerprint that identifies its weights.
 
 A model is given as a spec string — a zoo model (``"ioi"``, ``"ioi:tiny"``, ``"ioi@100"``), a local
-Hugging Face directory, or a TransformerLens model name — or, in-process only, as a loaded
+Hugging Face directory, or a model in the local Hugging Face cache (:mod:`cage_lens.specs`) — or, in-process only, as a loaded
 TransformerLens model. Fingerprints (docs/study.md#resume): a directory's files are hashed (config,
 tokenizer, weights; weight files over 256 MB are sampled: size, first and last MB); a TL name is
 identified by its name; a loaded model by the sha256 of its parameters.
@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cage_lens.errors import InputError
+from cage_lens.specs import load_model, spec_directory
 
-__all__ = ["StudyModel", "study_models", "load_spec", "spec_directory"]
+__all__ = ["StudyModel", "study_models"]
 
 _FULL_HASH_LIMIT = 256 * 2**20
 _SAMPLE = 2**20
@@ -35,42 +36,7 @@ class StudyModel:
         return {"name": self.name, "spec": self.spec, "fingerprint": self.fingerprint}
 
     def load(self):
-        return self.model if self.model is not None else load_spec(self.spec)
-
-
-def spec_directory(spec: str) -> Path | None:
-    """The local directory a spec names (a zoo model or an HF directory), or ``None`` for a TL name."""
-    from cage_lens import zoo
-
-    name, _, checkpoint = spec.partition("@")
-    name, _, size = name.partition(":")
-    if name in zoo.tasks():
-        try:
-            return zoo.model_dir(name, size or None, int(checkpoint) if checkpoint else None)
-        except ValueError as err:
-            raise InputError(f"model {spec!r}: {err}") from None
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    if spec.startswith((".", "/", "~")):
-        raise InputError(f"model {spec!r} is not a directory (and not a zoo model: {', '.join(zoo.tasks())})")
-    return None
-
-
-def load_spec(spec: str):
-    """A TL model (eval mode, CPU) from a spec string."""
-    from cage_lens.loading import has_hooked_transformer, load_hf_directory
-
-    directory = spec_directory(spec)
-    if directory is not None:
-        return load_hf_directory(directory)
-    if has_hooked_transformer():
-        from transformer_lens import HookedTransformer
-
-        return HookedTransformer.from_pretrained(spec, device="cpu").eval()
-    from transformer_lens.model_bridge import TransformerBridge
-
-    return TransformerBridge.boot_transformers(spec, device="cpu").eval()
+        return self.model if self.model is not None else load_model(self.spec)
 
 
 def _hash_file(h, path: Path) -> str:

@@ -42,11 +42,11 @@ class _ChunkWorker:
         import torch
 
         from cage_lens.study.cases import ModelContext
-        from cage_lens.study.models import load_spec
+        from cage_lens.specs import load_model
 
         torch.set_num_threads(threads)
-        model = load_spec(spec)
-        sibling = load_spec(sibling_spec) if sibling_spec else None
+        model = load_model(spec)
+        sibling = load_model(sibling_spec) if sibling_spec else None
         if device is not None:
             model = model.to(device)
             sibling = sibling.to(device) if sibling is not None else None
