@@ -13,6 +13,8 @@ through :func:`tokenize`, so the same checks hold everywhere (see docs/transform
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -73,13 +75,19 @@ def special_token_id(model, *attributes: str, default: int = 0) -> int:
 
 
 # ---------------------------------------------------------------------------- strings
+#: Hugging Face fast tokenizers are not thread-safe (concurrent calls fail with "Already borrowed"),
+#: so every tokenizer call cage_lens makes holds this lock
+TOKENIZER_LOCK = threading.RLock()
+
+
 def encode(model, text: str, prepend_bos: bool | None = None) -> Int[torch.Tensor, "pos"]:
     """``model.to_tokens(text)[0]`` on the CPU, *without* TransformerLens' silent truncation to ``n_ctx``."""
     kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-    try:
-        tokens = model.to_tokens(text, truncate=False, **kwargs)
-    except TypeError:  # a duck-typed model without the truncate option: it cannot truncate either
-        tokens = model.to_tokens(text, **kwargs)
+    with TOKENIZER_LOCK:
+        try:
+            tokens = model.to_tokens(text, truncate=False, **kwargs)
+        except TypeError:  # a duck-typed model without the truncate option: it cannot truncate either
+            tokens = model.to_tokens(text, **kwargs)
     return tokens[0].cpu()
 
 
@@ -91,13 +99,14 @@ def unknown_words(model, text: str) -> list[str]:
     unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
     if unk_id is None:
         return []
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        pieces = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk_id]
-        return [p for p in pieces if p != unk]
-    except (NotImplementedError, TypeError, KeyError, ValueError):  # a slow tokenizer has no offsets: count instead
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [str(unk)] * max(0, ids.count(unk_id) - (text.count(unk) if unk else 0))
+    with TOKENIZER_LOCK:
+        try:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            pieces = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk_id]
+            return [p for p in pieces if p != unk]
+        except (NotImplementedError, TypeError, KeyError, ValueError):  # a slow tokenizer has no offsets: count
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return [str(unk)] * max(0, ids.count(unk_id) - (text.count(unk) if unk else 0))
 
 
 def _refuse_unknown(model, text: str, role: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
-from cage_lens.inputs import as_int, encode, unknown_words
+from cage_lens.inputs import TOKENIZER_LOCK, as_int, encode, unknown_words
 
 __all__ = ["TARGET_MODES", "TokenSpec", "Target", "resolve_token", "resolve_tokens"]
 
@@ -44,7 +44,8 @@ def resolve_token(model, token: TokenSpec, role: str = "target") -> int | None:
         raise InputError(f"{role} is an empty string")
     ids = encode(model, token, prepend_bos=False).tolist()
     if len(ids) != 1:
-        pieces = model.to_str_tokens(token, prepend_bos=False)
+        with TOKENIZER_LOCK:
+            pieces = model.to_str_tokens(token, prepend_bos=False)
         raise InputError(
             f"{role} {token!r} is not a single token: it splits into {len(ids)} tokens {pieces}. "
             "Pass one token (check the leading space) or its id."
