@@ -67,7 +67,7 @@ def logit_diff(answer: int, contrast: int):
 def measure_task(name: str, n: int, seed: int) -> dict:
     model, task = zoo.load(name), zoo.task(name)
     rules = list(MAIN_RULES) + list(VARIANTS)
-    labels = [patching._resolve_rules(r)[0] for r in rules]
+    labels = [patching.resolve_patch_rules(r).name for r in rules]
     per_prompt = []
     start = time.perf_counter()
     for sample in task.sample(n, seed=seed):
