@@ -21,7 +21,7 @@ from cage_lens import engine
 from cage_lens.adapter import adapt
 from cage_lens.engine import Capture, logits_at, run_attribution, select_logits  # noqa: F401  (re-exported)
 from cage_lens.errors import InputError
-from cage_lens.inputs import Inputs, resolve_positions, to_token_batch
+from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
 from cage_lens.persist import provenance
 from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.targets import Target
@@ -144,7 +144,7 @@ class Attribution:
         source = self.input_relevance if include_positions else self.token_relevance
         r = source[row, : self.lengths[row]]
         keep = torch.ones_like(r, dtype=torch.bool)
-        keep[[i for i in exclude if i < len(r)]] = False
+        keep[_positions_in(exclude, len(r), f"exclude (row {row})")] = False
         scale = r[keep].abs().max() if keep.any() else r.abs().max()
         return r / scale.clamp_min(1e-30)
 
@@ -322,7 +322,9 @@ def attribute(
         raise InputError("neurons= was requested but the model is attention-only (no MLP neurons)")
     if neurons is not None and arch.moe:
         raise InputError("neurons= is not available for a mixture of experts (each token uses different experts)")
-    if neurons is not None and not (neurons == "all" or (isinstance(neurons, int) and 0 < neurons)):
+    if as_int(neurons) is not None:
+        neurons = as_int(neurons)
+    if neurons is not None and not (neurons == "all" or (type(neurons) is int and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
     warnings = engine.certify_or_warn(adapter, strict)
 
@@ -371,6 +373,18 @@ def attribute(
     if warnings:
         result.meta.setdefault("warnings", []).extend(warnings)
     return result
+
+
+def _positions_in(positions: Sequence[int], length: int, what: str) -> list[int]:
+    """Positions as non-negative indices into ``length`` tokens (negative ones count from the end);
+    one outside the row is refused rather than ignored."""
+    out = []
+    for p in positions:
+        i = as_int(p)
+        if i is None or not -length <= i < length:
+            raise InputError(f"{what}: position {p!r} is not a position of these {length} tokens (0..{length - 1} or -{length}..-1)")
+        out.append(i % length)
+    return out
 
 
 def _neuron_relevance(capture: Capture, grads, names: list[str], neurons) -> NeuronRelevance:

@@ -41,7 +41,7 @@ from cage_lens.adapter import adapt
 from cage_lens.errors import InputError
 from cage_lens.persist import provenance
 from cage_lens.pruning import prune_edges
-from cage_lens.inputs import to_token_batch, resolve_positions
+from cage_lens.inputs import as_int, resolve_positions, to_token_batch
 from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
@@ -216,8 +216,9 @@ class CircuitGraph:
         """The ``k`` paths from input-token nodes to the target node with the largest |flow|. The flow
         of a path is ``R_target · Π_e A_e / R_{head(e)}``: the relevance it carries if every node
         splits its relevance over its incoming edges in proportion to their values."""
-        if not isinstance(k, int) or k < 1:
+        if as_int(k) is None or as_int(k) < 1:
             raise InputError(f"k must be a positive int, got {k!r}")
+        k = as_int(k)
         incoming: dict[tuple, list[tuple[tuple, float]]] = {}
         for es in self.edges():
             src, tgt = self.nodes[es.source], self.nodes[es.target]

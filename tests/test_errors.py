@@ -15,6 +15,7 @@ from cage_lens.cage_graph import GenerationGraph, cage
 from cage_lens.circuit import circuit_graph
 from cage_lens.errors import CageLensError, InputError, NumericalError, UnsupportedModelError
 from cage_lens.failure import explain_failure
+from cage_lens.testing import random_model
 from conftest import PROMPT, cached_model, hook_count
 
 LONG = " ".join(["the cat sat on the mat ."] * 10)  # 70 words + BOS = 71 tokens > n_ctx 64
@@ -335,3 +336,19 @@ def test_token_text_never_reaches_displays_raw(gpt2):
     g = GenerationGraph.from_table(torch.ones(4, 6), 2, labels=["p", CONTROL[0], *CONTROL])
     for text in (repr(g), g._repr_html_()):
         _clean(text)
+
+
+def test_numpy_integers_and_out_of_row_positions():
+    """numpy integers work wherever Python ints do; an excluded position outside the row is refused, not
+    ignored or turned into an IndexError."""
+    model = random_model("gpt2")
+    attr = cage_lens.attribute(model, "the cat sat on the mat", target=5, neurons=np.int64(3))
+    plain = cage_lens.attribute(model, "the cat sat on the mat", target=5, neurons=3)
+    torch.testing.assert_close(attr.neuron_relevance.values, plain.neuron_relevance.values)
+    torch.testing.assert_close(attr.normalized(exclude=[-1]), attr.normalized(exclude=[attr.lengths[0] - 1]))
+    with pytest.raises(InputError, match="position -100 is not a position of these 7 tokens"):
+        attr.normalized(exclude=[-100])
+    with pytest.raises(InputError, match="neurons must be"):
+        cage_lens.attribute(model, "the cat sat on the mat", target=5, neurons=True)
+    graph = cage_lens.circuit_graph(model, "the cat sat on the mat", 5)
+    assert graph.top_paths(np.int64(2)) == graph.top_paths(2)
