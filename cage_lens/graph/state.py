@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 
 from cage_lens import engine
 from cage_lens.adapter import ModelAdapter
-from cage_lens.engine import ModulePreHook, PointHook
+from cage_lens.engine import Capture, ModulePreHook, PointHook
 from cage_lens.rules import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
@@ -89,21 +89,15 @@ def _mlp_input_name(layer: int) -> str:
     return f"blocks.{layer}.mlp:input"
 
 
-class _Recorder:
-    """Records hook-point outputs and (parallel blocks) the MLP's input as a fresh view, so that
-    its gradient is the MLP branch's alone even when one norm output feeds both branches (GPT-J)."""
+class _Recorder(Capture):
+    """Records hook-point outputs (the engine's :class:`~cage_lens.engine.Capture`) and, for parallel
+    blocks, the MLP's input as a fresh view, so that its gradient is the MLP branch's alone even when
+    one norm output feeds both branches (GPT-J)."""
 
     def __init__(self, roots: Sequence[str] = ()):
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.roots = set(roots)
+        super().__init__((), roots)
 
-    def point(self, name: str) -> Callable:
-        def hook(tensor, hook):
-            if name in self.roots:
-                tensor = tensor.detach().requires_grad_(True)
-            self.tensors[name] = tensor
-            return tensor
-        return hook
+    point = Capture.hook
 
     def module_input(self, name: str) -> Callable:
         def hook(module, args, kwargs):
