@@ -264,15 +264,13 @@ def _metric_value(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- the estimate
-def _tap_hooks(adapter: ModelAdapter, names: Sequence[str], taps: dict[str, torch.Tensor]) -> list:
+def _tap_hooks(adapter: ModelAdapter, names: Sequence[str], taps: dict[str, torch.Tensor]) -> list[engine.PointHook]:
     """Hooks that hand each patched hook point a fresh view of its activation and keep it in ``taps``.
 
     The gradient of that view is the gradient of *replacing the hook's output*, which is exactly what
     TransformerLens' patch does (on a bridge, ``hook_resid_mid`` aliases ``ln2.hook_in`` and a tensor
     returned there only reaches the MLP; the estimate follows). The embeddings are re-rooted so
     gradients exist even when the model's parameters are frozen; no ``.grad`` is written anywhere."""
-    roots = [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
-
     def root(tensor, hook):
         return tensor.detach().requires_grad_(True)
 
@@ -284,7 +282,10 @@ def _tap_hooks(adapter: ModelAdapter, names: Sequence[str], taps: dict[str, torc
             return taps[name]
         return hook
 
-    return [(n, root) for n in roots] + [(n, tap(n)) for n in names]
+    # ahead of the rule hooks: a rule placed on a tapped activation itself (AttnLRP's ÷4 on q and k,
+    # ÷2 on v) is part of the gradient that activation receives
+    pairs = [(n, root) for n in engine.input_roots(adapter)] + [(n, tap(n)) for n in names]
+    return [engine.PointHook(n, fn, first=True) for n, fn in pairs]
 
 
 def relevance_patch(
@@ -333,11 +334,9 @@ def relevance_patch(
     clean = {n: _clean_activation(clean_cache, n) for n in names}
 
     taps: dict[str, torch.Tensor] = {}
-    # the taps run ahead of the rule hooks: a rule placed on a tapped activation itself (AttnLRP's ÷4
-    # on q and k, ÷2 on v) is part of the gradient that activation receives
-    taps_first = [engine.PointHook(n, fn, first=True) for n, fn in _tap_hooks(adapter, names, taps)]
     engine.certify_or_warn(adapter, strict)
-    with engine.session(adapter), engine.rules_active(adapter, rule_set), engine.installed(adapter, taps_first):
+    tap_hooks = _tap_hooks(adapter, names, taps)
+    with engine.session(adapter), engine.rules_active(adapter, rule_set), engine.installed(adapter, tap_hooks):
         value = _metric_value(patching_metric, model(tokens))
         found = [taps[n] for n in names]
         grads = dict(zip(names, torch.autograd.grad(value, found, allow_unused=True)))

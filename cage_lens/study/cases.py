@@ -29,7 +29,7 @@ import torch
 import cage_lens
 from cage_lens.attribution import logits_at
 from cage_lens.errors import CageLensError, InputError
-from cage_lens.inputs import special_token_id
+from cage_lens.inputs import encode, special_token_id
 from cage_lens.study.checking import CORRECT, OPEN, WRONG, CheckerError, continuation_text, verdict
 from cage_lens.study.records import Entry, Malformed, Record
 from cage_lens.study.segments import segment_members, token_char_spans
@@ -152,10 +152,8 @@ def _prepare(ctx: ModelContext, entry: Entry, settings: StudySettings, checker) 
     if checker is None and entry.answer is None:
         case.stop(SKIPPED, "the record has no answer and the study has no checker")
         return case
-    # TransformerLens truncates to n_ctx by default; an over-long prompt must be seen and refused
-    kwargs = {"truncate": False} if settings.prepend_bos is None else {"prepend_bos": settings.prepend_bos, "truncate": False}
-    try:
-        case.prompt_ids = ctx.model.to_tokens(entry.prompt, **kwargs)[0].tolist()
+    try:  # inputs.encode never truncates: an over-long prompt is seen and skipped below
+        case.prompt_ids = encode(ctx.model, entry.prompt, settings.prepend_bos).tolist()
     except Exception as err:  # noqa: BLE001 - a tokenizer failure skips this record only
         case.stop(SKIPPED, f"the prompt could not be tokenized: {type(err).__name__}: {err}")
         return case
@@ -164,19 +162,19 @@ def _prepare(ctx: ModelContext, entry: Entry, settings: StudySettings, checker) 
                   f"{ctx.n_ctx}: no room to generate")
         return case
     if checker is None:
-        case.answer_ids = _answer_ids(ctx, entry, case.prompt_ids, kwargs)
+        case.answer_ids = _answer_ids(ctx, entry, case.prompt_ids, settings.prepend_bos)
         if not case.answer_ids:
             case.stop(SKIPPED, f"the answer {entry.answer!r} has no tokens")
     return case
 
 
-def _answer_ids(ctx: ModelContext, record: Record, prompt_ids: list[int], kwargs) -> list[int]:
+def _answer_ids(ctx: ModelContext, record: Record, prompt_ids: list[int], prepend_bos: bool | None) -> list[int]:
     """The reference answer's tokens as they follow the prompt: from tokenizing prompt + answer when
     that keeps the prompt's tokens, else the answer tokenized alone (docs/study.md#deviation)."""
-    whole = ctx.model.to_tokens(record.prompt + record.answer, **kwargs)[0].tolist()
+    whole = encode(ctx.model, record.prompt + record.answer, prepend_bos).tolist()
     if len(whole) > len(prompt_ids) and whole[: len(prompt_ids)] == prompt_ids:
         return whole[len(prompt_ids):]
-    return ctx.model.to_tokens(record.answer, prepend_bos=False, truncate=False)[0].tolist()
+    return encode(ctx.model, record.answer, prepend_bos=False).tolist()
 
 
 # ---------------------------------------------------------------------------- 1. generate

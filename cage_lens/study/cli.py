@@ -102,7 +102,7 @@ def add_study_commands(subparsers) -> None:
                               description="Run the contrastive failure workflow over DATA and write a resumable store.")
     s.add_argument("data", help="JSONL file of records {id, prompt, answer, segments}, or zoo:TASK[:N[:SEED]]")
     s.add_argument("--model", action="append", required=True,
-                   help="zoo model (ioi@100), local HF directory or TL name; NAME=SPEC to name it; repeat for several")
+                   help="zoo model (ioi@100), local HF directory or a model in the local HF cache; NAME=SPEC to name it; repeat for several")
     s.add_argument("--out", required=True, help="the study's store directory")
     s.add_argument("--resume", action="store_true", help="continue an existing store (same settings only)")
     s.add_argument("--engine", default="local", choices=["local", "ray"])

@@ -63,7 +63,7 @@ def _sizes(name: str) -> builtins.list[str]:
     )
 
 
-def list() -> builtins.list[dict]:  # noqa: A001 - the brief's API name
+def list() -> builtins.list[dict]:  # noqa: A001 - zoo.list() is the public name (docs/zoo.md)
     """Available models: dicts with name, size, default, architecture, parameters, accuracy, checkpoints."""
     out = []
     for name in TASKS:
