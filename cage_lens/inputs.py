@@ -109,15 +109,21 @@ def unknown_words(model, text: str) -> list[str]:
             return [str(unk)] * max(0, ids.count(unk_id) - (text.count(unk) if unk else 0))
 
 
-def _refuse_unknown(model, text: str, role: str) -> None:
+def unknown_words_problem(model, text: str, role: str) -> str | None:
+    """One line naming the words of ``text`` that would silently become the unknown token, or ``None``."""
     words = unknown_words(model, text)
-    if words:
+    if not words:
+        return None
+    unk = getattr(model.tokenizer, "unk_token", "<unk>")
+    named = ", ".join(repr(w) for w in dict.fromkeys(words))
+    return f"{role} has {len(words)} word(s) the model's vocabulary does not contain: {named} (each would become {unk!r})"
+
+
+def _refuse_unknown(model, text: str, role: str) -> None:
+    problem = unknown_words_problem(model, text, role)
+    if problem:
         unk = getattr(model.tokenizer, "unk_token", "<unk>")
-        named = ", ".join(repr(w) for w in dict.fromkeys(words))
-        raise InputError(
-            f"{role} has {len(words)} word(s) the model's vocabulary does not contain: {named} (each would become "
-            f"{unk!r}). Use known words, or pass token ids (model.to_tokens(...)) to explain {unk!r} deliberately."
-        )
+        raise InputError(f"{problem}. Use known words, or pass token ids (model.to_tokens(...)) to explain {unk!r} deliberately.")
 
 
 def tokenize(

@@ -202,6 +202,8 @@ def test_reference_answers_and_bad_records_from_jsonl(tmp_path):
         json.dumps({"id": "r0", "prompt": samples[0].prompt, "answer": " x"}),
         json.dumps({"id": "long", "prompt": " ".join(["mary"] * 70), "answer": " john"}),
         json.dumps({"id": "noanswer", "prompt": samples[0].prompt}),
+        json.dumps({"id": "unknown-prompt", "prompt": "when mary and zelda went", "answer": " to"}),
+        json.dumps({"id": "unknown-answer", "prompt": samples[0].prompt, "answer": " zelda"}),
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -215,6 +217,10 @@ def test_reference_answers_and_bad_records_from_jsonl(tmp_path):
     assert reasons[9] == "record 9 repeats id 'r0' (first used by record 0)"
     assert reasons[10] == "the prompt has 71 tokens but the model's context (n_ctx) is 64: no room to generate"
     assert reasons[11] == "the record has no answer and the study has no checker"
+    assert reasons[12] == ("the prompt has 1 word(s) the model's vocabulary does not contain: 'zelda' "
+                           "(each would become '<unk>')")
+    assert reasons[13] == ("the answer has 1 word(s) the model's vocabulary does not contain: 'zelda' "
+                           "(each would become '<unk>')")
     assert (df.loc[6:, "status"] == "skipped").all()
     for i, s in enumerate(samples):  # reference answers: compared token by token
         row = df.loc[i]

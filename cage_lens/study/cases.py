@@ -29,7 +29,7 @@ import torch
 import cage_lens
 from cage_lens.attribution import logits_at
 from cage_lens.errors import CageLensError, InputError
-from cage_lens.inputs import encode, special_token_id
+from cage_lens.inputs import encode, special_token_id, unknown_words_problem
 from cage_lens.study.checking import CORRECT, OPEN, WRONG, CheckerError, continuation_text, verdict
 from cage_lens.study.records import Entry, Malformed, Record
 from cage_lens.study.segments import segment_members, token_char_spans
@@ -161,6 +161,12 @@ def _prepare(ctx: ModelContext, entry: Entry, settings: StudySettings, checker) 
         case.stop(SKIPPED, f"the prompt has {len(case.prompt_ids)} tokens but the model's context (n_ctx) is "
                   f"{ctx.n_ctx}: no room to generate")
         return case
+    texts = [("the prompt", entry.prompt)] + ([("the answer", entry.answer)] if checker is None else [])
+    for role, text in texts:  # a word outside a word-level vocabulary would silently become <unk>
+        problem = unknown_words_problem(ctx.model, text, role)
+        if problem:
+            case.stop(SKIPPED, problem)
+            return case
     if checker is None:
         case.answer_ids = _answer_ids(ctx, entry, case.prompt_ids, settings.prepend_bos)
         if not case.answer_ids:
