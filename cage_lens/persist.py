@@ -17,6 +17,7 @@ rules, target and settings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -58,6 +59,12 @@ def _class(name: str) -> type:
 # ---------------------------------------------------------------------------- provenance
 def library_versions() -> dict[str, str | None]:
     """Installed versions of cage_lens and the libraries that shape its numbers."""
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> dict[str, str | None]:
+    # package metadata is read once per process (~4 ms): every result records it
     out = {}
     for package in ("cage-lens", "transformer-lens", "torch", "transformers"):
         try:
