@@ -45,7 +45,7 @@ def peak_rss_gb() -> float:
 
 
 def measure_fast(n_pos: int) -> dict:
-    from cage_lens.circuit import circuit_graph
+    from cage_lens.circuit.builder import circuit_graph
 
     model = build_model()
     tokens = torch.randint(2, 50257, (n_pos,), generator=torch.Generator().manual_seed(0))
@@ -58,26 +58,29 @@ def measure_fast(n_pos: int) -> dict:
 
 
 def measure_autograd(n_pos: int, batch_size: int) -> dict:
-    from cage_lens import graph as G
-    from cage_lens.adapter import adapt
+    from cage_lens.circuit import levels as L
+    from cage_lens.circuit.closed_form import fast_edge_rows
+    from cage_lens.circuit.reference import autograd_edge_rows
+    from cage_lens.circuit.state import capture_state
+    from cage_lens.core.adapter import adapt
     from cage_lens.targets import Target
 
     model = build_model()
     adapter = adapt(model)
     tokens = torch.randint(2, 50257, (n_pos,), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    state = G.capture_state(adapter, tokens, n_pos - 1, Target.build(model, 1, 17), "attnlrp")
+    state = capture_state(adapter, tokens, n_pos - 1, Target.build(model, 1, 17), "attnlrp")
     capture_seconds = time.perf_counter() - start
-    levels = [G.levels._with_state_nodes(lv, state) for lv in G.state_levels(adapter, "block")]
-    steps = G.transitions(levels)
+    levels = [L._with_state_nodes(lv, state) for lv in L.state_levels(adapter, "block")]
+    steps = L.transitions(levels)
     measured = sorted({0, len(steps) // 2, len(steps) - 1})
     per_call, agreement = {}, 0.0
     for index in measured:
         rows = torch.arange(n_pos - batch_size, n_pos)
         start = time.perf_counter()
-        ref = G.autograd_edge_rows(adapter, state, steps[index], rows, batch_size)
+        ref = autograd_edge_rows(adapter, state, steps[index], rows, batch_size)
         per_call[index] = time.perf_counter() - start
-        fast = G.fast_edge_rows(state, steps[index], rows)
+        fast = fast_edge_rows(state, steps[index], rows)
         agreement = max(agreement, float((fast - ref).abs().max() / ref.abs().max()))
     calls = math.ceil(n_pos / batch_size)
     total = capture_seconds + sum(calls * _interpolate(per_call, i) for i in range(len(steps)))
@@ -90,7 +93,7 @@ def agreement_table() -> list[dict]:
     """Fast vs autograd on whole graphs of tiny float64 models (every row and transition)."""
     import warnings
 
-    from cage_lens.circuit import circuit_graph
+    from cage_lens.circuit.builder import circuit_graph
     from cage_lens.errors import UnsupportedModelError
     from cage_lens.testing import random_model, supported_families
 

@@ -102,8 +102,8 @@ def worker(family: str, method: str, length: int, repeats: int, threads: int) ->
     torch.set_num_threads(threads)
     model = build_model(family)
     if method == "certificate":
-        from cage_lens.adapter import adapt
-        from cage_lens.certificate import certify
+        from cage_lens.core.adapter import adapt
+        from cage_lens.core.certificate import certify
 
         start, start_cpu = time.perf_counter(), time.process_time()
         cert = certify(adapt(model))
@@ -112,8 +112,8 @@ def worker(family: str, method: str, length: int, repeats: int, threads: int) ->
     fn = {"bare": bare_gradient_x_input, "attnlrp": cage_lens_attnlrp}[method]
     tokens = torch.randint(100, 50000, (1, length), generator=torch.Generator().manual_seed(length))
     if method == "attnlrp":
-        from cage_lens.adapter import adapt
-        from cage_lens.certificate import certify
+        from cage_lens.core.adapter import adapt
+        from cage_lens.core.certificate import certify
 
         certify(adapt(model))  # one-time cost, measured separately
     base_rss = _reset_peak_rss()

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from cage_lens import zoo
-from cage_lens.cage_graph import GenerationGraph, cage
-from cage_lens.methods import METHODS
+from cage_lens.generation.graph import GenerationGraph, cage
+from cage_lens.generation.methods import METHODS
 from cage_lens.metrics import (
     attribution_coverage, auroc, bootstrap_ci, deletion_logprobs, mas, normalize_curve, paired_wins, precision_at_k,
     ranking, rise,

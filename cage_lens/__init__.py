@@ -17,11 +17,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-#: public name -> the module defining it (a module itself when the name is a submodule)
+#: public name -> the module defining it; a name whose value is a module maps to that module itself
 _EXPORTS = {
-    "Architecture": "cage_lens.adapter",
-    "ModelAdapter": "cage_lens.adapter",
-    "adapt": "cage_lens.adapter",
+    "Architecture": "cage_lens.core.adapter",
+    "ModelAdapter": "cage_lens.core.adapter",
+    "adapt": "cage_lens.core.adapter",
+    "RULE_SETS": "cage_lens.core.rulesets",
+    "RuleSet": "cage_lens.core.rulesets",
+    "lrp": "cage_lens.core.api",
+    "rule_hooks": "cage_lens.core.api",
     "Attribution": "cage_lens.attribution",
     "ConservationReport": "cage_lens.attribution",
     "NeuronRelevance": "cage_lens.attribution",
@@ -32,23 +36,21 @@ _EXPORTS = {
     "UnsupportedModelError": "cage_lens.errors",
     "from_hf_model": "cage_lens.loading",
     "load_hf_directory": "cage_lens.loading",
-    "RULE_SETS": "cage_lens.rules",
-    "RuleSet": "cage_lens.rules",
-    "lrp": "cage_lens.rules",
     "TARGET_MODES": "cage_lens.targets",
-    "cage": "cage_lens.cage_graph",
-    "GenerationGraph": "cage_lens.cage_graph",
-    "circuit_graph": "cage_lens.circuit",
-    "CircuitGraph": "cage_lens.circuit",
+    "cage": "cage_lens.generation.graph",
+    "GenerationGraph": "cage_lens.generation.graph",
+    "circuit_graph": "cage_lens.circuit.builder",
+    "CircuitGraph": "cage_lens.circuit.graph",
     "explain_failure": "cage_lens.failure",
     "FailureExplanation": "cage_lens.failure",
-    "methods": "cage_lens.methods",
-    "metrics": "cage_lens.metrics",
-    "zoo": "cage_lens.zoo",
     "load": "cage_lens.persist",
-    "study": "cage_lens.study",
+    "methods": "cage_lens.generation.methods",
+    "metrics": "cage_lens.metrics",
     "patching": "cage_lens.patching",
+    "study": "cage_lens.study",
+    "zoo": "cage_lens.zoo",
 }
+_MODULES = {"methods", "metrics", "patching", "study", "zoo"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -57,7 +59,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'cage_lens' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
-    value = module if module.__name__ == f"cage_lens.{name}" else getattr(module, name)
+    value = module if name in _MODULES else getattr(module, name)
     globals()[name] = value
     return value
 

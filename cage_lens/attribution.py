@@ -1,8 +1,8 @@
 """``attribute``: token, residual-node, head and neuron relevance from one forward and one backward pass.
 
-The rule hooks of :mod:`cage_lens.rules` change local gradients; capture hooks record the activations
+The rule hooks of :mod:`cage_lens.core.realise` change local gradients; capture hooks record the activations
 ``h`` at the hook points of interest, and a single ``torch.autograd.grad`` call returns ``∂target/∂h``
-for all of them at once (:mod:`cage_lens.engine`). Relevance is ``Σ_d h ⊙ ∂target/∂h``
+for all of them at once (:mod:`cage_lens.core.engine`). Relevance is ``Σ_d h ⊙ ∂target/∂h``
 (docs/rules.md).
 """
 
@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens import engine
-from cage_lens.adapter import adapt
-from cage_lens.engine import Capture, logits_at, run_attribution, select_logits  # noqa: F401  (re-exported)
+from cage_lens.core import engine
+from cage_lens.core.adapter import adapt
+from cage_lens.core.certificate import certify_or_warn
+from cage_lens.core.engine import Capture, run_attribution
+from cage_lens.core.hooks import has_position_embedding
+from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import InputError
 from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
-from cage_lens.persist import provenance
-from cage_lens.rules import RuleSet, resolve_rules
+from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import Target
 
-__all__ = [
-    "attribute", "Attribution", "ConservationReport", "NeuronRelevance", "Capture", "run_attribution", "logits_at",
-    "select_logits",
-]
+__all__ = ["attribute", "Attribution", "ConservationReport", "NeuronRelevance"]
 
 
 # ---------------------------------------------------------------------------- result objects
@@ -89,7 +87,7 @@ class ConservationReport:
 
 
 @dataclass
-class Attribution:
+class Attribution(Saveable):
     """Relevance of every input token and every hooked node for one explained quantity per row.
 
     Shapes: ``token_relevance`` and each ``node_relevance[name]`` are ``[batch, pos]``;
@@ -215,29 +213,16 @@ class Attribution:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
-    def save(self, path) -> Path:
-        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
-        from cage_lens.persist import save
-
-        return save(self, path)
-
-    @classmethod
-    def load(cls, path) -> "Attribution":
-        """Read an attribution written by :meth:`save` (refuses other result kinds and newer schemas)."""
-        from cage_lens.persist import load
-
-        return load(path, expect=cls)
-
     def to_html(self, path=None) -> str:
         """Self-contained HTML page: token heatmaps, layer × token relevance, head relevance and the
         conservation table. Written to ``path`` when given; the HTML string is returned either way."""
-        from cage_lens.viewer import attribution_page
+        from cage_lens.views.viewer import attribution_page
 
         return attribution_page(self, path)
 
     def plot(self, row: int = 0, **kwargs):
         """Matplotlib figure: token heatmap and layer × token relevance (needs ``cage-lens[plot]``)."""
-        from cage_lens.plots import plot_attribution
+        from cage_lens.views.plots import plot_attribution
 
         return plot_attribution(self, row, **kwargs)
 
@@ -269,13 +254,13 @@ class Attribution:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from cage_lens.viz import attribution_html
+        from cage_lens.views.html import attribution_html
 
         return attribution_html(self)
 
     def show(self, row: int = 0) -> str:
         """Terminal rendering: tokens with signed, max-normalised relevance."""
-        from cage_lens.viz import terminal_heatmap
+        from cage_lens.views.terminal import terminal_heatmap
 
         return terminal_heatmap(self.str_tokens[row], self.normalized(row).tolist())
 
@@ -326,7 +311,7 @@ def attribute(
         neurons = as_int(neurons)
     if neurons is not None and not (neurons == "all" or (type(neurons) is int and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
-    warnings = engine.certify_or_warn(adapter, strict)
+    warnings = certify_or_warn(adapter, strict)
 
     points = adapter.resid_hooks()
     z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
@@ -338,7 +323,7 @@ def attribute(
         return capture.relevance(grads, name).sum(-1).detach()
 
     token_rel = engine.check_finite(summed(adapter.embed_hook), "the token relevance")
-    pos_rel = summed(adapter.pos_embed_hook) if adapter.has_position_embedding else None
+    pos_rel = summed(adapter.pos_embed_hook) if has_position_embedding(adapter) else None
     if pos_rel is not None:
         engine.check_finite(pos_rel, "the position-embedding relevance")
     node_rel = {}

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "load_model", "build_parser"]
+__all__ = ["main", "build_parser"]
 
 RULES = ("attnlrp", "cplrp", "gxi")
 MODES = ("logit", "logprob", "demean", "topk_avg")
@@ -71,14 +71,6 @@ def _output_path(path: str | None) -> Path | None:
     return out
 
 
-# ---------------------------------------------------------------------------- models
-def load_model(spec: str | None):
-    """The model a ``--model`` spec names (see :mod:`cage_lens.specs`)."""
-    from cage_lens.specs import load_model as load
-
-    return load(spec)
-
-
 # ---------------------------------------------------------------------------- shared steps
 def _prompt_tokens(model, text: str, allow_unknown: bool, role: str = "the prompt", prepend_bos: bool | None = None):
     """``[1, pos]`` tokens of ``text``; with ``--allow-unknown`` words outside the vocabulary become the
@@ -94,6 +86,16 @@ def _prompt_tokens(model, text: str, allow_unknown: bool, role: str = "the promp
     return tokens[None]
 
 
+def _prepare(args):
+    """What every explaining command starts with: ``--out`` checked first (before any computation),
+    then the model (:func:`cage_lens.specs.model_from_spec`), then the prompt's tokens."""
+    out = _output_path(args.out)
+    from cage_lens import specs
+
+    model = specs.model_from_spec(args.model)
+    return out, model, _prompt_tokens(model, args.prompt, args.allow_unknown)
+
+
 def _write(out: Path | None, page: str) -> None:
     if out is not None:
         out.write_text(page, encoding="utf-8")
@@ -102,14 +104,13 @@ def _write(out: Path | None, page: str) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_explain(args) -> int:
-    out = _output_path(args.out)
-    model = load_model(args.model)
+    out, model, tokens = _prepare(args)
     import cage_lens
     from cage_lens import zoo
     from cage_lens.inputs import greedy_continuation, special_token_id
-    from cage_lens.viz import explain_report_html, printable, terminal_heatmap
+    from cage_lens.views.html import explain_report_html
+    from cage_lens.views.terminal import printable, terminal_heatmap
 
-    tokens = _prompt_tokens(model, args.prompt, args.allow_unknown)
     attr = cage_lens.attribute(
         model, tokens, target=args.target, contrast=args.contrast, rules=args.rules, mode=args.mode
     )
@@ -135,11 +136,9 @@ def cmd_explain(args) -> int:
 
 
 def cmd_failure(args) -> int:
-    out = _output_path(args.out)
-    model = load_model(args.model)
+    out, model, tokens = _prepare(args)
     import cage_lens
 
-    tokens = _prompt_tokens(model, args.prompt, args.allow_unknown)
     explanation = cage_lens.explain_failure(
         model, tokens, wrong=args.wrong, correct=args.correct, rules=args.rules, levels=args.levels
     )
@@ -149,12 +148,10 @@ def cmd_failure(args) -> int:
 
 
 def cmd_cage(args) -> int:
-    out = _output_path(args.out)
-    model = load_model(args.model)
+    out, model, tokens = _prepare(args)
     import cage_lens
-    from cage_lens.viz import html_page
+    from cage_lens.views.html import html_page
 
-    tokens = _prompt_tokens(model, args.prompt, args.allow_unknown)
     completion = args.completion
     if completion is not None and completion.strip() and args.allow_unknown:
         completion = _prompt_tokens(model, completion, True, role="the completion", prepend_bos=False)
@@ -182,50 +179,51 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def _explaining_command(sub, name: str, help: str, out_help: str, prompt_help: str | None = None):
+    """A subcommand that explains one prompt: ``prompt``, ``--model``, ``--out``, ``--allow-unknown``."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument("prompt", help=prompt_help)
+    command.add_argument("--model", default=None,
+                         help="zoo model name[:size][@step] (default: ioi), a local HF directory, or a model in the local HF cache")
+    command.add_argument("--out", default=None, help=out_help)
+    command.add_argument("--allow-unknown", action="store_true",
+                         help="explain words outside the vocabulary as the unknown token instead of refusing them")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cage_lens import __version__
 
     parser = _Parser(prog="cage-lens", description="Relevance explanations for TransformerLens models.")
     parser.add_argument("--version", action="version", version=f"cage-lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "zoo model name[:size][@step] (default: ioi), a local HF directory, or a model in the local HF cache"
-    unknown_help = "explain words outside the vocabulary as the unknown token instead of refusing them"
-
-    explain = sub.add_parser("explain", help="explain the next-token prediction for a prompt")
-    explain.add_argument("prompt")
-    explain.add_argument("--model", default=None, help=model_help)
+    explain = _explaining_command(sub, "explain", "explain the next-token prediction for a prompt",
+                                  "write a self-contained HTML report here")
     explain.add_argument("--target", default=None, help="token to explain (default: the model's prediction)")
     explain.add_argument("--contrast", default=None, help="explain target minus this token")
     explain.add_argument("--rules", default="attnlrp", choices=RULES)
     explain.add_argument("--mode", default="logit", choices=MODES)
     explain.add_argument("--max-new-tokens", type=_integer(0), default=4, help="length of the greedy continuation shown")
     explain.add_argument("--top", type=_integer(1), default=5, help="how many top tokens to list")
-    explain.add_argument("--out", default=None, help="write a self-contained HTML report here")
     explain.add_argument("--no-color", action="store_true")
-    explain.add_argument("--allow-unknown", action="store_true", help=unknown_help)
     explain.set_defaults(func=cmd_explain)
 
-    failure = sub.add_parser("failure", help="explain logit(wrong) - logit(correct): heatmap, trace, pruned graph")
-    failure.add_argument("prompt", help="the input plus the completion up to (not including) the wrong token")
+    failure = _explaining_command(sub, "failure", "explain logit(wrong) - logit(correct): heatmap, trace, pruned graph",
+                                  "write the HTML graph view here",
+                                  prompt_help="the input plus the completion up to (not including) the wrong token")
     failure.add_argument("--correct", required=True, help="a correct alternative token")
     failure.add_argument("--wrong", default=None, help="the wrong token (default: the model's prediction)")
-    failure.add_argument("--model", default=None, help=model_help)
     failure.add_argument("--rules", default="attnlrp", choices=RULES)
     failure.add_argument("--levels", default="half", choices=["block", "half", "heads", "neurons"])
-    failure.add_argument("--out", default=None, help="write the HTML graph view here")
-    failure.add_argument("--allow-unknown", action="store_true", help=unknown_help)
     failure.set_defaults(func=cmd_failure)
 
-    cage_cmd = sub.add_parser("cage", help="CAGE generation graph of a continuation")
-    cage_cmd.add_argument("prompt")
+    cage_cmd = _explaining_command(sub, "cage", "CAGE generation graph of a continuation",
+                                   "write an HTML view of the graph here")
     cage_cmd.add_argument("--completion", default=None, help="teacher-force this continuation")
     cage_cmd.add_argument("--max-new-tokens", type=_integer(1), default=4, help="greedy tokens when no --completion")
-    cage_cmd.add_argument("--model", default=None, help=model_help)
-    cage_cmd.add_argument("--method", default="attnlrp", help="base attribution method (see cage_lens.methods.METHODS)")
+    cage_cmd.add_argument("--method", default="attnlrp", help="base attribution method (see cage_lens.generation.methods.METHODS)")
     cage_cmd.add_argument("--granularity", default="token", choices=["token", "sentence"])
     cage_cmd.add_argument("--normalize", default="paper", choices=["paper", "signed", "none"])
-    cage_cmd.add_argument("--out", default=None, help="write an HTML view of the graph here")
-    cage_cmd.add_argument("--allow-unknown", action="store_true", help=unknown_help)
     cage_cmd.set_defaults(func=cmd_cage)
 
     zoo_cmd = sub.add_parser("zoo", help="list the shipped ground-truth models")

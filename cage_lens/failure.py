@@ -14,20 +14,23 @@ from typing import Sequence
 import torch
 from jaxtyping import Float
 
-from cage_lens.adapter import adapt
 from cage_lens.attribution import Attribution, attribute
-from cage_lens.circuit import CircuitGraph, circuit_graph, node_label
+from cage_lens.circuit.builder import circuit_graph
+from cage_lens.circuit.graph import CircuitGraph
+from cage_lens.core.adapter import adapt
 from cage_lens.errors import InputError
 from cage_lens.inputs import as_int, single_prompt
-from cage_lens.persist import provenance
+from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import resolve_token
-from cage_lens.viz import html_page, terminal_heatmap, token_spans_html
+from cage_lens.views.graphs import node_label
+from cage_lens.views.html import html_page, token_spans_html
+from cage_lens.views.terminal import terminal_heatmap
 
 __all__ = ["explain_failure", "FailureExplanation"]
 
 
 @dataclass
-class FailureExplanation:
+class FailureExplanation(Saveable):
     """Δℓ, the normalised input heatmap, the layer × token relevance trace and the pruned graph."""
 
     prompt_tokens: list[str]
@@ -71,21 +74,8 @@ class FailureExplanation:
             lines.append(f"  path {flow:+.3g}: " + " → ".join(node_label(n) for n in path))
         return "\n".join(lines)
 
-    def save(self, path):
-        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
-        from cage_lens.persist import save
-
-        return save(self, path)
-
-    @classmethod
-    def load(cls, path) -> "FailureExplanation":
-        """Read a failure explanation written by :meth:`save` (refuses other kinds and newer schemas)."""
-        from cage_lens.persist import load
-
-        return load(path, expect=cls)
-
     def to_html(self, path=None) -> str:
-        from cage_lens.graph_view import graph_fragment
+        from cage_lens.views.graphs import graph_fragment
 
         body = (
             f"<p>Δℓ = logit({html.escape(repr(self.wrong))}) − logit({html.escape(repr(self.correct))}) = "

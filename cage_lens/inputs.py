@@ -14,7 +14,6 @@ through :func:`tokenize`, so the same checks hold everywhere (see docs/transform
 from __future__ import annotations
 
 import threading
-
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -228,7 +227,7 @@ def greedy_continuation(
     """Prompt plus up to ``max_new_tokens`` greedy tokens, with plain ``model(tokens)`` calls (portable
     across TL versions). Stops at the model's context length, and after emitting EOS when
     ``stop_at_eos`` (the EOS token is kept)."""
-    from cage_lens.adapter import adapt
+    from cage_lens.core.adapter import adapt
 
     tokens = tokens.to(adapt(model).device)
     eos = special_token_id(model, "eos_token_id", "bos_token_id")

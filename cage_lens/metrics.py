@@ -5,7 +5,9 @@ Faithfulness by deletion (CAGE's protocol): prompt spans are ranked by attributi
 one, most relevant first, by the same number of EOS tokens; after each step the summed log-probability
 of the *whole original generation* (teacher-forced) is recorded. From that curve: RISE, MAS and
 RISE+AP (all "lower is better" for deletion). Plus attribution coverage, ground-truth precision@k and
-AUROC, bootstrap confidence intervals and paired win counts.
+AUROC, bootstrap confidence intervals and paired win counts. Graph metrics of a cross-layer
+attribution graph (:func:`graph_metrics`, what ``CircuitGraph.metrics()`` returns; docs/metrics.md#graph-metrics):
+per transition, fan-in/out, Gini coefficients, verticality, tokens covering 90 %, hubs, look-back.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
-from cage_lens.methods import eos_id, sequence_logprobs
-from cage_lens.spans import Span
+from cage_lens.generation.methods import eos_id, sequence_logprobs
+from cage_lens.generation.spans import Span
 
 __all__ = [
     "ranking", "deletion_logprobs", "normalize_curve", "auc", "rise", "attribution_density", "mas", "rise_ap",
     "DeletionResult", "deletion_metrics", "attribution_coverage", "precision_at_k", "auroc",
-    "bootstrap_ci", "paired_wins",
+    "bootstrap_ci", "paired_wins", "gini", "graph_metrics",
 ]
 
 
@@ -221,3 +223,51 @@ def paired_wins(a, b, *, higher_is_better: bool = True, tol: float = 0.0) -> dic
         raise InputError(f"paired_wins needs equal lengths, got {len(x)} and {len(y)}")
     d = (x - y) if higher_is_better else (y - x)
     return {"wins": int((d > tol).sum()), "losses": int((d < -tol).sum()), "ties": int((np.abs(d) <= tol).sum())}
+
+
+# ---------------------------------------------------------------------------- graph metrics
+def gini(x: torch.Tensor) -> float:
+    """Gini coefficient of non-negative values (0: all equal, → 1: one value holds everything)."""
+    x = x.flatten().double().sort().values
+    n = x.numel()
+    if n == 0 or float(x.sum()) == 0.0:
+        return 0.0
+    index = torch.arange(1, n + 1, dtype=x.dtype)
+    return float(((2 * index - n - 1) * x).sum() / (n * x.sum()))
+
+
+def graph_metrics(graph) -> list[dict]:
+    """Per transition of the pruned graph: ``nodes`` (graph nodes of the target level — a node under
+    the node threshold can be in the graph as a source without incoming edges), edge count, mean
+    fan-in/out (over nodes with at least one edge in this transition), Gini of |edge| and
+    |node| relevance, verticality (share of |A| mass from the same token position), the number of
+    source tokens covering 90 % of the mass, hubs (top-3 source tokens by outgoing mass) and the
+    mean look-back distance (|A|-weighted mean of j − i in token positions)."""
+    rows = []
+    for es in graph.edges():
+        src, tgt = graph.nodes[es.source], graph.nodes[es.target]
+        mass = es.values.abs()
+        total = float(mass.sum())
+        src_pos, tgt_pos = src.pos[es.sources], tgt.pos[es.targets]
+        per_token = torch.zeros(graph.n_pos, dtype=mass.dtype).index_add_(0, src_pos, mass)
+        share = per_token.sort(descending=True).values.cumsum(0) / _nonzero(total)
+        alive_t = graph.alive[es.target]
+        hubs = per_token.argsort(descending=True)[:3].tolist()
+        rows.append({
+            "transition": f"{es.source} → {es.target}",
+            "nodes": int(alive_t.sum()),
+            "edges": len(es),
+            "fan_in": len(es) / max(1, int(es.targets.unique().numel())),
+            "fan_out": len(es) / max(1, int(es.sources.unique().numel())),
+            "gini_edges": gini(mass),
+            "gini_nodes": gini(tgt.relevance[alive_t].abs()),
+            "verticality": float(mass[src_pos == tgt_pos].sum()) / _nonzero(total),
+            "tokens_90": int((share < 0.9 - 1e-12).sum()) + 1 if total > 0 else 0,
+            "hubs": [(p, graph.str_tokens[p], float(per_token[p]) / _nonzero(total)) for p in hubs if per_token[p] > 0],
+            "look_back": float((mass * (tgt_pos - src_pos)).sum()) / _nonzero(total),
+        })
+    return rows
+
+
+def _nonzero(x: float) -> float:
+    return x if x != 0 else 1e-30

@@ -31,7 +31,7 @@ import torch
 
 from cage_lens.errors import InputError
 
-__all__ = ["SCHEMA_VERSION", "CLASSES", "save", "load", "read_header", "provenance", "SavedCallable"]
+__all__ = ["SCHEMA_VERSION", "CLASSES", "Saveable", "save", "load", "read_header", "provenance", "SavedCallable"]
 
 SCHEMA_VERSION = 1
 FORMAT = "cage_lens.result"
@@ -43,10 +43,10 @@ CLASSES = {
     "NeuronRelevance": "cage_lens.attribution",
     "ConservationReport": "cage_lens.attribution",
     "Target": "cage_lens.targets",
-    "CircuitGraph": "cage_lens.circuit",
-    "LevelNodes": "cage_lens.circuit",
-    "EdgeSet": "cage_lens.circuit",
-    "GenerationGraph": "cage_lens.cage_graph",
+    "CircuitGraph": "cage_lens.circuit.graph",
+    "LevelNodes": "cage_lens.circuit.graph",
+    "EdgeSet": "cage_lens.circuit.graph",
+    "GenerationGraph": "cage_lens.generation.graph",
     "FailureExplanation": "cage_lens.failure",
 }
 RESULT_KINDS = ("Attribution", "CircuitGraph", "GenerationGraph", "FailureExplanation")
@@ -90,7 +90,7 @@ def _zoo_origin(name: str) -> dict | None:
 
 def model_info(model) -> dict:
     """Name, class, dtype and architecture of a TransformerLens model."""
-    from cage_lens.adapter import adapt
+    from cage_lens.core.adapter import adapt
 
     cfg = model.cfg
     name = getattr(cfg, "model_name", None)
@@ -326,3 +326,16 @@ def load(path: str | os.PathLike, expect: type | None = None):
     if type(result).__name__ != kind:
         raise InputError(f"{path} is damaged: its header says {kind} but it holds a {type(result).__name__}")
     return result
+
+
+class Saveable:
+    """``save(path)`` and ``Class.load(path)`` for the result classes of :data:`RESULT_KINDS`."""
+
+    def save(self, path) -> Path:
+        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a result of this class written by :meth:`save` (refuses other result kinds and newer schemas)."""
+        return load(path, expect=cls)

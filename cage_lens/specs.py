@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cage_lens.errors import CageLensError, InputError, first_line
 
-__all__ = ["parse_zoo_spec", "cached_hub_name", "spec_directory", "load_model"]
+__all__ = ["parse_zoo_spec", "cached_hub_name", "spec_directory", "model_from_spec"]
 
 
 def parse_zoo_spec(spec: str) -> tuple[str, str | None, int | None]:
@@ -70,7 +70,7 @@ def spec_directory(spec: str) -> Path | None:
     return None
 
 
-def load_model(spec: str | None):
+def model_from_spec(spec: str | None):
     """A TL model (eval mode, CPU) from a spec; ``None`` is the zoo's default model."""
     from cage_lens import zoo
 

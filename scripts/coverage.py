@@ -42,9 +42,9 @@ def run_line() -> dict:
 
     import cage_lens
     from cage_lens import methods
-    from cage_lens.adapter import adapt
-    from cage_lens.certificate import certify
-    from cage_lens.circuit import circuit_graph
+    from cage_lens.core.adapter import adapt
+    from cage_lens.core.certificate import certify
+    from cage_lens.circuit.builder import circuit_graph
     from cage_lens.errors import UnsupportedModelError
     from cage_lens.loading import has_hooked_transformer
     from cage_lens.testing import FAMILIES, random_model, supported_families

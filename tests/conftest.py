@@ -53,7 +53,7 @@ _FLOAT64_BRIDGES = {"GPT2LMHeadModel", "GPTNeoXForCausalLM", "NativeModel"}
 
 
 def float32_inside(model) -> bool:
-    from cage_lens.adapter import adapt
+    from cage_lens.core.adapter import adapt
 
     if not adapt(model).arch.is_bridge:
         return False

@@ -1,10 +1,11 @@
-"""Model adapter: architecture discovery and hooks that exist and fire, on both TL versions."""
+"""Model adapter and hook probe: architecture discovery and hooks that exist and fire, on both TL versions."""
 
 from __future__ import annotations
 
 import pytest
 
-from cage_lens.adapter import adapt
+from cage_lens.core.adapter import adapt
+from cage_lens.core.hooks import fired_hooks, has_position_embedding
 from cage_lens.loading import has_hooked_transformer
 from conftest import cached_model
 
@@ -27,10 +28,10 @@ def test_architecture_is_discovered(kind):
 
 def test_fired_hooks(kind):
     adapter = adapt(cached_model(kind))
-    fired = adapter.fired_hooks
+    fired = fired_hooks(adapter)
     assert set(adapter.required_hooks()) <= fired
     # rotary models list hook_pos_embed on some TL versions but it never fires (docs/architectures.md#transformerlens-facts)
-    assert adapter.has_position_embedding == (kind != "llama")
+    assert has_position_embedding(adapter) == (kind != "llama")
     resid = adapter.resid_hooks()
     assert resid[0] == "blocks.0.hook_resid_pre" and resid[-1] == "blocks.1.hook_resid_post"
     assert ("blocks.0.hook_resid_mid" in resid) == (kind != "attn_only")
@@ -43,10 +44,10 @@ def test_adapter_is_cached_per_model():
 
 
 def test_silent_hook_is_an_error(monkeypatch):
-    from cage_lens.adapter import ModelAdapter
+    from cage_lens.core.adapter import ModelAdapter
     from cage_lens.errors import UnsupportedModelError
 
     adapter = ModelAdapter(cached_model("llama"))
     monkeypatch.setattr(ModelAdapter, "required_hooks", lambda self: ["hook_embed", "hook_pos_embed"])
     with pytest.raises(UnsupportedModelError, match="never fire"):
-        adapter.fired_hooks
+        fired_hooks(adapter)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import cage_lens
-from cage_lens.adapter import adapt
-from cage_lens.attribution import run_attribution
+from cage_lens.core.adapter import adapt
+from cage_lens.core.hooks import has_position_embedding
+from cage_lens.core.engine import run_attribution
 from cage_lens.inputs import to_token_batch
 from cage_lens.targets import Target
 from conftest import PROMPT, cached_model, hook_count, tol
@@ -26,7 +27,7 @@ def plain_gradient_x_input(model, tokens, position, target_id):
             return t
         return hook
 
-    names = ["hook_embed"] + (["hook_pos_embed"] if adapt(model).has_position_embedding else [])
+    names = ["hook_embed"] + (["hook_pos_embed"] if has_position_embedding(adapt(model)) else [])
     with model.hooks(fwd_hooks=[(n, grab(n)) for n in names]):
         logits = model(tokens)
     value = logits[0, position, target_id]

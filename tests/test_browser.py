@@ -16,10 +16,10 @@ import networkx as nx
 import pytest
 
 from cage_lens.attribution import attribute
-from cage_lens.cage_graph import cage
-from cage_lens.circuit import circuit_graph
-from cage_lens.viewer import PAGE_BUDGET_BYTES, visible
-from cage_lens.viz import html_page
+from cage_lens.generation.graph import cage
+from cage_lens.circuit.builder import circuit_graph
+from cage_lens.views.viewer import PAGE_BUDGET_BYTES, visible
+from cage_lens.views.html import html_page
 from conftest import cached_model
 
 PROMPT = "the cat sat on the mat and john"
@@ -141,7 +141,7 @@ def test_circuit_graph_page(browser, tmp_path, levels):
         g = graph.to_networkx()
         start_key = max((k for k in g if k[0] == "embeddings"), key=lambda k: len(nx.descendants(g, k)))
         labels = [n["label"] for n in data["nodes"]]
-        from cage_lens.circuit import node_label
+        from cage_lens.views.graphs import node_label
 
         check_interactions(view, data, labels.index(node_label(start_key)))
         assert view.errors == [] and view.dialogs == []

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cage_lens import methods
-from cage_lens.adapter import adapt
-from cage_lens.cage_graph import GenerationGraph, cage
+from cage_lens.core.adapter import adapt
+from cage_lens.generation.graph import GenerationGraph, cage
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.testing import random_model
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import cage_lens
-from cage_lens import certificate as C
-from cage_lens import realise as R
-from cage_lens.adapter import adapt
-from cage_lens.certificate import certify
-from cage_lens.circuit import circuit_graph
+from cage_lens.core import certificate as C
+from cage_lens.core import realise as R
+from cage_lens.core.adapter import adapt
+from cage_lens.core.certificate import certify
+from cage_lens.circuit.builder import circuit_graph
 from cage_lens.errors import UnsupportedModelError
 from cage_lens.loading import has_hooked_transformer
 from cage_lens.testing import random_model, supported_families
@@ -56,7 +56,7 @@ def test_an_unknown_non_linearity_is_refused_with_its_place():
         with cage_lens.lrp(model):
             pass
     with pytest.raises(UnsupportedModelError, match="not conserved"):
-        cage_lens.methods.attnlrp(model, model.to_tokens(PROMPT), 3)
+        cage_lens.generation.methods.attnlrp(model, model.to_tokens(PROMPT), 3)
     model.reset_hooks(including_permanent=True)
 
 

@@ -9,8 +9,11 @@ import networkx as nx
 import pytest
 import torch
 
-from cage_lens.adapter import adapt
-from cage_lens.circuit import CircuitGraph, circuit_graph, gini, prune_edges
+from cage_lens.core.adapter import adapt
+from cage_lens.circuit.graph import CircuitGraph
+from cage_lens.circuit.builder import circuit_graph
+from cage_lens.metrics import gini
+from cage_lens.circuit.pruning import prune_edges
 from cage_lens.errors import InputError
 from cage_lens.testing import MODEL_KINDS, random_model
 from conftest import float32_inside
@@ -151,13 +154,13 @@ def _attention_bias_output(model, layer: int) -> torch.Tensor:
 def test_biases_absorb_exactly_the_bias_output_under_cplrp():
     """With biases, CP-LRP: R_t(j) − Σ_i A[j, i] = ⟨attention output at zero input, g_t(j)⟩ for attention
     transitions (output bias and value biases), and R_post(j) − R_mid(j) for the MLP half."""
-    from cage_lens import edges as E
+    from cage_lens.circuit.state import capture_state
     from cage_lens.targets import Target
 
     model = model_of("gpt2")
     graph = circuit_graph(model, PROMPT, TARGET, rules="cplrp", levels="half", **ALL)
     adapter = adapt(model)
-    state = E.capture_state(adapter, graph.tokens, graph.position, Target.build(model, 1, TARGET), "cplrp")
+    state = capture_state(adapter, graph.tokens, graph.position, Target.build(model, 1, TARGET), "cplrp")
     for layer in range(adapter.arch.n_layers):
         source = "embeddings" if layer == 0 else f"resid_post.{layer - 1}"
         target = f"resid_mid.{layer}"

@@ -20,9 +20,9 @@ from fractions import Fraction
 
 import pytest
 
-from cage_lens.circuit import circuit_graph
+from cage_lens.circuit.builder import circuit_graph
 from cage_lens.errors import InputError
-from cage_lens.export import circuit_tracer_dict
+from cage_lens.circuit.export import circuit_tracer_dict
 from conftest import cached_model
 from test_pruning import twelve_node_graph
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from cage_lens import cli
+from cage_lens import specs
 from cage_lens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 IOI_PROMPT = "when mary and john went to the store , john gave a drink to"
 CHASE_PROMPT = "d > i ; o > p ; j > d ; p > j ; a > g ; c > i ; start p :"
-_real_load_model = cli.load_model
+_real_load_model = specs.model_from_spec
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +35,7 @@ def fast_loads(monkeypatch):
     def load(spec):
         return _cached_load(spec) if spec in (None, "pointer-chase") else _real_load_model(spec)
 
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr(specs, "model_from_spec", load)
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -171,7 +171,7 @@ def test_out_is_checked_before_the_model_is_loaded(tmp_path, capsys, monkeypatch
     def must_not_load(spec):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(cli, "load_model", must_not_load)
+    monkeypatch.setattr(specs, "model_from_spec", must_not_load)
     (tmp_path / "file.txt").write_text("")
     for command in (["explain", IOI_PROMPT], ["failure", IOI_PROMPT, "--correct", " mary"], ["cage", CHASE_PROMPT]):
         assert_user_error(command + ["--out", str(tmp_path / "missing" / "r.html")], "does not exist", capsys)
@@ -183,7 +183,7 @@ def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
     def interrupted(spec):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_model", interrupted)
+    monkeypatch.setattr(specs, "model_from_spec", interrupted)
     code, _, err = run(["explain", IOI_PROMPT], capsys)
     assert code == 130 and err == "cage-lens: interrupted\n"
 

@@ -10,7 +10,7 @@ import torch
 
 import cage_lens
 from cage_lens import methods
-from cage_lens.circuit import circuit_graph
+from cage_lens.circuit.builder import circuit_graph
 from conftest import cached_model, hook_count
 
 PROMPTS = ["the cat sat on the mat", "the dog ran to the big red box", "mary went to the store", "one two three four five six"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import cage_lens
-from cage_lens.cage_graph import GenerationGraph, cage
-from cage_lens.circuit import circuit_graph
+from cage_lens.generation.graph import GenerationGraph, cage
+from cage_lens.circuit.builder import circuit_graph
 from cage_lens.errors import CageLensError, InputError, NumericalError, UnsupportedModelError
 from cage_lens.failure import explain_failure
 from cage_lens.testing import random_model
@@ -313,14 +313,15 @@ def _clean(text: str) -> None:
 
 
 def test_printable_escapes_control_and_format_characters():
-    from cage_lens.viz import printable
+    from cage_lens.views.terminal import printable
 
     assert printable("a\x1bb\u202ec\x00d\ne\tf") == "a\\x1bb\\u202ec\\x00d\\ne\\tf"
     assert printable("\U000e0001 \u2028 é 😀 x") == "\\U000e0001 \\u2028 é 😀 x"  # language tag, line separator
 
 
 def test_token_text_never_reaches_displays_raw(gpt2):
-    from cage_lens.viz import layer_token_table_html, terminal_heatmap
+    from cage_lens.views.html import layer_token_table_html
+    from cage_lens.views.terminal import terminal_heatmap
 
     a = cage_lens.attribute(gpt2, PROMPT, target=" cat")
     a.str_tokens[0][1:5] = CONTROL

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cage_lens.circuit import CircuitGraph, EdgeSet, LevelNodes, gini
+from cage_lens.circuit.graph import CircuitGraph, EdgeSet, LevelNodes
+from cage_lens.metrics import gini
 
 
 def level(name: str, layer: int, relevance, pos, unit=None) -> LevelNodes:

@@ -1,4 +1,4 @@
-"""Base methods of cage_lens.methods: common signature, causality, and each against a direct computation."""
+"""Base methods of cage_lens.generation.methods: common signature, causality, and each against a direct computation."""
 
 from __future__ import annotations
 

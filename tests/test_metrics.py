@@ -10,7 +10,7 @@ import torch
 
 from cage_lens import metrics
 from cage_lens.errors import InputError
-from cage_lens.methods import eos_id
+from cage_lens.generation.methods import eos_id
 from cage_lens.testing import random_model
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import cage_lens
-from cage_lens import engine
+from cage_lens.core import engine
 from cage_lens import patching as RP
 from cage_lens.errors import InputError
 from cage_lens.loading import has_hooked_transformer
-from cage_lens.realise import PointHook, Realisation
+from cage_lens.core.hooks import PointHook
+from cage_lens.core.realise import Realisation
 from cage_lens.testing import tiny_tokenizer
 from conftest import cached_model, hook_count
 

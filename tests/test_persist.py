@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import cage_lens
-from cage_lens.adapter import adapt
+from cage_lens.core.adapter import adapt
 from cage_lens.attribution import Attribution, attribute
-from cage_lens.cage_graph import GenerationGraph, cage
-from cage_lens.circuit import CircuitGraph, circuit_graph
+from cage_lens.generation.graph import GenerationGraph, cage
+from cage_lens.circuit.graph import CircuitGraph
+from cage_lens.circuit.builder import circuit_graph
 from cage_lens.errors import InputError
 from cage_lens.failure import FailureExplanation, explain_failure
 from cage_lens.persist import SCHEMA_VERSION, SavedCallable, read_header

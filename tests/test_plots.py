@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cage_lens.attribution import attribute
-from cage_lens.cage_graph import cage
-from cage_lens.circuit import circuit_graph
+from cage_lens.generation.graph import cage
+from cage_lens.circuit.builder import circuit_graph
 from cage_lens.errors import CageLensError
 from conftest import cached_model
 

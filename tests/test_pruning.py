@@ -8,9 +8,11 @@ from fractions import Fraction
 import pytest
 import torch
 
-from cage_lens.circuit import CircuitGraph, EdgeSet, LevelNodes, circuit_graph, prune_edges
+from cage_lens.circuit.graph import CircuitGraph, EdgeSet, LevelNodes
+from cage_lens.circuit.builder import circuit_graph
+from cage_lens.circuit.pruning import prune_edges
 from cage_lens.errors import InputError
-from cage_lens.pruning import cumulative_influence, find_threshold
+from cage_lens.circuit.pruning import cumulative_influence, find_threshold
 from conftest import cached_model
 
 PROMPT = "the cat sat on the mat and john"
@@ -188,7 +190,7 @@ def test_bad_rules_are_refused(rule, message):
 # ---------------------------------------------------------------------------- dense reference
 def reference_influence_pruning(graph, node_fraction, edge_fraction) -> set:
     """circuit-tracer's algorithm on one dense global adjacency (matrix power series), independent
-    of cage_lens.pruning."""
+    of cage_lens.circuit.pruning."""
     names = graph.levels
     offsets, n = {}, 0
     for name in names:

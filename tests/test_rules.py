@@ -17,12 +17,13 @@ import pytest
 import torch
 
 import cage_lens
-from cage_lens import engine
-from cage_lens.adapter import adapt
-from cage_lens.circuit import circuit_graph
-from cage_lens.engine import PointHook
+from cage_lens.core import engine
+from cage_lens.core.adapter import adapt
+from cage_lens.circuit.builder import circuit_graph
+from cage_lens.core.hooks import ModuleHook, ModulePreHook, PointHook, installed, session
 from cage_lens.errors import CageLensError, InputError
-from cage_lens.rules import ATTNLRP, CPLRP, GXI, RULE_SETS, RuleSet, resolve_rules, rule_hooks
+from cage_lens.core.rulesets import ATTNLRP, CPLRP, GXI, RULE_SETS, RuleSet, resolve_rules
+from cage_lens.core.api import rule_hooks
 from cage_lens.testing import random_model, supported_families
 from conftest import hook_count
 
@@ -71,10 +72,10 @@ def captured_gradients(model, rules, before=(), after=(), modules=()):
 
     hooks = [PointHook(n, keep(("before", n)), first=True) for n in before]
     hooks += [PointHook(n, keep(("after", n))) for n in after]
-    hooks += [engine.ModulePreHook(m, keep_input(k)) if side == "input" else engine.ModuleHook(m, keep_output(k))
+    hooks += [ModulePreHook(m, keep_input(k)) if side == "input" else ModuleHook(m, keep_output(k))
               for k, m, side in modules]
     tokens = model.to_tokens(PROMPT)
-    with engine.session(adapter), engine.rules_active(adapter, rules), engine.installed(adapter, hooks):
+    with session(adapter), engine.rules_active(adapter, rules), installed(adapter, hooks):
         value = model(tokens)[0, -1, TARGET]
         grads = engine.gradients(value, tensors)
     values = {k: t.detach() for k, t in tensors.items()}
@@ -239,7 +240,7 @@ def test_final_logit_soft_cap_passes_the_capped_logit():
             model(tokens)
         target = int(store["u"][0, -1].abs().argmax())  # the most capped logit
         for rules, identity in (("attnlrp", True), ("cplrp", True), ("gxi", False)):
-            with engine.session(adapter), engine.rules_active(adapter, rules):
+            with session(adapter), engine.rules_active(adapter, rules):
                 f = model(tokens)[0, -1, target]
                 (g,) = torch.autograd.grad(f, store["u"])
             u, f = float(store["u"][0, -1, target].detach()), float(f.detach())

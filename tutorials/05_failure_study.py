@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from cage_lens import study
-from cage_lens.viz import terminal_heatmap
+from cage_lens.views.terminal import terminal_heatmap
 from cage_lens.zoo.datasets import dataset
 
 data = dataset("ioi", 120, seed=5)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import cage_lens
-from cage_lens.attribution import logits_at
+from cage_lens.core.engine import logits_at
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.inputs import encode, special_token_id, unknown_words_problem
 from cage_lens.study.checking import CORRECT, OPEN, WRONG, CheckerError, continuation_text, verdict

@@ -55,7 +55,7 @@ def _checker_arg(value: str | None):
     from cage_lens.errors import InputError
 
     if value.startswith("zoo:"):
-        from cage_lens.zoo.datasets import ZooChecker, DATASET_TASKS
+        from cage_lens.zoo.datasets import DATASET_TASKS, ZooChecker
 
         if value[4:] not in DATASET_TASKS:
             raise InputError(f"no zoo checker {value!r}; available: {', '.join('zoo:' + t for t in DATASET_TASKS)}")

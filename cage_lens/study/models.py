@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cage_lens.errors import InputError
-from cage_lens.specs import load_model, spec_directory
+from cage_lens.specs import model_from_spec, spec_directory
 
 __all__ = ["StudyModel", "study_models"]
 
@@ -36,7 +36,7 @@ class StudyModel:
         return {"name": self.name, "spec": self.spec, "fingerprint": self.fingerprint}
 
     def load(self):
-        return self.model if self.model is not None else load_model(self.spec)
+        return self.model if self.model is not None else model_from_spec(self.spec)
 
 
 def _hash_file(h, path: Path) -> str:

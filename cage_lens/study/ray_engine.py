@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cage_lens.errors import InputError
 from cage_lens.study.extras import require
+from cage_lens.study.plan import anchor_rows, anchor_vocab, write_result
 from cage_lens.study.store import Store
 
 __all__ = ["run_ray", "check_ray_plan"]
@@ -41,12 +42,12 @@ class _ChunkWorker:
     def __init__(self, name, spec, sibling_spec, settings, checker, anchor_vocab, threads, device):
         import torch
 
+        from cage_lens.specs import model_from_spec
         from cage_lens.study.cases import ModelContext
-        from cage_lens.specs import load_model
 
         torch.set_num_threads(threads)
-        model = load_model(spec)
-        sibling = load_model(sibling_spec) if sibling_spec else None
+        model = model_from_spec(spec)
+        sibling = model_from_spec(sibling_spec) if sibling_spec else None
         if device is not None:
             model = model.to(device)
             sibling = sibling.to(device) if sibling is not None else None
@@ -87,8 +88,6 @@ def _init(ray, address: str | None, workers: int, cpus: float) -> bool:
 
 def run_ray(plan, store: Store, pending: dict[int, list[int]], bar, *, workers: int, address: str | None,
             cpus: float, gpus: float, threads: int | None, device: str | None) -> None:
-    from cage_lens.study.runner import _anchor_rows, _anchor_vocab, write_result
-
     ray = _import_ray()
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive int, got {workers!r}")
@@ -104,13 +103,13 @@ def run_ray(plan, store: Store, pending: dict[int, list[int]], bar, *, workers: 
                 continue
             entry = plan.models[mi]
             items = [{"name": Store.chunk_name(mi, k),
-                      "job": pickle.dumps((plan.chunk_entries(k), _anchor_rows(store, plan, k, mi)))} for k in chunks]
+                      "job": pickle.dumps((plan.chunk_entries(k), anchor_rows(store, plan, k, mi)))} for k in chunks]
             sizes = {Store.chunk_name(mi, k): len(plan.chunk_entries(k)) for k in chunks}
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _ChunkWorker,
                 fn_constructor_kwargs=dict(name=entry.name, spec=entry.spec, sibling_spec=sibling_spec,
                                            settings=plan.settings, checker=plan.checker,
-                                           anchor_vocab=_anchor_vocab(store, plan, mi),
+                                           anchor_vocab=anchor_vocab(store, plan, mi),
                                            threads=threads or max(1, int(cpus)), device=device),
                 batch_size=1, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
                 compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),

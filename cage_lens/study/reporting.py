@@ -14,7 +14,7 @@ import pandas as pd
 from cage_lens.errors import CageLensError
 from cage_lens.study.aggregate import Comparison, StudySummary, _frame, _models, compare, summary
 from cage_lens.study.extras import MissingExtraError, require
-from cage_lens.viz import html_page, token_spans_html
+from cage_lens.views.html import html_page, token_spans_html
 
 __all__ = ["plot_segments", "plot_delta", "report"]
 

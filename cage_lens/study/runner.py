@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import platform
 import time
 import warnings
@@ -15,14 +14,15 @@ from typing import Any, Callable
 
 import cage_lens
 from cage_lens.errors import InputError
-from cage_lens.study.cases import ChunkResult, ModelContext, process_chunk
+from cage_lens.study.cases import ModelContext, process_chunk
 from cage_lens.study.checking import describe_checker
 from cage_lens.study.models import StudyModel, study_models
-from cage_lens.study.records import Entry, dataset_fingerprint, read_records
+from cage_lens.study.plan import Plan, anchor_rows, anchor_vocab, pending_chunks, write_result
+from cage_lens.study.records import dataset_fingerprint, read_records
 from cage_lens.study.settings import StudySettings
-from cage_lens.study.store import FORMAT, Store, table_bytes
+from cage_lens.study.store import FORMAT, Store
 
-__all__ = ["run", "StudyRun", "Plan"]
+__all__ = ["run", "StudyRun"]
 
 ENGINES = ("local", "ray")
 
@@ -51,35 +51,6 @@ class StudyRun:
         return (f"StudyRun({str(self.path)!r}, engine={self.engine!r}: {self.cases_written} cases written, "
                 f"{self.cases_before} already there, {self.cases_total} in all; {self.seconds:.1f} s, "
                 f"{self.cases_per_minute:.0f} cases/min)")
-
-
-@dataclass
-class Plan:
-    """Everything a worker needs besides the model: entries, settings, checker, chunking."""
-
-    entries: list[Entry]
-    settings: StudySettings
-    checker: Callable | None
-    models: list[StudyModel]
-    sibling: StudyModel | None
-
-    @property
-    def n_chunks(self) -> int:
-        return math.ceil(len(self.entries) / self.settings.chunk_size)
-
-    def chunk_entries(self, chunk: int) -> list[Entry]:
-        cs = self.settings.chunk_size
-        return self.entries[chunk * cs: (chunk + 1) * cs]
-
-    def order(self) -> list[int]:
-        """Model indices, the ``cases_from`` model first (the others read its shards)."""
-        idx = list(range(len(self.models)))
-        anchor = self.settings.cases_from
-        return sorted(idx, key=lambda i: self.models[i].name != anchor) if anchor else idx
-
-    def anchor_index(self) -> int | None:
-        anchor = self.settings.cases_from
-        return next((i for i, m in enumerate(self.models) if m.name == anchor), None) if anchor else None
 
 
 def _package_version(name: str) -> str | None:
@@ -147,31 +118,6 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="case", desc="study", disable=not enabled, smoothing=0.1)
 
 
-def _pending(plan: Plan, store: Store) -> dict[int, list[int]]:
-    done = store.done()
-    return {mi: [k for k in range(plan.n_chunks) if Store.chunk_name(mi, k) not in done] for mi in plan.order()}
-
-
-def _anchor_rows(store: Store, plan: Plan, chunk: int, model_index: int) -> dict[int, dict] | None:
-    """The cases_from model's rows of ``chunk`` (for the other models of a paired study)."""
-    ai = plan.anchor_index()
-    if ai is None or ai == model_index:
-        return None
-    return {r["record"]: r for r in store.read_chunk(Store.chunk_name(ai, chunk))}
-
-
-def _anchor_vocab(store: Store, plan: Plan, model_index: int) -> str | None:
-    ai = plan.anchor_index()
-    if ai is None or ai == model_index:
-        return None
-    info = store.model_info(ai)
-    return info["vocab"] if info else None
-
-
-def write_result(store: Store, name: str, result: ChunkResult, graph: bool) -> None:
-    store.write_chunk(name, table_bytes(result.rows), result.graphs if graph else None)
-
-
 def _run_local(plan: Plan, store: Store, pending: dict[int, list[int]], bar, threads: int | None, device) -> None:
     sibling_model = None
     for mi in plan.order():
@@ -182,11 +128,11 @@ def _run_local(plan: Plan, store: Store, pending: dict[int, list[int]], bar, thr
             model = _on_device(entry.load(), device)
             if plan.sibling is not None and sibling_model is None:
                 sibling_model = _on_device(plan.sibling.load(), device)
-            ctx = ModelContext(entry.name, model, sibling_model, _anchor_vocab(store, plan, mi))
+            ctx = ModelContext(entry.name, model, sibling_model, anchor_vocab(store, plan, mi))
             store.write_model_info(mi, ctx.info())
             for k in pending[mi]:
                 entries = plan.chunk_entries(k)
-                result = process_chunk(ctx, entries, plan.settings, plan.checker, _anchor_rows(store, plan, k, mi))
+                result = process_chunk(ctx, entries, plan.settings, plan.checker, anchor_rows(store, plan, k, mi))
                 write_result(store, Store.chunk_name(mi, k), result, plan.settings.graph)
                 bar.update(len(entries))
         del model, ctx
@@ -269,7 +215,7 @@ def run(
     store.open(manifest, resume)
     _warn_environment(store, manifest)
     try:
-        pending = _pending(plan, store)
+        pending = pending_chunks(plan, store)
         total = len(entries) * len(study)
         todo = sum(len(plan.chunk_entries(k)) for ks in pending.values() for k in ks)
         start = time.perf_counter()

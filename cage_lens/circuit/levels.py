@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from cage_lens.adapter import ModelAdapter
+from cage_lens.core.adapter import ModelAdapter
 from cage_lens.errors import InputError
 
 if TYPE_CHECKING:
-    from cage_lens.graph.state import AttentionState, ForwardState, MLPState
+    from cage_lens.circuit.state import AttentionState, ForwardState, MLPState
 
 __all__ = ["Level", "Transition", "Plan", "LEVEL_MODES", "state_levels", "transitions", "plan"]
 

@@ -14,10 +14,12 @@ from typing import Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens import engine
-from cage_lens.adapter import ModelAdapter
-from cage_lens.engine import Capture, ModulePreHook, PointHook
-from cage_lens.rules import RuleSet, resolve_rules
+from cage_lens.core import engine
+from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.engine import Capture
+from cage_lens.core.hooks import ModulePreHook, PointHook, installed, session
+from cage_lens.core.hooks import fires as hook_fires
+from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
 __all__ = ["AttentionState", "MLPState", "BranchState", "ForwardState", "capture_state", "StopForward", "stop_after"]
@@ -90,7 +92,7 @@ def _mlp_input_name(layer: int) -> str:
 
 
 class _Recorder(Capture):
-    """Records hook-point outputs (the engine's :class:`~cage_lens.engine.Capture`) and, for parallel
+    """Records hook-point outputs (the engine's :class:`~cage_lens.core.engine.Capture`) and, for parallel
     blocks, the MLP's input as a fresh view, so that its gradient is the MLP branch's alone even when
     one norm output feeds both branches (GPT-J)."""
 
@@ -131,7 +133,10 @@ def _mlp_inputs(adapter: ModelAdapter, layer: int) -> tuple[str, ...]:
 def _attention_names(adapter: ModelAdapter, layer: int) -> list[str]:
     """Attention hooks recorded for the closed form: q, k, v, z, and how q and k enter the scores
     (rotated queries and keys where they are exposed, else the rotary tables, else the scores)."""
-    site, fires = adapter.layer(layer), adapter.fires
+    site = adapter.layer(layer)
+
+    def fires(name):
+        return hook_fires(adapter, name)
     names = [site.q, site.k, site.v, site.z]
     if adapter.arch.positional == "rotary":
         if fires(site.rot_q) and fires(site.rot_k):
@@ -194,7 +199,7 @@ def _checked_value(target: Target, logits: torch.Tensor, position: int) -> torch
 def _one_pass_gradients(adapter, tokens, position, target, rules, names, wrt):
     """One forward under the rules and one backward through the whole model."""
     rec = _Recorder(roots=[names[0]])
-    with engine.rules_active(adapter, rules), engine.installed(adapter, rec.hooks(adapter, names)):
+    with engine.rules_active(adapter, rules), installed(adapter, rec.hooks(adapter, names)):
         value = _checked_value(target, adapter.model(tokens), position)
         grads = engine.gradients(value.sum(), {n: rec.tensors[n] for n in wrt if n in rec.tensors})
     return value, rec.tensors, grads
@@ -225,7 +230,7 @@ def _layerwise_gradients(adapter, tokens, position, target, rules, names, wrt):
     a HookedTransformer, O(layers²) block forwards on a bridge)."""
     model, arch = adapter.model, adapter.arch
     rec = _Recorder()
-    with torch.no_grad(), engine.rules_active(adapter, rules), engine.installed(adapter, rec.hooks(adapter, names)):
+    with torch.no_grad(), engine.rules_active(adapter, rules), installed(adapter, rec.hooks(adapter, names)):
         value = _checked_value(target, model(tokens), position)
     grads: dict[str, torch.Tensor] = {}
     last = adapter.block(arch.n_layers - 1, "hook_resid_post")
@@ -237,7 +242,7 @@ def _layerwise_gradients(adapter, tokens, position, target, rules, names, wrt):
         hooks = [PointHook(pre, _grad_from(pre, leaves))] + local.hooks(adapter, inner) + [stop_after(post, captured)]
         with torch.no_grad(), engine.rules_active(adapter, rules):
             try:
-                with engine.installed(adapter, hooks):
+                with installed(adapter, hooks):
                     _run_from(adapter, tokens, layer, rec.tensors[pre])
             except StopForward:
                 pass
@@ -259,7 +264,7 @@ def _head_gradient(adapter, tokens, position, target, rules, resid_last: torch.T
             logits = model(leaf, start_at_layer=adapter.arch.n_layers)
             return torch.autograd.grad(_checked_value(target, logits, position).sum(), leaf)[0]
     leaves: dict = {}
-    with torch.no_grad(), engine.rules_active(adapter, rules), engine.installed(adapter, [PointHook(last, _grad_from(last, leaves))]):
+    with torch.no_grad(), engine.rules_active(adapter, rules), installed(adapter, [PointHook(last, _grad_from(last, leaves))]):
         logits = model(tokens)
         with torch.enable_grad():
             return torch.autograd.grad(_checked_value(target, logits, position).sum(), leaves[last])[0]
@@ -286,7 +291,7 @@ def _bias_parts(adapter: ModelAdapter, n_pos: int) -> list[dict[str, torch.Tenso
         if site.mlp is not None and site.mlp.kind != "moe":
             layer_names += list(_mlp_inputs(adapter, layer))
         names += layer_names
-    with engine.installed(adapter, hooks + rec.hooks(adapter, names)):
+    with installed(adapter, hooks + rec.hooks(adapter, names)):
         adapter.model(torch.zeros((1, n_pos), dtype=torch.long, device=adapter.device))
     return [{n[len(f"blocks.{layer}."):]: t[0] for n, t in rec.tensors.items() if n.startswith(f"blocks.{layer}.")}
             for layer in range(arch.n_layers)]
@@ -306,7 +311,7 @@ def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], posit
     if low_memory is None:
         low_memory = tokens.shape[0] > 1024
     gradients = _layerwise_gradients if low_memory else _one_pass_gradients
-    with engine.session(adapter):
+    with session(adapter):
         batch_tokens = tokens[None].to(adapter.device).clone()
         value, tensors, grads = gradients(adapter, batch_tokens, position, target, rules, names, wrt)
         biases = _bias_parts(adapter, tokens.shape[0])

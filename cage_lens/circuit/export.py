@@ -46,7 +46,7 @@ def _clerp(level: str, kind: str, unit: int, token: str) -> str:
 def _influences(graph, unpruned: bool):
     """Node influence per level (the target node: 1, the weight of the logit node's only input) and
     circuit-tracer's cumulative score over all nodes of the graph."""
-    from cage_lens.pruning import cumulative_influence, node_influence
+    from cage_lens.circuit.pruning import cumulative_influence, node_influence
 
     per_level = node_influence(graph, unpruned)
     last = graph.nodes[graph.levels[-1]]
@@ -116,7 +116,7 @@ def circuit_tracer_dict(graph, slug: str = "cage-lens-graph", token_prob: float 
 
 
 def _has_unpruned(graph, es) -> bool:
-    from cage_lens.pruning import unpruned_matrix
+    from cage_lens.circuit.pruning import unpruned_matrix
 
     return unpruned_matrix(graph, es) is not None
 

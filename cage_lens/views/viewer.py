@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from cage_lens.viz import printable
+from cage_lens.views.terminal import printable
 
 __all__ = ["visible", "safe_text", "script_json", "viewer_script", "view_fragment", "attribution_page", "PAGE_BUDGET_BYTES"]
 
@@ -43,7 +43,7 @@ _STYLE = """
 
 def visible(token: str) -> str:
     """A token with every control, format or separator character as a visible escape (the one
-    sanitiser, :func:`cage_lens.viz.printable`; still to be HTML-escaped)."""
+    sanitiser, :func:`cage_lens.views.terminal.printable`; still to be HTML-escaped)."""
     return printable(token)
 
 
@@ -87,7 +87,7 @@ def view_fragment(svg: str, data: dict, strip: str = "", notes: list[str] = ()) 
 
 def token_strip(tokens, scaled, raw, bold: set[int] = frozenset()) -> str:
     """Tokens coloured by relevance already scaled to [-1, 1] (title: the raw value)."""
-    from cage_lens.viz import relevance_color
+    from cage_lens.views.terminal import relevance_color
 
     spans = []
     for i, (tok, s, r) in enumerate(zip(tokens, scaled, raw)):
@@ -101,7 +101,7 @@ def token_strip(tokens, scaled, raw, bold: set[int] = frozenset()) -> str:
 def attribution_page(attribution, path=None, max_rows: int = 8) -> str:
     """A complete page for an :class:`~cage_lens.Attribution`: per row the token heatmap, the layer ×
     token relevance and the summed head relevance, then the conservation table."""
-    from cage_lens.viz import html_page, layer_token_table_html
+    from cage_lens.views.html import html_page, layer_token_table_html
 
     sections = []
     n_rows = attribution.token_relevance.shape[0]

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 
+from cage_lens.circuit.levels import Transition
+from cage_lens.circuit.state import AttentionState, ForwardState
+from cage_lens.core.rulesets import RuleSet
 from cage_lens.errors import UnsupportedModelError
-from cage_lens.graph.levels import Transition
-from cage_lens.graph.state import AttentionState, ForwardState
-from cage_lens.rules import RuleSet
 
 __all__ = ["fast_edge_rows"]
 

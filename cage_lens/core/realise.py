@@ -1,4 +1,5 @@
-"""From a :class:`~cage_lens.rules.RuleSet` and a model's structure sites to hooks (docs/rules.md).
+"""From a :class:`~cage_lens.core.rulesets.RuleSet` and a model's structure sites to hooks
+(layer 5 of :mod:`cage_lens.core`; docs/rules.md).
 
 ``realise(adapter, rule_set)`` returns the hooks that put the rule set on one model: hook-point hooks
 (``PointHook``, TL-native) wherever a hook point exists, module forward hooks (``ModuleHook``) only
@@ -32,39 +33,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cage_lens.adapter import MLPSite, ModelAdapter
-from cage_lens.errors import UnsupportedModelError
-from cage_lens.rules import (
-    CenteredIdentity, ElementwiseIdentity, GatedProduct, RoutedGradient, RuleSet, ScaleGradient, safe_ratio,
+from cage_lens.core.adapter import MLPSite, ModelAdapter
+from cage_lens.core.autograd import (
+    CenteredIdentity, ElementwiseIdentity, GatedProduct, RoutedGradient, ScaleGradient, safe_ratio,
 )
+from cage_lens.core.hooks import ModuleHook, ModulePreHook, PointHook
+from cage_lens.core.rulesets import RuleSet
+from cage_lens.errors import UnsupportedModelError
 
-__all__ = ["PointHook", "ModuleHook", "ModulePreHook", "Realisation", "realise"]
-
-
-@dataclass(frozen=True)
-class PointHook:
-    """A TransformerLens hook ``fn(tensor, hook)`` on a hook point (legacy name or HookPoint object).
-    ``first`` installs it ahead of the hooks already there (see :func:`cage_lens.engine.installed`)."""
-
-    point: object
-    fn: object
-    first: bool = False
-
-
-@dataclass(frozen=True)
-class ModuleHook:
-    """A forward hook ``fn(module, args, kwargs, output) -> output | None`` on a module."""
-
-    module: torch.nn.Module
-    fn: object
-
-
-@dataclass(frozen=True)
-class ModulePreHook:
-    """A forward pre-hook ``fn(module, args, kwargs) -> (args, kwargs) | None`` on a module."""
-
-    module: torch.nn.Module
-    fn: object
+__all__ = ["Realisation", "realise"]
 
 
 @dataclass

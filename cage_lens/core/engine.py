@@ -1,144 +1,41 @@
-"""The LRP engine: installing hooks for one call, capture, the gradient call and finiteness checks.
+"""The LRP engine: rule sets active per thread, capture, the gradient call and finiteness checks
+(layer 6 of :mod:`cage_lens.core`; docs/rules.md#engine).
 
 Every gradient-based computation in cage_lens (``attribute``, the CAGE tables of
-:mod:`cage_lens.methods`, the graph state of :mod:`cage_lens.graph`, the certificate) goes through
-here, so these guarantees hold everywhere (docs/rules.md#engine):
+:mod:`cage_lens.generation.methods`, the graph state of :mod:`cage_lens.circuit.state`, relevance patching,
+the certificate) goes through here, on top of the thread-guarded installation of
+:mod:`cage_lens.core.hooks`:
 
-- **Per-call state, thread-guarded hooks.** Hooks are registered directly on the hook points and
-  modules for the duration of one call and act only in the thread that installed them; a forward
-  run by another thread meanwhile passes through them untouched. They never go through
-  ``model.hooks()``, whose context-level bookkeeping is shared by all threads.
-- **One cage_lens call per model at a time** (a re-entrant lock on the model's adapter): concurrent
-  calls return the serial results.
 - **Nesting.** The rule sets active in a thread are recorded on the model's adapter: a call whose
   rules are already active (``attribute`` inside ``with lrp(model, same)``) does not apply them a
   second time; different rules inside an active block raise.
-- **Autograd is available** even inside ``torch.inference_mode()`` or ``torch.no_grad()``.
+- **Capture.** Activations are recorded by hooks that return them, and one ``torch.autograd.grad``
+  call gives every gradient; the embeddings are re-rooted so relevance exists with frozen weights.
+- **Finite values.** A target or relevance that is NaN or infinite raises
+  :class:`~cage_lens.NumericalError`.
+
+The engine does not certify: callers above :mod:`cage_lens.core.certificate` certify the model first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens.adapter import ModelAdapter
-from cage_lens.errors import CageLensError, NumericalError, UnsupportedModelError
-from cage_lens.realise import ModuleHook, ModulePreHook, PointHook, realise
-from cage_lens.rules import RuleSet, resolve_rules
+from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.hooks import Installation, PointHook, as_hook, has_position_embedding, installed, session
+from cage_lens.core.realise import realise
+from cage_lens.core.rulesets import RuleSet, resolve_rules
+from cage_lens.errors import CageLensError, NumericalError
 
 __all__ = [
-    "PointHook", "ModuleHook", "ModulePreHook", "installed", "session", "rules_active", "suspended", "certify_or_warn",
-    "Capture", "select_logits", "logits_at", "run_attribution", "check_finite", "gradients",
+    "rules_active", "suspended", "Capture", "select_logits", "logits_at", "input_roots", "run_attribution",
+    "check_finite", "gradients", "residual_state", "residual_captures",
 ]
-
-
-# ---------------------------------------------------------------------------- installing hooks
-class Installation:
-    """Hooks installed by one call: they act only in the installing thread, and not while suspended."""
-
-    def __init__(self):
-        self.owner = threading.get_ident()
-        self.suspended = False
-        self.handles: list[Callable[[], None]] = []
-
-    def acting(self) -> bool:
-        return not self.suspended and threading.get_ident() == self.owner
-
-
-def _hook_point(adapter: ModelAdapter, point):
-    if not isinstance(point, str):
-        return point
-    try:
-        return adapter.hook_points[point]
-    except KeyError:
-        raise UnsupportedModelError(f"the model has no hook point {point!r}") from None
-
-
-def _add_point_hook(hook_point, fn: Callable, inst: Installation, first: bool = False) -> Callable[[], None]:
-    def guarded(tensor, hook):
-        if not inst.acting():
-            return None
-        return fn(tensor, hook)
-
-    if hasattr(hook_point, "hook_conversion"):
-        # TL 3/4 HookPoint: add_hook applies the point's shape conversion and lists the handle, which
-        # some bridge components consult (has_hooks). Marked permanent so that another thread's
-        # reset_hooks() leaves it alone; removed below by handle, never by level.
-        handle = hook_point.add_hook(guarded, dir="fwd", is_permanent=True, prepend=first)
-
-        def remove():
-            handle.hook.remove()
-            with contextlib.suppress(ValueError):
-                hook_point.fwd_hooks.remove(handle)
-        return remove
-    # TL 2 HookPoint: a plain torch forward hook (TL 2's add_hook returns no handle)
-    torch_handle = hook_point.register_forward_hook(lambda module, inputs, output: guarded(output, hook_point),
-                                                    prepend=first)
-    return torch_handle.remove
-
-
-def _add_module_hook(module: torch.nn.Module, fn: Callable, inst: Installation) -> Callable[[], None]:
-    def guarded(mod, args, kwargs, output):
-        if not inst.acting():
-            return None
-        return fn(mod, args, kwargs, output)
-
-    return module.register_forward_hook(guarded, with_kwargs=True).remove
-
-
-def _add_module_pre_hook(module: torch.nn.Module, fn: Callable, inst: Installation) -> Callable[[], None]:
-    def guarded(mod, args, kwargs):
-        if not inst.acting():
-            return None
-        return fn(mod, args, kwargs)
-
-    return module.register_forward_pre_hook(guarded, with_kwargs=True).remove
-
-
-@contextlib.contextmanager
-def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
-    """Install ``hooks`` (PointHook / ModuleHook, in order) for this thread; remove them on exit.
-
-    A ``PointHook`` with ``first=True`` goes ahead of the hooks already on its point. Captures use
-    it at the points where the rules keep a tensor for later (a norm's input, an MLP's
-    pre-activations): a bridge hook point with a shape conversion hands every hook its own converted
-    view, and the rules must compute on the view the capture returned, so that the captured tensor is
-    the one the gradient reaches."""
-    inst = Installation()
-    try:
-        for h in hooks:
-            if isinstance(h, ModuleHook):
-                inst.handles.append(_add_module_hook(h.module, h.fn, inst))
-            elif isinstance(h, ModulePreHook):
-                inst.handles.append(_add_module_pre_hook(h.module, h.fn, inst))
-            else:
-                inst.handles.append(_add_point_hook(_hook_point(adapter, h.point), h.fn, inst, h.first))
-        yield inst
-    finally:
-        for remove in reversed(inst.handles):
-            remove()
-
-
-@contextlib.contextmanager
-def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
-    """One cage_lens call: the model's lock, autograd on (also under ``torch.inference_mode``)."""
-    mode = torch.enable_grad() if grad else torch.no_grad()
-    with adapter.lock, torch.inference_mode(False), mode:
-        try:
-            yield
-        except RuntimeError as exc:
-            if "Inference tensors" in str(exc):
-                raise CageLensError(
-                    "the model holds tensors created under torch.inference_mode() (e.g. caches filled by an "
-                    "earlier forward there), which autograd cannot use; build or run the model once outside "
-                    "inference_mode before computing relevance"
-                ) from None
-            raise
 
 
 # ---------------------------------------------------------------------------- active rule sets
@@ -186,21 +83,6 @@ def suspended(adapter: ModelAdapter) -> Iterator[None]:
             entry.installation.suspended = False
         if stack:
             adapter.active[tid] = stack
-
-
-def certify_or_warn(adapter: ModelAdapter, strict: bool = True) -> list[str]:
-    """Run (once per model) the completeness certificate; refuse an uncertified model unless
-    ``strict=False``, which returns the warning to record in the result."""
-    from cage_lens.certificate import certify
-
-    cert = certify(adapter)
-    if cert.passed:
-        return []
-    if strict:
-        raise cert.error()
-    message = f"uncertified model (strict=False): {cert.reason}"
-    warnings.warn(message, stacklevel=3)
-    return [message]
 
 
 # ---------------------------------------------------------------------------- capture and gradients
@@ -284,13 +166,9 @@ def select_logits(
         return select(tensor).contiguous()
 
     extra = [] if name is None else [PointHook(name, select_rows)]
-    with installed(adapter, [_as_hook(h) for h in hooks] + extra):
+    with installed(adapter, [as_hook(h) for h in hooks] + extra):
         logits = adapter.model(tokens)
     return logits if selected else select(logits)
-
-
-def _as_hook(h):
-    return h if isinstance(h, (PointHook, ModuleHook, ModulePreHook)) else PointHook(*h)
 
 
 def logits_at(
@@ -304,7 +182,7 @@ def logits_at(
 
 def input_roots(adapter: ModelAdapter) -> list[str]:
     """The hook points whose outputs are the model's inputs: token (and position) embeddings."""
-    return [adapter.embed_hook] + ([adapter.pos_embed_hook] if adapter.has_position_embedding else [])
+    return [adapter.embed_hook] + ([adapter.pos_embed_hook] if has_position_embedding(adapter) else [])
 
 
 def run_attribution(
@@ -324,7 +202,7 @@ def run_attribution(
     with session(adapter):
         tokens = batch.tokens.to(adapter.device).clone()
         with rules_active(adapter, rules):
-            hooks = [_as_hook(h) for h in pre_hooks] + capture.hooks_for(adapter)
+            hooks = [as_hook(h) for h in pre_hooks] + capture.hooks_for(adapter)
             value = check_finite(target(logits_at(adapter, tokens, positions, hooks)), "the target value")
             grads = capture.gradients(value.sum())
     return value.detach(), capture, grads

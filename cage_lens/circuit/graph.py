@@ -1,18 +1,8 @@
-"""Cross-layer attribution graphs (docs/graphs.md): nodes are (level, token) states, edges carry relevance.
-
-``circuit_graph(model, prompt, target=..., contrast=...)`` runs one forward and one backward pass under
-the LRP rules, computes the edges between consecutive levels (closed form by default, or the reference
-batch-packed backpropagation) and prunes them:
-
-1. **Node threshold.** Edges are computed only *into* target nodes with ``|R| > node_threshold·|target|``.
-2. **Edge pruning per transition.** With ``edge_threshold``: keep ``|A| > edge_threshold·|target|``.
-   Otherwise with ``top_p``: keep the smallest set of largest-|A| edges holding at least ``top_p`` of
-   the transition's total |A| mass (ties broken by order of computation). ``top_p=None`` keeps all.
-3. **Ancestors.** Keep the nodes from which the target node (last level, explained position) is
-   reachable along kept edges, and the kept edges between them.
-
-The unpruned matrices stay available through :meth:`CircuitGraph.edge_matrix` for inputs up to
-``dense_limit`` tokens; above that only the pruned edges are stored (no dense ``[pos, pos]`` is kept).
+"""The cross-layer attribution graph as a result object (docs/graphs.md): :class:`LevelNodes` (the
+nodes of one level), :class:`EdgeSet` (the kept edges of one transition) and :class:`CircuitGraph`
+(queries, paths, export). It is built by :func:`cage_lens.circuit.builder.circuit_graph`, pruned by
+:mod:`cage_lens.circuit.pruning`, drawn by :mod:`cage_lens.views.graphs`; its metrics are
+:func:`cage_lens.metrics.graph_metrics`.
 
 Identities (docs/graphs.md#identities, tested): with every row computed, the edges leaving a node sum to its relevance,
 ``Σ_j A[j, i] = R_s(i)`` (the chain rule; for head/neuron graphs summed over all transitions leaving the
@@ -35,19 +25,12 @@ import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens import engine
-from cage_lens import graph as E
-from cage_lens.adapter import adapt
 from cage_lens.errors import InputError
-from cage_lens.persist import provenance
-from cage_lens.pruning import prune_edges
-from cage_lens.inputs import as_int, resolve_positions, to_token_batch
-from cage_lens.rules import RuleSet, resolve_rules
-from cage_lens.targets import Target
+from cage_lens.inputs import as_int
+from cage_lens.persist import Saveable
+from cage_lens.views.graphs import node_label
 
-__all__ = ["circuit_graph", "CircuitGraph", "EdgeSet", "METHODS", "gini", "node_label"]
-
-METHODS = ("fast", "autograd")
+__all__ = ["CircuitGraph", "LevelNodes", "EdgeSet"]
 
 
 # ---------------------------------------------------------------------------- containers
@@ -95,19 +78,9 @@ class EdgeSet:
                        self.values[keep], self.computed_rows, self.total_mass, self.dense)
 
 
-def gini(x: torch.Tensor) -> float:
-    """Gini coefficient of non-negative values (0: all equal, → 1: one value holds everything)."""
-    x = x.flatten().double().sort().values
-    n = x.numel()
-    if n == 0 or float(x.sum()) == 0.0:
-        return 0.0
-    index = torch.arange(1, n + 1, dtype=x.dtype)
-    return float(((2 * index - n - 1) * x).sum() / (n * x.sum()))
-
-
 # ---------------------------------------------------------------------------- the graph
 @dataclass
-class CircuitGraph:
+class CircuitGraph(Saveable):
     """Pruned cross-layer attribution graph of one prompt. Levels run input → output; the target node
     is ``(levels[-1], position)``. All relevance values are signed (positive supports the target,
     with a contrast: the target *over* the contrast)."""
@@ -247,36 +220,12 @@ class CircuitGraph:
 
     # -------------------------------------------------------------- metrics
     def metrics(self) -> list[dict]:
-        """Per transition of the pruned graph: ``nodes`` (graph nodes of the target level — a node under
-        the node threshold can be in the graph as a source without incoming edges), edge count, mean
-        fan-in/out (over nodes with at least one edge in this transition), Gini of |edge| and
-        |node| relevance, verticality (share of |A| mass from the same token position), the number of
-        source tokens covering 90 % of the mass, hubs (top-3 source tokens by outgoing mass) and the
-        mean look-back distance (|A|-weighted mean of j − i in token positions)."""
-        rows = []
-        for es in self.edges():
-            src, tgt = self.nodes[es.source], self.nodes[es.target]
-            mass = es.values.abs()
-            total = float(mass.sum())
-            src_pos, tgt_pos = src.pos[es.sources], tgt.pos[es.targets]
-            per_token = torch.zeros(self.n_pos, dtype=mass.dtype).index_add_(0, src_pos, mass)
-            share = per_token.sort(descending=True).values.cumsum(0) / _nonzero(total)
-            alive_t = self.alive[es.target]
-            hubs = per_token.argsort(descending=True)[:3].tolist()
-            rows.append({
-                "transition": f"{es.source} → {es.target}",
-                "nodes": int(alive_t.sum()),
-                "edges": len(es),
-                "fan_in": len(es) / max(1, int(es.targets.unique().numel())),
-                "fan_out": len(es) / max(1, int(es.sources.unique().numel())),
-                "gini_edges": gini(mass),
-                "gini_nodes": gini(tgt.relevance[alive_t].abs()),
-                "verticality": float(mass[src_pos == tgt_pos].sum()) / _nonzero(total),
-                "tokens_90": int((share < 0.9 - 1e-12).sum()) + 1 if total > 0 else 0,
-                "hubs": [(p, self.str_tokens[p], float(per_token[p]) / _nonzero(total)) for p in hubs if per_token[p] > 0],
-                "look_back": float((mass * (tgt_pos - src_pos)).sum()) / _nonzero(total),
-            })
-        return rows
+        """Per transition of the pruned graph: nodes, edges, fan-in/out, Gini of edges and nodes,
+        verticality, tokens covering 90 % of the mass, hubs and look-back distance (see
+        :func:`cage_lens.metrics.graph_metrics`)."""
+        from cage_lens.metrics import graph_metrics
+
+        return graph_metrics(self)
 
     def metrics_table(self) -> str:
         head = f"{'transition':<34}{'nodes':>6}{'edges':>7}{'fan-in':>7}{'fan-out':>8}{'gini_e':>7}{'gini_n':>7}{'vert':>6}{'tok90':>6}{'lookback':>9}  hubs"
@@ -340,7 +289,7 @@ class CircuitGraph:
         """Self-contained interactive HTML page (levels as rows, tokens as columns; hover, click,
         threshold slider; a static SVG where scripts do not run). Written to ``path`` when given; the
         HTML string is returned either way."""
-        from cage_lens.graph_view import graph_html
+        from cage_lens.views.graphs import graph_html
 
         page = graph_html(self)
         if path is not None:
@@ -348,45 +297,32 @@ class CircuitGraph:
         return page
 
     def _repr_html_(self) -> str:
-        from cage_lens.graph_view import graph_fragment
+        from cage_lens.views.graphs import graph_fragment
 
         return graph_fragment(self)
 
-    def save(self, path) -> Path:
-        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
-        from cage_lens.persist import save
-
-        return save(self, path)
-
-    @classmethod
-    def load(cls, path) -> "CircuitGraph":
-        """Read a graph written by :meth:`save` (refuses other result kinds and newer schemas)."""
-        from cage_lens.persist import load
-
-        return load(path, expect=cls)
-
     def prune(self, **rule) -> "CircuitGraph":
         """A new graph pruned without recomputation: ``top_p=``, ``edge_threshold=`` or
-        ``influence=True`` (circuit-tracer's node 0.8 / edge 0.98); see :func:`cage_lens.pruning.prune`."""
-        from cage_lens.pruning import prune
+        ``influence=True`` (circuit-tracer's node 0.8 / edge 0.98); see :func:`cage_lens.circuit.pruning.prune`."""
+        from cage_lens.circuit.pruning import prune
 
         return prune(self, **rule)
 
     def influence(self, unpruned: bool | None = None) -> dict[str, Float[torch.Tensor, "node"]]:
-        """circuit-tracer's node influence on the target, per level (see :func:`cage_lens.pruning.node_influence`)."""
-        from cage_lens.pruning import node_influence
+        """circuit-tracer's node influence on the target, per level (see :func:`cage_lens.circuit.pruning.node_influence`)."""
+        from cage_lens.circuit.pruning import node_influence
 
         return node_influence(self, unpruned)
 
     def to_circuit_tracer(self, directory, slug: str = "cage-lens-graph", **options) -> Path:
         """Write ``{slug}.json`` and ``graph-metadata.json`` for circuit-tracer's viewer (docs/results.md)."""
-        from cage_lens.export import to_circuit_tracer
+        from cage_lens.circuit.export import to_circuit_tracer
 
         return to_circuit_tracer(self, directory, slug, **options)
 
     def plot(self, **kwargs):
         """Matplotlib figure of the graph (needs ``cage-lens[plot]``)."""
-        from cage_lens.plots import plot_circuit
+        from cage_lens.views.plots import plot_circuit
 
         return plot_circuit(self, **kwargs)
 
@@ -401,134 +337,5 @@ class CircuitGraph:
         return self.summary()
 
 
-def node_label(key: tuple) -> str:
-    """``"level@pos"`` or ``"level:unit@pos"`` (the node ids of :meth:`CircuitGraph.to_json`)."""
-    return f"{key[0]}@{key[-1]}" if len(key) == 2 else f"{key[0]}:{key[1]}@{key[2]}"
-
-
 def _nonzero(x: float) -> float:
     return x if x != 0 else 1e-30
-
-
-# ---------------------------------------------------------------------------- building
-def _check_options(levels, method, node_threshold, top_p, edge_threshold, batch_size, dense_limit) -> None:
-    if levels not in E.LEVEL_MODES:
-        raise InputError(f"unknown levels {levels!r}; choose one of {', '.join(E.LEVEL_MODES)}")
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if node_threshold is not None and not (isinstance(node_threshold, (int, float)) and node_threshold >= 0):
-        raise InputError(f"node_threshold must be a non-negative number or None, got {node_threshold!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise InputError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
-    if edge_threshold is not None and not (isinstance(edge_threshold, (int, float)) and edge_threshold >= 0):
-        raise InputError(f"edge_threshold must be a non-negative number or None, got {edge_threshold!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(dense_limit, int) or dense_limit < 0:
-        raise InputError(f"dense_limit must be a non-negative int, got {dense_limit!r}")
-
-
-def _single_prompt(model, inputs, prepend_bos):
-    batch = to_token_batch(model, inputs, prepend_bos)
-    if batch.batch != 1:
-        raise InputError(f"circuit_graph explains one prompt at a time; got a batch of {batch.batch}")
-    return batch
-
-
-def _kept_rows(relevance: torch.Tensor, node_threshold: float | None, scale: float) -> torch.Tensor:
-    if not node_threshold:
-        return torch.arange(relevance.shape[0])
-    return (relevance.abs() > node_threshold * scale).nonzero().flatten()
-
-
-def circuit_graph(
-    model,
-    inputs,
-    target=None,
-    contrast=None,
-    *,
-    rules: "str | RuleSet" = "attnlrp",
-    levels: str = "block",
-    method: str = "fast",
-    mode: str = "logit",
-    position: int = -1,
-    node_threshold: float | None = 0.01,
-    top_p: float | None = 0.85,
-    edge_threshold: float | None = None,
-    neurons_top_k: int = 4,
-    batch_size: int = 16,
-    dense_limit: int = 512,
-    low_memory: bool | None = None,
-    prepend_bos: bool | None = None,
-    strict: bool = True,
-) -> CircuitGraph:
-    """Cross-layer attribution graph of one prompt (docs/graphs.md).
-
-    Args:
-        model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
-        inputs: one prompt (string) or a ``[pos]`` / ``[1, pos]`` token tensor.
-        target, contrast, mode, position: what is explained, as in :func:`cage_lens.attribute`
-            (``target`` must be one token; default: the model's top-1 prediction).
-        rules: ``"attnlrp"``, ``"cplrp"``, ``"gxi"`` or a :class:`cage_lens.RuleSet`.
-        levels: ``"block"`` (embeddings, then each block's output), ``"half"`` (also the state between
-            attention and MLP), ``"heads"`` (attention split into per-head nodes) or ``"neurons"``
-            (MLPs split into their ``neurons_top_k`` most relevant neurons per token).
-        method: ``"fast"`` (closed form, docs/graphs.md#closed-form) or ``"autograd"`` (reference batch-packed
-            backpropagation, ``batch_size`` target rows per backward call). Same numbers.
-        node_threshold: edges only into target nodes with ``|R| > node_threshold·|target|``
-            (``None``/0: every node).
-        top_p: keep per transition the smallest set of edges holding this fraction of |A| mass.
-        edge_threshold: instead of ``top_p``, keep edges with ``|A| > edge_threshold·|target|``.
-        dense_limit: keep the unpruned edge matrices (for :meth:`CircuitGraph.edge_matrix`) up to
-            this many tokens.
-        low_memory: differentiate one block at a time (memory of one layer's attention instead of
-            all layers', at O(layers²) forward time); default: for inputs over 1024 tokens.
-        strict: refuse a model the completeness certificate does not pass (docs/rules.md);
-            ``False`` computes anyway and records the reason in ``settings["warnings"]``.
-    """
-    _check_options(levels, method, node_threshold, top_p, edge_threshold, batch_size, dense_limit)
-    adapter = adapt(model)
-    rule_set = resolve_rules(rules)
-    adapter.check_eval_mode()
-    if levels == "neurons" and adapter.arch.attn_only:
-        raise InputError("levels='neurons' needs MLPs but the model is attention-only")
-    if levels == "neurons" and (adapter.arch.moe or adapter.arch.parallel):
-        structure = "a mixture of experts" if adapter.arch.moe else "parallel attention + MLP blocks"
-        raise InputError(f"levels='neurons' is not available for {structure}; use 'block', 'half' or 'heads'")
-    warnings = engine.certify_or_warn(adapter, strict)
-    batch = _single_prompt(model, inputs, prepend_bos)
-    (pos,) = resolve_positions(position, batch.lengths)
-    spec = Target.build(model, 1, target, contrast, mode)
-    tokens = batch.tokens[0]
-    state = E.capture_state(adapter, tokens, pos, spec, rule_set, low_memory, neurons=levels == "neurons")
-    scale = abs(state.value)
-    plan = E.plan(adapter, state, levels, neurons_top_k)
-    nodes = {lv.name: LevelNodes(lv.name, lv.kind, lv.layer, lv.relevance, lv.pos, lv.unit) for lv in plan.levels}
-    edge_sets = []
-    keep_dense = tokens.shape[0] <= dense_limit
-    for tr in plan.transitions:
-        rows = _kept_rows(nodes[tr.target.name].relevance, node_threshold, scale)
-        if method == "fast":
-            matrix = E.fast_edge_rows(state, tr, rows)
-        else:
-            matrix = E.autograd_edge_rows(adapter, state, tr, rows, batch_size)
-        matrix = matrix.cpu()
-        t_idx, s_idx, values, total = prune_edges(matrix, rows, top_p=top_p, edge_threshold=edge_threshold, scale=scale)
-        dense = None
-        if keep_dense:
-            dense = torch.zeros(nodes[tr.target.name].size, matrix.shape[1], dtype=matrix.dtype)
-            dense[rows] = matrix
-        edge_sets.append(EdgeSet(tr.source.name, tr.target.name, tr.kind, t_idx, s_idx, values, rows, total, dense))
-        del matrix
-    str_tokens = list(model.to_str_tokens(tokens))
-    graph = CircuitGraph(
-        str_tokens=str_tokens, tokens=tokens, position=pos, rules=rule_set.name, method=method, level_mode=levels,
-        target_description=spec.describe(model), target_value=state.value, nodes=nodes, edge_sets=edge_sets,
-        settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
-                  "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
-        meta=provenance(model, function="circuit_graph", rules=rule_set.name, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict),
-    )
-    graph.settings["rule_set"] = rule_set.to_dict()
-    if warnings:
-        graph.settings["warnings"] = warnings
-    return graph

@@ -31,7 +31,7 @@ def _matplotlib():
 
 
 def _labels(tokens) -> list[str]:
-    from cage_lens.viewer import visible
+    from cage_lens.views.viewer import visible
 
     return [visible(t) for t in tokens]
 

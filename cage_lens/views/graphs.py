@@ -9,7 +9,7 @@ it); edge width: |value| scaled by the largest drawn edge, edge colour: its sign
 
 Each view is a static SVG (readable where scripts do not run, with native tooltips) plus the bundled
 viewer script: hover for values and the strongest edges, click a node for its paths to the target, a
-slider for an edge threshold. A page stays under :data:`cage_lens.viewer.PAGE_BUDGET_BYTES`: when a
+slider for an edge threshold. A page stays under :data:`cage_lens.views.viewer.PAGE_BUDGET_BYTES`: when a
 graph has more edges (or nodes) than fit, the strongest are drawn and the page says how many were left out.
 """
 
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from cage_lens.viewer import PAGE_BUDGET_BYTES, safe_text, token_strip, view_fragment, visible
-from cage_lens.viz import html_page, relevance_color
+from cage_lens.views.html import html_page
+from cage_lens.views.terminal import relevance_color
+from cage_lens.views.viewer import PAGE_BUDGET_BYTES, safe_text, token_strip, view_fragment, visible
 
-__all__ = ["graph_svg", "graph_fragment", "graph_html", "generation_fragment", "generation_html"]
+__all__ = ["node_label", "graph_svg", "graph_fragment", "graph_html", "generation_fragment", "generation_html"]
 
 _COL, _ROW, _LEFT, _BOTTOM, _TOP = 56, 70, 130, 70, 20
 _POSITIVE, _NEGATIVE = "#c82828", "#2846c8"
@@ -109,7 +110,7 @@ def _circuit_parts(graph, max_edges: int, max_nodes: int):
     parts.append(_edges_svg([(k, *edges[k]) for k in order], where, edge_scale))
     for i, (key, r) in enumerate(nodes):
         token = graph.str_tokens[key[-1]]
-        title = f"{safe_text(_label(key))} {safe_text(repr(token))}: R = {r:+.4g}"
+        title = f"{safe_text(node_label(key))} {safe_text(repr(token))}: R = {r:+.4g}"
         parts.append(_node_svg(i, *where[i], radius[i], r, node_scale, title))
     base = _TOP + n_rows * _ROW + 12
     for pos, token in enumerate(graph.str_tokens):
@@ -121,7 +122,7 @@ def _circuit_parts(graph, max_edges: int, max_nodes: int):
 
     data = {
         "valueName": "relevance",
-        "nodes": [{"label": _label(k), "token": graph.str_tokens[k[-1]], "value": r} for k, r in nodes],
+        "nodes": [{"label": node_label(k), "token": graph.str_tokens[k[-1]], "value": r} for k, r in nodes],
         "edges": [[s, t, w] for s, t, w in edges],
         "targets": [index[target]] if target in index else [],
         "maxEdge": max((abs(w) for _, _, w in edges), default=0.0),
@@ -134,10 +135,9 @@ def _circuit_parts(graph, max_edges: int, max_nodes: int):
     return "".join(parts), data, notes
 
 
-def _label(key: tuple) -> str:
-    from cage_lens.circuit import node_label
-
-    return node_label(key)
+def node_label(key: tuple) -> str:
+    """``"level@pos"`` or ``"level:unit@pos"`` (the node ids of :meth:`CircuitGraph.to_json`)."""
+    return f"{key[0]}@{key[-1]}" if len(key) == 2 else f"{key[0]}:{key[1]}@{key[2]}"
 
 
 def _input_strip(graph) -> str:

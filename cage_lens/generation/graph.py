@@ -23,11 +23,11 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
+from cage_lens.generation.methods import check_sequence, get_method
+from cage_lens.generation.spans import Span, block_sum, check_tiling, split_sentences, token_spans
 from cage_lens.inputs import as_int, check_token_ids, greedy_continuation, single_prompt, tokenize
-from cage_lens.methods import check_sequence, get_method
-from cage_lens.persist import provenance
-from cage_lens.spans import Span, block_sum, check_tiling, split_sentences, token_spans
-from cage_lens.viz import printable
+from cage_lens.persist import Saveable, provenance
+from cage_lens.views.terminal import printable
 
 __all__ = ["cage", "GenerationGraph", "NORMALIZATIONS", "normalize_table", "greedy_continuation"]
 
@@ -42,6 +42,12 @@ def _causal_mask(n_rows: int, n_prompt: int) -> torch.Tensor:
     return cols[None, :] < (n_prompt + torch.arange(n_rows))[:, None]
 
 
+def check_normalization(how) -> None:
+    """Refuse a ``normalize=`` value that is not one of :data:`NORMALIZATIONS` (before anything is computed)."""
+    if how not in NORMALIZATIONS:
+        raise InputError(f"unknown normalize={how!r}; choose one of {', '.join(NORMALIZATIONS)}")
+
+
 def normalize_table(
     table: Float[torch.Tensor, "row node"], how: str
 ) -> tuple[Float[torch.Tensor, "row node"], list[int]]:
@@ -53,8 +59,7 @@ def normalize_table(
       and is reported.
     - ``"none"``: the table as is (rows that are all zero are reported).
     """
-    if how not in NORMALIZATIONS:
-        raise InputError(f"unknown normalize={how!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    check_normalization(how)
     if how == "paper":
         positive = table.clamp_min(0)
         mass = positive.sum(-1, keepdim=True)
@@ -68,7 +73,7 @@ def normalize_table(
 
 # ---------------------------------------------------------------------------- the graph
 @dataclass
-class GenerationGraph:
+class GenerationGraph(Saveable):
     """A CAGE graph over ``n_prompt`` prompt nodes and ``Y`` generated nodes.
 
     ``adjacency[t, j]`` (``[Y, n_prompt + Y]``) is the normalised edge from node ``j`` into generated node
@@ -239,7 +244,7 @@ class GenerationGraph:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from cage_lens.graph_view import generation_fragment
+        from cage_lens.views.graphs import generation_fragment
 
         return generation_fragment(self)
 
@@ -247,7 +252,7 @@ class GenerationGraph:
         """Self-contained interactive HTML page (prompt and generated nodes on a line, edges as arcs;
         hover, click, threshold slider, CAGE heatmap; a static SVG where scripts do not run). Written
         to ``path`` when given; the HTML string is returned either way."""
-        from cage_lens.graph_view import generation_html
+        from cage_lens.views.graphs import generation_html
 
         page = generation_html(self)
         if path is not None:
@@ -255,22 +260,9 @@ class GenerationGraph:
                 f.write(page)
         return page
 
-    def save(self, path):
-        """Write to one safetensors file with provenance (docs/results.md); read back with :meth:`load`."""
-        from cage_lens.persist import save
-
-        return save(self, path)
-
-    @classmethod
-    def load(cls, path) -> "GenerationGraph":
-        """Read a generation graph written by :meth:`save` (refuses other result kinds and newer schemas)."""
-        from cage_lens.persist import load
-
-        return load(path, expect=cls)
-
     def plot(self, **kwargs):
         """Matplotlib figure: CAGE vs row attribution per prompt node and the adjacency (needs ``cage-lens[plot]``)."""
-        from cage_lens.plots import plot_generation
+        from cage_lens.views.plots import plot_generation
 
         return plot_generation(self, **kwargs)
 
@@ -358,7 +350,7 @@ def cage(
         prompt: a string (tokenised with ``model.to_tokens``, BOS as the model does) or token ids.
         max_new_tokens: greedy-generate this many tokens …
         completion: … or teacher-force this continuation (string or ids).
-        method: a name in :data:`cage_lens.methods.METHODS` or a callable with the same signature.
+        method: a name in :data:`cage_lens.generation.methods.METHODS` or a callable with the same signature.
         granularity: ``"token"`` (prompt nodes align with ``model.to_tokens(prompt)[0]``),
             ``"sentence"`` (built-in splitter; token scores summed per block) or explicit ``(start, end)``
             spans tiling the whole sequence, or only the prompt (generated tokens then stay single nodes).
@@ -367,8 +359,7 @@ def cage(
     """
     tokens, n_prompt = _sequence(model, prompt, completion, max_new_tokens, prepend_bos, stop_at_eos)
     check_sequence(model, tokens, n_prompt)
-    if normalize not in NORMALIZATIONS:
-        raise InputError(f"unknown normalize={normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    check_normalization(normalize)
     fn = get_method(method)
     spans = _node_spans(model, tokens, n_prompt, granularity)
     if spans is not None and _accepts(fn, "spans"):

@@ -1,5 +1,5 @@
 """Completeness certificate: a model gets relevance only when the rules provably cover it
-(docs/rules.md#completeness-certificate).
+(layer 7 of :mod:`cage_lens.core`; docs/rules.md#completeness-certificate).
 
 Under CP-LRP every non-linear factor is frozen (norm scales, q and k, gates, router weights,
 element-wise ratios), so the network seen by the backward pass is affine in its inputs and its
@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from cage_lens.adapter import ModelAdapter, is_norm_module
+from cage_lens.core import engine
+from cage_lens.core.adapter import ModelAdapter, is_norm_module
+from cage_lens.core.hooks import ModuleHook, ModulePreHook, PointHook, installed, session
+from cage_lens.core.rulesets import CPLRP
 from cage_lens.errors import UnsupportedModelError
-from cage_lens.realise import ModuleHook, ModulePreHook, PointHook
-from cage_lens.rules import CPLRP
 
-__all__ = ["Certificate", "certify", "KNOWN_BRIDGE_COMPONENTS"]
+__all__ = ["Certificate", "certify", "certify_or_warn", "KNOWN_BRIDGE_COMPONENTS"]
 
 #: TransformerLens bridge components whose computation the rules cover (checked per family in
 #: tests/test_architectures.py); anything else in a bridge is refused by name
@@ -89,11 +91,22 @@ def _tolerance(dtype: torch.dtype) -> float:
 def certify(adapter: ModelAdapter) -> Certificate:
     """The (cached) completeness certificate of ``adapter.model``."""
     if adapter.certificate is None:
-        from cage_lens import engine
-
-        with engine.session(adapter), engine.suspended(adapter):
+        with session(adapter), engine.suspended(adapter):
             adapter.certificate = _certify(adapter)
     return adapter.certificate
+
+
+def certify_or_warn(adapter: ModelAdapter, strict: bool = True) -> list[str]:
+    """Run (once per model) the completeness certificate; refuse an uncertified model unless
+    ``strict=False``, which returns the warning to record in the result."""
+    cert = certify(adapter)
+    if cert.passed:
+        return []
+    if strict:
+        raise cert.error()
+    message = f"uncertified model (strict=False): {cert.reason}"
+    warnings.warn(message, stacklevel=3)
+    return [message]
 
 
 def _certify(adapter: ModelAdapter) -> Certificate:
@@ -206,8 +219,6 @@ def _probe_tokens(adapter: ModelAdapter) -> torch.Tensor:
 def _identity_errors(adapter: ModelAdapter):
     """Relative error of the identity at the inputs and at every residual point, and a function
     naming where it first breaks."""
-    from cage_lens import engine
-
     rec = _Recorder()
     roots = engine.input_roots(adapter)
     points = engine.residual_captures(adapter)
@@ -215,8 +226,8 @@ def _identity_errors(adapter: ModelAdapter):
     targets = torch.randint(0, adapter.arch.d_vocab, (tokens.shape[1],), generator=torch.Generator().manual_seed(1))
     capture = [PointHook(n, rec.point(n, root=n in roots)) for n in roots]
     capture += [PointHook(n, rec.point(n)) for n in points]
-    with engine.installed(adapter, _bias_hooks(adapter, rec)), engine.rules_active(adapter, CPLRP), \
-            engine.installed(adapter, capture):
+    with installed(adapter, _bias_hooks(adapter, rec)), engine.rules_active(adapter, CPLRP), \
+            installed(adapter, capture):
         logits = adapter.model(tokens)
         value = logits[0, torch.arange(tokens.shape[1]), targets.to(logits.device)].sum()
         engine.check_finite(value, "the model's output on a probe input")

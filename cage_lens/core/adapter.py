@@ -1,13 +1,13 @@
 """One view of any TransformerLens model: architecture facts, where each structure sits, and the hook
-names that exist *and fire*.
+names that exist (which of them fire is probed by :func:`cage_lens.core.hooks.fired_hooks`).
 
 Accepts ``HookedTransformer`` (TL 2.x/3.x) and HF-backed or native ``TransformerBridge`` (TL 3.x/4.x)
 by duck typing (``cfg``, ``hook_dict``, ``hooks``, ``to_tokens``), never by ``isinstance`` on one
 model class. Structures are found by walking the module tree (see docs/architectures.md): every
 normalisation module (pre-, post-, sandwich, q/k norms), each block's attention and MLP (plain,
 gated, mixture of experts), parallel attention + MLP, logit soft-caps and ALiBi. What the LRP rules
-do at each of them is :mod:`cage_lens.realise`; whether the result is complete is checked by
-:mod:`cage_lens.certificate`. TransformerLens pitfalls handled here are listed in
+do at each of them is :mod:`cage_lens.core.realise`; whether the result is complete is checked by
+:mod:`cage_lens.core.certificate` (layer 3 of :mod:`cage_lens.core`). TransformerLens pitfalls handled here are listed in
 docs/architectures.md#transformerlens-facts.
 """
 
@@ -196,8 +196,9 @@ class ModelAdapter:
 
     Hook names are the legacy TL names (``blocks.{l}.hook_resid_pre`` …), which exist on both
     HookedTransformer and TransformerBridge. On a bridge ``hook.name`` is the canonical name, so
-    callers must bind names in closures. Per-model engine state (the lock serialising cage_lens
-    calls, the rule sets active per thread, the cached certificate) lives here too.
+    callers must bind names in closures. Per-model state of the layers above (the lock serialising
+    cage_lens calls, the rule sets active per thread, the hook points that fire, the cached
+    certificate) lives here as plain data; the layers above fill and read it.
     """
 
     def __init__(self, model):
@@ -212,7 +213,8 @@ class ModelAdapter:
         self.hook_points: dict = dict(model.hook_dict)
         self.lock = threading.RLock()     # serialises cage_lens calls on this model (engine)
         self.active: dict[int, list] = {}  # thread id -> stack of active rule installations (engine)
-        self.certificate = None            # cached completeness certificate (certificate)
+        self.certificate = None            # cached completeness certificate (core.certificate)
+        self.fired: frozenset[str] | None = None  # hook names that fire in a forward (core.hooks.fired_hooks)
         self.arch = self._read_architecture(model)
         self._check_hooks_exist()
 
@@ -484,7 +486,7 @@ class ModelAdapter:
 
     def is_stash_point(self, name: str) -> bool:
         """Whether a rule keeps the tensor of this hook point for a later hook (captures there go
-        first, see :func:`cage_lens.engine.installed`)."""
+        first, see :func:`cage_lens.core.hooks.installed`)."""
         point = self.hook_points.get(name)
         return point is not None and id(point) in self._stash_point_ids
 
@@ -535,34 +537,7 @@ class ModelAdapter:
                 f"need: {shown}"
             )
 
-    @cached_property
-    def fired_hooks(self) -> frozenset[str]:
-        """Hook names that actually fire in a forward pass (``hook_pos_embed`` is listed but silent on
-        rotary bridges; MoE experts fire only when routed to, so those are not required to). Found
-        once with a short probe."""
-        from cage_lens import engine
-
-        fired: set[str] = set()
-        candidates = self.required_hooks() + ([self.pos_embed_hook] if self.pos_embed_hook else []) + self._optional_hooks()
-        candidates = [n for n in dict.fromkeys(candidates) if n in self.hook_points]
-
-        def recorder(name):
-            def hook(tensor, hook):
-                fired.add(name)
-            return hook
-
-        probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-        with engine.session(self, grad=False), engine.installed(self, [engine.PointHook(n, recorder(n)) for n in candidates]):
-            self.model(probe)
-        optional = {n for site in self.layers if site.mlp for e in site.mlp.experts for n in self._mlp_hook_names(e)}
-        silent = [n for n in self.required_hooks() if n not in fired and n not in optional]
-        if silent:
-            raise UnsupportedModelError(
-                f"these hook points exist but never fire in a forward pass: {', '.join(silent[:6])}"
-            )
-        return frozenset(fired)
-
-    def _optional_hooks(self) -> list[str]:
+    def optional_hooks(self) -> list[str]:
         """Hooks the graph's closed form reads where they fire (rotated q/k, rotary tables, scores)."""
         names = []
         for l in range(self.arch.n_layers):
@@ -570,12 +545,9 @@ class ModelAdapter:
                                                      "hook_attn_scores", "hook_pattern")]
         return names
 
-    def fires(self, name: str | None) -> bool:
-        return name is not None and name in self.fired_hooks
-
-    @property
-    def has_position_embedding(self) -> bool:
-        return self.pos_embed_hook is not None and self.pos_embed_hook in self.fired_hooks
+    def expert_hooks(self) -> set[str]:
+        """Hooks inside mixture-of-experts experts: they fire only when a token is routed there."""
+        return {n for site in self.layers if site.mlp for e in site.mlp.experts for n in self._mlp_hook_names(e)}
 
     # ------------------------------------------------------------------ misc
     @property

@@ -27,13 +27,15 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens import engine
-from cage_lens.adapter import ModelAdapter, adapt
-from cage_lens.engine import Capture, run_attribution, select_logits
+from cage_lens.core import engine
+from cage_lens.core.adapter import ModelAdapter, adapt
+from cage_lens.core.certificate import certify_or_warn
+from cage_lens.core.engine import Capture, run_attribution, select_logits
+from cage_lens.core.hooks import PointHook, installed, session
+from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, InputError, NumericalError
+from cage_lens.generation.spans import Span, check_tiling, token_spans
 from cage_lens.inputs import TokenBatch, special_token_id
-from cage_lens.rules import RuleSet, resolve_rules
-from cage_lens.spans import Span, check_tiling, token_spans
 from cage_lens.targets import Target
 
 __all__ = [
@@ -105,7 +107,7 @@ def _forward_backward(
 ) -> tuple[Capture, dict[str, torch.Tensor]]:
     """One forward under ``rules`` (``pre_hooks`` first: integrated gradients scales the embeddings
     there) and one backward of Σ_rows log p(target_row | position_row), via the engine's
-    :func:`cage_lens.engine.run_attribution`."""
+    :func:`cage_lens.core.engine.run_attribution`."""
     target = Target.build(adapter.model, tokens.shape[0], target=target_ids, mode="logprob")
     batch = TokenBatch(tokens, [tokens.shape[1]] * tokens.shape[0])
     _, capture, grads = run_attribution(adapter, batch, positions, target, rules, (), pre_hooks)
@@ -143,7 +145,7 @@ def _rows_from_one_forward(
     roots = engine.input_roots(adapter)
     capture = Capture(roots, roots=roots)
     target = Target.build(adapter.model, len(positions), target=target_ids, mode="logprob")
-    with engine.session(adapter):
+    with session(adapter):
         where = torch.tensor(positions, device=adapter.device)
         with engine.rules_active(adapter, rules):
             logits = select_logits(adapter, tokens.to(adapter.device).clone(), lambda x: x[:, where], capture.hooks_for(adapter))[0]
@@ -158,7 +160,7 @@ def _lrp_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size:
     adapter = adapt(model)
     adapter.check_eval_mode()
     rules = resolve_rules(rules)
-    engine.certify_or_warn(adapter)
+    certify_or_warn(adapter)
     tokens, Y = check_sequence(model, tokens, n_prompt)
     table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
     for rows in _chunks(range(Y), chunk_size):
@@ -211,7 +213,7 @@ def _embedding_of(adapter: ModelAdapter, token_id: int) -> torch.Tensor:
     def grab(tensor, hook):
         seen["x"] = tensor.detach()[0, 0].clone()
 
-    with engine.session(adapter, grad=False), engine.installed(adapter, [engine.PointHook(adapter.embed_hook, grab)]):
+    with session(adapter, grad=False), installed(adapter, [PointHook(adapter.embed_hook, grab)]):
         adapter.model(torch.tensor([[token_id]], device=adapter.device))
     return seen["x"]
 
@@ -278,7 +280,7 @@ def attention(model, tokens, n_prompt: int, **_) -> Float[torch.Tensor, "Y T"]:
     def grab(tensor, hook):
         patterns.append(tensor.detach()[0].double().cpu())  # [head, query, key]
 
-    with engine.session(adapter, grad=False), engine.installed(adapter, [engine.PointHook(n, grab) for n in names]):
+    with session(adapter, grad=False), installed(adapter, [PointHook(n, grab) for n in names]):
         model(tokens.to(adapter.device))
     if len(patterns) != len(names):
         raise CageLensError(f"attention patterns fired in {len(patterns)} of {len(names)} layers")
@@ -304,7 +306,7 @@ def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, ch
     targets = tokens[:1] if targets is None else targets
     ids = targets[0, n_prompt:].to(adapter.device)
     out = []
-    with engine.session(adapter, grad=False):
+    with session(adapter, grad=False):
         for rows in _chunks(range(tokens.shape[0]), chunk_size):
             logits = select_logits(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1])
             logits = logits.double().log_softmax(-1)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens import engine
-from cage_lens.adapter import ModelAdapter
-from cage_lens.engine import PointHook
+from cage_lens.circuit.levels import Level, Transition
+from cage_lens.circuit.state import ForwardState, StopForward, stop_after
+from cage_lens.core import engine
+from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.hooks import PointHook, installed, session
 from cage_lens.errors import InputError
-from cage_lens.graph.levels import Level, Transition
-from cage_lens.graph.state import ForwardState, StopForward, stop_after
 
 __all__ = ["autograd_edge_rows"]
 
@@ -87,7 +87,7 @@ def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: T
     site = adapter.layer(layer)
     n_source = source.relevance.shape[0] if source.relevance is not None else n_pos
     out = torch.zeros(len(rows), n_source, dtype=state.layers[0].x.dtype)
-    with engine.session(adapter):
+    with session(adapter):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             leaves: list = []
@@ -103,7 +103,7 @@ def autograd_edge_rows(adapter: ModelAdapter, state: ForwardState, transition: T
             tokens = state.tokens[None].expand(len(chunk), n_pos).to(adapter.device).clone()
             with engine.rules_active(adapter, state.rules):
                 try:
-                    with engine.installed(adapter, extra + [stop_after(target_hook, captured)]):
+                    with installed(adapter, extra + [stop_after(target_hook, captured)]):
                         adapter.model(tokens)
                 except StopForward:
                     pass

@@ -1,49 +1,17 @@
-"""Rendering: self-contained HTML heatmaps (notebooks, reports) and ANSI terminal heatmaps (CLI).
+"""Static HTML views: self-contained token heatmaps (notebooks, reports), the layer × token table and
+the CLI's report page. No scripts; the interactive pages are :mod:`cage_lens.views.viewer`.
 
-Colour convention everywhere: red = positive relevance (supports the target, or the wrong token in a
-contrastive explanation), blue = negative (supports the contrast / correct token).
+Colours follow :func:`cage_lens.views.terminal.relevance_color` (red positive, blue negative).
 """
 
 from __future__ import annotations
 
 import html
-import unicodedata
 from typing import Sequence
 
-__all__ = [
-    "printable", "relevance_color", "token_spans_html", "attribution_html", "terminal_heatmap", "html_page",
-    "layer_token_table_html", "explain_report_html",
-]
+from cage_lens.views.terminal import printable, relevance_color
 
-
-#: control (Cc), format (Cf: bidi overrides such as RLO, zero-width marks), surrogate (Cs) and
-#: line/paragraph separator (Zl, Zp) characters never reach a terminal or a page as they are
-_UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
-_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
-
-
-def printable(text: str) -> str:
-    """``text`` with every control, format or separator character replaced by a visible escape
-    (``\\x1b``, ``\\u202e``, ``\\n`` …), so token text can neither drive the terminal (ANSI escape
-    sequences), reorder what is displayed (bidi overrides) nor break a line. Used for every token shown
-    by the heatmaps, HTML views and result reprs."""
-    out = []
-    for ch in str(text):
-        if ch in _NAMED_ESCAPES:
-            out.append(_NAMED_ESCAPES[ch])
-        elif unicodedata.category(ch) in _UNSAFE_CATEGORIES:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def relevance_color(value: float) -> str:
-    """CSS colour for a relevance already scaled to [-1, 1]."""
-    v = max(-1.0, min(1.0, float(value)))
-    strength = int(round(255 * (1 - abs(v))))
-    return f"rgb(255,{strength},{strength})" if v >= 0 else f"rgb({strength},{strength},255)"
+__all__ = ["token_spans_html", "attribution_html", "html_page", "layer_token_table_html", "explain_report_html"]
 
 
 def token_spans_html(tokens: Sequence[str], scaled: Sequence[float], raw: Sequence[float] | None = None) -> str:
@@ -86,20 +54,6 @@ def html_page(title: str, body: str) -> str:
         "table{border-collapse:collapse}td,th{padding:2px 6px;text-align:right;font-size:12px}</style>"
         f"</head><body><h2>{html.escape(title)}</h2>{body}</body></html>"
     )
-
-
-def terminal_heatmap(tokens: Sequence[str], scaled: Sequence[float], color: bool = True) -> str:
-    """Tokens with ANSI 24-bit background colours, plus a ``[+0.42]`` tag when colour is off."""
-    out = []
-    for tok, v in zip(tokens, scaled):
-        shown = printable(tok)
-        if color:
-            rgb = relevance_color(v)[4:-1]
-            r, g, b = (int(x) for x in rgb.split(","))
-            out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{shown}\x1b[0m")
-        else:
-            out.append(f"{shown}[{v:+.2f}]")
-    return "".join(out) if color else " ".join(out)
 
 
 def layer_token_table_html(str_tokens: Sequence[str], names: Sequence[str], matrix) -> str:

@@ -1,0 +1,210 @@
+"""Hook records and their installation (layer 4 of :mod:`cage_lens.core`; docs/rules.md#engine).
+
+A hook is data until it is installed: :class:`PointHook` (a TransformerLens hook ``fn(tensor, hook)``
+on a hook point), :class:`ModuleHook` / :class:`ModulePreHook` (forward hooks on a module without a
+hook point). :func:`installed` puts a list of them on one model for the duration of one call:
+
+- **Per-call state, thread-guarded hooks.** Hooks are registered directly on the hook points and
+  modules and act only in the thread that installed them; a forward run by another thread meanwhile
+  passes through them untouched. They never go through ``model.hooks()``, whose context-level
+  bookkeeping is shared by all threads.
+- :func:`session` is one cage_lens call: the model's lock (one call per model at a time, so
+  concurrent calls return the serial results) and autograd switched on, also inside
+  ``torch.inference_mode()`` or ``torch.no_grad()``.
+
+:func:`fired_hooks` finds, once per model, which hook points actually fire in a forward pass
+(``hook_pos_embed`` is listed but silent on rotary bridges).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from cage_lens.core.adapter import ModelAdapter
+from cage_lens.errors import CageLensError, UnsupportedModelError
+
+__all__ = [
+    "PointHook", "ModuleHook", "ModulePreHook", "as_hook", "Installation", "installed", "session",
+    "fired_hooks", "fires", "has_position_embedding",
+]
+
+
+# ---------------------------------------------------------------------------- hook records
+@dataclass(frozen=True)
+class PointHook:
+    """A TransformerLens hook ``fn(tensor, hook)`` on a hook point (legacy name or HookPoint object).
+    ``first`` installs it ahead of the hooks already there (see :func:`installed`)."""
+
+    point: object
+    fn: object
+    first: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleHook:
+    """A forward hook ``fn(module, args, kwargs, output) -> output | None`` on a module."""
+
+    module: torch.nn.Module
+    fn: object
+
+
+@dataclass(frozen=True)
+class ModulePreHook:
+    """A forward pre-hook ``fn(module, args, kwargs) -> (args, kwargs) | None`` on a module."""
+
+    module: torch.nn.Module
+    fn: object
+
+
+def as_hook(h) -> "PointHook | ModuleHook | ModulePreHook":
+    """A hook record, from a record or a TransformerLens ``(name, fn)`` pair."""
+    return h if isinstance(h, (PointHook, ModuleHook, ModulePreHook)) else PointHook(*h)
+
+
+# ---------------------------------------------------------------------------- installation
+class Installation:
+    """Hooks installed by one call: they act only in the installing thread, and not while suspended."""
+
+    def __init__(self):
+        self.owner = threading.get_ident()
+        self.suspended = False
+        self.handles: list[Callable[[], None]] = []
+
+    def acting(self) -> bool:
+        return not self.suspended and threading.get_ident() == self.owner
+
+
+def _hook_point(adapter: ModelAdapter, point):
+    if not isinstance(point, str):
+        return point
+    try:
+        return adapter.hook_points[point]
+    except KeyError:
+        raise UnsupportedModelError(f"the model has no hook point {point!r}") from None
+
+
+def _add_point_hook(hook_point, fn: Callable, inst: Installation, first: bool = False) -> Callable[[], None]:
+    def guarded(tensor, hook):
+        if not inst.acting():
+            return None
+        return fn(tensor, hook)
+
+    if hasattr(hook_point, "hook_conversion"):
+        # TL 3/4 HookPoint: add_hook applies the point's shape conversion and lists the handle, which
+        # some bridge components consult (has_hooks). Marked permanent so that another thread's
+        # reset_hooks() leaves it alone; removed below by handle, never by level.
+        handle = hook_point.add_hook(guarded, dir="fwd", is_permanent=True, prepend=first)
+
+        def remove():
+            handle.hook.remove()
+            with contextlib.suppress(ValueError):
+                hook_point.fwd_hooks.remove(handle)
+        return remove
+    # TL 2 HookPoint: a plain torch forward hook (TL 2's add_hook returns no handle)
+    torch_handle = hook_point.register_forward_hook(lambda module, inputs, output: guarded(output, hook_point),
+                                                    prepend=first)
+    return torch_handle.remove
+
+
+def _add_module_hook(module: torch.nn.Module, fn: Callable, inst: Installation) -> Callable[[], None]:
+    def guarded(mod, args, kwargs, output):
+        if not inst.acting():
+            return None
+        return fn(mod, args, kwargs, output)
+
+    return module.register_forward_hook(guarded, with_kwargs=True).remove
+
+
+def _add_module_pre_hook(module: torch.nn.Module, fn: Callable, inst: Installation) -> Callable[[], None]:
+    def guarded(mod, args, kwargs):
+        if not inst.acting():
+            return None
+        return fn(mod, args, kwargs)
+
+    return module.register_forward_pre_hook(guarded, with_kwargs=True).remove
+
+
+@contextlib.contextmanager
+def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
+    """Install ``hooks`` (PointHook / ModuleHook, in order) for this thread; remove them on exit.
+
+    A ``PointHook`` with ``first=True`` goes ahead of the hooks already on its point. Captures use
+    it at the points where the rules keep a tensor for later (a norm's input, an MLP's
+    pre-activations): a bridge hook point with a shape conversion hands every hook its own converted
+    view, and the rules must compute on the view the capture returned, so that the captured tensor is
+    the one the gradient reaches."""
+    inst = Installation()
+    try:
+        for h in hooks:
+            if isinstance(h, ModuleHook):
+                inst.handles.append(_add_module_hook(h.module, h.fn, inst))
+            elif isinstance(h, ModulePreHook):
+                inst.handles.append(_add_module_pre_hook(h.module, h.fn, inst))
+            else:
+                inst.handles.append(_add_point_hook(_hook_point(adapter, h.point), h.fn, inst, h.first))
+        yield inst
+    finally:
+        for remove in reversed(inst.handles):
+            remove()
+
+
+@contextlib.contextmanager
+def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
+    """One cage_lens call: the model's lock, autograd on (also under ``torch.inference_mode``)."""
+    mode = torch.enable_grad() if grad else torch.no_grad()
+    with adapter.lock, torch.inference_mode(False), mode:
+        try:
+            yield
+        except RuntimeError as exc:
+            if "Inference tensors" in str(exc):
+                raise CageLensError(
+                    "the model holds tensors created under torch.inference_mode() (e.g. caches filled by an "
+                    "earlier forward there), which autograd cannot use; build or run the model once outside "
+                    "inference_mode before computing relevance"
+                ) from None
+            raise
+
+
+# ---------------------------------------------------------------------------- which hooks fire
+def fired_hooks(adapter: ModelAdapter) -> frozenset[str]:
+    """Hook names that actually fire in a forward pass of ``adapter.model`` (``hook_pos_embed`` is
+    listed but silent on rotary bridges; MoE experts fire only when routed to, so those are not
+    required to). Found once per model with a short probe and kept on the adapter."""
+    if adapter.fired is None:
+        adapter.fired = _probe_fired(adapter)
+    return adapter.fired
+
+
+def _probe_fired(adapter: ModelAdapter) -> frozenset[str]:
+    fired: set[str] = set()
+    candidates = adapter.required_hooks() + ([adapter.pos_embed_hook] if adapter.pos_embed_hook else [])
+    candidates = [n for n in dict.fromkeys(candidates + adapter.optional_hooks()) if n in adapter.hook_points]
+
+    def recorder(name):
+        def hook(tensor, hook):
+            fired.add(name)
+        return hook
+
+    probe = torch.zeros((1, 2), dtype=torch.long, device=adapter.device)
+    with session(adapter, grad=False), installed(adapter, [PointHook(n, recorder(n)) for n in candidates]):
+        adapter.model(probe)
+    routed = adapter.expert_hooks()
+    silent = [n for n in adapter.required_hooks() if n not in fired and n not in routed]
+    if silent:
+        raise UnsupportedModelError(f"these hook points exist but never fire in a forward pass: {', '.join(silent[:6])}")
+    return frozenset(fired)
+
+
+def fires(adapter: ModelAdapter, name: str | None) -> bool:
+    """Whether the hook point ``name`` fires in a forward pass (see :func:`fired_hooks`)."""
+    return name is not None and name in fired_hooks(adapter)
+
+
+def has_position_embedding(adapter: ModelAdapter) -> bool:
+    """Whether the model adds a learned position embedding that fires (not rotary, not ALiBi)."""
+    return fires(adapter, adapter.pos_embed_hook)

@@ -1,0 +1,124 @@
+"""Relevance patching: TransformerLens' activation-patching grids estimated from one backward pass.
+
+Named and shaped like ``transformer_lens.patching``: swap ``patching.get_act_patch_resid_pre`` for
+``cage_lens.patching.relevance_patch_resid_pre`` (same arguments, same grid shape and axis order).
+Each cell is the first-order estimate of what patching that cell does to the metric,
+
+    (a_clean − a_corrupted) · ∂metric/∂a   (evaluated on the corrupted run, gradient under ``rules``)
+
+summed over the batch and the cell's feature axes. ``rules="gxi"`` is classic attribution patching;
+``"cplrp"`` (the default, best measured), ``"attnlrp"`` and ``"relp"`` (the RelP reference rules) take
+the gradient under LRP rules (relevance patching). One forward and one backward of the corrupted batch
+give every cell of every requested grid.
+
+Direction and sign: TransformerLens' ``get_act_patch_*`` run ``corrupted_tokens`` with activations
+from ``clean_cache`` patched in (denoising) and return ``metric(patched logits)``. The estimate here
+is the *change* that patch makes, ``metric(patched) − metric(corrupted)``: subtract the unpatched
+metric from TL's grid to compare numbers (correlations are unaffected). Noising is the same call
+with the roles swapped — ``relevance_patch_*(model, clean_tokens, corrupted_cache, metric)``, exactly
+as with TL. See docs/patching.md for formulas, conventions and the measured agreement.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+
+from cage_lens.core.adapter import adapt
+from cage_lens.patching.agreement import (
+    DIRECTIONS, SPEARMAN_FLOOR, Agreement, activation_patch, agreement, pearson, spearman,
+)
+from cage_lens.patching.estimate import check_same_length, relevance_patch
+from cage_lens.patching.grids import BLOCK_GRIDS, GRIDS, HEAD_PARTS, Grid
+from cage_lens.patching.rules import RULE_VARIANTS, PatchRules, default_rules, resolve_patch_rules
+
+__all__ = [
+    "GRIDS", "Grid", "PatchRules", "RULE_VARIANTS", "relevance_patch", "resolve_patch_rules",
+    "relevance_patch_resid_pre", "relevance_patch_resid_mid", "relevance_patch_attn_out", "relevance_patch_mlp_out",
+    "relevance_patch_attn_head_out_all_pos", "relevance_patch_attn_head_q_all_pos",
+    "relevance_patch_attn_head_k_all_pos", "relevance_patch_attn_head_v_all_pos",
+    "relevance_patch_attn_head_pattern_all_pos", "relevance_patch_attn_head_out_by_pos",
+    "relevance_patch_attn_head_q_by_pos", "relevance_patch_attn_head_k_by_pos",
+    "relevance_patch_attn_head_v_by_pos", "relevance_patch_attn_head_pattern_by_pos",
+    "relevance_patch_attn_head_pattern_dest_src_pos", "relevance_patch_block_every",
+    "relevance_patch_attn_head_all_pos_every", "relevance_patch_attn_head_by_pos_every",
+    "agreement", "Agreement", "activation_patch", "check_same_length", "pearson", "spearman",
+    "DIRECTIONS", "SPEARMAN_FLOOR", "BLOCK_GRIDS", "HEAD_PARTS",
+]
+
+
+# ---------------------------------------------------------------------------- one function per TL grid
+def _named(grid: str) -> Callable:
+    spec = GRIDS[grid]
+    shape = " ".join(spec.axes)
+    default = default_rules(grid)
+
+    def estimate(model, corrupted_tokens, clean_cache, patching_metric, *, rules=default) -> torch.Tensor:
+        return relevance_patch(model, corrupted_tokens, clean_cache, patching_metric, grid, rules=rules)[grid]
+
+    estimate.__name__ = estimate.__qualname__ = f"relevance_patch_{grid}"
+    estimate.__doc__ = (
+        f"Relevance-patching estimate of ``transformer_lens.patching.{spec.tl_function}``: ``[{shape}]``, each "
+        f"cell ≈ metric(patched) − metric(corrupted) for patching ``blocks.{{layer}}.{spec.hook}`` from "
+        "``clean_cache`` into the run of ``corrupted_tokens``. One forward and one backward under ``rules`` "
+        f"(default {default!r}); see :func:`relevance_patch`."
+    )
+    return estimate
+
+
+relevance_patch_resid_pre = _named("resid_pre")
+relevance_patch_resid_mid = _named("resid_mid")
+relevance_patch_attn_out = _named("attn_out")
+relevance_patch_mlp_out = _named("mlp_out")
+relevance_patch_attn_head_out_all_pos = _named("attn_head_out_all_pos")
+relevance_patch_attn_head_q_all_pos = _named("attn_head_q_all_pos")
+relevance_patch_attn_head_k_all_pos = _named("attn_head_k_all_pos")
+relevance_patch_attn_head_v_all_pos = _named("attn_head_v_all_pos")
+relevance_patch_attn_head_pattern_all_pos = _named("attn_head_pattern_all_pos")
+relevance_patch_attn_head_out_by_pos = _named("attn_head_out_by_pos")
+relevance_patch_attn_head_q_by_pos = _named("attn_head_q_by_pos")
+relevance_patch_attn_head_k_by_pos = _named("attn_head_k_by_pos")
+relevance_patch_attn_head_v_by_pos = _named("attn_head_v_by_pos")
+relevance_patch_attn_head_pattern_by_pos = _named("attn_head_pattern_by_pos")
+relevance_patch_attn_head_pattern_dest_src_pos = _named("attn_head_pattern_dest_src_pos")
+
+
+def _pad_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Zero-pad the last axis to ``n_heads`` (grouped-query k and v grids, as TL's bundles do)."""
+    return torch.nn.functional.pad(x, (0, n_heads - x.shape[-1]))
+
+
+def relevance_patch_block_every(
+    model, corrupted_tokens, clean_cache, metric, *, rules="cplrp"
+) -> Float[torch.Tensor, "patch_type layer pos"]:
+    """``[3, layer, pos]``: resid_pre, attn_out, mlp_out (as ``get_act_patch_block_every``), one backward."""
+    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, BLOCK_GRIDS, rules=rules)
+    return torch.stack([grids[g] for g in BLOCK_GRIDS])
+
+
+def relevance_patch_attn_head_all_pos_every(
+    model, corrupted_tokens, clean_cache, metric, *, rules="relp"
+) -> Float[torch.Tensor, "patch_type layer head"]:
+    """``[5, layer, head]``: out, q, k, v, pattern (as ``get_act_patch_attn_head_all_pos_every``;
+    grouped-query k and v zero-padded to ``n_heads``), one backward."""
+    names = [f"attn_head_{p}_all_pos" for p in HEAD_PARTS]
+    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, names, rules=rules)
+    n_heads = adapt(model).arch.n_heads
+    return torch.stack([_pad_heads(grids[n], n_heads) for n in names])
+
+
+def relevance_patch_attn_head_by_pos_every(
+    model, corrupted_tokens, clean_cache, metric, *, rules="relp"
+) -> Float[torch.Tensor, "patch_type layer pos head"]:
+    """``[5, layer, pos, head]``: out, q, k, v, pattern (as ``get_act_patch_attn_head_by_pos_every``:
+    k and v zero-padded, the pattern grid moved to ``[layer, dest_pos, head]``), one backward."""
+    names = [f"attn_head_{p}_by_pos" for p in HEAD_PARTS]
+    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, names, rules=rules)
+    n_heads = adapt(model).arch.n_heads
+    grids["attn_head_pattern_by_pos"] = grids["attn_head_pattern_by_pos"].transpose(1, 2)
+    return torch.stack([_pad_heads(grids[n], n_heads) for n in names])
+
+
+

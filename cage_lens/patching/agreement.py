@@ -1,0 +1,211 @@
+"""Agreement of the one-backward estimates with TransformerLens' activation patching
+(docs/patching.md#agreement-with-activation-patching)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from cage_lens.core.adapter import adapt
+from cage_lens.errors import InputError
+from cage_lens.patching.estimate import check_same_length, relevance_patch
+from cage_lens.patching.grids import GRIDS, Grid, Metric, check_grids
+from cage_lens.patching.rules import resolve_patch_rules
+
+__all__ = ["Agreement", "agreement", "activation_patch", "pearson", "spearman", "DIRECTIONS", "SPEARMAN_FLOOR"]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n with ties sharing their average rank (patching grids hold many exact zeros)."""
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    start = 0
+    n = len(x)
+    while start < n:
+        end = start
+        while end + 1 < n and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two grids (flattened, float64); NaN when either grid is constant."""
+    x, y = a.detach().double().flatten().cpu(), b.detach().double().flatten().cpu()
+    if x.shape != y.shape:
+        raise InputError(f"cannot correlate grids of {tuple(a.shape)} and {tuple(b.shape)} cells")
+    x, y = x - x.mean(), y - y.mean()
+    den = float(x.norm() * y.norm())
+    return float((x * y).sum()) / den if den > 0 else float("nan")
+
+
+#: cells below this fraction of their grid's largest |value| rank as 0 in :func:`spearman`
+SPEARMAN_FLOOR = 1e-4
+
+
+def _floored(x: torch.Tensor, floor: float) -> torch.Tensor:
+    x = x.detach().double().flatten().cpu()
+    return torch.where(x.abs() <= floor * x.abs().max(), torch.zeros_like(x), x)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, floor: float = SPEARMAN_FLOOR) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN when either grid is constant.
+
+    Cells whose |value| is at most ``floor`` × the grid's largest |value| rank as exact zeros (ties):
+    TransformerLens stores patched metrics in float32, so effects that small are rounding, and their
+    order would otherwise decide the ranks of most cells of a sparse grid."""
+    return pearson(_ranks(_floored(a, floor)), _ranks(_floored(b, floor)))
+
+
+DIRECTIONS = ("denoising", "noising")
+DEFAULT_AGREEMENT_GRIDS = ("resid_pre", "attn_out", "mlp_out", "attn_head_out_all_pos")
+
+
+@dataclass
+class Agreement:
+    """Relevance / attribution patching against TransformerLens' activation patching on one batch.
+
+    ``activation[grid]`` is TL's grid minus the unpatched metric (the effect of each patch);
+    ``estimates[rules][grid]`` the one-backward estimates of the same effects. ``baseline`` is the
+    metric of the run being patched, ``source`` the metric of the run patched from. ``changed[grid]``
+    marks the cells whose activation differs between the two runs: elsewhere the patch is a no-op,
+    every method gives exactly 0, and ``changed_only=True`` leaves those cells out of a correlation."""
+
+    direction: str
+    grids: list[str]
+    rules: list[str]
+    activation: dict[str, torch.Tensor]
+    estimates: dict[str, dict[str, torch.Tensor]]
+    baseline: float
+    source: float
+    changed: dict[str, torch.Tensor]
+
+    def _cells(self, rules: str, grid: str, changed_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        est, act = self.estimates[rules][grid], self.activation[grid]
+        if changed_only:
+            return est[self.changed[grid]], act[self.changed[grid]]
+        return est, act
+
+    def pearson(self, rules: str, grid: str, changed_only: bool = False) -> float:
+        return pearson(*self._cells(rules, grid, changed_only))
+
+    def spearman(self, rules: str, grid: str, changed_only: bool = False) -> float:
+        return spearman(*self._cells(rules, grid, changed_only))
+
+    def table(self) -> str:
+        lines = [f"{self.direction}: metric {self.baseline:+.4g} (patched run) vs {self.source:+.4g} (source run)",
+                 f"{'grid':<28}" + "".join(f"{r:>20}" for r in self.rules),
+                 f"{'':<28}" + "".join(f"{'pearson  spearman':>20}" for _ in self.rules)]
+        for g in self.grids:
+            lines.append(f"{g:<28}" + "".join(f"{self.pearson(r, g):>10.3f}{self.spearman(r, g):>10.3f}" for r in self.rules))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict:
+        return {
+            "direction": self.direction, "grids": self.grids, "rules": self.rules,
+            "baseline": self.baseline, "source": self.source,
+            "changed": {g: v.tolist() for g, v in self.changed.items()},
+            "activation": {g: v.tolist() for g, v in self.activation.items()},
+            "estimates": {r: {g: v.tolist() for g, v in d.items()} for r, d in self.estimates.items()},
+            "pearson": {r: {g: self.pearson(r, g) for g in self.grids} for r in self.rules},
+            "spearman": {r: {g: self.spearman(r, g) for g in self.grids} for r in self.rules},
+        }
+
+    def scatter(self, grid: str, rules: Sequence[str] | None = None, *, ax=None, path=None):
+        """Estimate vs activation-patching effect, one colour per rule set (matplotlib, an optional
+        dependency). Returns the axes; with ``path`` the figure is also saved there."""
+        try:
+            import matplotlib
+
+            if ax is None and path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError(
+                "Agreement.scatter needs matplotlib (pip install matplotlib); Agreement.table() works without it"
+            ) from exc
+        if grid not in self.activation:
+            raise InputError(f"grid {grid!r} was not measured; measured: {', '.join(self.grids)}")
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4.2, 4.2))
+        x = self.activation[grid].flatten().cpu()
+        for r in rules or self.rules:
+            ax.scatter(x, self.estimates[r][grid].flatten().cpu(), s=12, alpha=0.7,
+                       label=f"{r} (r={self.pearson(r, grid):.2f})")
+        lo, hi = float(x.min()), float(x.max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("activation patching effect")
+        ax.set_ylabel("one-backward estimate")
+        ax.set_title(f"{grid} ({self.direction})")
+        ax.legend(fontsize=7)
+        if path is not None:
+            ax.figure.tight_layout()
+            ax.figure.savefig(path, dpi=120)
+        return ax
+
+
+def activation_patch(model, tokens, source_cache, metric: Metric, grid: str) -> torch.Tensor:
+    """TransformerLens' own ``get_act_patch_<grid>`` (the reference being estimated)."""
+    import transformer_lens.patching as tl_patching
+
+    return getattr(tl_patching, GRIDS[grid].tl_function)(model, tokens, source_cache, metric)
+
+
+def agreement(
+    model,
+    clean,
+    corrupted,
+    metric: Metric,
+    *,
+    grids: Sequence[str] = DEFAULT_AGREEMENT_GRIDS,
+    rules: Sequence = ("cplrp", "attnlrp", "gxi"),
+    direction: str = "denoising",
+) -> Agreement:
+    """Run TL's activation patching and the one-backward estimates on the same grids, prompts and metric.
+
+    ``direction="denoising"`` patches clean activations into the corrupted run (TL's
+    ``get_act_patch_*(model, corrupted_tokens, clean_cache, metric)``); ``"noising"`` patches corrupted
+    activations into the clean run. ``clean``/``corrupted``: token tensors or prompt strings of one
+    token length. Cost: one cached forward per run, one forward+backward per rule set, and one
+    forward per grid cell for TL."""
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    adapter = adapt(model)
+    wanted = [g.name for g in check_grids(grids, adapter)]
+    labels = [resolve_patch_rules(r).name for r in rules]
+    if not labels:
+        raise InputError("name at least one rule set to compare")
+    clean_t, corrupted_t = check_same_length(model, clean, corrupted)
+    clean_t, corrupted_t = clean_t.to(adapter.device), corrupted_t.to(adapter.device)
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean_t)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted_t)
+    if direction == "denoising":
+        tokens, source_cache, base_logits, source_logits = corrupted_t, clean_cache, corrupted_logits, clean_logits
+    else:
+        tokens, source_cache, base_logits, source_logits = clean_t, corrupted_cache, clean_logits, corrupted_logits
+    baseline, source = float(metric(base_logits)), float(metric(source_logits))
+    estimates = {
+        label: relevance_patch(model, tokens, source_cache, metric, wanted, rules=r) for label, r in zip(labels, rules)
+    }
+    with torch.no_grad():
+        effects = {g: activation_patch(model, tokens, source_cache, metric, g).double().cpu() - baseline for g in wanted}
+    changed = {g: _changed_cells(GRIDS[g], clean_cache, corrupted_cache, adapter.arch.n_layers) for g in wanted}
+    return Agreement(direction, wanted, labels, effects,
+                     {r: {g: v.double().cpu() for g, v in d.items()} for r, d in estimates.items()}, baseline, source,
+                     changed)
+
+
+def _changed_cells(grid: Grid, cache_a, cache_b, n_layers: int) -> torch.Tensor:
+    """Cells of ``grid`` whose activation differs between the two runs."""
+    return torch.stack([
+        grid.reduce((cache_a[grid.hook_name(layer)] - cache_b[grid.hook_name(layer)]).abs()) > 0
+        for layer in range(n_layers)
+    ]).cpu()
