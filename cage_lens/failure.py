@@ -7,7 +7,6 @@ relevance supports the wrong token, negative relevance the correct one.
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,7 +22,6 @@ from cage_lens.inputs import as_int, single_prompt
 from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import resolve_token
 from cage_lens.views.graphs import node_label
-from cage_lens.views.html import html_page, token_spans_html
 from cage_lens.views.terminal import terminal_heatmap
 
 __all__ = ["explain_failure", "FailureExplanation"]
@@ -74,16 +72,17 @@ class FailureExplanation(Saveable):
             lines.append(f"  path {flow:+.3g}: " + " → ".join(node_label(n) for n in path))
         return "\n".join(lines)
 
-    def to_html(self, path=None) -> str:
-        from cage_lens.views.graphs import graph_fragment
+    def _repr_html_(self) -> str:
+        from cage_lens.views.failure import failure_fragment
 
-        body = (
-            f"<p>Δℓ = logit({html.escape(repr(self.wrong))}) − logit({html.escape(repr(self.correct))}) = "
-            f"{self.delta:+.4g}. Red supports the wrong token, blue the correct one.</p>"
-            f"<div>{token_spans_html(self.prompt_tokens, self.heatmap.tolist(), self.relevance.tolist())}</div>"
-            f"<h3>Attribution graph</h3>{graph_fragment(self.graph)}"
-        )
-        page = html_page("cage_lens failure explanation", body)
+        return failure_fragment(self)
+
+    def to_html(self, path=None) -> str:
+        """Self-contained page: Δℓ, heatmap, layer trace and the interactive graph. Written to ``path``
+        when given; the HTML string is returned either way."""
+        from cage_lens.views.failure import failure_page
+
+        page = failure_page(self)
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(page)

@@ -309,7 +309,7 @@ RAW = ("\x1b", "\u202e", "\x00", "a\nb")
 
 def _clean(text: str) -> None:
     for raw in RAW:
-        assert raw not in text.replace("\x1b[48;2;", "").replace("\x1b[30m", "").replace("\x1b[0m", ""), repr(text)
+        assert raw not in text.replace("\x1b[48;2;", "").replace("\x1b[30m", "").replace("\x1b[97m", "").replace("\x1b[0m", ""), repr(text)
 
 
 def test_printable_escapes_control_and_format_characters():

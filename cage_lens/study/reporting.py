@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from cage_lens.errors import CageLensError
-from cage_lens.study.aggregate import Comparison, StudySummary, _frame, _models, compare, summary
+from cage_lens.study.aggregate import Comparison, StudySummary, _cell, _frame, _models, compare, summary
 from cage_lens.study.extras import MissingExtraError, require
-from cage_lens.views.html import html_page, token_spans_html
+from cage_lens.views.html import colour_bar_html, html_page, token_spans_html
+from cage_lens.views.terminal import printable
 
 __all__ = ["plot_segments", "plot_delta", "report"]
 
@@ -60,19 +61,33 @@ def plot_delta(data):
     return fig
 
 
-def _png(fig) -> str:
+def _png(fig, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+    return f"<img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def _text(value) -> str:
+    return html.escape(printable(str(value)))
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(float_format=lambda v: "–" if math.isnan(v) else f"{v:+.3f}", border=0)
+    """A table with the summary's number formats: counts as integers, p-values and shares unsigned with
+    three significant digits, other numbers signed, "–" where a value is undefined (NaN)."""
+    names = list(df.index.names) if isinstance(df.index, pd.MultiIndex) else [df.index.name or ""]
+    head = "".join(f"<th>{_text(n)}</th>" for n in names + [str(c) for c in df.columns])
+    rows = []
+    for idx, values in zip(df.index, df.itertuples(index=False)):
+        keys = list(idx) if isinstance(idx, tuple) else [idx]
+        cells = "".join(f"<th style='text-align:left'>{_text(k)}</th>" for k in keys)
+        cells += "".join(f"<td>{_text(_cell(str(c), v))}</td>" for c, v in zip(df.columns, values))
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _comparisons(df: pd.DataFrame) -> list[Comparison]:
     models = _models(df)
-    anchor = (df.attrs.get("manifest") or {}).get("settings", {}).get("cases_from")
+    anchor = _anchor(df)
     pairs = [(anchor, m) for m in models if m != anchor] if anchor else list(zip(models[:-1], models[1:]))
     out = []
     for a, b in pairs:
@@ -83,46 +98,149 @@ def _comparisons(df: pd.DataFrame) -> list[Comparison]:
     return out
 
 
+def _anchor(df: pd.DataFrame) -> str | None:
+    return (df.attrs.get("manifest") or {}).get("settings", {}).get("cases_from")
+
+
+# ---------------------------------------------------------------------------- summary first
+def _interval(mean: float, lo: float, hi: float) -> str:
+    return "–" if math.isnan(mean) else f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _p(value: float) -> str:
+    return "–" if math.isnan(value) else ("< 0.001" if value < 0.001 else f"{value:.3g}")
+
+
+def _summary_html(df: pd.DataFrame, s: StudySummary, comparisons: list[Comparison]) -> str:
+    """The findings in a few lines: per model what was found and explained, then each comparison."""
+    items = []
+    anchor = _anchor(df)
+    for m in s.counts.index:
+        c, d = s.counts.loc[m], s.delta.loc[m]
+        usable = "–" if math.isnan(c["usable"]) else f"{c['usable']:.0%}"
+        if anchor and m != anchor:
+            what = (f"explains the {int(c['explained'])} cases of {_text(anchor)} (same inputs, same wrong and "
+                    f"correct tokens); mean Δℓ on them {_interval(d['mean'], d['ci_low'], d['ci_high'])}")
+        else:
+            what = (f"{int(c['failures'])} failures in {int(c['records'])} records, {int(c['explained'])} explained "
+                    f"(usable rate {usable}; the others had Δℓ ≤ the threshold or no correct token in the top-k); "
+                    f"mean Δℓ {_interval(d['mean'], d['ci_low'], d['ci_high'])}")
+        items.append(f"<li><b>{_text(m)}</b>: {what}</li>")
+    for comp in comparisons:
+        t = comp.table
+        changed = [f"{_text(r)} {t.loc[r, 'diff']:+.2f} (p<sub>Holm</sub> {_p(t.loc[r, 'p_holm'])})"
+                   for r in t.index if r != "delta" and t.loc[r, "p_holm"] < 0.05]
+        line = (f"<li><b>{_text(comp.b)} vs {_text(comp.a)}</b> on {comp.n_pairs} paired cases: Δℓ changes by "
+                + (f"{_interval(t.loc['delta', 'diff'], t.loc['delta', 'ci_low'], t.loc['delta', 'ci_high'])} "
+                   f"(p<sub>Holm</sub> {_p(t.loc['delta', 'p_holm'])})" if "delta" in t.index else "–")
+                + "; segments that change (p<sub>Holm</sub> &lt; 0.05): " + (", ".join(changed) or "none") + "</li>")
+        items.append(line)
+    return (f"<h3>Summary</h3><ul>{''.join(items)}</ul><p>Δℓ = logit(wrong) − logit(correct): positive means the model "
+            "prefers the wrong token. Relevance: red / positive supports the wrong token, blue / negative the correct one. "
+            "Intervals are 95 % bootstrap CIs; p-values come from paired sign-flip permutation tests, Holm-adjusted.</p>")
+
+
+def _overlaps(df: pd.DataFrame) -> dict[str, list[str]]:
+    """``{segment: [segments inside it]}`` over the stored cases (a token can belong to several segments)."""
+    inside: dict[str, set] = {}
+    for segments in df.loc[df["status"] == "explained", "segments"].dropna():
+        spans = {k: set(int(p) for p in v) for k, v in dict(segments).items() if not k.startswith("_") and len(v)}
+        for a, pa_ in spans.items():
+            for b, pb in spans.items():
+                if a != b and pb <= pa_ and (len(pb) < len(pa_) or a < b):
+                    inside.setdefault(a, set()).add(b)
+    return {a: sorted(b) for a, b in sorted(inside.items())}
+
+
+def _overlap_legend(df: pd.DataFrame) -> str:
+    overlaps = _overlaps(df)
+    if not overlaps:
+        return "<p>The segments do not overlap: each token belongs to at most one.</p>"
+    listed = "; ".join(f"{_text(a)} contains {', '.join(_text(b) for b in bs)}" for a, bs in overlaps.items())
+    return (f"<p><b>Overlapping segments</b>: {listed}. A token counts for every segment that contains it, so the "
+            "shares in one row can add up to more than 1 and the relevance of overlapping segments is not additive.</p>")
+
+
+# ---------------------------------------------------------------------------- examples
+def _example_label(row, anchor: str | None) -> str:
+    """What a stored case shows, in words that match what the model did."""
+    wrong, correct, delta = _text(repr(row["wrong"])), _text(repr(row["contrast"])), row["delta"]
+    if row["contrast_source"] == "anchor":
+        verdict = (f"this model still prefers the wrong token (Δℓ = {delta:+.3g})" if delta > 0 else
+                   f"this model answers correctly here (Δℓ = {delta:+.3g})")
+        return f"{_text(anchor)}'s wrong token {wrong} against the correct {correct}: {verdict}"
+    return f"answered {wrong} where {correct} was correct (Δℓ = {delta:+.3g})"
+
+
 def _examples(df: pd.DataFrame, per_model: int) -> str:
+    """The cases with the largest Δℓ; in a paired study the anchor's cases, each shown for every model."""
+    anchor = _anchor(df)
+    explained = df[df["status"] == "explained"]
     parts = []
-    for m in _models(df):
-        ex = df[(df["model"] == m) & (df["status"] == "explained")].sort_values("delta", ascending=False)
-        for _, r in ex.head(per_model).iterrows():
-            parts.append(
-                f"<div style='margin:6px 0'><b>{html.escape(m)}</b> record {r['record']}: wrong "
-                f"{html.escape(repr(r['wrong']))} vs {html.escape(repr(r['contrast']))} (Δℓ = {r['delta']:+.3g})<br>"
+    bar = colour_bar_html("per row, ±1 = max |R| over non-special tokens",
+                          negative="supports the correct token", positive="supports the wrong token")
+    groups = ([(anchor, explained[explained["model"] == anchor].sort_values("delta", ascending=False)
+                .head(per_model)["record"].tolist())] if anchor else
+              [(m, explained[explained["model"] == m].sort_values("delta", ascending=False).head(per_model)["record"].tolist())
+               for m in _models(df)])
+    for owner, records in groups:
+        for record in records:
+            rows = explained[explained["record"] == record] if anchor else explained[
+                (explained["record"] == record) & (explained["model"] == owner)]
+            lines = "".join(
+                f"<div style='margin:2px 0'><b>{_text(r['model'])}</b>: {_example_label(r, anchor)}<br>"
                 f"{token_spans_html(list(r['str_tokens']), list(r['heatmap']), list(r['relevance']))}</div>"
+                for _, r in rows.iterrows()
             )
-    return "".join(parts)
+            parts.append(f"<div style='margin:10px 0'>record {int(record)}{lines}</div>")
+    return bar + "".join(parts)
 
 
+# ---------------------------------------------------------------------------- the page
 def report(data, path: str | Path | None = None, *, examples: int = 3, plots: bool = True) -> str:
-    """A self-contained HTML page: settings, counts, Δℓ, segment relevance with CIs, paired comparisons,
-    top-relevance locations, plots (when matplotlib is installed) and example heatmaps."""
+    """A self-contained HTML page: the findings first (per model and per comparison), then the tables
+    (cases, Δℓ, segment relevance with CIs, paired comparisons, where the top relevance sits), plots
+    (when matplotlib is installed), example heatmaps, and the settings folded at the end."""
     df = _frame(data)
     s = summary(df)
+    comparisons = _comparisons(df)
     manifest = df.attrs.get("manifest", {})
     body = [
-        f"<p>{len(df)} cases ({df.attrs.get('missing', 0)} not computed yet). Relevance sign: red/positive "
-        "supports the wrong token, blue/negative the correct one.</p>",
-        "<h3>Settings</h3><pre>" + html.escape(json.dumps(
-            {k: manifest.get(k) for k in ("cage_lens_version", "settings", "models", "checker", "dataset")}, indent=1)) + "</pre>",
-        "<h3>Cases</h3>" + s.counts.to_html(border=0, float_format=lambda v: f"{v:.3f}"),
-        "<h3>Δℓ</h3>" + _table_html(s.delta),
-        "<h3>Segment relevance (mean, 95 % bootstrap CI)</h3>" + _table_html(s.segments),
+        f"<p>{len(df)} cases ({df.attrs.get('missing', 0)} not computed yet).</p>",
+        _summary_html(df, s, comparisons),
+        "<h3>Cases per model</h3><p>failures: deviations found on the model's own generations; usable = explained ÷ "
+        "failures (– where a model has no failures of its own, e.g. one that explains another model's cases).</p>"
+        + _table_html(s.counts),
+        "<h3>Δℓ = logit(wrong) − logit(correct)</h3><p>Cases with a contrast token (explained and dropped).</p>"
+        + _table_html(s.delta),
+        "<h3>Segment relevance (mean, 95 % bootstrap CI)</h3><p>Σ relevance over the segment's tokens ÷ max |R| "
+        "over non-special tokens; positive supports the wrong token.</p>" + _table_html(s.segments),
     ]
-    for c in _comparisons(df):
-        body.append(f"<h3>{html.escape(c.b)} vs {html.escape(c.a)} ({c.n_pairs} paired cases; diff = b − a, "
-                    "sign-flip permutation test, Holm-adjusted)</h3>" + _table_html(c.table))
-    body.append("<h3>Where the top relevance sits (share of explained cases)</h3>" + _table_html(s.top))
+    for c in comparisons:
+        body.append(f"<h3>{_text(c.b)} vs {_text(c.a)} ({c.n_pairs} paired cases)</h3><p>diff = {_text(c.b)} − "
+                    f"{_text(c.a)}; p: paired sign-flip permutation test, p_holm: Holm-adjusted across rows.</p>"
+                    + _table_html(c.table))
+    body.append("<h3>Where the top relevance sits (share of explained cases)</h3><p>top_wrong: the token pushing "
+                "hardest towards the wrong answer lies in the segment; top_correct: likewise towards the correct one.</p>"
+                + _overlap_legend(df) + _table_html(s.top))
     if plots:
         try:
-            body.append("<h3>Plots</h3>" + _png(plot_segments(s)) + _png(plot_delta(df)))
+            body.append("<h3>Plots</h3>" + _png(plot_segments(s), "segment relevance per model with 95 % CIs")
+                        + _png(plot_delta(df), "histogram of Δℓ per model"))
         except MissingExtraError as err:
-            body.append(f"<p><i>{html.escape(str(err))}</i></p>")
+            body.append(f"<p><i>{_text(err)}</i></p>")
     if examples:
-        body.append("<h3>Examples (largest Δℓ per model)</h3>" + _examples(df, examples))
+        body.append("<h3>Examples (largest Δℓ" + (" of the anchor model, every model on the same case" if _anchor(df) else
+                                                 " per model") + ")</h3>" + _examples(df, examples))
+    settings = {k: manifest.get(k) for k in ("cage_lens_version", "settings", "models", "checker", "dataset")}
+    body.append("<details><summary>Settings and provenance</summary><pre>"
+                + html.escape(printable_json(settings)) + "</pre></details>")
     page = html_page("cage_lens failure study", "".join(body))
     if path is not None:
         Path(path).write_text(page, encoding="utf-8")
     return page
+
+
+def printable_json(value) -> str:
+    """JSON for the page: indented, every non-ASCII character (bidi overrides, line separators) escaped."""
+    return json.dumps(value, indent=1, ensure_ascii=True, default=str)

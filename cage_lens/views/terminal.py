@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Sequence
 
-__all__ = ["printable", "relevance_color", "terminal_heatmap"]
+__all__ = ["printable", "relevance_color", "rgb", "contrast_ratio", "text_color", "terminal_heatmap"]
 
 
 #: control (Cc), format (Cf: bidi overrides such as RLO, zero-width marks), surrogate (Cs) and
@@ -43,15 +43,48 @@ def relevance_color(value: float) -> str:
     return f"rgb(255,{strength},{strength})" if v >= 0 else f"rgb({strength},{strength},255)"
 
 
+def rgb(css: str) -> tuple[int, int, int]:
+    """``(r, g, b)`` of an ``rgb(r,g,b)`` or ``#rrggbb`` colour."""
+    if css.startswith("#"):
+        return tuple(int(css[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(x) for x in css[css.index("(") + 1:css.index(")")].split(","))
+    return r, g, b
+
+
+def _luminance(colour: tuple[int, int, int]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour."""
+    def channel(c: int) -> float:
+        c = c / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(c) for c in colour)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(foreground: str, background: str) -> float:
+    """WCAG 2 contrast ratio of two colours (1 to 21; text needs 4.5)."""
+    a, b = sorted((_luminance(rgb(foreground)), _luminance(rgb(background))), reverse=True)
+    return (a + 0.05) / (b + 0.05)
+
+
+def text_color(background: str) -> str:
+    """Black or white, whichever contrasts more with ``background``: at least 4.58:1 on any colour
+    (the two ratios are equal at luminance 0.179, where each is 4.58), above WCAG's 4.5:1 for text."""
+    return "#000" if contrast_ratio("#000000", background) >= contrast_ratio("#ffffff", background) else "#fff"
+
+
 def terminal_heatmap(tokens: Sequence[str], scaled: Sequence[float], color: bool = True) -> str:
-    """Tokens with ANSI 24-bit background colours, plus a ``[+0.42]`` tag when colour is off."""
+    """Tokens with ANSI 24-bit background colours (black or white text, whichever reads better), one
+    uncoloured space between tokens so that word-level tokens do not run together; a ``[+0.42]`` tag
+    per token when colour is off."""
     out = []
     for tok, v in zip(tokens, scaled):
         shown = printable(tok)
         if color:
-            rgb = relevance_color(v)[4:-1]
-            r, g, b = (int(x) for x in rgb.split(","))
-            out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{shown}\x1b[0m")
+            background = relevance_color(v)
+            r, g, b = rgb(background)
+            fg = "30" if text_color(background) == "#000" else "97"
+            out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[{fg}m{shown}\x1b[0m")
         else:
             out.append(f"{shown}[{v:+.2f}]")
-    return "".join(out) if color else " ".join(out)
+    return " ".join(out)
