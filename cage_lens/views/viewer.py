@@ -89,7 +89,7 @@ def view_fragment(svg: str, data: dict, strip: str = "", notes: Sequence[str] = 
              "window.cageLensViewer.graph(r,JSON.parse(r.querySelector('.cl-data').textContent));})();")
     return (
         f"<div class='cage-lens-view' id='{view_id}'><style>{_STYLE}</style>"
-        f"{note_html}<div class='cl-strip'>{strip}</div>{legend}"
+        f"{note_html}{legend}<div class='cl-strip'>{strip}</div>"
         "<div class='cl-controls'>"
         "<span><button type='button' class='cl-zoom-in' title='zoom in (or ctrl + wheel)'>+</button>"
         "<button type='button' class='cl-zoom-out' title='zoom out'>−</button>"
