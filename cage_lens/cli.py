@@ -179,9 +179,15 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-def _explaining_command(sub, name: str, help: str, out_help: str, prompt_help: str | None = None):
+_PROMPT_HELP = ("the input text, in quotes; the zoo models have a word-level vocabulary: lower-case words and "
+                "punctuation separated by spaces (see docs/prompts.md)")
+_RULES_HELP = ("LRP rule set: attnlrp (AttnLRP, the default), cplrp (CP-LRP: attention weights held constant; "
+               "conserves exactly on bias-free models), gxi (plain gradient × input); docs/rules.md")
+
+
+def _explaining_command(sub, name: str, help: str, out_help: str, prompt_help: str = _PROMPT_HELP):
     """A subcommand that explains one prompt: ``prompt``, ``--model``, ``--out``, ``--allow-unknown``."""
-    command = sub.add_parser(name, help=help)
+    command = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
     command.add_argument("prompt", help=prompt_help)
     command.add_argument("--model", default=None,
                          help="zoo model name[:size][@step] (default: ioi), a local HF directory, or a model in the local HF cache")
@@ -199,34 +205,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     explain = _explaining_command(sub, "explain", "explain the next-token prediction for a prompt",
                                   "write a self-contained HTML report here")
-    explain.add_argument("--target", default=None, help="token to explain (default: the model's prediction)")
-    explain.add_argument("--contrast", default=None, help="explain target minus this token")
-    explain.add_argument("--rules", default="attnlrp", choices=RULES)
-    explain.add_argument("--mode", default="logit", choices=MODES)
+    explain.add_argument("--target", default=None,
+                         help="the token to explain, exactly one token, e.g. ' mary' (default: the model's prediction)")
+    explain.add_argument("--contrast", default=None,
+                         help="explain logit(target) − logit(CONTRAST) instead of the target's logit alone")
+    explain.add_argument("--rules", default="attnlrp", choices=RULES, help=_RULES_HELP)
+    explain.add_argument("--mode", default="logit", choices=MODES,
+                         help="what is explained: logit (default), logprob, demean (target minus the mean logit) "
+                              "or topk_avg (target minus the mean of the top-k logits)")
     explain.add_argument("--max-new-tokens", type=_integer(0), default=4, help="length of the greedy continuation shown")
     explain.add_argument("--top", type=_integer(1), default=5, help="how many top tokens to list")
-    explain.add_argument("--no-color", action="store_true")
+    explain.add_argument("--no-color", action="store_true",
+                         help="print the heatmap as text with a [+0.42] value per token instead of ANSI colours "
+                              "(also when NO_COLOR is set or the output is not a terminal)")
     explain.set_defaults(func=cmd_explain)
 
     failure = _explaining_command(sub, "failure", "explain logit(wrong) - logit(correct): heatmap, trace, pruned graph",
                                   "write the HTML graph view here",
                                   prompt_help="the input plus the completion up to (not including) the wrong token")
-    failure.add_argument("--correct", required=True, help="a correct alternative token")
+    failure.add_argument("--correct", required=True, help="a correct alternative token, e.g. ' mary'")
     failure.add_argument("--wrong", default=None, help="the wrong token (default: the model's prediction)")
-    failure.add_argument("--rules", default="attnlrp", choices=RULES)
-    failure.add_argument("--levels", default="half", choices=["block", "half", "heads", "neurons"])
+    failure.add_argument("--rules", default="attnlrp", choices=RULES, help=_RULES_HELP)
+    failure.add_argument("--levels", default="half", choices=["block", "half", "heads", "neurons"],
+                         help="graph nodes: block (one per layer and token), half (after attention and after the "
+                              "MLP, the default), heads (attention heads) or neurons (MLP neurons); docs/graphs.md")
     failure.set_defaults(func=cmd_failure)
 
     cage_cmd = _explaining_command(sub, "cage", "CAGE generation graph of a continuation",
                                    "write an HTML view of the graph here")
-    cage_cmd.add_argument("--completion", default=None, help="teacher-force this continuation")
+    cage_cmd.add_argument("--completion", default=None,
+                          help="teacher-force this continuation instead of generating one greedily")
     cage_cmd.add_argument("--max-new-tokens", type=_integer(1), default=4, help="greedy tokens when no --completion")
-    cage_cmd.add_argument("--method", default="attnlrp", help="base attribution method (see cage_lens.generation.methods.METHODS)")
-    cage_cmd.add_argument("--granularity", default="token", choices=["token", "sentence"])
-    cage_cmd.add_argument("--normalize", default="paper", choices=["paper", "signed", "none"])
+    cage_cmd.add_argument("--method", default="attnlrp",
+                          help="base attribution method of each row: attnlrp (default), cplrp, input_x_gradient, "
+                               "integrated_gradients, attention, attention_x_ig, occlusion, clp")
+    cage_cmd.add_argument("--granularity", default="token", choices=["token", "sentence"],
+                          help="graph nodes: single tokens (default) or sentences")
+    cage_cmd.add_argument("--normalize", default="paper", choices=["paper", "signed", "none"],
+                          help="row normalisation: paper (clamp at 0, rows sum to 1; the default), signed (rows "
+                               "scaled by Σ|·|, signs kept) or none; docs/cage.md")
     cage_cmd.set_defaults(func=cmd_cage)
 
-    zoo_cmd = sub.add_parser("zoo", help="list the shipped ground-truth models")
+    zoo_cmd = sub.add_parser("zoo", help="list the shipped ground-truth models",
+                             description="List the shipped ground-truth models: architecture, size, accuracy, checkpoints.")
     zoo_cmd.set_defaults(func=cmd_zoo)
 
     from cage_lens.study.cli import add_study_commands  # `study` and `report`; imports nothing heavy

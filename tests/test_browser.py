@@ -296,6 +296,16 @@ def test_tooltips_stay_inside_the_window(browser, tmp_path):
             page.locator(f"svg.cl-graph [data-i='{i}']").hover()
             tip = _rects(page, ".cl-tip")
             assert len(tip) == 1 and _inside(tip[0]), (i, tip)
+        # a node at the bottom edge of the window: the tooltip moves up instead of running out
+        lowest = max(shown, key=lambda i: boxes[shown.index(i)]["bottom"])
+        page.mouse.move(1, 1)
+        shift = HEIGHT - 12 - boxes[shown.index(lowest)]["bottom"]
+        page.evaluate(f"(() => {{ const d = document.createElement('div'); d.style.height = '{shift}px'; document.body.prepend(d); }})()")
+        node = _rects(page, f"svg.cl-graph [data-i='{lowest}']")[0]
+        assert HEIGHT - 40 < node["bottom"] <= HEIGHT
+        page.mouse.move((node["left"] + node["right"]) / 2, (node["top"] + node["bottom"]) / 2)
+        tip = _rects(page, ".cl-tip")
+        assert len(tip) == 1 and _inside(tip[0]) and tip[0]["top"] < node["top"], tip
     finally:
         view.close()
 

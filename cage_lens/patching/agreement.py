@@ -107,6 +107,14 @@ class Agreement:
     def __repr__(self) -> str:
         return self.table()
 
+    def _repr_html_(self) -> str:
+        from cage_lens.views.html import escaped, table_html
+
+        header = ["grid"] + [f"{r} {c}" for r in self.rules for c in ("pearson", "spearman")]
+        rows = [[g] + [f"{f(r, g):.3f}" for r in self.rules for f in (self.pearson, self.spearman)] for g in self.grids]
+        return (f"<p><b>{escaped(self.direction)}</b>: agreement with activation patching; metric "
+                f"{self.baseline:+.4g} (patched run) vs {self.source:+.4g} (source run)</p>" + table_html(header, rows))
+
     def to_dict(self) -> dict:
         return {
             "direction": self.direction, "grids": self.grids, "rules": self.rules,

@@ -93,16 +93,31 @@ def _cell(column: str, value) -> str:
     return str(value)
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    """A markdown table: ints as ints, p-values and shares with 3 significant digits, the rest signed."""
+def formatted(df: pd.DataFrame) -> tuple[list[str], list[list[str]], int]:
+    """Header, rows and number of index columns of a table, every cell as :func:`_cell` writes it: ints as
+    ints, p-values and shares with 3 significant digits, the rest signed, "–" for NaN."""
     names = list(df.index.names) if isinstance(df.index, pd.MultiIndex) else [df.index.name or ""]
     cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(names + cols) + " |", "|" + "---|" * (len(names) + len(cols))]
+    rows = []
     for idx, values in zip(df.index, df.itertuples(index=False)):
         keys = list(idx) if isinstance(idx, tuple) else [idx]
-        cells = [str(k) for k in keys] + [_cell(c, v) for c, v in zip(cols, values)]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([str(k) for k in keys] + [_cell(c, v) for c, v in zip(cols, values)])
+    return names + cols, rows, len(names)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """A markdown table of :func:`formatted` cells."""
+    header, rows, _ = formatted(df)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
+
+
+def html_table(df: pd.DataFrame) -> str:
+    """An HTML table of :func:`formatted` cells."""
+    from cage_lens.views.html import table_html
+
+    return table_html(*formatted(df))
 
 
 @dataclass
@@ -131,6 +146,11 @@ class StudySummary:
 
     def __repr__(self) -> str:
         return self.to_markdown()
+
+    def _repr_html_(self) -> str:
+        titles = {"counts": "cases per model", "delta": "Δℓ = logit(wrong) − logit(contrast)",
+                  "segments": "segment relevance (mean, 95 % bootstrap CI)", "top": "where the top relevance sits"}
+        return "".join(f"<h4>{t}</h4>{html_table(getattr(self, p))}" for p, t in titles.items())
 
 
 def summary(data, *, n_boot: int = 2000, seed: int = 0) -> StudySummary:
@@ -193,6 +213,12 @@ class Comparison:
 
     def __repr__(self) -> str:
         return self.to_markdown()
+
+    def _repr_html_(self) -> str:
+        from cage_lens.views.html import escaped
+
+        return (f"<p><b>{escaped(self.b)} vs {escaped(self.a)}</b> on {self.n_pairs} paired cases (diff = b − a; paired "
+                f"sign-flip permutation test, Holm-adjusted)</p>{html_table(self.table)}")
 
 
 def compare(data, a: str, b: str, *, n_boot: int = 2000, n_perm: int = 10000, seed: int = 0) -> Comparison:

@@ -105,23 +105,28 @@ def add_study_commands(subparsers) -> None:
                    help="zoo model (ioi@100), local HF directory or a model in the local HF cache; NAME=SPEC to name it; repeat for several")
     s.add_argument("--out", required=True, help="the study's store directory")
     s.add_argument("--resume", action="store_true", help="continue an existing store (same settings only)")
-    s.add_argument("--engine", default="local", choices=["local", "ray"])
+    s.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (in this process, the default) or ray (a Ray cluster; extra 'ray')")
     s.add_argument("--workers", type=int, default=2, help="Ray actors (engine ray)")
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
     s.add_argument("--checker", default=None, help="package.module:function or zoo:TASK (default: compare with answer)")
     s.add_argument("--sibling", default=None, help="model whose top-k supplies contrasts the studied model lacks")
     s.add_argument("--cases-from", default=None, help="model NAME whose cases every other model explains (paired)")
-    s.add_argument("--rules", default="attnlrp", choices=["attnlrp", "cplrp", "gxi"])
-    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--rules", default="attnlrp", choices=["attnlrp", "cplrp", "gxi"],
+                   help="LRP rule set of the explanations (default attnlrp; docs/rules.md)")
+    s.add_argument("--top-k", type=int, default=10,
+                   help="how many of the model's top tokens are searched for a correct contrast token")
     s.add_argument("--min-delta", type=float, default=1.0, help="drop cases with Δℓ at or below this")
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-new-tokens", type=int, default=32,
+                   help="greedy tokens generated per record while looking for the first wrong token")
     s.add_argument("--chunk-size", type=int, default=16, help="records per shard and per batch")
     s.add_argument("--graph", action="store_true", help="also store a pruned cross-layer graph per case")
     s.add_argument("--threads", type=int, default=None, help="torch threads (reproducible floats at a fixed count)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_study)
 
-    r = subparsers.add_parser("report", help="summary tables and an HTML report of a study store")
+    r = subparsers.add_parser("report", help="summary tables and an HTML report of a study store",
+                              description="Print a study's summary tables and write its HTML report.")
     r.add_argument("dir", help="a study store written by cage-lens study")
     r.add_argument("--out", default=None, help="HTML file (default: DIR/report.html)")
     r.set_defaults(func=cmd_report)

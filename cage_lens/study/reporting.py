@@ -12,10 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from cage_lens.errors import CageLensError
-from cage_lens.study.aggregate import Comparison, StudySummary, _cell, _frame, _models, compare, summary
+from cage_lens.study.aggregate import Comparison, StudySummary, _frame, _models, compare, html_table, summary
 from cage_lens.study.extras import MissingExtraError, require
-from cage_lens.views.html import colour_bar_html, html_page, token_spans_html
-from cage_lens.views.terminal import printable
+from cage_lens.views.html import colour_bar_html, escaped, html_page, token_spans_html
 
 __all__ = ["plot_segments", "plot_delta", "report"]
 
@@ -67,24 +66,6 @@ def _png(fig, alt: str) -> str:
     return f"<img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
-def _text(value) -> str:
-    return html.escape(printable(str(value)))
-
-
-def _table_html(df: pd.DataFrame) -> str:
-    """A table with the summary's number formats: counts as integers, p-values and shares unsigned with
-    three significant digits, other numbers signed, "–" where a value is undefined (NaN)."""
-    names = list(df.index.names) if isinstance(df.index, pd.MultiIndex) else [df.index.name or ""]
-    head = "".join(f"<th>{_text(n)}</th>" for n in names + [str(c) for c in df.columns])
-    rows = []
-    for idx, values in zip(df.index, df.itertuples(index=False)):
-        keys = list(idx) if isinstance(idx, tuple) else [idx]
-        cells = "".join(f"<th style='text-align:left'>{_text(k)}</th>" for k in keys)
-        cells += "".join(f"<td>{_text(_cell(str(c), v))}</td>" for c, v in zip(df.columns, values))
-        rows.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
 def _comparisons(df: pd.DataFrame) -> list[Comparison]:
     models = _models(df)
     anchor = _anchor(df)
@@ -119,18 +100,18 @@ def _summary_html(df: pd.DataFrame, s: StudySummary, comparisons: list[Compariso
         c, d = s.counts.loc[m], s.delta.loc[m]
         usable = "–" if math.isnan(c["usable"]) else f"{c['usable']:.0%}"
         if anchor and m != anchor:
-            what = (f"explains the {int(c['explained'])} cases of {_text(anchor)} (same inputs, same wrong and "
+            what = (f"explains the {int(c['explained'])} cases of {escaped(anchor)} (same inputs, same wrong and "
                     f"correct tokens); mean Δℓ on them {_interval(d['mean'], d['ci_low'], d['ci_high'])}")
         else:
             what = (f"{int(c['failures'])} failures in {int(c['records'])} records, {int(c['explained'])} explained "
                     f"(usable rate {usable}; the others had Δℓ ≤ the threshold or no correct token in the top-k); "
                     f"mean Δℓ {_interval(d['mean'], d['ci_low'], d['ci_high'])}")
-        items.append(f"<li><b>{_text(m)}</b>: {what}</li>")
+        items.append(f"<li><b>{escaped(m)}</b>: {what}</li>")
     for comp in comparisons:
         t = comp.table
-        changed = [f"{_text(r)} {t.loc[r, 'diff']:+.2f} (p<sub>Holm</sub> {_p(t.loc[r, 'p_holm'])})"
+        changed = [f"{escaped(r)} {t.loc[r, 'diff']:+.2f} (p<sub>Holm</sub> {_p(t.loc[r, 'p_holm'])})"
                    for r in t.index if r != "delta" and t.loc[r, "p_holm"] < 0.05]
-        line = (f"<li><b>{_text(comp.b)} vs {_text(comp.a)}</b> on {comp.n_pairs} paired cases: Δℓ changes by "
+        line = (f"<li><b>{escaped(comp.b)} vs {escaped(comp.a)}</b> on {comp.n_pairs} paired cases: Δℓ changes by "
                 + (f"{_interval(t.loc['delta', 'diff'], t.loc['delta', 'ci_low'], t.loc['delta', 'ci_high'])} "
                    f"(p<sub>Holm</sub> {_p(t.loc['delta', 'p_holm'])})" if "delta" in t.index else "–")
                 + "; segments that change (p<sub>Holm</sub> &lt; 0.05): " + (", ".join(changed) or "none") + "</li>")
@@ -156,7 +137,7 @@ def _overlap_legend(df: pd.DataFrame) -> str:
     overlaps = _overlaps(df)
     if not overlaps:
         return "<p>The segments do not overlap: each token belongs to at most one.</p>"
-    listed = "; ".join(f"{_text(a)} contains {', '.join(_text(b) for b in bs)}" for a, bs in overlaps.items())
+    listed = "; ".join(f"{escaped(a)} contains {', '.join(escaped(b) for b in bs)}" for a, bs in overlaps.items())
     return (f"<p><b>Overlapping segments</b>: {listed}. A token counts for every segment that contains it, so the "
             "shares in one row can add up to more than 1 and the relevance of overlapping segments is not additive.</p>")
 
@@ -164,11 +145,11 @@ def _overlap_legend(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------- examples
 def _example_label(row, anchor: str | None) -> str:
     """What a stored case shows, in words that match what the model did."""
-    wrong, correct, delta = _text(repr(row["wrong"])), _text(repr(row["contrast"])), row["delta"]
+    wrong, correct, delta = escaped(repr(row["wrong"])), escaped(repr(row["contrast"])), row["delta"]
     if row["contrast_source"] == "anchor":
         verdict = (f"this model still prefers the wrong token (Δℓ = {delta:+.3g})" if delta > 0 else
                    f"this model answers correctly here (Δℓ = {delta:+.3g})")
-        return f"{_text(anchor)}'s wrong token {wrong} against the correct {correct}: {verdict}"
+        return f"{escaped(anchor)}'s wrong token {wrong} against the correct {correct}: {verdict}"
     return f"answered {wrong} where {correct} was correct (Δℓ = {delta:+.3g})"
 
 
@@ -188,7 +169,7 @@ def _examples(df: pd.DataFrame, per_model: int) -> str:
             rows = explained[explained["record"] == record] if anchor else explained[
                 (explained["record"] == record) & (explained["model"] == owner)]
             lines = "".join(
-                f"<div style='margin:2px 0'><b>{_text(r['model'])}</b>: {_example_label(r, anchor)}<br>"
+                f"<div style='margin:2px 0'><b>{escaped(r['model'])}</b>: {_example_label(r, anchor)}<br>"
                 f"{token_spans_html(list(r['str_tokens']), list(r['heatmap']), list(r['relevance']))}</div>"
                 for _, r in rows.iterrows()
             )
@@ -210,25 +191,25 @@ def report(data, path: str | Path | None = None, *, examples: int = 3, plots: bo
         _summary_html(df, s, comparisons),
         "<h3>Cases per model</h3><p>failures: deviations found on the model's own generations; usable = explained ÷ "
         "failures (– where a model has no failures of its own, e.g. one that explains another model's cases).</p>"
-        + _table_html(s.counts),
+        + html_table(s.counts),
         "<h3>Δℓ = logit(wrong) − logit(correct)</h3><p>Cases with a contrast token (explained and dropped).</p>"
-        + _table_html(s.delta),
+        + html_table(s.delta),
         "<h3>Segment relevance (mean, 95 % bootstrap CI)</h3><p>Σ relevance over the segment's tokens ÷ max |R| "
-        "over non-special tokens; positive supports the wrong token.</p>" + _table_html(s.segments),
+        "over non-special tokens; positive supports the wrong token.</p>" + html_table(s.segments),
     ]
     for c in comparisons:
-        body.append(f"<h3>{_text(c.b)} vs {_text(c.a)} ({c.n_pairs} paired cases)</h3><p>diff = {_text(c.b)} − "
-                    f"{_text(c.a)}; p: paired sign-flip permutation test, p_holm: Holm-adjusted across rows.</p>"
-                    + _table_html(c.table))
+        body.append(f"<h3>{escaped(c.b)} vs {escaped(c.a)} ({c.n_pairs} paired cases)</h3><p>diff = {escaped(c.b)} − "
+                    f"{escaped(c.a)}; p: paired sign-flip permutation test, p_holm: Holm-adjusted across rows.</p>"
+                    + html_table(c.table))
     body.append("<h3>Where the top relevance sits (share of explained cases)</h3><p>top_wrong: the token pushing "
                 "hardest towards the wrong answer lies in the segment; top_correct: likewise towards the correct one.</p>"
-                + _overlap_legend(df) + _table_html(s.top))
+                + _overlap_legend(df) + html_table(s.top))
     if plots:
         try:
             body.append("<h3>Plots</h3>" + _png(plot_segments(s), "segment relevance per model with 95 % CIs")
                         + _png(plot_delta(df), "histogram of Δℓ per model"))
         except MissingExtraError as err:
-            body.append(f"<p><i>{_text(err)}</i></p>")
+            body.append(f"<p><i>{escaped(err)}</i></p>")
     if examples:
         body.append("<h3>Examples (largest Δℓ" + (" of the anchor model, every model on the same case" if _anchor(df) else
                                                  " per model") + ")</h3>" + _examples(df, examples))
@@ -237,7 +218,7 @@ def report(data, path: str | Path | None = None, *, examples: int = 3, plots: bo
                 + html.escape(printable_json(settings)) + "</pre></details>")
     page = html_page("cage_lens failure study", "".join(body))
     if path is not None:
-        Path(path).write_text(page, encoding="utf-8")
+        Path(path).writeescaped(page, encoding="utf-8")
     return page
 
 

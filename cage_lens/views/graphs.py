@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from cage_lens.errors import CageLensError
-from cage_lens.views.html import colour_bar_html, html_page, token_spans_html
+from cage_lens.views.html import colour_bar_html, escaped, html_page, token_spans_html
 from cage_lens.views.terminal import relevance_color, text_color
-from cage_lens.views.viewer import PAGE_BUDGET_BYTES, safe_text, view_fragment, visible
+from cage_lens.views.viewer import PAGE_BUDGET_BYTES, view_fragment, visible
 
 __all__ = ["node_label", "graph_svg", "graph_fragment", "graph_html", "generation_fragment", "generation_html",
            "METRIC_DEFINITIONS"]
@@ -220,14 +220,14 @@ def _circuit_parts(graph, max_edges: int, max_nodes: int):
     parts = [_svg_open(width, height)]
     for row, level in enumerate(graph.levels):
         y = _TOP + (n_rows - 1 - row) * _ROW + _ROW / 2
-        parts.append(f"<text x='4' y='{y + 4:.1f}' fill='#444'>{safe_text(level)}</text>"
+        parts.append(f"<text x='4' y='{y + 4:.1f}' fill='#444'>{escaped(level)}</text>"
                      f"<line x1='{_LEFT}' y1='{y:.1f}' x2='{width - 10}' y2='{y:.1f}' stroke='#eee'/>")
     order = sorted(range(len(edges)), key=lambda k: abs(edges[k][2]))  # strongest drawn last (on top)
     parts.append(_edges_svg([(k, *edges[k]) for k in order], where, edge_scale))
     tier_of = {key: node_tier[key] for key, _ in nodes}
     for i, (key, r) in enumerate(nodes):
         token = graph.str_tokens[key[-1]]
-        title = f"{safe_text(node_label(key))} {safe_text(repr(token))}: R = {r:+.4g}"
+        title = f"{escaped(node_label(key))} {escaped(repr(token))}: R = {r:+.4g}"
         parts.append(_node_svg(i, *where[i], radius[i], r, node_scale, title, tier_of[key]))
     if target in index:
         parts.append(_target_mark(*where[index[target]], radius[index[target]]))
@@ -236,7 +236,7 @@ def _circuit_parts(graph, max_edges: int, max_nodes: int):
         x = _LEFT + pos * col + col / 2
         weight = "bold" if pos == graph.position else "normal"
         parts.append(f"<text x='{x:.1f}' y='{base}' text-anchor='end' font-weight='{weight}' "
-                     f"transform='rotate(-40 {x:.1f} {base})'>{safe_text(_short(token))}</text>")
+                     f"transform='rotate(-40 {x:.1f} {base})'>{escaped(_short(token))}</text>")
     parts.append("</svg>")
 
     data = {
@@ -302,20 +302,20 @@ def graph_fragment(graph, max_edges: int = MAX_EDGES, max_nodes: int = MAX_NODES
 
 def _metrics_table(graph) -> str:
     rows = "".join(
-        f"<tr><td style='text-align:left'>{safe_text(m['transition'])}</td><td>{m['nodes']}</td><td>{m['edges']}</td>"
+        f"<tr><td style='text-align:left'>{escaped(m['transition'])}</td><td>{m['nodes']}</td><td>{m['edges']}</td>"
         f"<td>{m['verticality']:.2f}</td><td>{m['tokens_90']}</td><td>{m['look_back']:.2f}</td>"
-        f"<td style='text-align:left'>{', '.join(f'{safe_text(repr(t))}@{p} ({share:.0%})' for p, t, share in m['hubs'])}</td></tr>"
+        f"<td style='text-align:left'>{', '.join(f'{escaped(repr(t))}@{p} ({share:.0%})' for p, t, share in m['hubs'])}</td></tr>"
         for m in graph.metrics()
     )
-    heads = "".join(f"<th title='{safe_text(text)}'>{safe_text(name)}</th>" for name, text in METRIC_DEFINITIONS.items())
-    definitions = "".join(f"<dt>{safe_text(name)}</dt><dd>{safe_text(text)}</dd>" for name, text in METRIC_DEFINITIONS.items())
+    heads = "".join(f"<th title='{escaped(text)}'>{escaped(name)}</th>" for name, text in METRIC_DEFINITIONS.items())
+    definitions = "".join(f"<dt>{escaped(name)}</dt><dd>{escaped(text)}</dd>" for name, text in METRIC_DEFINITIONS.items())
     return (f"<table><tr><th>transition</th>{heads}</tr>{rows}</table>"
             f"<p>What the columns mean (computed on the drawn, pruned graph):</p><dl class='cl-defs'>{definitions}</dl>")
 
 
 def graph_html(graph, max_edges: int = MAX_EDGES, max_nodes: int = MAX_NODES) -> str:
     """A complete page: summary, the interactive view, how to read it and the per-transition metrics."""
-    body = (f"<p>{safe_text(graph.summary())}</p>"
+    body = (f"<p>{escaped(graph.summary())}</p>"
             f"{graph_fragment(graph, max_edges, max_nodes)}"
             "<h3>How to read the graph</h3><p>Rows: levels (input at the bottom, the target at the top); columns: "
             "tokens. Node colour: signed relevance (red supports the target, blue opposes it); edge width ∝ |relevance "
@@ -354,7 +354,7 @@ def _generation_parts(g, max_edges: int):
     for i in range(n):
         label, value = g.labels[i], values[i]
         what = "CAGE attribution" if i < P else "enters here"
-        title = f"{i} {safe_text(repr(label))}: {what} {value:+.4g}"
+        title = f"{i} {escaped(repr(label))}: {what} {value:+.4g}"
         scale = prompt_scale if i < P else gen_scale
         parts.append(_node_svg(i, *where[i], 6.0 if i < P else 7.0, value, scale, title))
     parts.append(_target_mark(*where[n - 1], 7.0))
@@ -363,7 +363,7 @@ def _generation_parts(g, max_edges: int):
         y = base_y + 14
         weight = "normal" if i < P else "bold"
         parts.append(f"<text x='{x:.1f}' y='{y}' text-anchor='end' font-weight='{weight}' "
-                     f"transform='rotate(-40 {x:.1f} {y})'>{safe_text(_short(label))}</text>")
+                     f"transform='rotate(-40 {x:.1f} {y})'>{escaped(_short(label))}</text>")
     parts.append("</svg>")
     data = {
         "valueName": "value",
@@ -393,7 +393,7 @@ def _attribution_table(g) -> str:
         return f"<td style='background:{background};color:{text_color(background)}'>{value:+.4f}</td>"
 
     rows = "".join(
-        f"<tr><td>{j}</td><td style='text-align:left;font-family:monospace'>{safe_text(g.labels[j])}</td>"
+        f"<tr><td>{j}</td><td style='text-align:left;font-family:monospace'>{escaped(g.labels[j])}</td>"
         f"{cell(float(c[j]))}{cell(float(r[j]))}</tr>"
         for j in range(g.n_prompt)
     )
@@ -417,7 +417,7 @@ def generation_fragment(g, max_edges: int = MAX_EDGES) -> str:
 
     def render(limit):
         svg, data, notes, strip, legend = _generation_parts(g, limit)
-        head = (f"<div><b>GenerationGraph</b> method={safe_text(g.method)} normalize={safe_text(g.normalize)}, "
+        head = (f"<div><b>GenerationGraph</b> method={escaped(g.method)} normalize={escaped(g.normalize)}, "
                 f"{g.n_prompt} prompt nodes, {g.n_generated} generated nodes</div>")
         return (head + view_fragment(svg, data, strip, notes, legend) + _GENERATION_HELP
                 + "<h4>CAGE vs row attribution per prompt node</h4>" + table,)

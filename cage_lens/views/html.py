@@ -14,7 +14,7 @@ from typing import Sequence
 from cage_lens.views.terminal import printable, relevance_color, text_color
 
 __all__ = ["token_spans_html", "colour_bar_html", "attribution_html", "html_page", "layer_token_table_html",
-           "explain_report_html", "after_bos_max", "PAGE_STYLE"]
+           "explain_report_html", "after_bos_max", "table_html", "escaped", "PAGE_STYLE"]
 
 #: the page style: readable width, tables, the colour bar, folded sections
 PAGE_STYLE = (
@@ -80,6 +80,22 @@ def attribution_html(attribution, max_rows: int = 8) -> str:
         + colour_bar_html("±1 = the row's max |R| over tokens after BOS (BOS is an attention sink, left out)")
     )
     return f"<div style='font-family:sans-serif'>{head}{''.join(rows)}{more}</div>"
+
+
+def escaped(text) -> str:
+    """Any text for a page: control and bidi characters as visible escapes, then markup escaped."""
+    return html.escape(printable(str(text)), quote=True)
+
+
+def table_html(header: Sequence[str], rows: Sequence[Sequence[str]], index_columns: int = 1) -> str:
+    """A plain table of already formatted cells (escaped here; the first ``index_columns`` are row labels)."""
+    def cell(i: int, text: str) -> str:
+        tag = "th style='text-align:left'" if i < index_columns else "td"
+        return f"<{tag}>{escaped(text)}</{tag.split()[0]}>"
+
+    head = "".join(f"<th>{escaped(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def html_page(title: str, body: str) -> str:

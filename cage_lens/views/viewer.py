@@ -16,10 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
-from cage_lens.views.html import after_bos_max, colour_bar_html, html_page, layer_token_table_html, token_spans_html
+from cage_lens.views.html import after_bos_max, colour_bar_html, escaped, html_page, layer_token_table_html, token_spans_html
 from cage_lens.views.terminal import printable
 
-__all__ = ["visible", "safe_text", "script_json", "viewer_script", "view_fragment", "attribution_page", "PAGE_BUDGET_BYTES"]
+__all__ = ["visible", "script_json", "viewer_script", "view_fragment", "attribution_page", "PAGE_BUDGET_BYTES"]
 
 PAGE_BUDGET_BYTES = 300_000
 
@@ -51,11 +51,6 @@ def visible(token: str) -> str:
     """A token with every control, format or separator character as a visible escape (the one
     sanitiser, :func:`cage_lens.views.terminal.printable`; still to be HTML-escaped)."""
     return printable(token)
-
-
-def safe_text(token: str) -> str:
-    """A token as HTML text (:func:`visible`, then markup characters escaped)."""
-    return html.escape(visible(token), quote=True)
 
 
 def script_json(data) -> str:
@@ -118,7 +113,7 @@ def attribution_page(attribution, path=None, max_rows: int = 8) -> str:
         heads = attribution.head_relevance[row, :, :, :n].sum(-1)  # [layer, head]
         head_names = [f"layer {l}" for l in range(heads.shape[0])]
         sections.append(
-            f"<h3>Row {row}: {safe_text(attribution.target_description)} = {float(attribution.target_value[row]):.6g}"
+            f"<h3>Row {row}: {escaped(attribution.target_description)} = {float(attribution.target_value[row]):.6g}"
             f" at position {attribution.positions[row]}</h3>"
             + colour_bar_html(f"±1 = max |R| over the tokens after BOS ({after_bos_max(raw):.3g}); hover a token for its value")
             + f"<div class='cage-lens-view'><div class='cl-strip'>{token_spans_html(tokens, scaled, raw)}</div></div>"
@@ -131,12 +126,12 @@ def attribution_page(attribution, path=None, max_rows: int = 8) -> str:
         sections.append(f"<p>Showing the first {max_rows} of {n_rows} rows.</p>")
     cons = attribution.conservation
     rows = "".join(
-        f"<tr><td style='text-align:left'>{safe_text(p)}</td>"
+        f"<tr><td style='text-align:left'>{escaped(p)}</td>"
         + "".join(f"<td>{float(cons.sums[b, i]):.6g}</td>" for b in range(min(n_rows, max_rows))) + "</tr>"
         for i, p in enumerate(cons.points)
     )
     body = (
-        f"<style>{_STYLE}</style><p><b>rules</b> {safe_text(attribution.rules)} &nbsp; "
+        f"<style>{_STYLE}</style><p><b>rules</b> {escaped(attribution.rules)} &nbsp; "
         "red supports the target, blue opposes it; BOS (an attention sink) is left out of the colour scales.</p>"
         + "".join(sections)
         + "<h3>Conservation: Σ relevance per point (columns: rows)</h3><table>" + rows + "</table>"
