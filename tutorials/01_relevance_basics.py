@@ -1,15 +1,25 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Tutorial 1 — token and node relevance with LRP
 #
 # Runs offline on the shipped IOI model (a 3-layer GPT-2-architecture model trained on
-# indirect-object-identification prompts). Run it as a script (`python tutorials/01_relevance_basics.py`)
-# or open it in Jupyter/VS Code: every `# %%` starts a cell.
+# indirect-object-identification prompts). Open the notebook (`tutorials/01_relevance_basics.ipynb`) in
+# Jupyter or VS Code; the `.py` beside it is the same tutorial in percent cells (`jupytext --sync`
+# keeps the two in step). Exercises: *predict, then check* — the solutions are folded under each one.
 #
 # What you learn: how `cage_lens.attribute` explains a (contrastive) prediction, what the
 # conservation report tells you, how the LRP rules compose with ordinary TransformerLens workflows,
 # and which heads carry the relevance.
 
 # %%
+# %matplotlib inline
 import torch
 
 import cage_lens
@@ -31,11 +41,34 @@ assert prediction == "mary"  # the indirect object: the trained model solves thi
 # %%
 attr = cage_lens.attribute(model, prompt, target=" mary", contrast=" john", rules="attnlrp")
 print(attr)
-# in a terminal, print(attr.show()) renders an ANSI heatmap; in a notebook, `attr` alone shows one
 for pos, tok, rel in attr.top_tokens(5):
     print(f"{pos:>3} {tok!r:>10} {rel:+.3f}")
 # the indirect object's own name carries the largest relevance, and it argues *for* mary
 assert attr.top_tokens(1)[0][:2] == (2, "mary") and attr.top_tokens(1)[0][2] > 0
+attr  # in a notebook: the heatmap (in a terminal, print(attr.show()) draws it in ANSI colours)
+
+# %% [markdown]
+# The same relevance as a figure: the token heatmap on top, and below it the relevance of every token at
+# every residual point, from the embeddings (top row) to the last layer.
+
+# %%
+attr.plot()
+
+# %% [markdown]
+# ### Exercise 1 — predict, then check
+# Which input token argues hardest **for john** (the most negative relevance)? Predict its position
+# (count from 0; `<bos>` is position 0).
+
+# %% tags=["exercise"]
+my_prediction = None  # a position, e.g. 10
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+answer = int(attr.token_relevance[0].argmin())
+print(f"most negative: {attr.str_tokens[0][answer]!r}@{answer} {float(attr.token_relevance[0, answer]):+.2f}")
+# the first mention of the subject: the model uses "john ... john" to know which name NOT to say, and the
+# first "john" is what the duplicate is matched against
+assert answer == 4 and attr.str_tokens[0][answer] == "john"
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
 # ## 2. Conservation: where does the relevance go?
@@ -107,3 +140,17 @@ with cage_lens.lrp(model, "attnlrp"), model.hooks(
     grads = torch.autograd.grad(target, [stored[l] for l in range(model.cfg.n_layers)])
 by_hand = torch.stack([(stored[l] * g).sum((-1, 1))[0] for l, g in enumerate(grads)])  # [layer, head]
 assert torch.allclose(by_hand, per_head, rtol=1e-5, atol=1e-5)  # float32, as above
+
+# %% [markdown]
+# ### Exercise 2 — predict, then check
+# Heads in every layer carry relevance. Will the **most relevant head** (largest |relevance|) be in the
+# first, the middle or the last layer? Predict its layer (0, 1 or 2).
+
+# %% tags=["exercise"]
+my_prediction = None  # 0, 1 or 2
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+answer = int(per_head.abs().argmax()) // model.cfg.n_heads
+print("per layer Σ|head relevance|:", [round(v, 2) for v in per_head.abs().sum(-1).tolist()])
+assert per_head.abs().max() == per_head[answer].abs().max()
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")

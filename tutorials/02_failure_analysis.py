@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Tutorial 2 — why did the model answer wrongly? Contrastive failure analysis across checkpoints
 #
@@ -5,7 +13,7 @@
 # many prompts: they name the repeated subject ("bob") instead of the indirect object ("lucy").
 # We explain each failure as `Δℓ = logit(wrong) − logit(correct)` (Tan et al. 2026; docs/failure.md), then
 # aggregate over failures and compare the early checkpoint with the final model.
-# Runs offline: `python tutorials/02_failure_analysis.py`.
+# Runs offline. Exercises: *predict, then check* — the solutions are folded under each one.
 
 # %%
 import torch
@@ -46,13 +54,38 @@ assert len(early_failures) >= 20 and len(final_failures) < len(early_failures)  
 # attribution graph. Positive relevance pushes towards the wrong token.
 
 # %%
-case = early_failures[0]
+def delta(model, s):
+    """Δℓ = logit(the model's top-1) − logit(correct) at the end of the prompt."""
+    with torch.no_grad():
+        logits = model(model.to_tokens(s.prompt))[0, -1]
+    return float(logits.max() - logits[model.to_tokens(" " + s.correct, prepend_bos=False)[0, 0]])
+
+
+case = max(early_failures, key=lambda s: delta(early, s))  # the clearest failure
 explanation = cage_lens.explain_failure(early, case.prompt, correct=" " + case.correct)
 print(case.prompt, "| correct:", case.correct)
 print(explanation)
-assert explanation.delta > 0  # a failure: the wrong token's logit is above the correct one's
+assert explanation.delta > 1  # a real failure by the library's own rule: the wrong name wins by more than 1 logit
 shown = [i for i in range(len(explanation.heatmap)) if i not in explanation.excluded]
 assert explanation.heatmap[shown].abs().max() == 1  # divided by max |R| over the non-special tokens
+explanation  # in a notebook: Δℓ, the heatmap, the layer trace and the pruned graph
+
+# %% [markdown]
+# ### Exercise 1 — predict, then check
+# The wrong answer is the repeated subject. Which kind of token pushes hardest **towards the wrong
+# name**: the indirect-object name, a mention of the subject, or something else? Predict `"io"`,
+# `"subject"` or `"other"`.
+
+# %% tags=["exercise"]
+my_prediction = None  # "io", "subject" or "other"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+top_position = explanation.top_tokens(1, sign=1)[0][0]
+answer = ("io" if top_position in case.meta["io_positions"] else
+          "subject" if top_position in case.meta["s_positions"] else "other")
+print(f"top token towards the wrong name: {explanation.prompt_tokens[top_position]!r}@{top_position} -> {answer}")
+assert answer == "subject"
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
 # ## Aggregated over failures: where does the wrong answer come from?
@@ -81,6 +114,21 @@ for name, model in (("early", early), ("final", final)):
 # IO name argues for the correct answer far more strongly in the final model
 assert by_role["early"][0] > 0 > by_role["final"][0]
 assert by_role["final"][1] < by_role["early"][1] < 0
+
+# %% [markdown]
+# ### Exercise 2 — predict, then check
+# On the same 20 prompts, does the final model's **subject-name** relevance still argue for the wrong
+# name (positive), or has it turned to argue for the correct one (negative)? Predict `"positive"` or
+# `"negative"`.
+
+# %% tags=["exercise"]
+my_prediction = None  # "positive" or "negative"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+answer = "positive" if by_role["final"][2] > 0 else "negative"
+print(f"subject-name relevance: early {by_role['early'][2]:+.3f}, final {by_role['final'][2]:+.3f}")
+assert by_role["final"][2] != 0 and answer in ("positive", "negative")
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
 # Read it like this: negative relevance on the IO name means the name *argues for the correct

@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Tutorial 3 — CAGE: attributing a whole generation, through earlier generated tokens
 #
@@ -5,10 +13,11 @@
 # generates a chain where every token is the value of the previous *generated* token. So the third
 # generated token depends on the prompt **through** the first two generations. Direct ("row")
 # attribution of the last token sees only its immediate inputs; CAGE (Walker & Ewetz 2025;
-# docs/cage.md) follows every path through earlier generations. Runs offline:
-# `python tutorials/03_cage_generation_graphs.py`.
+# docs/cage.md) follows every path through earlier generations. Runs offline. Exercises: *predict,
+# then check* — the solutions are folded under each one.
 
 # %%
+# %matplotlib inline
 import torch
 
 import cage_lens
@@ -37,6 +46,26 @@ print("mass of the last token's explanation: row", float(row.sum()), " CAGE", fl
 # mass up to 1e-8 / Σ of its unit.)
 assert graph.empty_rows == [] and abs(float(ctx.sum()) - 1) < 1e-3
 assert float(row.sum()) < float(ctx.sum())
+graph  # in a notebook: the interactive graph (hover, click a node, zoom) and the CAGE vs row table
+
+# %%
+graph.plot()
+
+# %% [markdown]
+# ### Exercise 1 — predict, then check
+# The chain is `start → v1 → v2 → …`. For the **last** generated token, which prompt position gets the
+# largest CAGE attribution: the start key in the query, or a token inside one of the facts? Predict
+# `"query"` or `"fact"`.
+
+# %% tags=["exercise"]
+my_prediction = None  # "query" or "fact"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+top = int(ctx.argmax())
+answer = "query" if top >= sample.meta["start_position"] else "fact"
+print(f"largest CAGE attribution: {graph.labels[top]!r}@{top} -> {answer}; true sources: {sorted(sample.total_sources[last])}")
+assert answer == "fact" and top in sample.total_sources[last]  # the value tokens carry the answer (routing is not content)
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
 # ## Does CAGE find the true sources?

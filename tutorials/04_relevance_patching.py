@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Tutorial 4 — relevance patching next to activation patching
 #
@@ -11,12 +19,10 @@
 # breaks down in the noising direction while relevance patching does not.
 
 # %%
+# %matplotlib inline
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' sweeps draw a progress bar per grid
-
-import tempfile
-from pathlib import Path
 
 import torch
 import transformer_lens.patching as tl_patching
@@ -110,11 +116,25 @@ assert noising.pearson("gxi", "resid_pre") < 0.5 and noising.pearson("gxi", "att
 try:
     import matplotlib  # noqa: F401
 
-    figure = Path(tempfile.gettempdir()) / "relevance_patching_scatter.png"
-    noising.scatter("resid_pre", path=figure)
-    print("scatter plot written to", figure)
+    noising.scatter("resid_pre")  # estimate vs activation-patching effect, one colour per rule set (inline)
 except ImportError:
     print("matplotlib is not installed: no scatter plot (the tables above carry the same numbers)")
+
+# %% [markdown]
+# ### Exercise 1 — predict, then check
+# In the *denoising* direction, which estimate agrees better with activation patching on the head grid:
+# relevance patching (`"cplrp"`) or attribution patching (`"gxi"`)? Predict one.
+
+# %% tags=["exercise"]
+my_prediction = None  # "cplrp" or "gxi"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+denoising = results["denoising"]
+scores = {r: denoising.pearson(r, "attn_head_out_all_pos") for r in ("cplrp", "gxi")}
+answer = max(scores, key=scores.get)
+print("Pearson with activation patching (denoising, heads):", {r: round(v, 3) for r, v in scores.items()})
+assert scores["cplrp"] > 0.95 and answer in scores
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
 # ## 3. One disagreement, explained

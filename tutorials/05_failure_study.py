@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Tutorial 5 — failure studies over a whole dataset
 #
@@ -6,10 +14,12 @@
 # the answer can no longer be correct, pick the contrast token (the best-ranked correct token of the
 # model's top-10), drop weak cases (Δℓ ≤ 1), explain the rest (heatmap, segment relevance, layer
 # trace), and store everything in a resumable Parquet store. Then aggregate with confidence
-# intervals and compare training checkpoints. Runs offline: `python tutorials/05_failure_study.py`.
+# intervals and compare training checkpoints. Runs offline; the study's store and report go to
+# `tutorial-runs/` in the working folder. Exercises: *predict, then check* (solutions folded).
 
 # %%
-import tempfile
+# %matplotlib inline
+import shutil
 from pathlib import Path
 
 from cage_lens import study
@@ -31,7 +41,8 @@ print("checker:", data.checker(record, record["answer"]), data.checker(record, "
 
 # %%
 records = data.records + [{"id": "broken", "prompt": "when mary and john", "segments": {"x": [3, 1]}}]
-out = Path(tempfile.mkdtemp()) / "ioi-study"
+out = Path("tutorial-runs") / "ioi-study"  # in the working folder
+shutil.rmtree(out, ignore_errors=True)  # a fresh store (a second run would need resume=True)
 models = {"step-100": "ioi@100", "step-500": "ioi@500", "final": "ioi"}
 run = study.run(models, records, out, checker=data.checker, cases_from="step-100")
 print(run)
@@ -46,7 +57,6 @@ assert (df[df["id"] == "broken"]["status"] == "skipped").all()
 
 # %%
 s = study.summary(df)
-print(s)
 early = s.counts.loc["step-100"]
 print(f"step 100: {int(early['failures'])} failures, {int(early['explained'])} explained "
       f"(usable rate {early['usable']:.2f}: the rest had Δℓ ≤ 1 or no correct token in the top-10)")
@@ -57,6 +67,7 @@ assert early["failures"] >= 0.3 * len(data.records)
 s1, io = s.segments.loc[("step-100", "s1")], s.segments.loc[("step-100", "io")]
 assert s1["ci_low"] > 0.5 and io["ci_high"] < 0
 assert s.top.loc[("step-100", "s1"), "top_wrong"] > 0.8
+s  # in a notebook: the four tables (print(s) gives them as markdown)
 
 # %% [markdown]
 # ## Which segment's relevance changes with training?
@@ -65,12 +76,28 @@ assert s.top.loc[("step-100", "s1"), "top_wrong"] > 0.8
 
 # %%
 c = study.compare(df, "step-100", "final")
-print(c)
 t = c.table
 assert t.loc["delta", "ci_high"] < 0          # on the same prompts the final model prefers the correct name
 assert t.loc["io", "ci_high"] < 0             # the IO name argues harder for the correct answer ...
 assert t.loc["s1", "ci_high"] < 0             # ... and the first subject mention less for the wrong one
 assert t.loc["io", "p_holm"] < 0.05 and t.loc["s1", "p_holm"] < 0.05
+c
+
+# %% [markdown]
+# ### Exercise 1 — predict, then check
+# The final model explains the step-100 model's failures (same prompts, same wrong and correct names).
+# On how many of these paired cases does the final model **still** prefer the wrong name (Δℓ > 0)?
+# Predict a number (or a share).
+
+# %% tags=["exercise"]
+my_prediction = None  # a count of paired cases
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+paired_cases = df[(df["model"] == "final") & (df["status"] == "explained")]
+answer = int((paired_cases["delta"] > 0).sum())
+print(f"{answer} of {len(paired_cases)} paired cases still prefer the wrong name under the final model")
+assert len(paired_cases) == int(c.n_pairs) and answer <= 0.1 * len(paired_cases)
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
 # ## One stored case
@@ -96,3 +123,4 @@ again = study.run(models, records, out, checker=data.checker, cases_from="step-1
 assert again.cases_written == 0 and again.cases_before == 3 * len(records)
 page = study.report(df, out.parent / "report.html")
 print("report:", out.parent / "report.html", f"({len(page) // 1024} kB)")
+assert page.index("<h3>Summary</h3>") < page.index("<details>")  # the findings first, the settings folded
