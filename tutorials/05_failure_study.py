@@ -69,6 +69,9 @@ assert s1["ci_low"] > 0.5 and io["ci_high"] < 0
 assert s.top.loc[("step-100", "s1"), "top_wrong"] > 0.8
 s  # in a notebook: the four tables (print(s) gives them as markdown)
 
+# %%
+study.plot_segments(s)  # mean segment relevance per checkpoint with 95 % CIs (matplotlib)
+
 # %% [markdown]
 # ## Which segment's relevance changes with training?
 # `compare` pairs the cases by record: mean difference (final − step-100) with a bootstrap CI and a
@@ -112,6 +115,22 @@ print(terminal_heatmap(list(case["str_tokens"]), list(case["heatmap"]), color=Fa
 paired = df[(df["model"] == "final") & (df["record"] == case["record"])].iloc[0]
 print(f"final checkpoint on the same case: Δℓ = {paired['delta']:+.3f}")
 print(terminal_heatmap(list(paired["str_tokens"]), list(paired["heatmap"]), color=False))
+
+# %% [markdown]
+# The stored heatmap is what `explain_failure` computes for the same input, wrong and correct token;
+# calling it on the stored case gives the full view (heatmap, layer trace, graph).
+
+# %%
+import numpy as np
+import torch
+
+import cage_lens
+from cage_lens import zoo
+
+recomputed = cage_lens.explain_failure(zoo.load("ioi", checkpoint=100), torch.tensor(list(case["input_ids"])),
+                                       wrong=int(case["wrong_id"]), correct=int(case["contrast_id"]))
+assert np.allclose(recomputed.heatmap.numpy(), case["heatmap"], atol=1e-5)  # float32 model, two batch layouts
+recomputed
 
 # %% [markdown]
 # ## Resume and report

@@ -218,7 +218,7 @@ def report(data, path: str | Path | None = None, *, examples: int = 3, plots: bo
                 + html.escape(printable_json(settings)) + "</pre></details>")
     page = html_page("cage_lens failure study", "".join(body))
     if path is not None:
-        Path(path).writeescaped(page, encoding="utf-8")
+        Path(path).write_text(page, encoding="utf-8")
     return page
 
 
