@@ -127,7 +127,9 @@ my_prediction = None  # "positive" or "negative"
 # %% tags=["solution"] jupyter={"source_hidden": true}
 answer = "positive" if by_role["final"][2] > 0 else "negative"
 print(f"subject-name relevance: early {by_role['early'][2]:+.3f}, final {by_role['final'][2]:+.3f}")
-assert by_role["final"][2] != 0 and answer in ("positive", "negative")
+# still positive: the subject names keep arguing for the wrong name; the final model wins because the IO
+# name argues for the correct one far harder (compare the IO column)
+assert answer == "positive" and by_role["final"][1] < -2 * by_role["final"][2]
 print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")
 
 # %% [markdown]
