@@ -79,7 +79,7 @@ def circuit_tracer_shot(browser, work: Path, target: Path) -> None:
         print("circuit-tracer viewer: skipped (set CAGE_LENS_CIRCUIT_TRACER_PYTHON and CAGE_LENS_CIRCUIT_TRACER_FRONTEND)")
         return
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_circuit_tracer_frontend import LIBRARIES, _free_port, _serve
+    from test_circuit_tracer_frontend import _free_port, _serve, route_offline
 
     import cage_lens
     from cage_lens import zoo
@@ -90,18 +90,8 @@ def circuit_tracer_shot(browser, work: Path, target: Path) -> None:
     server = _serve(python, work / "graphs", port)
     page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
 
-    def answer(route):
-        url = route.request.url
-        if url.startswith(f"http://127.0.0.1:{port}/"):
-            return route.continue_()
-        for suffix, name in LIBRARIES.items():
-            if url.endswith(suffix):
-                body = "" if name is None else (Path(libraries) / name).read_text(encoding="utf-8")
-                return route.fulfill(status=200, content_type="application/javascript", body=body)
-        return route.abort()
-
     try:
-        page.route("**/*", answer)
+        route_offline(page, port, Path(libraries))
         page.goto(f"http://127.0.0.1:{port}/index.html?slug=ioi")
         page.wait_for_function("document.querySelectorAll('.node').length > 0", timeout=30_000)
         page.wait_for_timeout(1000)

@@ -72,6 +72,26 @@ def _serve(python: str, directory: Path, port: int) -> subprocess.Popen:
     pytest.fail("circuit-tracer's server did not listen within 20 s")
 
 
+def route_offline(page, port: int, libraries: Path) -> list[str]:
+    """Answer the viewer's requests: its own server passes, the web libraries come from ``libraries``,
+    anything else is refused and listed (the returned list fills as the page loads)."""
+    outside = []
+
+    def answer(route):
+        url = route.request.url
+        if url.startswith(f"http://127.0.0.1:{port}/"):
+            return route.continue_()
+        for suffix, name in LIBRARIES.items():
+            if url.endswith(suffix):
+                body = "" if name is None else (libraries / name).read_text(encoding="utf-8")
+                return route.fulfill(status=200, content_type="application/javascript", body=body)
+        outside.append(url)
+        return route.abort()
+
+    page.route("**/*", answer)
+    return outside
+
+
 @pytest.mark.parametrize("levels", ["half", "heads"])
 def test_circuit_tracer_viewer_draws_our_graph(browser, tmp_path, levels):  # noqa: F811 - fixture
     from conftest import cached_model
@@ -85,23 +105,11 @@ def test_circuit_tracer_viewer_draws_our_graph(browser, tmp_path, levels):  # no
     server = _serve(python, tmp_path / "graphs", port)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    errors, outside = [], []
+    errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-
-    def answer(route):
-        url = route.request.url
-        if url.startswith(f"http://127.0.0.1:{port}/"):
-            return route.continue_()
-        for suffix, name in LIBRARIES.items():
-            if url.endswith(suffix):
-                body = "" if name is None else (libraries / name).read_text(encoding="utf-8")
-                return route.fulfill(status=200, content_type="application/javascript", body=body)
-        outside.append(url)
-        return route.abort()
-
     try:
-        page.route("**/*", answer)
+        outside = route_offline(page, port, libraries)
         page.goto(f"http://127.0.0.1:{port}/index.html?slug=ours")
         page.wait_for_function(f"document.querySelectorAll('.node').length >= {len(doc['nodes'])}", timeout=30_000)
         drawn = page.evaluate("[...document.querySelectorAll('.node')].map(e => e.__data__.node_id)")

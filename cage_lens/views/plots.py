@@ -129,5 +129,5 @@ def plot_generation(g):
     matrix.set_xticks(range(N), _labels(g.labels), rotation=60, ha="right", fontsize=7)
     matrix.set_yticks(range(g.n_generated), _labels(g.labels[P:]), fontsize=7)
     matrix.set_title("edges into generated nodes", fontsize=9)
-    fig.colorbar(image, ax=matrix)
+    fig.colorbar(image, ax=matrix, label=f"normalised edge (±{limit:.3g})")
     return fig
