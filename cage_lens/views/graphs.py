@@ -344,7 +344,7 @@ def _generation_parts(g, max_edges: int):
     base_y = 190
     where = {i: (_LEFT / 2 + i * col + col / 2, base_y) for i in range(n)}
     width = int(_LEFT / 2 + n * col + 20)
-    height = base_y + 90
+    height = base_y + 96
     edge_scale = max((abs(e[2]) for e in edges), default=1.0) or 1.0
     prompt_scale = float(context.abs().max()) or 1.0
     gen_scale = float(entering.abs().max()) or 1.0
@@ -360,7 +360,7 @@ def _generation_parts(g, max_edges: int):
     parts.append(_target_mark(*where[n - 1], 7.0))
     for i, label in enumerate(g.labels):
         x = where[i][0]
-        y = base_y + 14
+        y = base_y + 20  # below the node (radius 7)
         weight = "normal" if i < P else "bold"
         parts.append(f"<text x='{x:.1f}' y='{y}' text-anchor='end' font-weight='{weight}' "
                      f"transform='rotate(-40 {x:.1f} {y})'>{escaped(_short(label))}</text>")
