@@ -241,7 +241,7 @@ class GenerationGraph(Saveable):
         ]
         if self.empty_rows:
             lines.append(f"  rows with no {'positive ' if self.normalize == 'paper' else ''}mass (set to zero): {self.empty_rows}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # labels may come from a loaded file
 
     def _repr_html_(self) -> str:
         from cage_lens.views.graphs import generation_fragment
