@@ -21,7 +21,7 @@ from cage_lens.core.adapter import adapt
 from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.engine import Capture, run_attribution
 from cage_lens.core.hooks import has_position_embedding
-from cage_lens.core.rulesets import RuleSet, resolve_rules
+from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet, resolve_rules
 from cage_lens.errors import InputError
 from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
 from cage_lens.persist import Saveable, provenance
@@ -102,7 +102,6 @@ class Attribution(Saveable):
     str_tokens: list[list[str]]
     positions: list[int]
     rules: str
-    rule_set: RuleSet
     target: Target
     target_value: Float[torch.Tensor, "batch"]
     token_relevance: Float[torch.Tensor, "batch pos"]
@@ -112,7 +111,12 @@ class Attribution(Saveable):
     neuron_relevance: NeuronRelevance | None
     conservation: ConservationReport
     target_description: str = ""
+    #: the rule set's values (``rules`` is its name); filled from the built-in of that name when not given
+    rule_set: RuleSet | None = None
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.rule_set = self.rule_set or BUILT_IN_RULES.get(self.rules)
 
     # -------------------------------------------------------------- views
     @property
@@ -188,7 +192,7 @@ class Attribution(Saveable):
     def to_dict(self) -> dict:
         return {
             "rules": self.rules,
-            "rule_set": self.rule_set.to_dict(),
+            "rule_set": None if self.rule_set is None else self.rule_set.to_dict(),
             "target": self.target_description,
             "target_ids": self.target.target_ids,
             "contrast_ids": self.target.contrast_ids,
@@ -346,7 +350,6 @@ def attribute(
         str_tokens=[list(s) for s in str_tokens],
         positions=positions,
         rules=rule_set.name,
-        rule_set=rule_set,
         target=spec,
         target_value=value,
         token_relevance=token_rel,
@@ -356,6 +359,7 @@ def attribute(
         neuron_relevance=neuron_rel,
         conservation=conservation,
         target_description=spec.describe(model),
+        rule_set=rule_set,
         meta=provenance(model, function="attribute", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict),
     )
     if warnings:

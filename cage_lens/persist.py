@@ -417,7 +417,7 @@ def _attribution_ranges(a) -> str | None:
     for row, (n, p) in enumerate(zip(a.lengths, a.positions)):
         if not 0 < n <= width or not 0 <= p < n:
             return f"row {row} has length {n} and position {p}, outside its {width} tokens"
-    if a.rules != a.rule_set.name:
+    if a.rule_set is not None and a.rules != a.rule_set.name:
         return f"rules {a.rules!r} is not the name of its rule set {a.rule_set.name!r}"
     return None
 
@@ -425,7 +425,7 @@ def _attribution_ranges(a) -> str | None:
 def _graph_ranges(g) -> str | None:
     if len(g.str_tokens) != g.tokens.shape[0] or not 0 <= g.position < len(g.str_tokens):
         return f"position {g.position} or the {len(g.str_tokens)} token strings do not fit its {g.tokens.shape[0]} tokens"
-    if g.rules != g.rule_set.name:
+    if g.rule_set is not None and g.rules != g.rule_set.name:
         return f"rules {g.rules!r} is not the name of its rule set {g.rule_set.name!r}"
     return None
 

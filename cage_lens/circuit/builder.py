@@ -150,10 +150,11 @@ def circuit_graph(
         del matrix
     str_tokens = list(model.to_str_tokens(tokens))
     graph = CircuitGraph(
-        str_tokens=str_tokens, tokens=tokens, position=pos, rules=rule_set.name, rule_set=rule_set, method=method, level_mode=levels,
+        str_tokens=str_tokens, tokens=tokens, position=pos, rules=rule_set.name, method=method, level_mode=levels,
         target_description=spec.describe(model), target_value=state.value, nodes=nodes, edge_sets=edge_sets,
         settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
                   "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
+        rule_set=rule_set,
         meta=provenance(model, function="circuit_graph", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict),
     )
     if warnings:

@@ -25,7 +25,7 @@ import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens.core.rulesets import RuleSet
+from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet
 from cage_lens.errors import InputError
 from cage_lens.inputs import as_int
 from cage_lens.persist import Saveable
@@ -91,7 +91,6 @@ class CircuitGraph(Saveable):
     tokens: Int[torch.Tensor, "pos"]
     position: int
     rules: str
-    rule_set: RuleSet
     method: str
     level_mode: str
     target_description: str
@@ -99,8 +98,13 @@ class CircuitGraph(Saveable):
     nodes: dict[str, LevelNodes]
     edge_sets: list[EdgeSet]
     settings: dict = field(default_factory=dict)
+    #: the rule set's values (``rules`` is its name); filled from the built-in of that name when not given
+    rule_set: RuleSet | None = None
     meta: dict = field(default_factory=dict)
     _alive: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        self.rule_set = self.rule_set or BUILT_IN_RULES.get(self.rules)
 
     # -------------------------------------------------------------- basic views
     @property
@@ -280,7 +284,7 @@ class CircuitGraph(Saveable):
         links = [{"source": node_id(a), "target": node_id(b), "value": d["weight"]} for a, b, d in g.edges(data=True)]
         return {
             "target": self.target_description, "target_value": self.target_value, "rules": self.rules,
-            "rule_set": self.rule_set.to_dict(), "method": self.method, "levels": self.levels, "level_mode": self.level_mode,
+            "rule_set": None if self.rule_set is None else self.rule_set.to_dict(), "method": self.method, "levels": self.levels, "level_mode": self.level_mode,
             "tokens": self.str_tokens, "position": self.position, "settings": self.settings,
             "nodes": nodes, "links": links,
         }
