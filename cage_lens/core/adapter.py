@@ -24,7 +24,8 @@ import torch
 from cage_lens.errors import UnsupportedModelError
 
 __all__ = [
-    "Architecture", "ModelAdapter", "NormSite", "MLPSite", "LayerSites", "adapt", "model_state", "ELEMENTWISE_ACTIVATIONS",
+    "Architecture", "ModelAdapter", "NormSite", "MLPSite", "LayerSites", "adapt", "model_state", "walk_modules",
+    "ELEMENTWISE_ACTIVATIONS",
 ]
 
 _REQUIRED_MODEL_API = ("cfg", "hook_dict", "hooks", "to_tokens", "to_str_tokens")
@@ -646,7 +647,7 @@ def model_state(model, ignored: set[int] = frozenset()) -> tuple:
     holds for any weights (docs/rules.md#completeness-certificate). One walk over the module tree
     (~1 µs per module: it runs on every call)."""
     modules, params = [], set()
-    for path, module in _walk(model):
+    for path, module in walk_modules(model):
         attributes = module.__dict__
         hook_dicts = [attributes.get(name) for name in _HOOK_DICTS]
         hooks = tuple(k for d in hook_dicts if d for k in d if k not in ignored) if any(hook_dicts) else ()
@@ -659,8 +660,9 @@ def model_state(model, ignored: set[int] = frozenset()) -> tuple:
     return tuple(modules), global_hooks, frozenset(params)
 
 
-def _walk(model):
-    """``(path, module)`` of every module once, in ``named_modules`` order (a plain loop: faster)."""
+def walk_modules(model):
+    """``(path, module)`` of every module once, in ``named_modules`` order (a plain loop, faster than
+    ``named_modules``: the model's state is read on every call)."""
     seen, stack = set(), [("", model)]
     while stack:
         path, module = stack.pop()
@@ -669,7 +671,7 @@ def _walk(model):
         seen.add(id(module))
         yield path, module
         children = [(f"{path}.{name}" if path else name, child)
-                    for name, child in module.__dict__["_modules"].items() if child is not None]
+                    for name, child in module.__dict__.get("_modules", {}).items() if child is not None]
         stack.extend(reversed(children))
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.adapter import ModelAdapter, walk_modules
 from cage_lens.errors import CageLensError, UnsupportedModelError
 
 __all__ = [
@@ -181,7 +181,8 @@ def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
             raise
 
 
-_SESSION_DEPTH = threading.local()
+#: per thread: the models with an open session (only the outermost session of a model restores)
+_THIS_THREAD = threading.local()
 
 
 @contextlib.contextmanager
@@ -190,11 +191,11 @@ def _attributes_kept(model) -> Iterator[None]:
     on a module of ``model`` (a bridge keeps each attention's last pattern, ``_pattern``, which under a
     cage_lens call would hold autograd history and make ``copy.deepcopy(model)`` fail): the user's
     model keeps what it held before the call (docs/transformerlens.md#the-users-model-stays-the-users)."""
-    open_sessions = _SESSION_DEPTH.__dict__.setdefault("models", set())
+    open_sessions = _THIS_THREAD.__dict__.setdefault("models", set())
     if id(model) in open_sessions:  # an inner session: the outermost one restores
         yield
         return
-    before = [(module, dict(module.__dict__)) for module in model.modules()]
+    before = [(module, dict(module.__dict__)) for _, module in walk_modules(model)]
     open_sessions.add(id(model))
     try:
         yield
