@@ -650,9 +650,10 @@ def model_state(model, ignored: set[int] = frozenset()) -> tuple:
     for path, module in walk_modules(model):
         attributes = module.__dict__
         hook_dicts = [attributes.get(name) for name in _HOOK_DICTS]
-        hooks = tuple(k for d in hook_dicts if d for k in d if k not in ignored) if any(hook_dicts) else ()
+        # tuple(d) copies in one step: another thread's call may be adding its own hooks meanwhile
+        hooks = tuple(k for d in hook_dicts if d for k in tuple(d) if k not in ignored) if any(hook_dicts) else ()
         modules.append((path, id(module), type(module), id(attributes.get("forward")), hooks))
-        params.update((p.dtype, p.device) for p in attributes.get("_parameters", {}).values() if p is not None)
+        params.update((p.dtype, p.device) for p in tuple(attributes.get("_parameters", {}).values()) if p is not None)
     from torch.nn.modules import module as torch_module
 
     global_hooks = tuple(tuple(getattr(torch_module, name, {})) for name in (
@@ -671,7 +672,7 @@ def walk_modules(model):
         seen.add(id(module))
         yield path, module
         children = [(f"{path}.{name}" if path else name, child)
-                    for name, child in module.__dict__.get("_modules", {}).items() if child is not None]
+                    for name, child in tuple(module.__dict__.get("_modules", {}).items()) if child is not None]
         stack.extend(reversed(children))
 
 
