@@ -21,11 +21,12 @@ from cage_lens.core.adapter import adapt
 from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.engine import Capture, run_attribution
 from cage_lens.core.hooks import has_position_embedding
-from cage_lens.core.rulesets import RuleSet, resolve_rules
+from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet, resolve_rules
 from cage_lens.errors import InputError
 from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
 from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import Target
+from cage_lens.views.terminal import printable
 
 __all__ = ["attribute", "Attribution", "ConservationReport", "NeuronRelevance"]
 
@@ -79,7 +80,7 @@ class ConservationReport:
         lines = [f"{'point':<34} {'Σ relevance':>14} {'absorbed':>12}"]
         for i, p in enumerate(self.points):
             absorbed = "" if i == 0 else f"{float(self.absorbed[row, i - 1]):12.5g}"
-            lines.append(f"{p:<34} {float(self.sums[row, i]):14.6g} {absorbed}")
+            lines.append(f"{printable(p):<34} {float(self.sums[row, i]):14.6g} {absorbed}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -110,7 +111,12 @@ class Attribution(Saveable):
     neuron_relevance: NeuronRelevance | None
     conservation: ConservationReport
     target_description: str = ""
+    #: the rule set's values (``rules`` is its name); filled from the built-in of that name when not given
+    rule_set: RuleSet | None = None
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.rule_set = self.rule_set or BUILT_IN_RULES.get(self.rules)
 
     # -------------------------------------------------------------- views
     @property
@@ -186,6 +192,7 @@ class Attribution(Saveable):
     def to_dict(self) -> dict:
         return {
             "rules": self.rules,
+            "rule_set": None if self.rule_set is None else self.rule_set.to_dict(),
             "target": self.target_description,
             "target_ids": self.target.target_ids,
             "contrast_ids": self.target.contrast_ids,
@@ -251,7 +258,7 @@ class Attribution(Saveable):
         for row in range(min(b, 3)):
             top = ", ".join(f"{t!r}@{i}: {r:+.3g}" for i, t, r in self.top_tokens(5, row))
             lines.append(f"  row {row} top tokens: {top}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # names and tokens may come from a loaded file
 
     def _repr_html_(self) -> str:
         from cage_lens.views.html import attribution_html
@@ -352,9 +359,9 @@ def attribute(
         neuron_relevance=neuron_rel,
         conservation=conservation,
         target_description=spec.describe(model),
-        meta=provenance(model, function="attribute", rules=rule_set.name, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict),
+        rule_set=rule_set,
+        meta=provenance(model, function="attribute", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict),
     )
-    result.meta["rule_set"] = rule_set.to_dict()
     if warnings:
         result.meta.setdefault("warnings", []).extend(warnings)
     return result

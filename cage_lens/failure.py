@@ -17,12 +17,13 @@ from cage_lens.attribution import Attribution, attribute
 from cage_lens.circuit.builder import circuit_graph
 from cage_lens.circuit.graph import CircuitGraph
 from cage_lens.core.adapter import adapt
+from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import InputError
 from cage_lens.inputs import as_int, single_prompt
 from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import resolve_token
 from cage_lens.views.graphs import node_label
-from cage_lens.views.terminal import terminal_heatmap
+from cage_lens.views.terminal import printable, terminal_heatmap
 
 __all__ = ["explain_failure", "FailureExplanation"]
 
@@ -70,7 +71,7 @@ class FailureExplanation(Saveable):
         ]
         for flow, path in self.graph.top_paths(3):
             lines.append(f"  path {flow:+.3g}: " + " → ".join(node_label(n) for n in path))
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # tokens and level names may come from a loaded file
 
     def _repr_html_(self) -> str:
         from cage_lens.views.failure import failure_fragment
@@ -117,7 +118,7 @@ def explain_failure(
     *,
     wrong=None,
     correct,
-    rules: str = "attnlrp",
+    rules: "str | RuleSet" = "attnlrp",
     levels: str = "half",
     exclude: Sequence[int] = (),
     prepend_bos: bool | None = None,
@@ -137,6 +138,7 @@ def explain_failure(
     """
     if correct is None:
         raise InputError("explain_failure needs correct= (a correct alternative token)")
+    rules = resolve_rules(rules)
     tokens = single_prompt(model, prompt, prepend_bos, "explain_failure")
     correct_id = resolve_token(model, correct, "correct")
     wrong_id = _top1(model, tokens) if wrong is None else resolve_token(model, wrong, "wrong")

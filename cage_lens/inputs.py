@@ -1,18 +1,26 @@
-"""Turning user inputs (string, list of strings, token ids) into a checked token batch.
+"""The input gate: user inputs (string, list of strings, token ids, numeric settings) as checked values.
 
-Every entry point (``attribute``, ``circuit_graph``, ``explain_failure``, ``cage``, the CLI) tokenises
-through :func:`tokenize`, so the same checks hold everywhere (see docs/transformerlens.md#tokenisation):
+Every public entry point (``attribute``, ``circuit_graph``, ``explain_failure``, ``cage``, the base
+methods of :mod:`cage_lens.generation.methods`, the deletion metrics, relevance patching and its
+agreement, studies, the CLI) takes its inputs through this module, so the same checks hold everywhere
+(see docs/transformerlens.md#tokenisation); ``tests/test_conformance.py`` drives every entry point
+through a table of hostile inputs and fails on a new one that is not registered there:
 
 - no silent truncation: TransformerLens' ``to_tokens`` cuts strings to ``n_ctx`` by default; here a
   string longer than the model's context is refused with its length;
 - no silent substitution: a word the tokenizer does not know would become ``<unk>``; it is refused
   with the words named. To explain ``<unk>`` deliberately, pass token ids (``model.to_tokens(...)``):
   ids are taken as they are;
-- token ids must be integers inside the vocabulary; numpy integers are accepted wherever ints are.
+- token ids must be integers inside the vocabulary; numpy integers are accepted wherever ints are;
+- one prompt where one is required (:func:`single_prompt`, :func:`single_sequence`), rows of one
+  length where positions are compared across rows (:func:`rectangular_tokens`, patching);
+- numeric settings are finite numbers inside their range (:func:`check_number`): a NaN threshold
+  would otherwise switch a comparison off silently (``x <= nan`` is always false).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -25,7 +33,8 @@ from cage_lens.errors import InputError
 
 __all__ = [
     "TokenBatch", "to_token_batch", "tokenize", "encode", "unknown_words", "single_prompt", "check_token_ids", "as_int",
-    "resolve_positions", "special_token_id", "greedy_continuation",
+    "single_sequence", "rectangular_tokens", "check_number", "resolve_positions", "special_token_id",
+    "greedy_continuation",
 ]
 
 Inputs = Union[str, Sequence[str], torch.Tensor, np.ndarray]
@@ -61,6 +70,47 @@ def as_int(value) -> int | None:
 
 def _non_integer(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
+
+
+def check_number(
+    value, name: str, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+    high_open: bool = False, integer: bool = False, allow_none: bool = False,
+):
+    """``value`` as a finite ``float`` (an ``int`` with ``integer=True``) inside ``[low, high]``
+    (``low_open`` / ``high_open`` exclude the bound). Bools, NaN, infinities and non-numbers are refused
+    with ``name`` in the message; ``None`` passes through when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    number = as_int(value) if integer else _as_float(value)
+    if number is None or not math.isfinite(number):
+        kind = "an int" if integer else "a finite number"
+        raise InputError(f"{name} must be {kind}{_range_text(low, high, low_open, high_open)}, got {value!r}")
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if below or above:
+        raise InputError(f"{name} must lie in {_range_text(low, high, low_open, high_open, bare=True)}, got {value!r}")
+    return number
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        return float(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+        return float(value.item())
+    return None
+
+
+def _range_text(low, high, low_open: bool, high_open: bool, bare: bool = False) -> str:
+    if low is None and high is None:
+        return ""
+    left = "-inf" if low is None else f"{low:g}"
+    right = "inf" if high is None else f"{high:g}"
+    text = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+    return text if bare else f" in {text}"
 
 
 def special_token_id(model, *attributes: str, default: int = 0) -> int:
@@ -201,6 +251,47 @@ def single_prompt(model, inputs: Inputs, prepend_bos: bool | None, what: str) ->
     if batch.batch != 1:
         raise InputError(f"{what} explains one prompt at a time; got a batch of {batch.batch}. Call it once per prompt.")
     return batch.tokens
+
+
+def single_sequence(model, ids, what: str, role: str = "tokens") -> Int[torch.Tensor, "1 pos"]:
+    """One row of token ids ``[pos]`` or ``[1, pos]`` (tensor, numpy array or list of ints), checked by
+    :func:`check_token_ids`; ``what`` names the caller in the error for a batch."""
+    if not isinstance(ids, (torch.Tensor, np.ndarray, list, tuple)):
+        raise InputError(f"{role} must be token ids ([pos] or [1, pos]), got {type(ids).__name__}")
+    tokens = check_token_ids(model, ids, role=role)
+    if tokens.shape[0] != 1:
+        raise InputError(
+            f"{what} takes one sequence at a time; {role} has a batch of {tokens.shape[0]}. Call it once per sequence."
+        )
+    return tokens
+
+
+def rectangular_tokens(model, inputs, prepend_bos: bool | None = None, role: str = "tokens") -> Int[torch.Tensor, "batch pos"]:
+    """Token rows of one length, as patching needs (it compares position ``i`` of every row and of two
+    runs): a ``[batch, pos]`` id tensor or array checked by :func:`check_token_ids`, or a prompt / list
+    of prompts tokenised by :func:`tokenize` (nothing truncated, no ``<unk>`` substituted, not empty)."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
+        rows = [tokenize(model, t, prepend_bos, role=f"{role}[{i}]" if len(inputs) > 1 else "the prompt")
+                for i, t in enumerate(inputs)]
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise InputError(
+                f"the prompts have different token lengths {lengths}; a patching batch must be rectangular "
+                "(TransformerLens patches position i of every row). Batch prompts of equal length."
+            )
+        return torch.stack(rows)
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        if inputs.ndim != 2:
+            raise InputError(
+                f"{role} must be [batch, pos] (TransformerLens' patching contract), got shape {tuple(inputs.shape)}"
+            )
+        return check_token_ids(model, inputs, role=role)
+    raise InputError(
+        f"{role} must be a prompt, a non-empty list of prompts or a [batch, pos] token tensor, got "
+        f"{type(inputs).__name__ if not isinstance(inputs, (list, tuple)) or inputs else 'an empty list'}"
+    )
 
 
 def resolve_positions(position, lengths: list[int]) -> list[int]:

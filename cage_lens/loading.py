@@ -433,8 +433,10 @@ def _shape_mismatch(directory: Path, config) -> str | None:
 def load_hf_directory(directory: str | Path, dtype: torch.dtype = torch.float32):
     """Load a local HF-format directory (config.json + safetensors + tokenizer.json) as a TL model, offline.
 
-    Refuses with one line (:class:`CageLensError`) weights whose shapes contradict ``config.json`` and
-    checkpoints that leave parameters out (transformers would fill them with random values).
+    Refuses with one line (:class:`CageLensError`) weights whose shapes contradict ``config.json``,
+    checkpoints that leave parameters out (transformers would fill them with random values) and
+    checkpoints holding parameters ``config.json`` does not use (transformers would ignore them, e.g. a
+    third layer of a model whose config says two), naming the first.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -467,6 +469,13 @@ def load_hf_directory(directory: str | Path, dtype: torch.dtype = torch.float32)
             f"the weights in {directory} lack {len(missing)} parameter(s) that config.json asks for "
             f"(first: {missing[0]}); transformers would fill them with random values. "
             "Fix config.json or point to the complete checkpoint"
+        )
+    unused = sorted(str(k) for k in info.get("unexpected_keys") or [])
+    if unused:
+        raise CageLensError(
+            f"the weights in {directory} hold {len(unused)} parameter(s) that config.json does not use "
+            f"(first: {unused[0]}); transformers would ignore them and load a different model. "
+            "Fix config.json or point to the directory the weights were saved with"
         )
     tokenizer = load_tokenizer(directory)
     model = from_hf_model(hf_model, tokenizer, name=str(directory))

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
-from cage_lens.generation.methods import eos_id, sequence_logprobs
+from cage_lens.generation.methods import baseline_id, check_sequence, sequence_logprobs
 from cage_lens.generation.spans import Span
 
 __all__ = [
@@ -51,12 +51,12 @@ def deletion_logprobs(
     """``s_0 … s_n``: the summed log-probability of the original generation ``tokens[P:]`` after
     replacing the ``i`` most relevant spans by EOS tokens (``s_0`` = nothing replaced). All ``n + 1``
     perturbed sequences run in batched forwards."""
-    tokens = tokens.reshape(1, -1).long().cpu()
+    tokens, _ = check_sequence(model, tokens, n_prompt)
     if len(spans) != len(_vector(scores)):
         raise InputError(f"got {len(_vector(scores))} scores for {len(spans)} spans")
     if any(b > n_prompt or a < 0 or b <= a for a, b in spans):
         raise InputError("deletion spans must be non-empty ranges inside the prompt")
-    base = eos_id(model) if baseline == "eos" else int(baseline)
+    base = baseline_id(model, baseline)
     current, rows = tokens.clone(), [tokens.clone()]
     for i in ranking(scores):
         a, b = spans[i]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
+
+import cage_lens
 
 from cage_lens.core.adapter import adapt
 from cage_lens.core.hooks import fired_hooks, has_position_embedding
 from cage_lens.loading import has_hooked_transformer
+from cage_lens.testing import random_model
 from conftest import cached_model
 
 EXPECTED = {
@@ -37,10 +43,19 @@ def test_fired_hooks(kind):
     assert ("blocks.0.hook_resid_mid" in resid) == (kind != "attn_only")
 
 
-def test_adapter_is_cached_per_model():
+def test_adapters_of_one_model_share_their_caches_and_the_registry_keeps_no_model_alive():
     m = cached_model("gpt2")
-    assert adapt(m) is adapt(m)
-    assert adapt(adapt(m)) is adapt(m)
+    assert adapt(m).__dict__ is adapt(m).__dict__ and adapt(adapt(m)).__dict__ is adapt(m).__dict__
+    assert adapt(m).model is m and "model" not in adapt(m).__dict__  # the shared caches never refer to the model
+    model = random_model("gpt2", n_layers=1)
+    cage_lens.attribute(model, "the cat sat", target=5)
+    held, gone = adapt(model), weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is not None and held.certificate.passed  # an adapter keeps its model alive …
+    del held
+    gc.collect()
+    assert gone() is None  # … the registry does not (its entry goes with the model)
 
 
 def test_silent_hook_is_an_error(monkeypatch):

@@ -13,6 +13,7 @@ from cage_lens.core.adapter import adapt
 from cage_lens.core.certificate import certify
 from cage_lens.circuit.builder import circuit_graph
 from cage_lens.errors import UnsupportedModelError
+from cage_lens.generation import methods
 from cage_lens.loading import has_hooked_transformer
 from cage_lens.testing import random_model, supported_families
 from conftest import hook_count
@@ -56,7 +57,7 @@ def test_an_unknown_non_linearity_is_refused_with_its_place():
         with cage_lens.lrp(model):
             pass
     with pytest.raises(UnsupportedModelError, match="not conserved"):
-        cage_lens.generation.methods.attnlrp(model, model.to_tokens(PROMPT), 3)
+        methods.attnlrp(model, model.to_tokens(PROMPT), 3)
     model.reset_hooks(including_permanent=True)
 
 
@@ -122,3 +123,93 @@ def test_an_unknown_bridge_component_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(C, "KNOWN_BRIDGE_COMPONENTS", C.KNOWN_BRIDGE_COMPONENTS - {"MLPBridge"})
     with pytest.raises(UnsupportedModelError, match="is a MLPBridge, a TransformerLens component cage_lens has no LRP rule"):
         cage_lens.attribute(fresh(), PROMPT)
+
+
+# ---------------------------------------------------------------------------- a certificate that follows the model
+@pytest.fixture
+def certifications(monkeypatch):
+    """How many times the identity was checked."""
+    count = [0]
+    real = C._certify
+
+    def counting(adapter):
+        count[0] += 1
+        return real(adapter)
+
+    monkeypatch.setattr(C, "_certify", counting)
+    return count
+
+
+def test_a_hook_added_after_the_first_call_is_certified_again(certifications):
+    """A permanent ``tanh`` on ``blocks.1.hook_resid_pre`` added after a first call made CP-LRP on a
+    bias-free model leak most of the target silently (the certificate was cached on the model): now the
+    next call certifies the changed model once and refuses it, and removing the hook makes it exact again."""
+    model = fresh(biases=False)
+    first = cage_lens.attribute(model, PROMPT, target=5, rules="cplrp")
+    assert first.conservation.max_error() < 1e-12 and certifications[0] == 1
+    model.add_perma_hook("blocks.1.hook_resid_pre", lambda t, hook: torch.tanh(t))
+    with pytest.raises(UnsupportedModelError, match=r"not conserved between blocks\.0\.hook_resid_post and "
+                                                   r"blocks\.1\.hook_resid_pre .*strict=False"):
+        cage_lens.attribute(model, PROMPT, target=5, rules="cplrp")
+    with pytest.warns(UserWarning, match="uncertified model"):
+        leaky = cage_lens.attribute(model, PROMPT, target=5, rules="cplrp", strict=False)
+    assert certifications[0] == 2  # once per change, not once per call
+    share = float(leaky.conservation.input_share()[0])
+    assert abs(share - 1) > 0.1 and "uncertified model" in leaky.meta["warnings"][0]  # what used to come back silently
+    model.reset_hooks(including_permanent=True)
+    again = cage_lens.attribute(model, PROMPT, target=5, rules="cplrp")
+    assert certifications[0] == 3 and torch.equal(again.token_relevance, first.token_relevance)
+    assert hook_count(model) == 0
+
+
+def _replace(model, old, new) -> None:
+    """Put ``new`` wherever the module tree holds ``old`` (a bridge holds its components twice: as
+    ``blocks.1.ln2`` and inside the Hugging Face block it runs)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, name, new)
+
+
+def test_what_the_certificate_watches(certifications):
+    """Module tree, hooks on any module, a replaced forward, dtype: each change certifies once; a call's
+    own hooks, other calls and parameter values (the identity holds for any weights) do not."""
+    model = fresh(biases=False)
+    cage_lens.attribute(model, PROMPT, target=5)
+    cage_lens.circuit_graph(model, PROMPT, 5)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    cage_lens.attribute(model, PROMPT, target=5)
+    assert certifications[0] == 1
+    handle = model.blocks[0].mlp.register_forward_hook(lambda module, args, out: out * 2)  # linear: still certified
+    cage_lens.attribute(model, PROMPT, target=5)
+    assert certifications[0] == 2
+    handle.remove()
+    ln = model.blocks[1].ln2
+    _replace(model, ln, torch.nn.Tanh())  # a module replaced by one no rule covers: the sites are read again
+    with pytest.raises(UnsupportedModelError, match=r"not conserved between blocks\.1\.hook_resid_mid"):
+        cage_lens.attribute(model, PROMPT, target=5)
+    _replace(model, model.blocks[1].ln2, ln)
+    cage_lens.attribute(model, PROMPT, target=5)
+    assert adapt(model).input_norm(1, "mlp").module is ln and certifications[0] == 4
+    point = model.hook_dict["blocks.1.hook_mlp_out"]
+    point.forward = torch.tanh  # a forward replaced on the instance
+    with pytest.raises(UnsupportedModelError, match="not conserved"):
+        cage_lens.attribute(model, PROMPT, target=5)
+    del point.forward
+    cage_lens.attribute(model, PROMPT, target=5)
+    assert certifications[0] == 6
+    model.to(torch.float32)
+    assert certify(adapt(model)).dtype == "torch.float32" and certify(adapt(model)).tolerance == 1e-4
+    assert certifications[0] == 7
+
+
+def test_the_state_leaves_out_a_calls_own_hooks():
+    model = fresh()
+    cage_lens.attribute(model, PROMPT, target=5)  # a bridge wires some hooks of its own in its first forward
+    adapter = adapt(model)
+    state = adapter.current_state()
+    with cage_lens.lrp(model, "attnlrp"):  # the rule hooks of an active block are cage_lens's own
+        assert adapt(model).current_state() == state
+    model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda t, hook: t, is_permanent=True)
+    assert adapter.current_state() != state

@@ -176,6 +176,20 @@ def test_slugs_and_the_graph_index(tmp_path):
     graph.to_circuit_tracer(tmp_path, slug="one")
     index = json.loads((tmp_path / "graph-metadata.json").read_text())
     assert [g["slug"] for g in index["graphs"]] == ["two", "one"]
-    (tmp_path / "graph-metadata.json").write_text("[1, 2]")
-    with pytest.raises(InputError, match="not a circuit-tracer graph index"):
-        graph.to_circuit_tracer(tmp_path, slug="three")
+    one = (tmp_path / "one.json").read_text()
+    for slug in ("graph-metadata", "Graph-Metadata"):  # the index's own name (case-folding file systems too)
+        with pytest.raises(InputError, match="would overwrite the folder's index graph-metadata.json"):
+            graph.to_circuit_tracer(tmp_path, slug=slug)
+    assert json.loads((tmp_path / "graph-metadata.json").read_text()) == index  # untouched
+    for bad in ("[1, 2]", '{"graphs": [1]}', '{"graphs": [{"name": "x"}]}'):
+        (tmp_path / "graph-metadata.json").write_text(bad)
+        with pytest.raises(InputError, match="not a circuit-tracer graph index"):
+            graph.to_circuit_tracer(tmp_path, slug="three")
+        with pytest.raises(InputError, match="not a circuit-tracer graph index"):
+            graph.to_circuit_tracer(tmp_path, slug="one")
+        assert (tmp_path / "graph-metadata.json").read_text() == bad
+    # nothing was written before the names were checked: no new graph, the old one unchanged
+    assert not (tmp_path / "three.json").exists() and (tmp_path / "one.json").read_text() == one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph-metadata.json", "one.json", "two.json"]
+    with pytest.raises(InputError, match="is not a folder"):
+        graph.to_circuit_tracer(tmp_path / "one.json", slug="four")

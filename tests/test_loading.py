@@ -215,6 +215,8 @@ def test_load_hf_directory_refuses_unsupported_family_on_this_line(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"intermediate_size": 48}, r"model\.layers\.0\.mlp\.\w+_proj\.weight is \(\d+, \d+\) in the weights but config\.json makes it"),
     ({"num_hidden_layers": 3}, r"lack 9 parameter\(s\) .*first: model\.layers\.2\."),
+    # a 2-layer checkpoint read as 1 layer: the second layer's weights would be dropped silently
+    ({"num_hidden_layers": 1}, r"hold 9 parameter\(s\) that config\.json does not use \(first: model\.layers\.1\..*ignore them"),
 ])
 def test_load_hf_directory_refuses_config_weight_mismatch_in_one_line(tmp_path, change, message):
     import json
@@ -228,3 +230,20 @@ def test_load_hf_directory_refuses_config_weight_mismatch_in_one_line(tmp_path, 
     with pytest.raises(CageLensError, match=message) as caught:
         load_hf_directory(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+def test_a_gpt2_checkpoint_with_more_layers_than_its_config_is_refused(tmp_path):
+    """A 3-layer GPT-2 checkpoint whose config.json says 2 layers loaded as a different 2-layer model
+    (logits off by O(1)); the unused weights are now refused. (transformers 4 reports the 12 parameters of
+    the third block; transformers 5 leaves c_attn.bias out of its report, matching it against GPT-2's list of
+    keys that old checkpoints carry harmlessly.)"""
+    import json
+
+    from cage_lens import CageLensError
+    from cage_lens.loading import load_hf_directory
+
+    _save("gpt2", tmp_path, n_layers=3, dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, n_layer=2)))
+    with pytest.raises(CageLensError, match=r"hold 1[12] parameter\(s\) that config\.json does not use \(first: transformer\.h\.2\."):
+        load_hf_directory(tmp_path)

@@ -15,6 +15,7 @@ from cage_lens.attribution import Attribution, attribute
 from cage_lens.generation.graph import GenerationGraph, cage
 from cage_lens.circuit.graph import CircuitGraph
 from cage_lens.circuit.builder import circuit_graph
+from cage_lens.core.rulesets import ATTNLRP, CPLRP, RuleSet
 from cage_lens.errors import InputError
 from cage_lens.failure import FailureExplanation, explain_failure
 from cage_lens.persist import SCHEMA_VERSION, SavedCallable, read_header
@@ -136,7 +137,8 @@ def test_builders_fill_meta_with_provenance():
         assert meta["model"]["architecture"] == dataclasses.asdict(adapt(model).arch)
         assert meta["model"]["name"].endswith("tiny_tokenizer") and meta["model"]["dtype"] == "float64"
         json.dumps(meta)  # JSON-ready
-    assert attr.meta["settings"]["rules"] == "cplrp" and attr.meta["settings"]["target"] == attr.target_description
+    assert attr.meta["settings"]["rules"] == CPLRP.to_dict() and attr.meta["settings"]["target"] == attr.target_description
+    assert graph.meta["settings"]["rules"] == failure.meta["settings"]["rules"] == ATTNLRP.to_dict()
     assert attr.meta["settings"]["contrast_ids"] == attr.contrast_ids
     assert graph.meta["settings"]["top_p"] == 0.7 and graph.meta["settings"]["levels"] == "block"
     assert graph.meta["settings"]["target_ids"] == [model.to_single_token(" mary")]
@@ -223,3 +225,120 @@ def test_values_without_a_stored_form_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"Attribution\.meta\.handle: values of type object"):
         attr.save(tmp_path / "a.safetensors")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+# ---------------------------------------------------------------------------- provenance by value
+UNIFORM = RuleSet("uniform1", q=1, k=1, v=1, gate=0.5, up=0.5)
+
+
+def test_a_custom_rule_set_under_a_built_in_name_is_refused():
+    with pytest.raises(InputError, match=r"RuleSet 'attnlrp' is not the built-in 'attnlrp': q=1.0 \(built-in 0.25\).*name of its own"):
+        RuleSet("attnlrp", q=1, k=1, v=1)
+    with pytest.raises(InputError, match=r"'CPLRP' is not the built-in 'cplrp': q=0.5 \(built-in 0.0\)"):
+        dataclasses.replace(CPLRP, name="CPLRP", q=0.5)
+    assert RuleSet(**ATTNLRP.to_dict()) == ATTNLRP  # the built-in's own values are the built-in
+
+
+def test_results_record_and_reload_their_rule_set_by_value(tmp_path):
+    model = cached_model("gpt2")
+    attr = attribute(model, PROMPT, target=" mat", rules=UNIFORM)
+    graph = circuit_graph(model, PROMPT, " mary", rules=UNIFORM, levels="block")
+    for result in (attr, graph):
+        loaded = cage_lens.load(result.save(tmp_path / f"{type(result).__name__}.safetensors"))
+        assert type(loaded.rule_set) is RuleSet and loaded.rule_set == UNIFORM and loaded.rules == "uniform1"
+        assert loaded.meta["settings"]["rules"] == UNIFORM.to_dict()
+        assert json.loads(result.to_json())["rule_set"] == UNIFORM.to_dict()
+    reloaded = Attribution.load(tmp_path / "Attribution.safetensors")
+    again = attribute(model, PROMPT, target=" mat", rules=reloaded.rule_set)  # the values reproduce the numbers
+    assert torch.equal(again.token_relevance, attr.token_relevance)
+
+
+def test_a_tampered_rule_set_is_refused_on_load(tmp_path):
+    path = attribute(cached_model("gpt2"), PROMPT, target=" mat").save(tmp_path / "a.safetensors")
+    _rewrite_header(path, lambda h: h["result"]["fields"]["rule_set"]["fields"].update(q=1.0, k=1.0))
+    with pytest.raises(InputError, match=r"RuleSet 'attnlrp' is not the built-in 'attnlrp': q=1.0 \(built-in 0.25\)"):
+        cage_lens.load(path)
+
+
+def _fields(h):
+    return h["result"]["fields"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h.update(schema_version="1"), r"schema_version is the str '1', it must be an integer"),
+    (lambda h: h.update(schema_version=True), r"schema_version is the bool True, it must be an integer"),
+    (lambda h: h.update(schema_version=0), r"schema_version 0 does not exist"),
+    (lambda h: h.update(extra=1), r"unknown keys \['extra'\]"),
+    (lambda h: h.pop("kind"), r"no 'kind'"),
+    (lambda h: h.update(provenance=[]), r"provenance is the list \[\], it must be a JSON object"),
+    (lambda h: _fields(h).update(rules={"__dtype__": "load"}), r"result.rules names the dtype 'load', which is not one of"),
+    (lambda h: _fields(h).update(rules={"__tensor__": "0:x", "x": 1}), r"result.rules is not a valid __tensor__ entry"),
+    (lambda h: _fields(h).update(rules={"__module__": "os"}), r"result.rules has the unknown tag '__module__'"),
+    (lambda h: _fields(h).update(rules=123), r"Attribution.rules holds 123, which is not a str"),
+    (lambda h: _fields(h).update(positions=[99]), r"row 0 has length 9 and position 99, outside its 9 tokens"),
+    (lambda h: _fields(h).update(rules="cplrp"), r"rules 'cplrp' is not the name of its rule set 'attnlrp'"),
+    (lambda h: _fields(h).update(target={"__class__": "Path", "fields": {}}), r"names an unknown class 'Path'"),
+])
+def test_damaged_headers_are_refused_before_any_field_is_used(tmp_path, change, message):
+    path = attribute(cached_model("gpt2"), PROMPT, target=" mat").save(tmp_path / "a.safetensors")
+    _rewrite_header(path, change)
+    with pytest.raises(InputError, match=message) as info:
+        cage_lens.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_schema_1_files_get_their_rule_set_by_value(tmp_path):
+    attr = attribute(cached_model("gpt2"), PROMPT, target=" mat", rules=UNIFORM)
+    path = attr.save(tmp_path / "a.safetensors")
+
+    def as_schema_1(h, meta_values=True):
+        fields = _fields(h)
+        stored = fields.pop("rule_set")["fields"]
+        fields["meta"]["settings"]["rules"] = stored["name"]
+        if meta_values:
+            fields["meta"]["rule_set"] = stored  # where schema 1 kept the values
+        h["schema_version"] = 1
+
+    _rewrite_header(path, as_schema_1)
+    assert Attribution.load(path).rule_set == UNIFORM
+    path = attr.save(tmp_path / "b.safetensors")
+    _rewrite_header(path, lambda h: as_schema_1(h, meta_values=False))
+    with pytest.raises(InputError, match=r"\(schema 1\) names the rule set 'uniform1' without its values"):
+        Attribution.load(path)
+
+
+HOSTILE_TEXT = "\u202eevil\x1b[31m\n"
+
+
+def _plant(h):
+    """Control and bidi characters in every text field a result's repr shows."""
+    def walk(value):
+        if isinstance(value, dict):
+            fields = value.get("fields") if "__class__" in value else None
+            if fields is not None:
+                for key in ("target_description", "level_mode", "wrong", "correct", "method"):
+                    if isinstance(fields.get(key), str):
+                        fields[key] = HOSTILE_TEXT + fields[key]
+                for key in ("str_tokens", "prompt_tokens", "labels"):
+                    tokens = fields.get(key)
+                    if isinstance(tokens, list) and tokens:
+                        row = tokens[0] if isinstance(tokens[0], list) else tokens
+                        row[-1] = HOSTILE_TEXT
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+    walk(h["result"])
+
+
+def test_text_from_a_loaded_file_reaches_reprs_escaped(tmp_path):
+    model = cached_model("gpt2")
+    results = (attribute(model, PROMPT, target=" mat"), circuit_graph(model, PROMPT, " mary", levels="block"),
+               cage(model, PROMPT, completion=" mary went"), explain_failure(model, PROMPT, wrong=" mary", correct=" store"))
+    for result in results:
+        path = result.save(tmp_path / f"{type(result).__name__}.safetensors")
+        _rewrite_header(path, _plant)
+        text = repr(cage_lens.load(path))
+        assert "\\u202e" in text and "\\x1b" in text, text
+        assert "\u202e" not in text and "\x1b" not in text, text

@@ -294,7 +294,7 @@ UNIFORM = RuleSet("uniform1", q=1, k=1, v=1, gate=0.5, up=0.5)
 def test_a_custom_rule_set_gets_token_head_and_graph_views(family):
     model = family_model(family, n_layers=2)
     a = cage_lens.attribute(model, PROMPT, target=TARGET, rules=UNIFORM)
-    assert a.rules == "uniform1" and a.meta["rule_set"]["q"] == 1.0
+    assert a.rules == "uniform1" and a.rule_set == UNIFORM and a.meta["settings"]["rules"] == UNIFORM.to_dict()
     for reference in ("attnlrp", "gxi"):
         other = cage_lens.attribute(model, PROMPT, target=TARGET, rules=reference).token_relevance
         assert not torch.allclose(a.token_relevance, other, rtol=1e-3)
@@ -303,7 +303,7 @@ def test_a_custom_rule_set_gets_token_head_and_graph_views(family):
     fast = circuit_graph(model, PROMPT, TARGET, rules=UNIFORM, levels="heads", node_threshold=None, top_p=None)
     ref = circuit_graph(model, PROMPT, TARGET, rules=UNIFORM, levels="heads", method="autograd", batch_size=64,
                         node_threshold=None, top_p=None)
-    assert fast.rules == "uniform1"
+    assert fast.rules == "uniform1" and fast.rule_set == UNIFORM
     for es in fast.edge_sets:
         assert close(fast.edge_matrix(es.source, es.target), ref.edge_matrix(es.source, es.target), rtol=1e-5)
     # the graph's first level carries the attribution's input relevance

@@ -36,7 +36,7 @@ from cage_lens.core.adapter import adapt
 from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import InputError
-from cage_lens.inputs import resolve_positions, single_prompt
+from cage_lens.inputs import check_number, resolve_positions, single_prompt
 from cage_lens.persist import provenance
 from cage_lens.targets import Target
 
@@ -46,21 +46,20 @@ METHODS = ("fast", "autograd")
 
 
 # ---------------------------------------------------------------------------- building
-def _check_options(levels, method, node_threshold, top_p, edge_threshold, batch_size, dense_limit) -> None:
+def _check_options(levels, method, node_threshold, top_p, edge_threshold, neurons_top_k, batch_size, dense_limit) -> dict:
+    """The numeric options through the input gate (finite, in range); the checked values by name."""
     if levels not in LEVEL_MODES:
         raise InputError(f"unknown levels {levels!r}; choose one of {', '.join(LEVEL_MODES)}")
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if node_threshold is not None and not (isinstance(node_threshold, (int, float)) and node_threshold >= 0):
-        raise InputError(f"node_threshold must be a non-negative number or None, got {node_threshold!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise InputError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
-    if edge_threshold is not None and not (isinstance(edge_threshold, (int, float)) and edge_threshold >= 0):
-        raise InputError(f"edge_threshold must be a non-negative number or None, got {edge_threshold!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(dense_limit, int) or dense_limit < 0:
-        raise InputError(f"dense_limit must be a non-negative int, got {dense_limit!r}")
+    return dict(
+        node_threshold=check_number(node_threshold, "node_threshold", low=0, allow_none=True),
+        top_p=check_number(top_p, "top_p", low=0, high=1, low_open=True, allow_none=True),
+        edge_threshold=check_number(edge_threshold, "edge_threshold", low=0, allow_none=True),
+        neurons_top_k=check_number(neurons_top_k, "neurons_top_k", low=1, integer=True),
+        batch_size=check_number(batch_size, "batch_size", low=1, integer=True),
+        dense_limit=check_number(dense_limit, "dense_limit", low=0, integer=True),
+    )
 
 
 def _kept_rows(relevance: torch.Tensor, node_threshold: float | None, scale: float) -> torch.Tensor:
@@ -114,7 +113,9 @@ def circuit_graph(
         strict: refuse a model the completeness certificate does not pass (docs/rules.md);
             ``False`` computes anyway and records the reason in ``settings["warnings"]``.
     """
-    _check_options(levels, method, node_threshold, top_p, edge_threshold, batch_size, dense_limit)
+    options = _check_options(levels, method, node_threshold, top_p, edge_threshold, neurons_top_k, batch_size, dense_limit)
+    node_threshold, top_p, edge_threshold = options["node_threshold"], options["top_p"], options["edge_threshold"]
+    neurons_top_k, batch_size, dense_limit = options["neurons_top_k"], options["batch_size"], options["dense_limit"]
     adapter = adapt(model)
     rule_set = resolve_rules(rules)
     adapter.check_eval_mode()
@@ -153,9 +154,9 @@ def circuit_graph(
         target_description=spec.describe(model), target_value=state.value, nodes=nodes, edge_sets=edge_sets,
         settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
                   "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
-        meta=provenance(model, function="circuit_graph", rules=rule_set.name, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict),
+        rule_set=rule_set,
+        meta=provenance(model, function="circuit_graph", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict),
     )
-    graph.settings["rule_set"] = rule_set.to_dict()
     if warnings:
         graph.settings["warnings"] = warnings
     return graph

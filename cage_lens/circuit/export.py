@@ -9,7 +9,9 @@ Files: ``{slug}.json`` (``metadata``, ``qParams``, ``nodes``, ``links``) and ``g
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -143,19 +145,50 @@ def _logit(graph, nodes: list, ids: dict, layers: dict, token_prob: float | None
 def to_circuit_tracer(graph, directory, slug: str = "cage-lens-graph", token_prob: float | None = None) -> Path:
     """Write ``{directory}/{slug}.json`` and add its metadata to ``{directory}/graph-metadata.json``
     (circuit-tracer's viewer serves that folder). ``token_prob``: the target token's probability, if
-    you know it (circuit-tracer shows it on the logit node; otherwise ``p=n/a``). Returns the graph file."""
+    you know it (circuit-tracer shows it on the logit node; otherwise ``p=n/a``). Returns the graph file.
+
+    Nothing is written before every name is checked: the slug (never the index's own name), the
+    folder, and an existing index (which must be circuit-tracer's); both files are written atomically."""
+    if isinstance(slug, str) and slug.lower() == INDEX_NAME[: -len(".json")]:
+        raise InputError(f"slug {slug!r} would overwrite the folder's index {INDEX_NAME}; choose another slug")
     document = circuit_tracer_dict(graph, slug, token_prob)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a folder; give a folder for the graph and its index")
+    path, index = directory / f"{slug}.json", directory / INDEX_NAME
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; choose another slug")
+    graphs = _read_index(index)
+    graphs = [g for g in graphs if g["slug"] != slug] + [document["metadata"]]
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{slug}.json"
-    path.write_text(json.dumps(document), encoding="utf-8")
-    index = directory / "graph-metadata.json"
-    graphs = []
-    if index.exists():
-        try:
-            graphs = json.loads(index.read_text(encoding="utf-8"))["graphs"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{index} exists but is not a circuit-tracer graph index ({exc}); move it away first") from None
-    graphs = [g for g in graphs if g.get("slug") != slug] + [document["metadata"]]
-    index.write_text(json.dumps({"graphs": graphs}, indent=2), encoding="utf-8")
+    _write_atomically(path, json.dumps(document))
+    _write_atomically(index, json.dumps({"graphs": graphs}, indent=2))
     return path
+
+
+INDEX_NAME = "graph-metadata.json"
+
+
+def _read_index(index: Path) -> list[dict]:
+    """The graphs listed in an existing index (none when there is no index); anything but
+    circuit-tracer's ``{"graphs": [{"slug": ...}, ...]}`` is refused before a file is written."""
+    if not index.exists():
+        return []
+    try:
+        graphs = json.loads(index.read_text(encoding="utf-8"))["graphs"]
+        if not isinstance(graphs, list) or not all(isinstance(g, dict) and isinstance(g.get("slug"), str) for g in graphs):
+            raise TypeError("its 'graphs' is not a list of graph metadata with slugs")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{index} exists but is not a circuit-tracer graph index ({exc}); move it away first") from None
+    return graphs
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -25,10 +25,12 @@ import networkx as nx
 import torch
 from jaxtyping import Float, Int
 
+from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet
 from cage_lens.errors import InputError
 from cage_lens.inputs import as_int
 from cage_lens.persist import Saveable
 from cage_lens.views.graphs import node_label
+from cage_lens.views.terminal import printable
 
 __all__ = ["CircuitGraph", "LevelNodes", "EdgeSet"]
 
@@ -96,8 +98,13 @@ class CircuitGraph(Saveable):
     nodes: dict[str, LevelNodes]
     edge_sets: list[EdgeSet]
     settings: dict = field(default_factory=dict)
+    #: the rule set's values (``rules`` is its name); filled from the built-in of that name when not given
+    rule_set: RuleSet | None = None
     meta: dict = field(default_factory=dict)
     _alive: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        self.rule_set = self.rule_set or BUILT_IN_RULES.get(self.rules)
 
     # -------------------------------------------------------------- basic views
     @property
@@ -277,7 +284,7 @@ class CircuitGraph(Saveable):
         links = [{"source": node_id(a), "target": node_id(b), "value": d["weight"]} for a, b, d in g.edges(data=True)]
         return {
             "target": self.target_description, "target_value": self.target_value, "rules": self.rules,
-            "method": self.method, "levels": self.levels, "level_mode": self.level_mode,
+            "rule_set": None if self.rule_set is None else self.rule_set.to_dict(), "method": self.method, "levels": self.levels, "level_mode": self.level_mode,
             "tokens": self.str_tokens, "position": self.position, "settings": self.settings,
             "nodes": nodes, "links": links,
         }
@@ -329,9 +336,10 @@ class CircuitGraph(Saveable):
     def summary(self) -> str:
         n_nodes = sum(int(a.sum()) for a in self.alive.values())
         n_edges = sum(len(es) for es in self.edges())
-        return (f"CircuitGraph({self.level_mode}, {len(self.levels)} levels, {self.n_pos} tokens, rules={self.rules!r}, "
-                f"method={self.method!r}): {n_nodes} nodes, {n_edges} edges; target {self.target_description} "
-                f"= {self.target_value:.4g} at position {self.position} ({self.str_tokens[self.position]!r})")
+        return printable(f"CircuitGraph({self.level_mode}, {len(self.levels)} levels, {self.n_pos} tokens, "
+                         f"rules={self.rules!r}, method={self.method!r}): {n_nodes} nodes, {n_edges} edges; target "
+                         f"{self.target_description} = {self.target_value:.4g} at position {self.position} "
+                         f"({self.str_tokens[self.position]!r})")
 
     def __repr__(self) -> str:
         return self.summary()

@@ -23,7 +23,10 @@ import torch
 
 from cage_lens.errors import UnsupportedModelError
 
-__all__ = ["Architecture", "ModelAdapter", "NormSite", "MLPSite", "LayerSites", "adapt", "ELEMENTWISE_ACTIVATIONS"]
+__all__ = [
+    "Architecture", "ModelAdapter", "NormSite", "MLPSite", "LayerSites", "adapt", "model_state", "walk_modules",
+    "ELEMENTWISE_ACTIVATIONS",
+]
 
 _REQUIRED_MODEL_API = ("cfg", "hook_dict", "hooks", "to_tokens", "to_str_tokens")
 _SUPPORTED_NORMS = {None, "LN", "LNPre", "RMS", "RMSPre"}
@@ -199,7 +202,19 @@ class ModelAdapter:
     callers must bind names in closures. Per-model state of the layers above (the lock serialising
     cage_lens calls, the rule sets active per thread, the hook points that fire, the cached
     certificate) lives here as plain data; the layers above fill and read it.
+
+    The adapter follows the model (docs/rules.md#completeness-certificate): everything it caches is
+    keyed on :func:`model_state` (the module tree, every hook on every module, a replaced ``forward``,
+    the parameters' dtypes and devices), and :meth:`follow` rebuilds the caches — the certificate
+    included — when that state changes. Nothing cached holds autograd history.
+
+    Every :func:`adapt` call returns a new adapter object that holds the model and shares one cache
+    dictionary (its ``__dict__``) with every other adapter of the same model; the module-level registry
+    keeps only that dictionary, weakly keyed by the model, and the dictionary never refers to the
+    model: an adapter keeps its model alive, the registry keeps no model alive.
     """
+
+    __slots__ = ("__dict__", "_model")
 
     def __init__(self, model):
         missing = [a for a in _REQUIRED_MODEL_API if not hasattr(model, a)]
@@ -208,15 +223,57 @@ class ModelAdapter:
                 f"{type(model).__name__} is not a TransformerLens model: it lacks {', '.join(missing)}. "
                 "Pass a HookedTransformer (TL 2.x/3.x) or a TransformerBridge (TL 3.x/4.x)."
             )
-        self.model = model
-        # one snapshot of the name → HookPoint table (a bridge rebuilds its alias table on every access)
-        self.hook_points: dict = dict(model.hook_dict)
+        self._model = model
         self.lock = threading.RLock()     # serialises cage_lens calls on this model (engine)
         self.active: dict[int, list] = {}  # thread id -> stack of active rule installations (engine)
+        #: torch hook-handle ids of the hooks cage_lens calls have installed right now (core.hooks): they
+        #: are not part of the model's state
+        self.call_hooks: set[int] = set()
+        self.state: tuple | None = None
+        self._build()
+
+    @classmethod
+    def _sharing(cls, model, caches: dict) -> "ModelAdapter":
+        """Another adapter of ``model`` over the same caches."""
+        adapter = cls.__new__(cls)
+        adapter._model = model
+        adapter.__dict__ = caches
+        return adapter
+
+    @property
+    def model(self):
+        return self._model
+
+    def _build(self) -> None:
+        """(Re)read everything from the model and forget what was derived from its previous state."""
+        model = self.model
+        for cached in ("layers", "norm_sites", "_stash_point_ids"):
+            self.__dict__.pop(cached, None)
         self.certificate = None            # cached completeness certificate (core.certificate)
         self.fired: frozenset[str] | None = None  # hook names that fire in a forward (core.hooks.fired_hooks)
+        # one snapshot of the name → HookPoint table (a bridge rebuilds its alias table on every access)
+        self.hook_points: dict = dict(model.hook_dict)
         self.arch = self._read_architecture(model)
         self._check_hooks_exist()
+        self.state = self.current_state()
+
+    def current_state(self) -> tuple:
+        """:func:`model_state` of the model, leaving out the hooks of running cage_lens calls."""
+        return model_state(self.model, self.call_hooks)
+
+    def follow(self) -> "ModelAdapter":
+        """Rebuild the caches if the model's state changed since they were filled (under the model's
+        lock, so a running call finishes first); returns ``self``."""
+        if self.current_state() != self.state:
+            with self.lock:
+                if self.current_state() != self.state:
+                    self._build()
+        return self
+
+    def settle(self) -> None:
+        """Record the current state as the one the caches describe (after a probe forward, in which a
+        bridge may wire its own hooks the first time it runs)."""
+        self.state = self.current_state()
 
     # ------------------------------------------------------------------ architecture
     def _read_architecture(self, model) -> Architecture:
@@ -579,23 +636,63 @@ class ModelAdapter:
             )
 
 
-_ADAPTERS: "weakref.WeakKeyDictionary[object, ModelAdapter]" = weakref.WeakKeyDictionary()
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def model_state(model, ignored: set[int] = frozenset()) -> tuple:
+    """What the completeness certificate and the structure sites depend on, as a comparable value:
+    per module (in tree order) its path, identity and class, a ``forward`` replaced on the instance, and
+    the ids of its forward / backward (pre-)hooks except ``ignored``; torch's global module hooks; and
+    the dtypes and devices of the parameters. Parameter *values* are not part of it: the certificate
+    holds for any weights (docs/rules.md#completeness-certificate). One walk over the module tree
+    (~1 µs per module: it runs on every call)."""
+    modules, params = [], set()
+    for path, module in walk_modules(model):
+        attributes = module.__dict__
+        hook_dicts = [attributes.get(name) for name in _HOOK_DICTS]
+        # tuple(d) copies in one step: another thread's call may be adding its own hooks meanwhile
+        hooks = tuple(k for d in hook_dicts if d for k in tuple(d) if k not in ignored) if any(hook_dicts) else ()
+        modules.append((path, id(module), type(module), id(attributes.get("forward")), hooks))
+        params.update((p.dtype, p.device) for p in tuple(attributes.get("_parameters", {}).values()) if p is not None)
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = tuple(tuple(getattr(torch_module, name, {})) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+    return tuple(modules), global_hooks, frozenset(params)
+
+
+def walk_modules(model):
+    """``(path, module)`` of every module once, in ``named_modules`` order (a plain loop, faster than
+    ``named_modules``: the model's state is read on every call)."""
+    seen, stack = set(), [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        children = [(f"{path}.{name}" if path else name, child)
+                    for name, child in tuple(module.__dict__.get("_modules", {}).items()) if child is not None]
+        stack.extend(reversed(children))
+
+
+#: model -> the caches its adapters share (weak keys; the caches never refer to the model)
+_ADAPTERS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 _ADAPTERS_LOCK = threading.Lock()
 
 
 def adapt(model) -> ModelAdapter:
-    """The (cached, one per model) adapter of ``model``. An adapter passed in is returned as is."""
+    """An adapter of ``model`` over the model's shared caches (built on first use), following the
+    model's current state (:meth:`ModelAdapter.follow`). An adapter passed in is followed and returned."""
     if isinstance(model, ModelAdapter):
-        return model
+        return model.follow()
     with _ADAPTERS_LOCK:
         try:
-            adapter = _ADAPTERS.get(model)
-        except TypeError:
-            adapter = None
-        if adapter is None:
+            caches = _ADAPTERS.get(model)
+        except TypeError:  # not hashable or not weakly referable: an adapter of its own every call
+            return ModelAdapter(model)
+        if caches is None:
             adapter = ModelAdapter(model)
-            try:
-                _ADAPTERS[model] = adapter
-            except TypeError:
-                pass
-    return adapter
+            _ADAPTERS[model] = adapter.__dict__
+            return adapter
+    return ModelAdapter._sharing(model, caches).follow()

@@ -8,8 +8,9 @@ biases. For any weights, then,
     Σ_tokens R(embeddings) + Σ_biases b · ∂f/∂b = f        (and the same from every residual point:
     Σ_tokens R(point) + Σ_{biases after the point} b · ∂f/∂b = f).
 
-:func:`certify` checks this once per model on a few tokens (cached on the adapter) and localises the
-first component where it breaks: a non-linearity without a rule (a new activation, a soft-cap, an
+:func:`certify` checks this once per model state on a few tokens (cached on the adapter, checked again
+after any change of the module tree, the hooks, the dtype or the device) and localises the first
+component where it breaks: a non-linearity without a rule (a new activation, a soft-cap, an
 unhooked norm) leaks relevance there. The q/k path is invisible to the identity (CP-LRP detaches
 it), so the certificate also walks the module tree: every normalisation module — q/k norms included —
 must carry the identity rule, and every TransformerLens bridge component must be one the rules know.
@@ -89,15 +90,19 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def certify(adapter: ModelAdapter) -> Certificate:
-    """The (cached) completeness certificate of ``adapter.model``."""
+    """The completeness certificate of ``adapter.model`` in its current state: cached on the adapter,
+    which forgets it whenever the model's module tree, hooks, dtype or device change
+    (:func:`cage_lens.core.adapter.model_state`), so any change is certified again, once."""
+    adapter.follow()
     if adapter.certificate is None:
         with session(adapter), engine.suspended(adapter):
             adapter.certificate = _certify(adapter)
+            adapter.settle()  # a bridge wires some of its own hooks in its first forward (the probe's)
     return adapter.certificate
 
 
 def certify_or_warn(adapter: ModelAdapter, strict: bool = True) -> list[str]:
-    """Run (once per model) the completeness certificate; refuse an uncertified model unless
+    """Run (once per model state) the completeness certificate; refuse an uncertified model unless
     ``strict=False``, which returns the warning to record in the result."""
     cert = certify(adapter)
     if cert.passed:

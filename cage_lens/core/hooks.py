@@ -12,7 +12,7 @@ hook point). :func:`installed` puts a list of them on one model for the duration
   concurrent calls return the serial results) and autograd switched on, also inside
   ``torch.inference_mode()`` or ``torch.no_grad()``.
 
-:func:`fired_hooks` finds, once per model, which hook points actually fire in a forward pass
+:func:`fired_hooks` finds, once per model state, which hook points actually fire in a forward pass
 (``hook_pos_embed`` is listed but silent on rotary bridges).
 """
 
@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.adapter import ModelAdapter, walk_modules
 from cage_lens.errors import CageLensError, UnsupportedModelError
 
 __all__ = [
@@ -88,7 +88,8 @@ def _hook_point(adapter: ModelAdapter, point):
         raise UnsupportedModelError(f"the model has no hook point {point!r}") from None
 
 
-def _add_point_hook(hook_point, fn: Callable, inst: Installation, first: bool = False) -> Callable[[], None]:
+def _add_point_hook(hook_point, fn: Callable, inst: Installation, first: bool = False):
+    """Returns the torch handle id of the hook and the function that removes it."""
     def guarded(tensor, hook):
         if not inst.acting():
             return None
@@ -104,29 +105,39 @@ def _add_point_hook(hook_point, fn: Callable, inst: Installation, first: bool = 
             handle.hook.remove()
             with contextlib.suppress(ValueError):
                 hook_point.fwd_hooks.remove(handle)
-        return remove
+        return handle.hook.id, remove
     # TL 2 HookPoint: a plain torch forward hook (TL 2's add_hook returns no handle)
     torch_handle = hook_point.register_forward_hook(lambda module, inputs, output: guarded(output, hook_point),
                                                     prepend=first)
-    return torch_handle.remove
+    return torch_handle.id, torch_handle.remove
 
 
-def _add_module_hook(module: torch.nn.Module, fn: Callable, inst: Installation) -> Callable[[], None]:
+def _add_module_hook(module: torch.nn.Module, fn: Callable, inst: Installation):
     def guarded(mod, args, kwargs, output):
         if not inst.acting():
             return None
         return fn(mod, args, kwargs, output)
 
-    return module.register_forward_hook(guarded, with_kwargs=True).remove
+    handle = module.register_forward_hook(guarded, with_kwargs=True)
+    return handle.id, handle.remove
 
 
-def _add_module_pre_hook(module: torch.nn.Module, fn: Callable, inst: Installation) -> Callable[[], None]:
+def _add_module_pre_hook(module: torch.nn.Module, fn: Callable, inst: Installation):
     def guarded(mod, args, kwargs):
         if not inst.acting():
             return None
         return fn(mod, args, kwargs)
 
-    return module.register_forward_pre_hook(guarded, with_kwargs=True).remove
+    handle = module.register_forward_pre_hook(guarded, with_kwargs=True)
+    return handle.id, handle.remove
+
+
+def _installer(adapter: ModelAdapter, h, inst: Installation):
+    if isinstance(h, ModuleHook):
+        return _add_module_hook(h.module, h.fn, inst)
+    if isinstance(h, ModulePreHook):
+        return _add_module_pre_hook(h.module, h.fn, inst)
+    return _add_point_hook(_hook_point(adapter, h.point), h.fn, inst, h.first)
 
 
 @contextlib.contextmanager
@@ -139,25 +150,25 @@ def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
     view, and the rules must compute on the view the capture returned, so that the captured tensor is
     the one the gradient reaches."""
     inst = Installation()
+    ids = []
     try:
         for h in hooks:
-            if isinstance(h, ModuleHook):
-                inst.handles.append(_add_module_hook(h.module, h.fn, inst))
-            elif isinstance(h, ModulePreHook):
-                inst.handles.append(_add_module_pre_hook(h.module, h.fn, inst))
-            else:
-                inst.handles.append(_add_point_hook(_hook_point(adapter, h.point), h.fn, inst, h.first))
+            handle_id, remove = _installer(adapter, h, inst)
+            adapter.call_hooks.add(handle_id)  # a call's own hooks are not a change of the model's state
+            ids.append(handle_id)
+            inst.handles.append(remove)
         yield inst
     finally:
         for remove in reversed(inst.handles):
             remove()
+        adapter.call_hooks.difference_update(ids)
 
 
 @contextlib.contextmanager
 def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
     """One cage_lens call: the model's lock, autograd on (also under ``torch.inference_mode``)."""
     mode = torch.enable_grad() if grad else torch.no_grad()
-    with adapter.lock, torch.inference_mode(False), mode:
+    with adapter.lock, torch.inference_mode(False), mode, _attributes_kept(adapter.model):
         try:
             yield
         except RuntimeError as exc:
@@ -170,13 +181,53 @@ def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
             raise
 
 
+#: per thread: the models with an open session (only the outermost session of a model restores)
+_THIS_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def _attributes_kept(model) -> Iterator[None]:
+    """Put back every tensor attribute that a forward inside the outermost session of this thread set
+    on a module of ``model`` (a bridge keeps each attention's last pattern, ``_pattern``, which under a
+    cage_lens call would hold autograd history and make ``copy.deepcopy(model)`` fail): the user's
+    model keeps what it held before the call (docs/transformerlens.md#the-users-model-stays-the-users)."""
+    open_sessions = _THIS_THREAD.__dict__.setdefault("models", set())
+    if id(model) in open_sessions:  # an inner session: the outermost one restores
+        yield
+        return
+    before = [(module, dict(module.__dict__)) for _, module in walk_modules(model)]
+    open_sessions.add(id(model))
+    try:
+        yield
+    finally:
+        open_sessions.discard(id(model))
+        for module, saved in before:
+            _restore_tensor_attributes(module, saved)
+
+
+_MISSING = object()
+
+
+def _restore_tensor_attributes(module: torch.nn.Module, saved: dict) -> None:
+    attributes = module.__dict__
+    for name, value in list(attributes.items()):
+        old = saved.get(name, _MISSING)
+        if old is value or not isinstance(value, torch.Tensor):
+            continue
+        if old is _MISSING:
+            del attributes[name]
+        else:
+            attributes[name] = old
+
+
 # ---------------------------------------------------------------------------- which hooks fire
 def fired_hooks(adapter: ModelAdapter) -> frozenset[str]:
     """Hook names that actually fire in a forward pass of ``adapter.model`` (``hook_pos_embed`` is
     listed but silent on rotary bridges; MoE experts fire only when routed to, so those are not
-    required to). Found once per model with a short probe and kept on the adapter."""
+    required to). Found once per model state with a short probe and kept on the adapter."""
     if adapter.fired is None:
         adapter.fired = _probe_fired(adapter)
+        adapter.settle()
     return adapter.fired
 
 

@@ -37,6 +37,10 @@ from cage_lens.errors import InputError
 
 __all__ = ["RuleSet", "RULE_SETS", "BUILT_IN_RULES", "ATTNLRP", "CPLRP", "GXI", "resolve_rules"]
 
+#: the built-in rule sets by lower-case name, filled below: a RuleSet under one of these names must
+#: hold exactly its values (a result labelled "attnlrp" is AttnLRP; docs/rules.md#rule-sets)
+_RESERVED: dict[str, "RuleSet"] = {}
+
 _NORM_RULES = ("identity", "gradient")
 _ACTIVATION_RULES = ("identity", "gradient")
 _SOFTCAP_RULES = ("identity", "gradient")
@@ -91,6 +95,20 @@ class RuleSet:
                 raise InputError(
                     f"RuleSet {self.name!r}: {option} must be one of {', '.join(allowed)}, got {getattr(self, option)!r}"
                 )
+        self._check_not_impersonating()
+
+    def _check_not_impersonating(self) -> None:
+        built_in = _RESERVED.get(self.name.lower())
+        if built_in is None:
+            return
+        differ = [f"{f.name}={getattr(self, f.name)!r} (built-in {getattr(built_in, f.name)!r})"
+                  for f in fields(self) if f.name != "name" and getattr(self, f.name) != getattr(built_in, f.name)]
+        if differ:
+            raise InputError(
+                f"RuleSet {self.name!r} is not the built-in {built_in.name!r}: {', '.join(differ)}. Give a custom rule "
+                f"set a name of its own (e.g. RuleSet('{self.name}-custom', ...)), so that results and their "
+                "provenance cannot mistake it for the built-in"
+            )
 
     @property
     def is_plain_gradient(self) -> bool:
@@ -115,10 +133,15 @@ class RuleSet:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RuleSet":
+        """The rule set with these values (every field checked; a built-in name must carry the built-in's values)."""
+        if not isinstance(data, dict):
+            raise InputError(f"a RuleSet is stored as a mapping of its fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"unknown RuleSet fields {unknown}; fields are {sorted(known)}")
+        if "name" not in data:
+            raise InputError("a stored RuleSet has no name")
         return cls(**data)
 
 
@@ -128,6 +151,7 @@ GXI = RuleSet("gxi", norm="gradient", activation="gradient", softcap="gradient",
 
 #: the built-in rule sets by name
 BUILT_IN_RULES: dict[str, RuleSet] = {r.name: r for r in (ATTNLRP, CPLRP, GXI)}
+_RESERVED.update(BUILT_IN_RULES)
 #: their names (what ``rules=`` accepts as a string)
 RULE_SETS: tuple[str, ...] = tuple(BUILT_IN_RULES)
 

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
 from cage_lens.generation.methods import check_sequence, get_method
-from cage_lens.generation.spans import Span, block_sum, check_tiling, split_sentences, token_spans
+from cage_lens.generation.spans import Span, block_sum, check_tiling, span_pairs, split_sentences, token_spans
 from cage_lens.inputs import as_int, check_token_ids, greedy_continuation, single_prompt, tokenize
 from cage_lens.persist import Saveable, provenance
 from cage_lens.views.terminal import printable
@@ -241,7 +241,7 @@ class GenerationGraph(Saveable):
         ]
         if self.empty_rows:
             lines.append(f"  rows with no {'positive ' if self.normalize == 'paper' else ''}mass (set to zero): {self.empty_rows}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # labels may come from a loaded file
 
     def _repr_html_(self) -> str:
         from cage_lens.views.graphs import generation_fragment
@@ -312,7 +312,7 @@ def _node_spans(model, tokens, n_prompt: int, granularity) -> list[Span] | None:
         return split_sentences(words[:n_prompt]) + split_sentences(words[n_prompt:], start=n_prompt)
     if isinstance(granularity, str):
         raise InputError(f"unknown granularity {granularity!r}; use 'token', 'sentence' or a list of (start, end) spans")
-    spans = [tuple(int(x) for x in s) for s in granularity]
+    spans = span_pairs(granularity, "granularity spans")
     ends = [b for _, b in spans]
     if ends and ends[-1] == n_prompt:  # prompt spans only: generated tokens stay single nodes
         spans += token_spans(n_prompt, T)

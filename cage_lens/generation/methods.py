@@ -35,8 +35,8 @@ from cage_lens.core.hooks import PointHook, installed, session
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, InputError, NumericalError
 from cage_lens.generation.spans import Span, check_tiling, token_spans
-from cage_lens.inputs import TokenBatch, special_token_id
-from cage_lens.targets import Target
+from cage_lens.inputs import TokenBatch, check_number, check_token_ids, single_sequence, special_token_id
+from cage_lens.targets import Target, resolve_token
 
 __all__ = [
     "METHODS", "Method", "get_method", "register", "attnlrp", "cplrp", "input_x_gradient",
@@ -72,20 +72,16 @@ def get_method(method: str | Method) -> Method:
 
 # ---------------------------------------------------------------------------- shared helpers
 def check_sequence(model, tokens, n_prompt: int) -> tuple[Int[torch.Tensor, "1 T"], int]:
-    """Validate ``tokens [1, T]`` and ``n_prompt``; return the tokens (long, CPU) and ``Y = T − P``."""
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim not in (1, 2) or (tokens.ndim == 2 and tokens.shape[0] != 1):
-        raise InputError(f"tokens must be a [1, T] tensor of ids, got {getattr(tokens, 'shape', type(tokens).__name__)}")
-    tokens = tokens.reshape(1, -1).long().cpu()
+    """Validate ``tokens [1, T]`` (through the input gate, :func:`cage_lens.inputs.single_sequence`) and
+    ``n_prompt``; return the tokens (long, CPU) and ``Y = T − P``."""
+    tokens = single_sequence(model, tokens, "a CAGE base method (tokens [1, T])")
     T = tokens.shape[1]
-    if not isinstance(n_prompt, int) or not 1 <= n_prompt:
-        raise InputError(f"n_prompt must be a positive int, got {n_prompt!r}")
+    n_prompt = check_number(n_prompt, "n_prompt", low=1, integer=True)
     if n_prompt >= T:
         raise InputError(
             f"the continuation is empty: the sequence has {T} tokens and the prompt {n_prompt}; "
             "nothing was generated to explain"
         )
-    if T > int(model.cfg.n_ctx):
-        raise InputError(f"prompt + continuation is {T} tokens but the model's context (n_ctx) is {model.cfg.n_ctx}")
     return tokens, T - n_prompt
 
 
@@ -94,9 +90,13 @@ def eos_id(model) -> int:
     return special_token_id(model, "eos_token_id", "bos_token_id")
 
 
+def baseline_id(model, baseline: str | int) -> int:
+    """The deletion baseline: ``"eos"`` (:func:`eos_id`) or a token id / single token in the vocabulary."""
+    return eos_id(model) if isinstance(baseline, str) and baseline == "eos" else resolve_token(model, baseline, "baseline")
+
+
 def _chunks(items: Sequence, size: int) -> Iterator[list]:
-    if not isinstance(size, int) or size < 1:
-        raise InputError(f"chunk_size must be a positive int, got {size!r}")
+    size = check_number(size, "chunk_size", low=1, integer=True)
     for i in range(0, len(items), size):
         yield list(items[i : i + size])
 
@@ -220,8 +220,7 @@ def _embedding_of(adapter: ModelAdapter, token_id: int) -> torch.Tensor:
 
 def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights on [0, 1] (Captum's default IG quadrature)."""
-    if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a positive int, got {steps!r}")
+    steps = check_number(steps, "steps", low=1, integer=True)
     x, w = np.polynomial.legendre.leggauss(steps)
     return (x + 1) / 2, w / 2
 
@@ -230,9 +229,7 @@ def _ig_table(model, tokens, n_prompt, steps, baseline, chunk_size) -> Float[tor
     adapter = adapt(model)
     adapter.check_eval_mode()
     tokens, Y = check_sequence(model, tokens, n_prompt)
-    base_id = eos_id(model) if baseline == "eos" else baseline
-    if not isinstance(base_id, int):
-        raise InputError(f"baseline must be 'eos' or a token id, got {baseline!r}")
+    base_id = baseline_id(model, baseline)
     x0 = _embedding_of(adapter, base_id)
     alphas, weights = _gauss_legendre(steps)
     items = [(t, k) for t in range(Y) for k in range(steps)]
@@ -303,7 +300,11 @@ def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, ch
     ``[B, Y]``, teacher-forced, in chunks. With ``full=True`` the whole next-token distributions
     ``[B, Y, vocab]`` are returned instead."""
     adapter = adapt(model)
-    targets = tokens[:1] if targets is None else targets
+    tokens = check_token_ids(model, tokens, role="tokens")
+    n_prompt = check_number(n_prompt, "n_prompt", low=1, high=tokens.shape[1] - 1, integer=True)
+    targets = tokens[:1] if targets is None else single_sequence(model, targets, "sequence_logprobs", "targets")
+    if targets.shape[1] != tokens.shape[1]:
+        raise InputError(f"targets has {targets.shape[1]} tokens but the sequences have {tokens.shape[1]}")
     ids = targets[0, n_prompt:].to(adapter.device)
     out = []
     with session(adapter, grad=False):
@@ -348,7 +349,7 @@ def occlusion(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = No
     A span's score is spread uniformly over its tokens."""
     tokens, Y = check_sequence(model, tokens, n_prompt)
     spans = _perturbation_spans(spans, tokens.shape[1])
-    base = eos_id(model) if baseline == "eos" else int(baseline)
+    base = baseline_id(model, baseline)
     original = sequence_logprobs(model, tokens, n_prompt)
     perturbed = sequence_logprobs(model, _occluded(tokens, spans, base), n_prompt, chunk_size, targets=tokens)
     return _finite(_spread(original - perturbed, spans, n_prompt, tokens.shape[1]), "occlusion")
@@ -362,7 +363,7 @@ def clp(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, ba
     distribution at each generated position (≥ 0)."""
     tokens, Y = check_sequence(model, tokens, n_prompt)
     spans = _perturbation_spans(spans, tokens.shape[1])
-    base = eos_id(model) if baseline == "eos" else int(baseline)
+    base = baseline_id(model, baseline)
     original = sequence_logprobs(model, tokens, n_prompt, full=True)[0]  # [Y, vocab]
     scores = []
     for rows in _chunks(range(len(spans)), chunk_size):

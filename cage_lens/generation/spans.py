@@ -13,8 +13,9 @@ import torch
 from jaxtyping import Float
 
 from cage_lens.errors import InputError
+from cage_lens.inputs import check_number
 
-__all__ = ["Span", "split_sentences", "check_tiling", "token_spans", "block_sum", "span_of"]
+__all__ = ["Span", "split_sentences", "span_pairs", "check_tiling", "token_spans", "block_sum", "span_of"]
 
 Span = tuple[int, int]
 
@@ -35,14 +36,30 @@ def split_sentences(str_tokens: Sequence[str], start: int = 0) -> list[Span]:
     return spans
 
 
+def span_pairs(spans, what: str = "spans") -> list[Span]:
+    """``spans`` as ``(start, end)`` pairs of ints (numpy integers accepted; floats, NaN and other
+    shapes refused rather than rounded)."""
+    try:
+        items = list(spans)
+    except TypeError:
+        raise InputError(f"{what} must be a list of (start, end) pairs, got {type(spans).__name__}") from None
+    out = []
+    for i, span in enumerate(items):
+        try:
+            pair = list(span)
+        except TypeError:
+            pair = []
+        if len(pair) != 2:
+            raise InputError(f"{what}[{i}] = {span!r} is not a (start, end) pair")
+        out.append(tuple(check_number(x, f"{what}[{i}]", integer=True) for x in pair))
+    return out
+
+
 def check_tiling(spans: Sequence[Sequence[int]], length: int, what: str = "spans", start: int = 0) -> list[Span]:
     """Validate that ``spans`` tile ``[start, length)`` exactly; return them as a list of int pairs."""
     out: list[Span] = []
     expected = start
-    for i, span in enumerate(spans):
-        if len(span) != 2:
-            raise InputError(f"{what}[{i}] = {span!r} is not a (start, end) pair")
-        a, b = int(span[0]), int(span[1])
+    for i, (a, b) in enumerate(span_pairs(spans, what)):
         if a != expected:
             gap = "overlaps the previous span" if a < expected else f"leaves tokens {expected}..{a - 1} uncovered"
             raise InputError(f"{what} do not tile the sequence: {what}[{i}] = ({a}, {b}) {gap}")

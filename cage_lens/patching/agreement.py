@@ -10,7 +10,7 @@ import torch
 
 from cage_lens.core.adapter import adapt
 from cage_lens.errors import InputError
-from cage_lens.patching.estimate import check_same_length, relevance_patch
+from cage_lens.patching.estimate import _as_tokens, check_same_length, relevance_patch
 from cage_lens.patching.grids import GRIDS, Grid, Metric, check_grids
 from cage_lens.patching.rules import resolve_patch_rules
 
@@ -163,7 +163,9 @@ def activation_patch(model, tokens, source_cache, metric: Metric, grid: str) -> 
     """TransformerLens' own ``get_act_patch_<grid>`` (the reference being estimated)."""
     import transformer_lens.patching as tl_patching
 
-    return getattr(tl_patching, GRIDS[grid].tl_function)(model, tokens, source_cache, metric)
+    tokens = _as_tokens(model, tokens, "tokens").to(adapt(model).device)  # TL truncates nothing, but checks no ids
+    (spec,) = check_grids([grid], adapt(model))
+    return getattr(tl_patching, spec.tl_function)(model, tokens, source_cache, metric)
 
 
 def agreement(

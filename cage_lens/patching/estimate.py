@@ -12,37 +12,22 @@ from cage_lens.core.adapter import ModelAdapter, adapt
 from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.hooks import PointHook, fired_hooks, installed, session
 from cage_lens.errors import InputError, NumericalError
+from cage_lens.inputs import rectangular_tokens
 from cage_lens.patching.grids import BLOCK_GRIDS, Metric, check_grids
 from cage_lens.patching.rules import resolve_patch_rules
 
 __all__ = ["relevance_patch", "check_same_length"]
 
 
-def _as_tokens(model, tokens) -> Int[torch.Tensor, "batch pos"]:
-    if isinstance(tokens, str):
-        tokens = [tokens]
-    if isinstance(tokens, (list, tuple)):
-        if not tokens or not all(isinstance(t, str) for t in tokens):
-            raise InputError("prompts must be a string, a non-empty list of strings or a [batch, pos] token tensor")
-        rows = [model.to_tokens(t)[0] for t in tokens]
-        lengths = sorted({len(r) for r in rows})
-        if len(lengths) > 1:
-            raise InputError(
-                f"the prompts have different token lengths {lengths}; a patching batch must be rectangular "
-                "(TransformerLens patches position i of every row). Batch prompts of equal length."
-            )
-        return torch.stack(rows)
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise InputError(f"tokens must be an integer [batch, pos] tensor or prompt strings, got {type(tokens).__name__}")
-    if tokens.ndim != 2:
-        raise InputError(f"tokens must be [batch, pos] (TransformerLens' patching contract), got shape {tuple(tokens.shape)}")
-    return tokens.long()
+def _as_tokens(model, tokens, role: str = "corrupted_tokens") -> Int[torch.Tensor, "batch pos"]:
+    """Tokens through the input gate (cage_lens.inputs): ids checked, prompts never truncated or ``<unk>``-substituted."""
+    return rectangular_tokens(model, tokens, role=role)
 
 
 def check_same_length(model, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and corrupted tokens as tensors, refusing different lengths (patching compares position
     ``i`` of one run with position ``i`` of the other: there is no alignment rule that keeps that true)."""
-    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
+    clean_t, corrupted_t = _as_tokens(model, clean, "clean"), _as_tokens(model, corrupted, "corrupted")
     if clean_t.shape != corrupted_t.shape:
         detail = ""
         if clean_t.shape[0] == 1 == corrupted_t.shape[0] and hasattr(model, "to_str_tokens"):

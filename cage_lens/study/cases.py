@@ -62,7 +62,9 @@ class ModelContext:
         if tokenizer is None:
             raise InputError(f"model {self.name!r} has no tokenizer; a study decodes continuations for the checker "
                              "and aligns segments with it")
-        cage_lens.adapt(self.model).check_eval_mode()
+        # one adapter per loaded model for the whole chunk: the generation loop runs a forward per step
+        self.adapter = cage_lens.adapt(self.model)
+        self.adapter.check_eval_mode()
         self.tokenizer = tokenizer
         self.vocab = vocab_digest(tokenizer)
         self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -81,7 +83,7 @@ class ModelContext:
 
     def info(self) -> dict:
         return {"name": self.name, "vocab": self.vocab, "n_ctx": self.n_ctx, "d_vocab": self.d_vocab,
-                "architecture": cage_lens.adapt(self.model).arch.describe()}
+                "architecture": self.adapter.arch.describe()}
 
 
 @dataclass
@@ -136,11 +138,11 @@ def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, list
     return tokens, [len(r) - 1 for r in rows]
 
 
-def _last_logits(model, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+def _last_logits(adapter, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     """Next-token logits after each row (one right-padded forward; causal, so padding is never seen)."""
     tokens, positions = _padded(rows, pad)
     with torch.no_grad():
-        return logits_at(cage_lens.adapt(model), tokens, positions).detach().cpu()
+        return logits_at(adapter, tokens, positions).detach().cpu()
 
 
 # ---------------------------------------------------------------------------- 0. prepare
@@ -210,7 +212,7 @@ def _generate(ctx: ModelContext, cases: list[_Case], checker, settings: StudySet
         active = [c for c in active if c.status is None]
         if not active:
             return
-        logits = _last_logits(ctx.model, [c.input_ids for c in active], ctx.pad)
+        logits = _last_logits(ctx.adapter, [c.input_ids for c in active], ctx.pad)
         for c, row in zip(active, logits):
             token = int(row.argmax())
             try:
@@ -261,7 +263,7 @@ def _choose_contrasts(ctx: ModelContext, cases: list[_Case], checker, settings: 
         _try_contrast(ctx, c, c.ranking, "model", checker, settings)
     need = [c for c in deviated if c.status == "deviated" and c.contrast is None]
     if need and ctx.sibling is not None:
-        sibling_logits = _last_logits(ctx.sibling, [c.input_ids for c in need], ctx.pad)
+        sibling_logits = _last_logits(cage_lens.adapt(ctx.sibling), [c.input_ids for c in need], ctx.pad)
         for c, row in zip(need, sibling_logits):
             _try_contrast(ctx, c, _ranking(row, settings.top_k), "sibling", checker, settings)
     k = settings.top_k
@@ -306,7 +308,7 @@ def _from_anchor(ctx: ModelContext, cases: list[_Case], anchor_rows: dict[int, d
     todo = [c for c in cases if c.status is None]
     if not todo:
         return
-    logits = _last_logits(ctx.model, [c.input_ids for c in todo], ctx.pad)
+    logits = _last_logits(ctx.adapter, [c.input_ids for c in todo], ctx.pad)
     for c, row in zip(todo, logits):
         c.logits = row
         c.ranking = _ranking(row, settings.top_k)

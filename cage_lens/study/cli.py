@@ -74,6 +74,7 @@ def cmd_study(args) -> int:
 
     result = study.run(
         _model_arg(args.model), _data_arg(args.data), args.out, checker=_checker_arg(args.checker),
+        checker_version=args.checker_version,
         sibling=args.sibling, cases_from=args.cases_from, rules=args.rules, top_k=args.top_k,
         min_delta=args.min_delta, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
         graph=args.graph, resume=args.resume, engine=args.engine, workers=args.workers,
@@ -110,6 +111,8 @@ def add_study_commands(subparsers) -> None:
     s.add_argument("--workers", type=int, default=2, help="Ray actors (engine ray)")
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
     s.add_argument("--checker", default=None, help="package.module:function or zoo:TASK (default: compare with answer)")
+    s.add_argument("--checker-version", default=None,
+                   help="a label for a checker that cannot be fingerprinted; change it when the checker changes")
     s.add_argument("--sibling", default=None, help="model whose top-k supplies contrasts the studied model lacks")
     s.add_argument("--cases-from", default=None, help="model NAME whose cases every other model explains (paired)")
     s.add_argument("--rules", default="attnlrp", choices=["attnlrp", "cplrp", "gxi"],

@@ -60,14 +60,14 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _manifest(plan: Plan) -> dict:
+def _manifest(plan: Plan, checker_version: str | None) -> dict:
     manifest = {
         "format": FORMAT,
         "cage_lens_version": cage_lens.__version__,
         "settings": plan.settings.to_dict(),
         "models": [m.describe() for m in plan.models],
         "sibling": plan.sibling.describe() if plan.sibling else None,
-        "checker": describe_checker(plan.checker),
+        "checker": describe_checker(plan.checker, checker_version),
         "dataset": {"n_records": len(plan.entries), "fingerprint": dataset_fingerprint(plan.entries)},
         "environment": {"torch": _package_version("torch"), "transformer_lens": _package_version("transformer-lens"),
                         "python": platform.python_version()},
@@ -148,6 +148,7 @@ def run(
     out: str | Path,
     *,
     checker: Callable | None = None,
+    checker_version: str | None = None,
     sibling: Any = None,
     cases_from: str | None = None,
     rules: str = "attnlrp",
@@ -178,7 +179,10 @@ def run(
         data: a list of records (dicts), a JSONL path, a ``datasets.Dataset``, or a zoo dataset
             (:func:`cage_lens.zoo.datasets.dataset`, which brings its checker).
         checker: ``checker(record, text) -> "open" | "wrong" | "correct"`` (or True/False); without it
-            every record needs an ``answer`` (compared token by token).
+            every record needs an ``answer`` (compared token by token). Its code, defaults, closure values
+            and the globals it reads are fingerprinted, so a resumed study refuses a checker that changed.
+        checker_version: a label for a checker that cannot be fingerprinted (one holding a compiled
+            tokenizer, say); change it whenever the checker's behaviour changes.
         sibling: a model whose top-k supplies the contrast when the studied model's does not (a spec,
             a model, or the name of one of ``models``).
         cases_from: the name of one of ``models``; the others explain its cases (paired comparison).
@@ -211,7 +215,7 @@ def run(
 
         check_ray_plan(plan)
     store = Store(out)
-    manifest = _manifest(plan)
+    manifest = _manifest(plan, checker_version)
     store.open(manifest, resume)
     _warn_environment(store, manifest)
     try:

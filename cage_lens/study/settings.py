@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from cage_lens.errors import InputError
+from cage_lens.inputs import check_number
 
 __all__ = ["StudySettings"]
 
@@ -42,8 +44,8 @@ class StudySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)):
-            raise InputError(f"min_delta must be a number, got {self.min_delta!r}")
+        # NaN would switch the Δℓ filter off (Δℓ <= nan is never true) and make the store unresumable
+        object.__setattr__(self, "min_delta", check_number(self.min_delta, "min_delta"))
         if self.graph_levels not in _LEVELS:
             raise InputError(f"graph_levels must be one of {', '.join(_LEVELS)}, got {self.graph_levels!r}")
         if not isinstance(self.graph_options, dict):
@@ -51,6 +53,9 @@ class StudySettings:
         forbidden = {"target", "contrast", "rules", "levels", "inputs", "position", "mode"} & set(self.graph_options)
         if forbidden:
             raise InputError(f"graph_options cannot set {sorted(forbidden)}: the study sets them per case")
+        for key, value in self.graph_options.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"graph_options[{key!r}] must be finite, got {value!r}")
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -129,8 +129,9 @@ def greedy_complete(model, prompt: str, n_tokens: int) -> builtins.list[str]:
     A plain loop over ``model(tokens)`` so it behaves the same on HookedTransformer and
     TransformerBridge.
     """
-    from cage_lens.inputs import greedy_continuation
+    from cage_lens.inputs import check_number, greedy_continuation, tokenize
 
-    tokens = model.to_tokens(prompt)
+    tokens = tokenize(model, prompt)[None]
+    n_tokens = check_number(n_tokens, "n_tokens", low=0, integer=True)
     out = greedy_continuation(model, tokens, n_tokens)[0, tokens.shape[1]:].tolist()
     return [model.tokenizer.convert_ids_to_tokens(i) for i in out]
