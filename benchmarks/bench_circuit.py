@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import LoadWatch, add_arguments, write_results
+
 import torch
 
 
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, nargs="*", default=None, help="token counts for fast alone")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "POS", "B"))
+    add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
@@ -173,6 +176,7 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(out), flush=True)
+    watch = LoadWatch(own_threads=args.threads).start()
     for n_pos in compare + long:
         batch_size = args.batch_size or max(1, min(16, 2048 // n_pos))
         fast = run_child("fast", n_pos, batch_size)
@@ -199,9 +203,8 @@ def main() -> None:
     for r in agreement_table():
         out.append(f"| {r['family']} | {r['rules']} | {r['note'] or format(r['error'], '.1e')} |")
     print("\n".join(out[-20:]), flush=True)
-    path = Path(__file__).resolve().parent / "results" / "bench_circuit.md"
-    path.write_text("\n".join(out) + "\n")
-    print(f"wrote {path}")
+    write_results(Path(__file__).resolve().parent / "results" / "bench_circuit.md", "\n".join(out), watch.stop(),
+                  args.allow_busy)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import LoadWatch, add_arguments, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "bench_lrp.md"
 FAMILIES = ("llama", "qwen3", "gemma2")
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    add_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         family, method, length, repeats, threads = args.worker
@@ -167,6 +170,7 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
+    watch = LoadWatch(own_threads=args.threads).start()
     for family in args.families:
         cert = run(family, "certificate", 0, 1, args.threads)
         for length in args.lengths:
@@ -180,9 +184,7 @@ def main() -> None:
             )
             lines.append(row)
             print(row, flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n")
-    print(f"wrote {OUT}")
+    write_results(OUT, "\n".join(lines), watch.stop(), args.allow_busy)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cage_lens import study  # noqa: E402
 from cage_lens.zoo.datasets import dataset  # noqa: E402
+from harness import LoadWatch, add_arguments, write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "bench_study.md"
 
@@ -126,13 +127,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     records = args.records or (256 if args.quick else 1024)
     widths, lengths, n_cases = ((64, 256), (32, 128), 16) if args.quick else ((64, 256, 512), (32, 128, 512), 48)
     threads = torch.get_num_threads()
+    watch = LoadWatch(own_threads=threads).start()
     with tempfile.TemporaryDirectory() as tmp:
         engines = bench_engines(records, False, Path(tmp)) + bench_engines(records, True, Path(tmp))
         cost = bench_cost(widths, lengths, n_cases, Path(tmp))
+    watch.stop()
     text = [
         "# Failure-study throughput", "",
         f"`python benchmarks/bench_study.py{' --quick' if args.quick else ''}` — {platform.processor() or platform.machine()}, "
@@ -158,9 +162,7 @@ def main(argv=None) -> int:
                       ("ms forward/case", "ms_forward", ".2f"), ("ratio", "ratio", ".1f")]),
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text))
-    print(f"wrote {args.out}")
+    write_results(args.out, "\n".join(text), watch, args.allow_busy)
     return 0
 
 

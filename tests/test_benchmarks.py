@@ -1,0 +1,58 @@
+"""The benchmark harness: a results file is written only when the machine was not busier than its cores
+(docs: benchmarks/harness.py), and no committed results file was taken on a busy machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import harness  # noqa: E402
+
+
+def _watch(samples, own_threads=1):
+    watch = harness.LoadWatch(own_threads=own_threads)
+    watch.start_load, watch.end_load, watch.samples = samples[0], samples[-1], list(samples)
+    return watch
+
+
+def test_a_quiet_run_counts_and_a_busy_one_does_not(monkeypatch):
+    monkeypatch.setattr(harness, "cores", lambda: 2)
+    assert _watch([0.3, 1.9, 2.4, 2.1]).problem() is None          # our own 2 threads: up to 2.5
+    assert "during the run" in _watch([0.3, 2.0, 2.6, 2.2]).problem()  # someone else ran meanwhile
+    assert "at the start" in _watch([2.2, 1.0, 0.8]).problem()       # busy before we started
+
+
+def test_write_results_refuses_then_marks_an_allowed_busy_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "cores", lambda: 2)
+    out = tmp_path / "bench.md"
+    busy = _watch([0.2, 3.7, 3.1])
+    with pytest.raises(SystemExit) as exit_:
+        harness.write_results(out, "# title\n\n| a |", busy)
+    assert exit_.value.code == harness.BUSY_EXIT and not out.exists()
+    assert "not writing" in capsys.readouterr().err
+    harness.write_results(out, "# title\n\n| a |", busy, allow_busy=True)
+    text = out.read_text()
+    assert text.startswith(harness.BUSY_WARNING) and "highest 3.70" in text
+    quiet = _watch([0.2, 1.1, 0.9])
+    harness.write_results(out, "# title\n\n| a |", quiet)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "# title" and lines[2].startswith("Load average (1 min) at start 0.20, at end 0.90")
+
+
+def test_the_watch_samples_while_it_runs():
+    watch = harness.LoadWatch(interval=0.01).start()
+    import time
+
+    time.sleep(0.1)
+    watch.stop()
+    assert len(watch.samples) >= 3 and watch.peak >= min(watch.samples)
+
+
+def test_no_committed_results_file_was_taken_on_a_busy_machine():
+    busy = [p.name for p in (ROOT / "benchmarks" / "results").glob("*.md") if harness.BUSY_WARNING in p.read_text()]
+    assert busy == [], f"results written with --allow-busy are committed: {busy}"
