@@ -20,7 +20,7 @@ from cage_lens.errors import InputError, NumericalError
 from cage_lens.patching.grids import Grid, Metric
 from cage_lens.patching.runs import PatchRun, fetch_source, metric_value, source_activation, start_run
 
-__all__ = ["check_rules_reach", "gradients", "linear_grid", "one_backward", "tapped_run"]
+__all__ = ["check_rules_reach", "gradients", "linear_grid", "one_backward", "tapped_run", "TappedRun"]
 
 
 def _tap_hooks(adapter: ModelAdapter, names: Sequence[str], taps: dict[str, torch.Tensor]) -> list[PointHook]:
@@ -78,33 +78,43 @@ def gradients(model, adapter: ModelAdapter, tokens: torch.Tensor, metric: Metric
     return {n: taps[n].detach() for n in names}, {n: g.detach() for n, g in grads.items()}
 
 
+class TappedRun:
+    """The patched run and the graph of its forward under ``rule_set`` (see :func:`tapped_run`)."""
+
+    def __init__(self, run: PatchRun, value: torch.Tensor, found: dict[str, torch.Tensor], taps: Sequence[str],
+                 rule_set: RuleSet):
+        self.run, self.value, self.found, self.taps, self.rule_set = run, value, found, list(taps), rule_set
+
+    def gradients(self, retain: bool = False, stage: str | None = None) -> dict[str, torch.Tensor]:
+        """The metric's gradient at every tap (one backward of the run's own forward, 2 forward-equivalents)."""
+        with session(self.run.adapter):
+            grads = dict(zip(self.taps, torch.autograd.grad(self.value, [self.found[n] for n in self.taps],
+                                                            retain_graph=retain, allow_unused=True)))
+        unreached = [n for n in self.taps if grads[n] is None and not n.endswith(("hook_q", "hook_k", "hook_pattern"))]
+        if unreached:
+            raise InputError(
+                f"no gradient reaches {unreached[0]} from the metric under rules={self.rule_set.name!r} (the rules "
+                "detach it, or the metric does not depend on it); there is no estimate for that grid"
+            )
+        self.run.ledger.add_fe(stage or f"backward ({self.rule_set.name})", 2.0)
+        return {n: (g.detach() if g is not None else torch.zeros_like(self.found[n])) for n, g in grads.items()}
+
+
 def tapped_run(model, adapter: ModelAdapter, tokens: torch.Tensor, source: Mapping, metric: Metric,
-               names: Sequence[str], taps: Sequence[str], rule_set: RuleSet, strict: bool = True):
+               names: Sequence[str], taps: Sequence[str], rule_set: RuleSet, strict: bool = True,
+               extra_hooks: Sequence[PointHook] = ()) -> TappedRun:
     """The patched run (:func:`~cage_lens.patching.runs.start_run`, with the HF key/value cache on a bridge)
-    in one forward under ``rule_set`` that also taps ``taps``; returns the run and ``backward()``, which
-    gives the metric's gradient at the taps when called (under the same rules, no second forward).
-    The rules change gradients only, so the run's activations are the plain forward's (the exact
-    engine's self-check would refuse a model where they were not, to rounding)."""
+    in one forward under ``rule_set`` that also taps ``taps``: its gradients come later from the same graph
+    (:meth:`TappedRun.gradients`), no second forward. The rules change gradients only, so the run's
+    activations are the plain forward's (the exact engine's self-check refuses a model where they are not,
+    to rounding)."""
     found: dict[str, torch.Tensor] = {}
     certify_or_warn(adapter, strict)
     taps = list(dict.fromkeys(taps))
     with session(adapter), engine.rules_active(adapter, rule_set):
         run, value = start_run(model, adapter, tokens, source, metric, names, kv=True,
-                               extra_hooks=_tap_hooks(adapter, taps, found), grad=True)
-
-    def backward() -> dict[str, torch.Tensor]:
-        with session(adapter):
-            grads = dict(zip(taps, torch.autograd.grad(value, [found[n] for n in taps], allow_unused=True)))
-        unreached = [n for n, g in grads.items() if g is None]
-        if unreached:
-            raise InputError(
-                f"no gradient reaches {unreached[0]} from the metric under rules={rule_set.name!r} (the rules "
-                "detach it, or the metric does not depend on it); there is no estimate for that grid"
-            )
-        run.ledger.add_fe(f"backward ({rule_set.name})", 2.0)
-        return {n: g.detach() for n, g in grads.items()}
-
-    return run, backward
+                               extra_hooks=_tap_hooks(adapter, taps, found) + list(extra_hooks), grad=True)
+    return TappedRun(run, value, found, taps, rule_set)
 
 
 def linear_grid(grid: Grid, n_layers: int, source: Mapping, activations: dict, grads: dict) -> torch.Tensor:

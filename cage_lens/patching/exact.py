@@ -40,15 +40,17 @@ __all__ = ["Cell", "SuffixPatcher", "cells_of", "exact_cost"]
 MAX_ELEMENTS = 1 << 24
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cell:
     """One cell of a grid: its layer, its index in TL's grid order after the layer axis, and the first
-    query row its patch changes."""
+    query row its patch changes. ``value``: what :meth:`SuffixPatcher.rows` writes there instead of the
+    source run's activation (the activation's layout, batch first, the cell's row only): a probe."""
 
     grid: Grid
     layer: int
     index: tuple[int, ...]
     first: int
+    value: torch.Tensor | None = None
 
     def relative(self, start: int) -> tuple[int, ...]:
         """The index with its query row counted from ``start`` (the first row of the suffix run)."""
@@ -302,7 +304,8 @@ class SuffixPatcher:
         by_point: dict[str, list] = {}
         for c, cell in enumerate(cells):
             name = cell.grid.hook_name(cell.layer)
-            source = _narrow(cell.grid, self.run.source_of(name), cell.first, cell.first + 1)
+            source = cell.value if cell.value is not None else _narrow(
+                cell.grid, self.run.source_of(name), cell.first, cell.first + 1)
             by_point.setdefault(name, []).append((slice(c * B, (c + 1) * B), cell.grid, source, cell.relative(cell.first)))
         return [PointHook(name, _patcher(entries)) for name, entries in by_point.items()]
 

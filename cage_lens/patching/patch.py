@@ -6,7 +6,9 @@ Methods (``method=``):
   estimates elsewhere, with per-cell flags (:mod:`cage_lens.patching.routing`);
 - ``"exact"``: every changed cell by exact suffix patching (TransformerLens' numbers, fewer FLOPs);
 - ``"one_backward"``: one forward and one backward under ``rules`` (relevance patching; attribution
-  patching with ``rules="gxi"``); also what ``rules=`` alone selects, as it always has.
+  patching with ``rules="gxi"``); also what ``rules=`` alone selects, as it always has;
+- ``"atp_star"``: AtP* (attribution patching with the QK fix and GradDrop), a baseline
+  (:mod:`cage_lens.patching.atp_star`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cage_lens.core.adapter import ModelAdapter, adapt
 from cage_lens.core.hooks import fired_hooks, session
 from cage_lens.errors import InputError, UnsupportedModelError
 from cage_lens.inputs import check_number
+from cage_lens.patching.atp_star import GradDrop, atp_star_run, atp_star_taps
 from cage_lens.patching.estimate import check_rules_reach, one_backward, tapped_run
 from cage_lens.patching.exact import SuffixPatcher, cells_of
 from cage_lens.patching.grids import BLOCK_GRIDS, Grid, Metric, check_grids
@@ -29,11 +32,18 @@ from cage_lens.patching.routing import primary_rules, routing_names, routing_pat
 from cage_lens.patching.rules import default_rules, resolve_patch_rules
 from cage_lens.patching.runs import as_tokens, start_run
 
-__all__ = ["relevance_patch", "METHODS", "DEFAULT_SPEEDUP", "default_method", "resolve_method"]
+__all__ = ["relevance_patch", "METHODS", "DEFAULT_BUDGET", "default_budget", "default_method", "resolve_method"]
 
-METHODS = ("rap", "exact", "one_backward")
-#: RAP's default budget: at most 1/DEFAULT_SPEEDUP of TransformerLens' forwards (docs/patching.md#budget)
-DEFAULT_SPEEDUP = 10.0
+METHODS = ("rap", "exact", "one_backward", "atp_star")
+#: RAP's default budget in forward-equivalents for the whole call, kept between 1/50 and 1/10 of
+#: TransformerLens' forwards for the same grids (docs/patching.md#budget)
+DEFAULT_BUDGET = 16.0
+
+
+def default_budget(tl_forwards: int) -> float:
+    """16 forward-equivalents — what the zoo's grids need for the agreement targets — but never more than
+    1/10 of TransformerLens' sweep nor less than 1/50 of it (large sweeps get proportionally more)."""
+    return min(tl_forwards / 10, max(tl_forwards / 50, DEFAULT_BUDGET))
 
 
 def default_method(grid: str) -> str:
@@ -55,8 +65,10 @@ def _names(adapter: ModelAdapter, grids: Sequence[Grid], method: str) -> list[st
     names = [g.hook_name(l) for g in grids for l in range(n_layers)]
     if not adapter.arch.is_bridge:  # the blocks' inputs and the prefix keys/values (pre-rotary)
         names += [adapter.block(l, n) for l in range(n_layers) for n in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
-    if method == "rap":
+    if method in ("rap", "atp_star"):
         names += [n for l in range(n_layers) for key, n in routing_names(adapter, l).items() if key != "z"]
+    if method == "atp_star":
+        names += [n for l in range(n_layers) for n in (adapter.layer(l).q, adapter.layer(l).k)]
     return list(dict.fromkeys(names))
 
 
@@ -103,8 +115,9 @@ def relevance_patch(
         rules: the rules of the one-backward estimate (RAP's too): ``"cplrp"`` (default; ``"relp"`` for
             query/key grids, which CP-LRP cannot estimate), ``"attnlrp"``, ``"gxi"`` (attribution patching),
             ``"relp"``, a :class:`PatchRules` or a rule set.
-        speedup, budget: RAP's budget in forward-equivalents for the whole call (docs/patching.md#cost):
-            ``budget`` directly, or TransformerLens' forward count / ``speedup`` (default 10).
+        speedup, budget: RAP's budget in forward-equivalents for the whole call (docs/patching.md#budget):
+            ``budget`` directly, or TransformerLens' forward count / ``speedup``; by default
+            :func:`default_budget` (16, within 1/50 .. 1/10 of TransformerLens' forwards).
         strict: refuse a model the completeness certificate does not pass (docs/rules.md).
 
     Returns: a :class:`PatchResult` — ``{grid: tensor}`` shaped like TL's grids, with ``method``, ``exact``,
@@ -131,16 +144,22 @@ def relevance_patch(
 def _patch_run(model, adapter, tokens, clean_cache, patching_metric, wanted, chosen, per_grid, explicit: bool,
                speedup, budget, strict) -> PatchResult:
     names = _names(adapter, wanted, chosen)
-    backward = None
+    tapped, graddrop = None, None
     if chosen == "exact":
         run, _ = start_run(model, adapter, tokens, clean_cache, patching_metric, names, kv=True)
+    elif chosen == "atp_star":  # plain gradients, AtP*'s taps and the GradDrop gates in one forward
+        graddrop = GradDrop(adapter)
+        tapped = tapped_run(model, adapter, tokens, clean_cache, patching_metric, names,
+                            atp_star_taps(adapter, wanted), resolve_patch_rules("gxi"), strict, graddrop.hooks())
+        run = tapped.run
     else:  # RAP: the patched run under the rules of its main one-backward estimate, backward only when needed
         primary = primary_rules(wanted, per_grid)
         members = [g for g in wanted if resolve_patch_rules(per_grid[g.name]).name == primary.name]
         check_rules_reach(primary, members)
         taps = [g.hook_name(l) for g in members for l in range(adapter.arch.n_layers)]
         taps += [routing_names(adapter, l)["z"] for l in range(adapter.arch.n_layers)]
-        run, backward = tapped_run(model, adapter, tokens, clean_cache, patching_metric, names, taps, primary, strict)
+        tapped = tapped_run(model, adapter, tokens, clean_cache, patching_metric, names, taps, primary, strict)
+        run = tapped.run
     try:
         patcher = SuffixPatcher(run)
     except UnsupportedModelError as exc:
@@ -159,5 +178,8 @@ def _patch_run(model, adapter, tokens, clean_cache, patching_metric, wanted, cho
                 values[g.name][(cell.layer,) + cell.index] = value
             exact[g.name] = torch.ones(changed.shape, dtype=torch.bool)
         return PatchResult(values, {g.name: "exact" for g in wanted}, exact, {}, run.ledger.fe(), tl_forwards(run, wanted))
-    limit = budget if budget is not None else tl_forwards(run, wanted) / (speedup or DEFAULT_SPEEDUP)
-    return routing_patch_run(run, patcher, wanted, per_grid, limit, backward, strict)
+    tl = tl_forwards(run, wanted)
+    limit = budget if budget is not None else tl / speedup if speedup is not None else default_budget(tl)
+    if chosen == "atp_star":
+        return atp_star_run(run, patcher, wanted, tapped, graddrop)
+    return routing_patch_run(run, patcher, wanted, per_grid, limit, tapped, strict)

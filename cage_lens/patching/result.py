@@ -16,6 +16,8 @@ FLAG_NAMES = {
                      "some row switches (total variation ≥ 0.3): first order in a routing change, not exact",
     "cancellation": "the estimate is a small difference of terms over three times its size: their errors do not "
                     "cancel",
+    "graddrop": "AtP*'s GradDrop: dropping one downstream layer's gradient moves the estimate by more than the "
+                "estimate itself (cancelling paths)",
 }
 
 

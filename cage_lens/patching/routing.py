@@ -273,9 +273,9 @@ def primary_rules(grids: Sequence[Grid], rules: dict[str, object]):
 
 
 def routing_patch_run(run: PatchRun, patcher: SuffixPatcher, grids: Sequence[Grid], rules: dict[str, object],
-                      budget: float, backward, strict: bool = True) -> PatchResult:
+                      budget: float, tapped, strict: bool = True) -> PatchResult:
     """RAP on one patched run (the module docstring); ``budget``: forward-equivalents for the whole call;
-    ``backward()``: the gradients of the run's own forward under :func:`primary_rules`."""
+    ``tapped``: the run's own forward under :func:`primary_rules`, whose gradients it reads when needed."""
     model, adapter = run.model, run.adapter
     n_layers = adapter.arch.n_layers
     cells = {g.name: cells_of(run, g) for g in grids}
@@ -300,7 +300,7 @@ def routing_patch_run(run: PatchRun, patcher: SuffixPatcher, grids: Sequence[Gri
     primary = primary_rules(grids, rules).name
     for label, members in _by_rules(grids, rules).items():
         if label == primary:
-            activations, grads = run.activations, backward()
+            activations, grads = run.activations, tapped.gradients()
         else:  # a second rule set (query/key grids under RAP's CP-LRP): its own forward and backward
             rule_set = resolve_patch_rules(rules[members[0].name])
             names = [g.hook_name(l) for g in members for l in range(n_layers)]
