@@ -10,6 +10,7 @@ import torch
 
 from cage_lens.core.adapter import adapt
 from cage_lens.errors import InputError
+from cage_lens.inputs import check_number
 from cage_lens.patching.grids import GRIDS, Grid, Metric, check_grids
 from cage_lens.patching.patch import METHODS, relevance_patch
 from cage_lens.patching.result import PatchResult
@@ -249,6 +250,8 @@ def agreement(
         raise InputError(f"agreement needs {', '.join(missing)} (keywords: corrupted_tokens=, clean_tokens=, metric=)")
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    check_number(speedup, "speedup", low=1.0, allow_none=True)
+    check_number(budget, "budget", low=0.0, low_open=True, allow_none=True)
     clean_t, corrupted_t = check_same_length(model, clean_tokens, corrupted_tokens)
     adapter = adapt(model)
     wanted = [g.name for g in check_grids(grids, adapter)]

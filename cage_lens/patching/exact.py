@@ -198,7 +198,14 @@ class SuffixPatcher:
     def _check_bridge_cache(self) -> None:
         layers = getattr(self.run.kv, "layers", None)
         full = self.run.length
-        if full > 1 and (not layers or any(getattr(layer, "keys", None) is None or layer.keys.shape[-2] != full for layer in layers)):
+        if getattr(getattr(self.model, "original_model", None), "config", None) is None:
+            raise UnsupportedModelError(
+                "this TransformerBridge runs a TransformerLens-native model, which has no key/value cache; exact "
+                "suffix patching needs one (an HF-backed bridge or a HookedTransformer); use method='one_backward'"
+            )
+        filled = layers and all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == full
+                                for layer in layers)
+        if full > 1 and not filled:
             raise UnsupportedModelError(
                 "this TransformerBridge did not fill the HF key/value cache for every position (a sliding-window "
                 "cache, or a TransformerLens/transformers pair whose attention ignores past_key_values), which "

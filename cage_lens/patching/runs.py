@@ -205,7 +205,8 @@ def start_run(model, adapter: ModelAdapter, tokens: torch.Tensor, source: Mappin
 
     for name in dict.fromkeys(names):
         fetch_source(source, name)  # a cache without them is refused before the forward
-    attempts = KV_KEYWORDS if kv and adapter.arch.is_bridge else ((),)
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)  # None: a TL-native bridge
+    attempts = KV_KEYWORDS if kv and adapter.arch.is_bridge and hf_config is not None else ((),)
     cache, used = None, ()
     hooks = list(extra_hooks) + [PointHook(n, keep(n)) for n in dict.fromkeys(names)]
     with session(adapter, grad=grad), installed(adapter, hooks):
