@@ -1,22 +1,20 @@
-"""Relevance patching: TransformerLens' activation-patching grids estimated from one backward pass.
+"""Relevance patching: TransformerLens' activation-patching grids, computed or estimated at a fraction
+of the cost of one forward per cell (docs/patching.md).
 
 Named and shaped like ``transformer_lens.patching``: swap ``patching.get_act_patch_resid_pre`` for
-``cage_lens.patching.relevance_patch_resid_pre`` (same arguments, same grid shape and axis order).
-Each cell is the first-order estimate of what patching that cell does to the metric,
+``cage_lens.patching.relevance_patch_resid_pre`` (same arguments, same grid shape and axis order). Each
+cell is the *change* the patch makes, ``metric(patched) − metric(corrupted)``: subtract the unpatched
+metric from TL's grid to compare numbers. Noising is the same call with the roles swapped, as with TL.
 
-    (a_clean − a_corrupted) · ∂metric/∂a   (evaluated on the corrupted run, gradient under ``rules``)
-
-summed over the batch and the cell's feature axes. ``rules="gxi"`` is classic attribution patching;
-``"cplrp"`` (the default, best measured), ``"attnlrp"`` and ``"relp"`` (the RelP reference rules) take
-the gradient under LRP rules (relevance patching). One forward and one backward of the corrupted batch
-give every cell of every requested grid.
-
-Direction and sign: TransformerLens' ``get_act_patch_*`` run ``corrupted_tokens`` with activations
-from ``clean_cache`` patched in (denoising) and return ``metric(patched logits)``. The estimate here
-is the *change* that patch makes, ``metric(patched) − metric(corrupted)``: subtract the unpatched
-metric from TL's grid to compare numbers (correlations are unaffected). Noising is the same call
-with the roles swapped — ``relevance_patch_*(model, clean_tokens, corrupted_cache, metric)``, exactly
-as with TL. See docs/patching.md for formulas, conventions and the measured agreement.
+How a grid is computed (``method=``, docs/patching.md#methods): ``"rap"`` (the default) — routing-aware
+patching: exact suffix patching while a budget allows, else one backward plus row-exact estimates
+(the patched row's trajectory exact, every later row's attention re-softmaxed) and exact patching of
+the cells that matter most, with flags on unreliable cells; ``"exact"`` — TL's numbers from suffix runs;
+``"one_backward"`` — ``(a_clean − a_corrupted) · ∂metric/∂a`` from one forward and one backward under
+``rules`` (relevance patching with ``"cplrp"``, ``"relp"``, ``"attnlrp"``; attribution patching with
+``"gxi"``), also what ``rules=`` alone selects; ``"atp_star"`` — the AtP* baseline.
+``relevance_patch`` returns a :class:`PatchResult` carrying the method per grid, the exact cells, the
+flags and the cost in forward-equivalents.
 """
 
 from __future__ import annotations

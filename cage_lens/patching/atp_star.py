@@ -202,7 +202,7 @@ def atp_star_run(run: PatchRun, patcher: SuffixPatcher, grids: Sequence[Grid], t
         if g.name not in QK_FIX_GRIDS or not fixable:
             continue
         cells = cells_of(run, g)
-        probes = sorted(_probes(run, g, cells), key=lambda item: item[1].layer)
+        probes = _probes(run, g, cells)
         if probes:
             _, captured = patcher.rows([p for _, p in probes], captures, stage="QK fix probes")
             linear, exact = _qk_terms(run, atts, grads, probes, captured, len(cells), g.kind == "head")

@@ -149,32 +149,37 @@ class SuffixPatcher:
         return out
 
     def rows(self, cells: Sequence[Cell], captures: Sequence[str], stage: str = "row trajectories"):
-        """Each cell's first row run alone — its exact new trajectory, since no earlier row moves — all
-        cells in one batch: each batch row attends to the patched run's keys before its own row (the
-        others are masked, and positions follow the mask). ``cells`` must be sorted by layer.
+        """Each cell's first row run alone — its exact new trajectory, since no earlier row moves — many
+        cells per batch: each batch row attends to the patched run's keys before its own row (the others
+        are masked, and positions follow the mask).
 
-        Returns ``(logits, captured)``: the logits of each cell's row, ``[cells, batch, vocab]``, and per
-        capture name a tensor for the cells whose layer is at most the capture's layer (a prefix of
-        ``cells``): ``[cells, batch, head, d_head]`` for q/k/v-like points, ``[cells, batch, head, pos]``
-        for a pattern (the row's attention over keys ``0 .. row``, zeros after). Pattern grids are not
-        supported here."""
+        Returns ``(logits, captured)``: ``{cell index: logits [batch, vocab]}`` for the cells whose row the
+        metric reads, and per capture name a tensor over all cells, in their order — ``[cells, batch, head,
+        d_head]`` for q/k/v-like points, ``[cells, batch, head, pos]`` for a pattern (the row's attention over
+        keys ``0 .. row``, zeros after) — valid for the cells whose layer is at most the capture's layer.
+        Pattern grids are not supported here."""
         B, T = self.run.batch, self.run.length
-        per = max(1, MAX_ELEMENTS // max(1, B * max(self.arch.d_mlp or 0, self.arch.d_model, T * 4)))
-        logits, captured = [], {}
-        for c0 in range(0, len(cells), per):
-            chunk = list(cells[c0:c0 + per])
+        width = max(self.arch.d_mlp or 0, self.arch.d_model * T, self.arch.n_heads * T)  # the prefix keys dominate
+        per = max(1, MAX_ELEMENTS // max(1, B * width))
+        by_first = sorted(range(len(cells)), key=lambda i: cells[i].first)  # a short prefix for early rows
+        logits: dict[int, torch.Tensor] = {}
+        captured: dict[str, torch.Tensor] = {}
+        for c0 in range(0, len(by_first), per):
+            order = sorted(by_first[c0:c0 + per], key=lambda i: cells[i].layer)  # a TL 2 batch grows by layer
+            chunk = [cells[i] for i in order]
             chunk_logits, store = self._run_rows(chunk, captures, stage)
-            logits.append(chunk_logits.view(len(chunk), B, -1))
+            for j, i in enumerate(order):
+                if chunk_logits.get(j) is not None:
+                    logits[i] = chunk_logits[j]
             firsts = torch.tensor([c.first for c in chunk])
             for name, t in store.items():
-                m = t.shape[0] // B  # a TL 2 batch holds a cell's rows from its layer on
+                m = t.shape[0] // B  # a TL 2 batch holds a cell's rows from its layer on: the first m cells
                 t = t.view(m, B, *t.shape[1:])
-                if name.endswith("hook_pattern"):  # [m, B, H, 1, P + 1] -> keys at their positions
-                    t = _pattern_at_positions(t[..., -1, :], firsts[:m], T)
-                else:
-                    t = t[:, :, -1]
-                captured.setdefault(name, []).append(t)
-        return torch.cat(logits), {n: torch.cat(v) for n, v in captured.items()}
+                t = _pattern_at_positions(t[..., -1, :], firsts[:m], T) if name.endswith("hook_pattern") else t[:, :, -1]
+                if name not in captured:
+                    captured[name] = torch.zeros(len(cells), *t.shape[1:], dtype=t.dtype, device=t.device)
+                captured[name][torch.tensor(order[:m], dtype=torch.long)] = t
+        return logits, captured
 
     def cost(self, cells: Sequence[Cell]) -> float:
         """FLOPs that :meth:`effects` spends on ``cells`` (grouped as it groups them)."""
@@ -221,10 +226,10 @@ class SuffixPatcher:
         scale = float(expected.abs().max()) + 1.0
         tolerance = (1e-9 if expected.dtype == torch.float64 else 2e-4) * scale  # a different summation order
         if error <= tolerance and start > 1:  # the masked one-row batch of :meth:`rows`, two rows at once
-            rows, _ = self._run_rows([], (), "self-check", firsts=[start, start // 2])
-            got = rows.view(2, self.run.batch, -1)
-            expected2 = torch.stack([expected, self.run.logits[:, start // 2]])
-            error = max(error, float((got - expected2).abs().max()))
+            probe = [start, start // 2]
+            rows, _ = self._run_rows([], (), "self-check", firsts=probe, read=probe)
+            for j, row in enumerate(probe):
+                error = max(error, float((rows[j] - self.run.logits[:, row]).abs().max()))
         if not error <= tolerance:
             raise UnsupportedModelError(
                 f"re-running position {start} from the key/value cache gives logits {error:.3g} away from the full "
@@ -271,10 +276,13 @@ class SuffixPatcher:
         B = self.run.batch
         return final.view(n, B, *final.shape[1:]), store
 
-    def _run_rows(self, cells: Sequence[Cell], captures: Sequence[str], stage: str, firsts: Sequence[int] = ()):
-        """One batch row per cell, the cell's first row only (see :meth:`rows`): logits ``[rows·batch,
-        vocab]`` of each row and the captured tensors. Without cells, unpatched rows ``firsts``."""
+    def _run_rows(self, cells: Sequence[Cell], captures: Sequence[str], stage: str, firsts: Sequence[int] = (),
+                  read: Sequence[int] | None = None):
+        """One batch row per cell, the cell's first row only (see :meth:`rows`): ``{row index: logits [batch,
+        vocab]}`` for the rows in ``read`` (default: the rows the metric reads) and the captured tensors.
+        Without cells, unpatched rows ``firsts``."""
         run, B = self.run, self.run.batch
+        read = set(run.read if read is None else read)
         firsts = [c.first for c in cells] or list(firsts)
         layers = [c.layer for c in cells] or [0] * len(firsts)
         prefix = max(firsts)
@@ -297,13 +305,15 @@ class SuffixPatcher:
                     kwargs["logits_to_keep"] = 1
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-                    logits = self.model(tokens, **kwargs)[:, -1]
+                    every = self.model(tokens, **kwargs)[:, -1].view(len(firsts), B, -1)
+                logits = {j: every[j] for j, f in enumerate(firsts) if f in read}
             else:
-                logits = self._hooked_rows(layers, firsts, prefix, mask)
+                logits = self._hooked_rows(layers, firsts, prefix, mask, read)
         n = len(firsts)
         arch = self.arch
         layer_rows = n * arch.n_layers if self.bridge else sum(arch.n_layers - layer for layer in layers)
-        run.ledger.add(stage, B * (layer_rows * layer_flops(arch, 1, prefix + 1) + unembed_flops(arch, n)))
+        logit_rows = n if self.bridge else len(logits)
+        run.ledger.add(stage, B * (layer_rows * layer_flops(arch, 1, prefix + 1) + unembed_flops(arch, logit_rows)))
         return logits, store
 
     def _row_patch_hooks(self, cells: Sequence[Cell]) -> list[PointHook]:
@@ -316,8 +326,9 @@ class SuffixPatcher:
             by_point.setdefault(name, []).append((slice(c * B, (c + 1) * B), cell.grid, source, cell.relative(cell.first)))
         return [PointHook(name, _patcher(entries)) for name, entries in by_point.items()]
 
-    def _hooked_rows(self, layers: Sequence[int], firsts: Sequence[int], prefix: int, mask) -> torch.Tensor:
-        """TL 2.x: row ``i`` joins the batch at block ``layers[i]`` (ascending) with the input of row ``firsts[i]``."""
+    def _hooked_rows(self, layers: Sequence[int], firsts: Sequence[int], prefix: int, mask, read) -> dict:
+        """TL 2.x: row ``i`` joins the batch at block ``layers[i]`` (ascending) with the input of row
+        ``firsts[i]``; the logits of the rows whose position is in ``read``."""
         from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCacheEntry
 
         model, run, B = self.model, self.run, self.run.batch
@@ -330,13 +341,28 @@ class SuffixPatcher:
                 x = rows if x is None else torch.cat([x, rows])
             entry, layer_mask = None, None
             if prefix > 0:
-                reps = x.shape[0] // B
-                keys = run.activations[f"blocks.{layer}.attn.hook_k"][:, :prefix].repeat(reps, 1, 1, 1)
-                values = run.activations[f"blocks.{layer}.attn.hook_v"][:, :prefix].repeat(reps, 1, 1, 1)
-                entry = HookedTransformerKeyValueCacheEntry(keys, values, frozen=True)
+                entry = self._prefix_entry(layer, prefix, x.shape[0] // B)
                 layer_mask = mask[: x.shape[0]]
             x = model.blocks[layer](x, past_kv_cache_entry=entry, attention_mask=layer_mask)
-        return self._unembed(x[:, -1])
+        wanted = [j for j, f in enumerate(firsts) if f in read]
+        if not wanted:
+            return {}
+        rows = torch.cat([x[j * B:(j + 1) * B, -1] for j in wanted])
+        out = self._unembed(rows).view(len(wanted), B, -1)
+        return dict(zip(wanted, out))
+
+    def _prefix_entry(self, layer: int, prefix: int, reps: int):
+        """A frozen TL 2 key/value cache entry: the patched run's keys and values (pre-rotary) of rows
+        ``0 .. prefix − 1``, once per cell (a view, not a copy, for a single prompt)."""
+        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCacheEntry
+
+        run, B = self.run, self.run.batch
+        keys = run.activations[f"blocks.{layer}.attn.hook_k"][:, :prefix]
+        values = run.activations[f"blocks.{layer}.attn.hook_v"][:, :prefix]
+        if B == 1:
+            return HookedTransformerKeyValueCacheEntry(keys.expand(reps, *keys.shape[1:]),
+                                                       values.expand(reps, *values.shape[1:]), frozen=True)
+        return HookedTransformerKeyValueCacheEntry(keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1), frozen=True)
 
     def _unembed(self, final: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -370,12 +396,7 @@ class SuffixPatcher:
             if joining:
                 rows = run.activations[f"blocks.{layer}.hook_resid_pre"][:, s:e].repeat(joining, 1, 1)
                 x = rows if x is None else torch.cat([x, rows])
-            entry = None
-            if s > 0:
-                reps = x.shape[0] // run.batch
-                keys = run.activations[f"blocks.{layer}.attn.hook_k"][:, :s].repeat(reps, 1, 1, 1)
-                values = run.activations[f"blocks.{layer}.attn.hook_v"][:, :s].repeat(reps, 1, 1, 1)
-                entry = HookedTransformerKeyValueCacheEntry(keys, values, frozen=True)
+            entry = self._prefix_entry(layer, s, x.shape[0] // run.batch) if s > 0 else None
             x = model.blocks[layer](x, past_kv_cache_entry=entry)
         rel = [r - s for r in read]
         if not rel:

@@ -139,24 +139,22 @@ class RowEstimate:
         row, or a later row's read), ``saturation`` p(1 − p) of that row's top key. The row trajectories of
         every grid's cells run together, in one batch."""
         run = self.run
-        every = sorted((c for name in cells for c in cells[name]), key=lambda c: c.layer)
+        every = [c for name in cells for c in cells[name]]
         n_layers = run.adapter.arch.n_layers
         captures = [name for layer in range(n_layers) for key, name in routing_names(run.adapter, layer).items()
                     if key in ("k", "v", "pattern")]
-        logits, captured = self.patcher.rows(every, captures) if every else (None, {})
+        logits, captured = self.patcher.rows(every, captures) if every else ({}, {})
         acc = {k: torch.zeros(len(every), dtype=torch.float64) for k in ("direct", "cross", "magnitude", "routing_tv")}
         acc["saturation"] = torch.full((len(every),), 0.25, dtype=torch.float64)
         layers = torch.tensor([c.layer for c in every], dtype=torch.long)
         for layer in range(n_layers):
-            m = int((layers <= layer).sum())
-            if m:
+            mine = (layers <= layer).nonzero().flatten()
+            if len(mine):
                 names = routing_names(run.adapter, layer)
-                # a bridge runs every cell through every layer, a HookedTransformer from the cell's layer on
-                self._layer_terms(layer, every[:m], captured[names["k"]][:m], captured[names["v"]][:m],
-                                  captured[names["pattern"]][:m], acc)
-        for i, cell in enumerate(every):
-            if cell.first in run.read:
-                acc["direct"][i] = run.metric_with([cell.first], logits[i][:, None])
+                self._layer_terms(layer, [every[i] for i in mine.tolist()], mine, captured[names["k"]][mine],
+                                  captured[names["v"]][mine], captured[names["pattern"]][mine], acc)
+        for i, row_logits in logits.items():
+            acc["direct"][i] = run.metric_with([every[i].first], row_logits[:, None])
         acc["magnitude"] += acc["direct"].abs()
         acc["estimate"] = acc["direct"] + acc["cross"]
         out = {}
@@ -172,9 +170,10 @@ class RowEstimate:
                 out[cell.grid.name][key][at] = values[i]
         return out
 
-    def _layer_terms(self, layer: int, cells: Sequence[Cell], k_new: torch.Tensor, v_new: torch.Tensor,
-                     own: torch.Tensor, acc: dict) -> None:
-        """Add layer ``layer``'s terms of ``cells`` (their new key, value and own attention row) to ``acc``."""
+    def _layer_terms(self, layer: int, cells: Sequence[Cell], at: torch.Tensor, k_new: torch.Tensor,
+                     v_new: torch.Tensor, own: torch.Tensor, acc: dict) -> None:
+        """Add layer ``layer``'s terms of ``cells`` (their new key, value and own attention row) to
+        ``acc[...][at]``."""
         run, att = self.run, self.layers[layer]
         names = routing_names(run.adapter, layer)
         n_heads = run.adapter.arch.n_heads
@@ -212,11 +211,11 @@ class RowEstimate:
         sat_all = torch.cat([own_sat, cross_sat], dim=1)
         tv, where = tv_all.max(1)
         sat = sat_all.gather(1, where[:, None])[:, 0]
-        acc["cross"][:C] += term.sum(dim=(1, 2, 3))
-        acc["magnitude"][:C] += term.abs().sum(dim=(1, 2, 3))
-        better = tv > acc["routing_tv"][:C]
-        acc["routing_tv"][:C] = torch.where(better, tv, acc["routing_tv"][:C])
-        acc["saturation"][:C] = torch.where(better, sat, acc["saturation"][:C])
+        acc["cross"][at] += term.sum(dim=(1, 2, 3))
+        acc["magnitude"][at] += term.abs().sum(dim=(1, 2, 3))
+        better = tv > acc["routing_tv"][at]
+        acc["routing_tv"][at] = torch.where(better, tv, acc["routing_tv"][at])
+        acc["saturation"][at] = torch.where(better, sat, acc["saturation"][at])
         arch = run.adapter.arch
         run.ledger.add("routing estimate", C * B * n_heads * T * (4 * arch.d_head + 20))
 

@@ -105,17 +105,19 @@ def metric_value(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
 
 def rows_read(metric: Metric, logits: torch.Tensor) -> list[int]:
     """Query rows whose logits the metric reads: a non-zero gradient there, confirmed by replacing every
-    other row with noise (a metric that reads a row without a gradient, e.g. through an argmax, makes
-    that check fail, and then every row counts)."""
+    other row with noise, twice (a metric that reads a row without a gradient, e.g. through an argmax,
+    changes its value then, and every row counts)."""
     leaf = logits.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         value = metric_value(metric, leaf)
         (grad,) = torch.autograd.grad(value, leaf)
     read = grad.ne(0).flatten(2).any(2).any(0)
-    noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    probe = torch.where(read[None, :, None], logits.detach(), noise.to(logits) * logits.detach().std() * 10)
-    with torch.no_grad():
-        same = bool(metric(probe) == value.detach())
+    same = True
+    for seed in (0, 1):
+        noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        probe = torch.where(read[None, :, None], logits.detach(), noise.to(logits) * logits.detach().std() * 10)
+        with torch.no_grad():
+            same = same and bool(metric(probe) == value.detach())
     rows = read.nonzero().flatten().tolist() if same else list(range(logits.shape[1]))
     return [int(r) for r in rows]
 
