@@ -227,6 +227,30 @@ def test_row_exact_estimate_equals_its_formula_with_full_softmaxes(kind):
     assert float(est.routing_tv["resid_pre"].max()) > 0.5  # the saturated case was exercised
 
 
+def test_rows_without_a_key_are_exact_where_the_row_sits_on_that_key():
+    """lse^{¬p} and the mean of w under row i's softmax without key p, against brute force, on rows that
+    sit on key p with p(1 − p) ~ e^-40: the shortcut (Σ P w − P_p w_p) / (1 − P_p) divides 0 by 0 there."""
+    T, H = 6, 2
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(1, H, T, T, dtype=torch.float64, generator=generator)
+    scores[0, :, 3:, 2] += 40.0  # rows 3.. sit on key 2
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    lse = scores.logsumexp(-1)
+    pattern = (scores - lse[..., None]).exp()
+    att = routing.LayerAttention(None, None, None, scores, lse, pattern, 1.0)
+    w = torch.randn(1, H, T, T, dtype=torch.float64, generator=generator)
+    rows = torch.tensor([2, 1])
+    lse_rest, mean_rest = routing.RowEstimate._without_column(att, w, (pattern * w).sum(-1), rows)
+    for c, p in enumerate(rows.tolist()):
+        for i in range(p + 1, T):
+            row = scores[0, :, i].clone()
+            row[:, p] = float("-inf")
+            torch.testing.assert_close(lse_rest[c, 0, :, i], row.logsumexp(-1), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(mean_rest[c, 0, :, i], (row.softmax(-1) * w[0, :, i]).sum(-1), rtol=1e-10,
+                                       atol=1e-12)
+    assert float(pattern[0, :, 3:, 2].min()) > 1 - 1e-15  # the saturated case was exercised
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_row_exact_estimate_is_exact_when_no_later_row_is_read(kind):
     """A cell on the last position changes no row the metric reads after it: the estimate is the exact
