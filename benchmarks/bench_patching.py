@@ -110,13 +110,20 @@ def patch_call(model, corrupted, clean_cache, metric, grids, repeats: int, **opt
     return timed(lambda: relevance_patch(model, corrupted, clean_cache, metric, grids, **options), repeats)
 
 
+def emit(lines: list[str], *new: str) -> None:
+    """Keep lines for the results file and show them as they come."""
+    for line in new:
+        lines.append(line)
+        print(line, flush=True)
+
+
 def gpt2_section(args) -> list[str]:
     model = build_model()
     header = (f"{'tokens':>6} {'grids':<22} {'cells':>6} | {'TL wall s':>9} {'TL cpu s':>8} | "
               f"{'1-bwd cpu s':>11} {'ratio':>6} | {'RAP wall s':>10} {'RAP cpu s':>9} {'ratio':>6} "
               f"{'RAP fe':>7} {'fe ratio':>8} | TL timing; RAP method")
-    lines = [header, "-" * len(header)]
-    print(header, flush=True)
+    lines = []
+    emit(lines, header, "-" * len(header))
     for length in args.lengths:
         corrupted, clean_cache, metric = inputs(model, length)
         tl = {g: activation_patching(model, corrupted, clean_cache, metric, g, args.max_cells, seed=length) for g in FOUR}
@@ -131,8 +138,7 @@ def gpt2_section(args) -> list[str]:
             line = (f"{length:>6} {label:<22} {n_cells:>6} | {tl_wall:>9.2f} {tl_cpu:>8.2f} | "
                     f"{ob_cpu:>11.3f} {tl_cpu / ob_cpu:>5.0f}x | {rap_wall:>10.3f} {rap_cpu:>9.3f} "
                     f"{tl_cpu / rap_cpu:>5.0f}x {rap.total_cost:>7.1f} {rap.speedup:>7.0f}x | {how}; {methods}")
-            lines.append(line)
-            print(line, flush=True)
+            emit(lines, line)
     return lines
 
 
@@ -141,8 +147,8 @@ def zoo_section(args) -> list[str]:
 
     header = (f"{'case':<26} {'TL fwd':>6} | {'TL wall s':>9} {'TL cpu s':>8} | {'RAP wall s':>10} {'RAP cpu s':>9} | "
               f"{'wall ratio':>10} {'cpu ratio':>9} | {'RAP fe':>6} {'fe ratio':>8}")
-    lines = [header, "-" * len(header)]
-    print(header, flush=True)
+    lines = []
+    emit(lines, header, "-" * len(header))
     for name in zoo.tasks():
         model, task = zoo.load(name), zoo.task(name)
         for corruption, (options, kind) in task.corruptions().items():
@@ -168,8 +174,7 @@ def zoo_section(args) -> list[str]:
             line = (f"{name + ' / ' + corruption + ' (' + kind[0] + ')':<26} {med[5]:>6.0f} | {med[0]:>9.2f} {med[1]:>8.2f} | "
                     f"{med[2]:>10.3f} {med[3]:>9.3f} | {wall_ratio:>9.0f}x {cpu_ratio:>8.0f}x | {med[4]:>6.1f} "
                     f"{med[5] / med[4]:>7.0f}x")
-            lines.append(line)
-            print(line, flush=True)
+            emit(lines, line)
     return lines
 
 

@@ -16,21 +16,19 @@ from cage_lens.patching.rules import resolve_patch_rules
 from cage_lens.patching.runs import rows_read
 from cage_lens.testing import random_model
 from conftest import EXACT, FLOAT32_INSIDE, cached_model, hook_count
+from test_patching import metric
+from test_patching import runs as patching_runs
 
+#: a batch of two prompts, the corruption early (position 2): many rows and layers to patch
 CLEAN = ["the cat sat on the mat and the dog ran", "the dog sat on the box and the cat ran"]
 CORRUPTED = ["the dog sat on the mat and the dog ran", "the cat sat on the box and the cat ran"]
-TARGET, CONTRAST = 21, 22  # two token ids of the tiny tokenizer
 FOUR = ("resid_pre", "attn_out", "mlp_out", "attn_head_out_all_pos")
 
 
-def metric(logits):
-    return (logits[:, -1, TARGET] - logits[:, -1, CONTRAST]).mean()
-
-
 def runs(model, clean=CLEAN, corrupted=CORRUPTED):
-    clean_t, corrupted_t = model.to_tokens(clean), model.to_tokens(corrupted)
+    """Tokens, the clean cache, and the corrupted run's metric."""
+    clean_t, corrupted_t, clean_cache = patching_runs(model, clean, corrupted)
     with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_t)
         base = float(metric(model(corrupted_t)))
     return clean_t, corrupted_t, clean_cache, base
 
