@@ -14,8 +14,13 @@ Two ways to run a suffix, one per TransformerLens line, both through TL's hook p
 - ``TransformerBridge`` (TL 4.x): the bridge's forward with the HF model's key/value cache of the
   prefix (``past_key_values``); every layer runs for every cell.
 
-A one-row self-check (the unpatched row ``q`` must reproduce the patched run's logits) runs before
-any cell, so a model whose cache path is wired differently is refused instead of giving wrong numbers.
+:meth:`SuffixPatcher.rows` runs each cell's first row alone, many cells per batch (the other rows of
+the cache masked, positions following the mask): the exact trajectory of the patched row, which the
+routing-aware estimate builds on.
+
+A self-check (unpatched rows re-run from the cache, plain and masked, must reproduce the patched run's
+logits) runs before any cell, so a model whose cache path is wired differently is refused instead of
+giving wrong numbers.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from cage_lens.patching.cost import key_reads, layer_flops, unembed_flops
 from cage_lens.patching.grids import Grid
 from cage_lens.patching.runs import PatchRun, new_kv_cache
 
-__all__ = ["Cell", "SuffixPatcher", "cells_of", "exact_cost"]
+__all__ = ["Cell", "SuffixPatcher", "cells_of"]
 
 #: elements of the largest per-call tensor (rows × positions × width) before a batch is split
 MAX_ELEMENTS = 1 << 24
@@ -60,11 +65,9 @@ class Cell:
         return self.index[:axis] + (self.index[axis] - start,) + self.index[axis + 1:]
 
 
-def cells_of(run: PatchRun, grid: Grid, mask: torch.Tensor | None = None) -> list[Cell]:
-    """The changed cells of ``grid`` (within ``mask``, a boolean grid, when given)."""
+def cells_of(run: PatchRun, grid: Grid) -> list[Cell]:
+    """The changed cells of ``grid`` (the others are exactly 0)."""
     changed, first = run.changes(grid)
-    if mask is not None:
-        changed = changed & mask
     return [Cell(grid, int(i[0]), tuple(int(x) for x in i[1:]), int(first[tuple(i)])) for i in changed.nonzero()]
 
 
@@ -134,6 +137,7 @@ class SuffixPatcher:
 
     # ------------------------------------------------------------------ public
     def effects(self, cells: Sequence[Cell]) -> torch.Tensor:
+        """metric(patched) − metric(unpatched) of each cell (float64, in the given order), TL's value."""
         out = torch.zeros(len(cells), dtype=torch.float64)
         where = {id(c): i for i, c in enumerate(cells)}
         by_start: dict[int, list[Cell]] = {}
@@ -436,7 +440,3 @@ class SuffixPatcher:
             return logits[:, :0, :0]
         return logits if self._logits_to_keep else logits[:, rel]
 
-
-def exact_cost(patcher: SuffixPatcher, cells: Sequence[Cell]) -> float:
-    """Forward-equivalents :meth:`SuffixPatcher.effects` spends on ``cells``."""
-    return patcher.cost(cells) / patcher.run.ledger.unit

@@ -168,15 +168,12 @@ def _patch_run(model, adapter, tokens, clean_cache, patching_metric, wanted, cho
         note = f" (exact patching unavailable: {exc})"
         warnings.warn(f"relevance_patch falls back to the one-backward estimate{note}", stacklevel=2)
         return _one_backward(model, adapter, tokens, clean_cache, patching_metric, wanted, per_grid, strict, note)
-    if chosen == "exact":
-        values, exact = {}, {}
-        for g in wanted:
-            changed = run.changes(g)[0]
-            values[g.name] = torch.zeros(changed.shape, dtype=torch.float64)
-            cells = cells_of(run, g)
-            for cell, value in zip(cells, patcher.effects(cells)):
-                values[g.name][(cell.layer,) + cell.index] = value
-            exact[g.name] = torch.ones(changed.shape, dtype=torch.bool)
+    if chosen == "exact":  # every changed cell, one batch per first row across the grids
+        values = {g.name: torch.zeros(run.changes(g)[0].shape, dtype=torch.float64) for g in wanted}
+        cells = [c for g in wanted for c in cells_of(run, g)]
+        for cell, value in zip(cells, patcher.effects(cells)):
+            values[cell.grid.name][(cell.layer,) + cell.index] = value
+        exact = {g.name: torch.ones(values[g.name].shape, dtype=torch.bool) for g in wanted}
         return PatchResult(values, {g.name: "exact" for g in wanted}, exact, {}, run.ledger.fe(), tl_forwards(run, wanted))
     tl = tl_forwards(run, wanted)
     limit = budget if budget is not None else tl / speedup if speedup is not None else default_budget(tl)
