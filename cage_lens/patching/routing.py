@@ -17,6 +17,7 @@ The estimate stage also yields the per-cell flags of :data:`~cage_lens.patching.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -277,29 +278,63 @@ def routing_patch_run(run: PatchRun, patcher: SuffixPatcher, grids: Sequence[Gri
                       budget: float, tapped, strict: bool = True) -> PatchResult:
     """RAP on one patched run (the module docstring); ``budget``: forward-equivalents for the whole call;
     ``tapped``: the run's own forward under :func:`primary_rules`, whose gradients it reads when needed."""
+    cells = {g.name: cells_of(run, g) for g in grids}
+    cost = {g.name: [patcher.cost([c]) / run.ledger.unit for c in cells[g.name]] for g in grids}
+    state = _State(run, patcher, grids)
+    if run.ledger.total + sum(sum(c) for c in cost.values()) <= budget:
+        state.patch_exactly([c for g in grids for c in cells[g.name]])
+        return state.result({g.name: "rap: exact" for g in grids})
+    method, linear = _estimate(state, cells, rules, tapped, strict)
+    left = budget - run.ledger.total
+    whole = []
+    for g in grids:  # the all-position head grids first: no flag predicts their errors well
+        if g.row_axis is None and sum(cost[g.name]) <= left:
+            whole += cells[g.name]
+            left -= sum(cost[g.name])
+    state.patch_exactly(whole)
+    state.patch_exactly(_by_priority(state, cells, cost, linear, left))
+    for g in grids:
+        done = sum(bool(state.exact[g.name][(c.layer,) + c.index]) for c in cells[g.name])
+        if done == len(cells[g.name]):
+            method[g.name] = "rap: exact"
+        elif done:
+            method[g.name] += f", {done} of {len(cells[g.name])} changed cells exact"
+    return state.result(method)
+
+
+class _State:
+    """RAP's grids as they fill: values, which cells are exact, flags, routing changes."""
+
+    def __init__(self, run: PatchRun, patcher: SuffixPatcher, grids: Sequence[Grid]):
+        self.run, self.patcher, self.grids = run, patcher, grids
+        self.exact = {g.name: ~run.changes(g)[0] for g in grids}  # an unchanged cell is exactly 0 by every method
+        self.values = {g.name: torch.zeros(run.changes(g)[0].shape, dtype=torch.float64) for g in grids}
+        self.flags: dict[str, dict[str, torch.Tensor]] = {}
+        self.tv: dict[str, torch.Tensor] = {}
+
+    def patch_exactly(self, chosen: Sequence[Cell]) -> None:
+        """Exact values for ``chosen`` (one batch per first row, across grids)."""
+        for cell, value in zip(chosen, self.patcher.effects(chosen)):
+            at = (cell.layer,) + cell.index
+            self.values[cell.grid.name][at] = value
+            self.exact[cell.grid.name][at] = True
+
+    def result(self, method: dict[str, str]) -> PatchResult:
+        return PatchResult(self.values, method, self.exact, self.flags, self.run.ledger.fe(),
+                           tl_forwards(self.run, self.grids), self.tv)
+
+
+def _estimate(state: _State, cells: dict[str, list[Cell]], rules: dict[str, object], tapped,
+              strict: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The estimate stage: one backward per rule set (the main one from the run's own forward), the
+    single-row grids row-exact, the others one-backward. Returns the method per grid and the one-backward
+    estimates."""
+    run = state.run
     model, adapter = run.model, run.adapter
     n_layers = adapter.arch.n_layers
-    cells = {g.name: cells_of(run, g) for g in grids}
-    cell_cost = {g.name: [patcher.cost([c]) / run.ledger.unit for c in cells[g.name]] for g in grids}
-    tl = tl_forwards(run, grids)
-    exact = {g.name: ~run.changes(g)[0] for g in grids}  # an unchanged cell is exactly 0 by every method
-    values = {g.name: torch.zeros(run.changes(g)[0].shape, dtype=torch.float64) for g in grids}
-    method, flags, tv = {}, {}, {}
-
-    def patch_exactly(chosen: Sequence[Cell]) -> None:  # one batch per first row, across grids
-        for cell, value in zip(chosen, patcher.effects(chosen)):
-            at = (cell.layer,) + cell.index
-            values[cell.grid.name][at] = value
-            exact[cell.grid.name][at] = True
-
-    if run.ledger.total + sum(sum(c) for c in cell_cost.values()) <= budget:
-        patch_exactly([c for g in grids for c in cells[g.name]])
-        return PatchResult(values, {g.name: "rap: exact" for g in grids}, exact, flags, run.ledger.fe(), tl)
-
-    # ---- estimate stage: one backward per rule set; the single-row grids row-exact
-    linear = {}
-    primary = primary_rules(grids, rules).name
-    for label, members in _by_rules(grids, rules).items():
+    method, linear = {}, {}
+    primary = primary_rules(state.grids, rules).name
+    for label, members in _by_rules(state.grids, rules).items():
         if label == primary:
             activations, grads = run.activations, tapped.gradients()
         else:  # a second rule set (query/key grids under RAP's CP-LRP): its own forward and backward
@@ -309,54 +344,45 @@ def routing_patch_run(run: PatchRun, patcher: SuffixPatcher, grids: Sequence[Gri
             activations, grads = gradients(model, adapter, run.tokens, run.metric, names, rule_set, strict)
             run.ledger.add_fe(f"forward + backward ({label})", 3.0)
         row_grids = [g for g in members if g.row_axis is not None and g.kind in ("pos", "pos_head")]
-        rows = RowEstimate(run, patcher, {n: grads[n] for n in grads if n.endswith("hook_z")}) if row_grids else None
+        rows = RowEstimate(run, state.patcher, {n: grads[n] for n in grads if n.endswith("hook_z")}) if row_grids else None
         estimates = rows.estimate({g.name: cells[g.name] for g in row_grids}) if rows and rows.available else {}
         for g in members:
             linear[g.name] = linear_grid(g, n_layers, run.source, activations, grads).double().cpu()
             if g.name in estimates:
                 est = estimates[g.name]
-                values[g.name] = est["estimate"]
-                flags[g.name] = _flags(est, linear[g.name], run.changes(g)[0])
-                tv[g.name] = est["routing_tv"]
+                state.values[g.name] = est["estimate"]
+                state.flags[g.name] = _flags(est, linear[g.name], run.changes(g)[0])
+                state.tv[g.name] = est["routing_tv"]
                 method[g.name] = f"rap: row-exact + {label}"
             else:
-                values[g.name] = linear[g.name].clone()
+                state.values[g.name] = linear[g.name].clone()
                 unavailable = g in row_grids and not estimates
                 method[g.name] = f"rap: {label}" + (" (row-exact unavailable: the cached attention is not "
                                                     "softmax(q·k · scale))" if unavailable else "")
+    return method, linear
 
-    # ---- exact patching within the budget: all-position head grids first, then by priority
-    left = budget - run.ledger.total
-    whole = []
-    for g in grids:
-        if g.row_axis is None and sum(cell_cost[g.name]) <= left:
-            whole += cells[g.name]
-            left -= sum(cell_cost[g.name])
-    patch_exactly(whole)
+
+def _by_priority(state: _State, cells: dict[str, list[Cell]], cost: dict[str, list[float]],
+                 linear: dict[str, torch.Tensor], left: float) -> list[Cell]:
+    """Cells to patch exactly with ``left`` forward-equivalents: each grid's not-yet-exact cells by
+    ``|estimate| + |estimate − one-backward estimate|``, round-robin over the grids, each taken if it fits."""
     queues = {}
-    for g in grids:
-        todo = [(c, cost) for c, cost in zip(cells[g.name], cell_cost[g.name]) if not exact[g.name][(c.layer,) + c.index]]
-        est, lin = values[g.name], linear[g.name]
-        priority = lambda c: float(est[(c.layer,) + c.index].abs() + (est[(c.layer,) + c.index] - lin[(c.layer,) + c.index]).abs())
-        queues[g.name] = sorted(todo, key=lambda item: -priority(item[0]))
-    chosen: dict[str, list[Cell]] = {g.name: [] for g in grids}
+    for g in state.grids:
+        est, lin = state.values[g.name], linear[g.name]
+        todo = [(c, k) for c, k in zip(cells[g.name], cost[g.name]) if not state.exact[g.name][(c.layer,) + c.index]]
+        score = [float(est[(c.layer,) + c.index].abs() + (est[(c.layer,) + c.index] - lin[(c.layer,) + c.index]).abs())
+                 for c, _ in todo]
+        queues[g.name] = deque(item for _, item in sorted(zip(score, todo), key=lambda pair: -pair[0]))
+    chosen: list[Cell] = []
     while any(queues.values()):
-        for g in grids:
-            queue = queues[g.name]
+        for queue in queues.values():
             while queue:
-                cell, cost = queue.pop(0)
-                if cost <= left:
-                    chosen[g.name].append(cell)
-                    left -= cost
+                cell, k = queue.popleft()
+                if k <= left:
+                    chosen.append(cell)
+                    left -= k
                     break
-    patch_exactly([c for g in grids for c in chosen[g.name]])
-    for g in grids:
-        done = sum(bool(exact[g.name][(c.layer,) + c.index]) for c in cells[g.name])
-        if done == len(cells[g.name]):
-            method[g.name] = "rap: exact"
-        elif done:
-            method[g.name] += f", {done} of {len(cells[g.name])} changed cells exact"
-    return PatchResult(values, method, exact, flags, run.ledger.fe(), tl, tv)
+    return chosen
 
 
 def _by_rules(grids: Sequence[Grid], rules: dict[str, object]) -> dict[str, list[Grid]]:
