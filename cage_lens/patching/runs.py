@@ -9,6 +9,7 @@ query row its patch changes (no row before it can move: attention is causal).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -215,7 +216,9 @@ def start_run(model, adapter: ModelAdapter, tokens: torch.Tensor, source: Mappin
         for keywords in attempts:
             cache = new_kv_cache(model) if keywords else None
             try:
-                logits = model(tokens, **{k: cache for k in keywords})
+                with warnings.catch_warnings():  # transformers ≥ 5.2x: "past_key_values is deprecated"
+                    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                    logits = model(tokens, **{k: cache for k in keywords})
             except TypeError:
                 if keywords == attempts[-1]:
                     raise
