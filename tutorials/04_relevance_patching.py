@@ -233,8 +233,10 @@ assert float(switch[head]) > 0.5 and top * (1 - top) < 0.05
 # computes cells exactly by *suffix patching* — re-running only the rows and layers a patch can change,
 # from the patched run's own key/value cache — as far as a budget allows, and estimates the rest with
 # the patched row's trajectory computed exactly and every later row's attention re-softmaxed with the
-# row's new key. The S2 swap sits late in the prompt, so here every cell is exact, at a fraction of TL's
-# forwards. The result says what it did, and the flags say where a one-backward estimate goes wrong.
+# row's new key. The S2 swap sits late in the prompt, so most cells come out exact, at a tenth of TL's
+# forwards (on a `HookedTransformer` every cell; a `TransformerBridge` runs every layer for every cell,
+# so the same budget buys fewer). The result says what it did, and the flags say where a one-backward
+# estimate goes wrong.
 
 # %%
 rap = patching.relevance_patch(model, swap_tokens, clean_cache, logit_diff, ["resid_pre", "attn_head_out_all_pos"])
