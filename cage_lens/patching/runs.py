@@ -142,6 +142,7 @@ class PatchRun:
     kv: object = None
     kv_keywords: tuple[str, ...] = ()
     _changes: dict = field(default_factory=dict)
+    _buffer: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -172,10 +173,17 @@ class PatchRun:
         return {k: cache for k in self.kv_keywords}
 
     def metric_with(self, rows: Sequence[int], values: torch.Tensor) -> float:
-        """metric − base with logits rows ``rows`` replaced by ``values`` ([batch, len(rows), vocab])."""
-        logits = self.logits.clone()
-        logits[:, list(rows)] = values.to(logits.dtype)
-        return float(self.metric(logits)) - self.base
+        """metric − base with logits rows ``rows`` replaced by ``values`` ([batch, len(rows), vocab]). One
+        buffer serves every call: the rows are written, the metric read, the rows restored."""
+        if self._buffer is None:
+            self._buffer = self.logits.clone()
+        buffer, rows = self._buffer, list(rows)
+        buffer[:, rows] = values.to(buffer.dtype)
+        try:
+            with torch.no_grad():
+                return float(self.metric(buffer)) - self.base
+        finally:
+            buffer[:, rows] = self.logits[:, rows]
 
 
 #: ways to hand a TransformerBridge's HF model a key/value cache, tried in order. TL 4's attention
