@@ -131,10 +131,10 @@ def test_rows_the_metric_reads():
 
 
 # ---------------------------------------------------------------------------- routing-aware patching
-def test_default_budget_is_16_within_a_tenth_and_a_fiftieth_of_the_sweep():
+def test_default_budget_is_16_within_a_tenth_and_a_75th_of_the_sweep():
     assert default_budget(156) == pytest.approx(15.6)     # IOI's four grids: at most 1/10
     assert default_budget(280) == 16.0                    # facts
-    assert default_budget(9360) == pytest.approx(187.2)   # GPT-2 small, 256 tokens, four grids: 1/50
+    assert default_budget(9360) == pytest.approx(124.8)   # GPT-2 small, 256 tokens, four grids: 1/75
     assert default_budget(144) == pytest.approx(14.4)
 
 

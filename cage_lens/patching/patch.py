@@ -35,15 +35,15 @@ from cage_lens.patching.runs import as_tokens, start_run
 __all__ = ["relevance_patch", "METHODS", "DEFAULT_BUDGET", "default_budget", "default_method", "resolve_method"]
 
 METHODS = ("rap", "exact", "one_backward", "atp_star")
-#: RAP's default budget in forward-equivalents for the whole call, kept between 1/50 and 1/10 of
+#: RAP's default budget in forward-equivalents for the whole call, kept between 1/75 and 1/10 of
 #: TransformerLens' forwards for the same grids (docs/patching.md#budget)
 DEFAULT_BUDGET = 16.0
 
 
 def default_budget(tl_forwards: int) -> float:
     """16 forward-equivalents — what the zoo's grids need for the agreement targets — but never more than
-    1/10 of TransformerLens' sweep nor less than 1/50 of it (large sweeps get proportionally more)."""
-    return min(tl_forwards / 10, max(tl_forwards / 50, DEFAULT_BUDGET))
+    1/10 of TransformerLens' sweep nor less than 1/75 of it (large sweeps get proportionally more)."""
+    return min(tl_forwards / 10, max(tl_forwards / 75, DEFAULT_BUDGET))
 
 
 def default_method(grid: str) -> str:
@@ -117,7 +117,7 @@ def relevance_patch(
             ``"relp"``, a :class:`PatchRules` or a rule set.
         speedup, budget: RAP's budget in forward-equivalents for the whole call (docs/patching.md#budget):
             ``budget`` directly, or TransformerLens' forward count / ``speedup``; by default
-            :func:`default_budget` (16, within 1/50 .. 1/10 of TransformerLens' forwards).
+            :func:`default_budget` (16, within 1/75 .. 1/10 of TransformerLens' forwards).
         strict: refuse a model the completeness certificate does not pass (docs/rules.md).
 
     Returns: a :class:`PatchResult` — ``{grid: tensor}`` shaped like TL's grids, with ``method``, ``exact``,
