@@ -1,15 +1,20 @@
-"""Agreement of relevance patching and attribution patching with TransformerLens' activation patching
-on every zoo task, in both directions; writes ``benchmarks/results/patching_agreement.md``.
+"""Agreement of the patching estimates with TransformerLens' activation patching on every zoo task and
+corruption, in both directions, with the cost of each; writes ``benchmarks/results/patching_agreement.md``.
 
-Per task: the zoo's default model, ``--n`` generated samples, each with its corruption
-(``zoo.task(name).corrupt(sample)``: one answer-determining token changed, same token count) and the
-metric ``logit(answer) − logit(contrast)`` at the last position. For every prompt and direction,
-``cage_lens.patching.agreement`` runs TL's ``get_act_patch_*`` and every rule set on the same grids;
-the per-prompt Pearson and Spearman correlations are averaged over prompts with a 95 % bootstrap
-interval (1000 resamples). Rule variants (each component's LRP rule switched on alone) run in the same
-calls, on the same activation-patching grids.
+Per task and named corruption (``zoo.task(name).corruptions()``: value corruptions — the changed token's
+content reaches the answer — and routing corruptions — it decides where attention looks: IOI's S2 swap and
+ABC, the pointer-chase start key): the zoo's default model, ``--n`` generated samples, the metric
+``logit(answer) − logit(contrast)`` at the last position. For every prompt and direction TL's
+``get_act_patch_*`` runs once per grid (the reference) and every estimator on the same grids:
 
-Run it once per TransformerLens line; each run stores its numbers under
+- ``rap``: routing-aware patching at its default budget (``relevance_patch``'s default method);
+- ``cplrp``, ``attnlrp``, ``relp``, ``gxi`` (AtP): the one-backward estimate under those rules;
+- ``atp_star``: AtP* (QK fix and GradDrop), the baseline of Kramár et al. 2024;
+- the rule ablations (each component's LRP rule alone), one-backward.
+
+Cost is counted in forward-equivalents (arithmetic of one forward pass of the patched batch; a backward
+counts 2; docs/patching.md#cost) and, indicatively, in process CPU seconds measured in the same run
+(the machine may be shared). Run once per TransformerLens line; each run stores its numbers under
 ``benchmarks/results/raw/patching_agreement_tl<major>.json.gz`` and re-renders the markdown from every
 line stored there (``--render-only`` re-renders without measuring):
 
@@ -41,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RAW = RESULTS / "raw"
 GRIDS = ("resid_pre", "attn_out", "mlp_out", "attn_head_out_all_pos")
-MAIN_RULES = ("cplrp", "attnlrp", "relp", "gxi")
+ESTIMATORS = ("rap", "cplrp", "attnlrp", "relp", "gxi", "atp_star")
+METHODS = {"rap": dict(), "atp_star": dict(method="atp_star")}
 VARIANTS = (
     patching.PatchRules("norm rule only", base="cplrp", mlp=False, attention=False),
     patching.PatchRules("MLP rule only (CP-LRP)", base="cplrp", norms=False, attention=False),
@@ -51,7 +57,9 @@ VARIANTS = (
     patching.PatchRules("norm + CP-LRP attention", base="cplrp", mlp=False),
 )
 DIRECTIONS = ("denoising", "noising")
-LABELS = {"cplrp": "CP-LRP", "attnlrp": "AttnLRP", "relp": "RelP rules", "gxi": "AtP (gxi)"}
+LABELS = {"rap": "RAP", "cplrp": "CP-LRP", "attnlrp": "AttnLRP", "relp": "RelP rules", "gxi": "AtP (gxi)",
+          "atp_star": "AtP*"}
+PEARSON_TARGET, SIGN_TARGET = 0.95, 0.95
 
 
 def token_id(model, word: str) -> int:
@@ -64,54 +72,112 @@ def logit_diff(answer: int, contrast: int):
     return metric
 
 
-def measure_task(name: str, n: int, seed: int) -> dict:
-    model, task = zoo.load(name), zoo.task(name)
-    rules = list(MAIN_RULES) + list(VARIANTS)
-    labels = [patching.resolve_patch_rules(r).name for r in rules]
-    per_prompt = []
+def cpu_timed(fn):
+    start = time.process_time()
+    out = fn()
+    return out, time.process_time() - start
+
+
+def estimate(model, tokens, cache, metric, label):
+    if label in METHODS:
+        return patching.relevance_patch(model, tokens, cache, metric, GRIDS, **METHODS[label])
+    return patching.relevance_patch(model, tokens, cache, metric, GRIDS, rules=label)
+
+
+def flag_stats(result, effects, reference) -> dict:
+    """How RAP's flags point at cells where ``reference`` errs by more than 10 % of the grid's largest effect."""
+    out = {}
+    for g in GRIDS:
+        flags = result.flags.get(g)
+        if not flags:
+            continue
+        wrong = ((reference[g].double() - effects[g]).abs() > 0.1 * effects[g].abs().max())
+        flagged = torch.zeros_like(wrong)
+        for mask in flags.values():
+            flagged |= mask
+        out[g] = {"wrong": int(wrong.sum()), "flagged": int(flagged.sum()), "hits": int((wrong & flagged).sum()),
+                  "unreliable": int(result.unreliable(g).sum())}
+    return out
+
+
+def measure_pair(model, pair, labels) -> dict:
+    metric = logit_diff(token_id(model, " " + pair.answer), token_id(model, " " + pair.contrast))
+    clean_t, corrupted_t = model.to_tokens(pair.clean), model.to_tokens(pair.corrupted)
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean_t)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted_t)
+    row = {}
+    for direction in DIRECTIONS:
+        if direction == "denoising":
+            tokens, cache, base, source = corrupted_t, clean_cache, corrupted_logits, clean_logits
+        else:
+            tokens, cache, base, source = clean_t, corrupted_cache, clean_logits, corrupted_logits
+        baseline = float(metric(base))
+        total = float(metric(source)) - baseline
+        effects, tl_cpu = cpu_timed(lambda: {
+            g: patching.activation_patch(model, tokens, cache, metric, g).double().cpu() - baseline for g in GRIDS})
+        results, cpu = {}, {}
+        for label in labels:
+            results[label], cpu[label] = cpu_timed(lambda label=label: estimate(model, tokens, cache, metric, label))
+        names = {label: patching.resolve_patch_rules(label).name if label not in METHODS else label for label in labels}
+        cell = (0, pair.position)  # the corrupted token itself, entering layer 0
+        record = {
+            "total": total,
+            "tl_forwards": results["rap"].tl_forwards, "tl_cpu": tl_cpu,
+            "pearson": {}, "spearman": {}, "sign": {}, "cost": {}, "cpu": {},
+            "share": {g: float(effects[g].abs().max()) / abs(total) if total else float("nan") for g in GRIDS},
+            "token_cell": {"activation": float(effects["resid_pre"][cell])},
+            "method": {g: results["rap"].method[g] for g in GRIDS},
+            "flags": {"vs cplrp": flag_stats(results["rap"], effects, results["cplrp"]),
+                      "vs rap": flag_stats(results["rap"], effects, results["rap"])},
+        }
+        for label, result in results.items():
+            name = names[label]
+            record["pearson"][name] = {g: patching.pearson(result[g], effects[g]) for g in GRIDS}
+            record["spearman"][name] = {g: patching.spearman(result[g], effects[g]) for g in GRIDS}
+            record["sign"][name] = {g: _largest_sign_right(result[g], effects[g]) for g in GRIDS}
+            record["cost"][name] = result.total_cost
+            record["cpu"][name] = cpu[label]
+            record["token_cell"][name] = float(result["resid_pre"][cell])
+        row[direction] = record
+    return row
+
+
+def _largest_sign_right(estimate: torch.Tensor, effect: torch.Tensor) -> float:
+    """1 when the estimate's sign is right on the cell with the largest exact |effect|, else 0."""
+    i = int(effect.flatten().abs().argmax())
+    return float(torch.sign(estimate.flatten()[i].double()) == torch.sign(effect.flatten()[i]))
+
+
+def measure_case(task_name: str, corruption: str, n: int, seed: int) -> dict:
+    model, task = zoo.load(task_name), zoo.task(task_name)
+    options, kind = task.corruptions()[corruption]
+    labels = list(ESTIMATORS) + list(VARIANTS)
     start = time.perf_counter()
+    prompts = []
     for sample in task.sample(n, seed=seed):
-        pair = task.corrupt(sample)
-        metric = logit_diff(token_id(model, " " + pair.answer), token_id(model, " " + pair.contrast))
-        row = {"clean": pair.clean, "corrupted": pair.corrupted}
-        for direction in DIRECTIONS:
-            ag = patching.agreement(model, pair.clean, pair.corrupted, metric, grids=GRIDS, rules=rules,
-                                    direction=direction)
-            total = ag.source - ag.baseline
-            cell = (0, pair.position)  # the corrupted token itself, entering layer 0
-            row[direction] = {
-                "total": total,
-                "pearson": {r: {g: ag.pearson(r, g) for g in GRIDS} for r in labels},
-                "spearman": {r: {g: ag.spearman(r, g) for g in GRIDS} for r in labels},
-                "pearson_changed": {r: {g: ag.pearson(r, g, changed_only=True) for g in GRIDS} for r in MAIN_RULES},
-                "share": {g: float(ag.activation[g].abs().max()) / abs(total) for g in GRIDS},
-                "token_cell": {
-                    "activation": float(ag.activation["resid_pre"][cell]),
-                    **{r: float(ag.estimates[r]["resid_pre"][cell]) for r in MAIN_RULES},
-                },
-            }
-        per_prompt.append(row)
+        pair = task.corrupt(sample, **options)
+        prompts.append({"clean": pair.clean, "corrupted": pair.corrupted, **measure_pair(model, pair, labels)})
     return {
-        "task": name, "model": f"{name}-{zoo.task(name).default_size}", "architecture": type(model).__name__,
-        "n": n, "seed": seed, "labels": labels, "seconds": time.perf_counter() - start, "prompts": per_prompt,
-        "attention_switch": attention_switch(name, n, seed),
-        "example": {"clean": per_prompt[0]["clean"], "corrupted": per_prompt[0]["corrupted"]},
+        "task": task_name, "corruption": corruption, "kind": kind, "model": f"{task_name}-{task.default_size}",
+        "architecture": type(model).__name__, "n": n, "seed": seed, "seconds": time.perf_counter() - start,
+        "labels": [patching.resolve_patch_rules(lab).name if lab not in METHODS else lab for lab in labels],
+        "prompts": prompts, "attention_switch": attention_switch(task_name, options, n, seed),
     }
 
 
-def attention_switch(name: str, n: int, seed: int) -> dict:
+def attention_switch(name: str, options: dict, n: int, seed: int) -> dict:
     """How the corruption acts through attention, per prompt.
 
     ``pattern_share``: the share of the clean − corrupted metric gap that patching *only* the attention
     patterns (every layer at once, clean into corrupted) restores; near 1 means the changed token
     decides *where* attention looks rather than *what* it moves. ``change``, ``p_clean``,
-    ``p_corrupted``: the attention probability that changes most between the runs (over layers, heads,
-    query and key positions) and its value in each run; |Δp| ≈ 1 with p(1 − p) ≈ 0 in both runs is a
-    saturated switch, where the softmax's gradient is ~0."""
+    ``p_corrupted``: the attention probability that changes most between the runs and its value in each
+    run; |Δp| ≈ 1 with p(1 − p) ≈ 0 in both runs is a saturated switch, where the softmax's gradient is ~0."""
     model, task = zoo.load(name), zoo.task(name)
     rows = []
     for sample in task.sample(n, seed=seed):
-        pair = task.corrupt(sample)
+        pair = task.corrupt(sample, **options)
         metric = logit_diff(token_id(model, " " + pair.answer), token_id(model, " " + pair.contrast))
         clean_t, corrupted_t = model.to_tokens(pair.clean), model.to_tokens(pair.corrupted)
         names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
@@ -128,25 +194,26 @@ def attention_switch(name: str, n: int, seed: int) -> dict:
             change = float((clean - corrupted).abs().flatten()[i])
             if change > best[0]:
                 best = (change, float(clean.flatten()[i]), float(corrupted.flatten()[i]))
-        rows.append({"pattern_share": float(metric(pattern_logits) - metric(corrupted_logits)) / gap,
+        rows.append({"pattern_share": float(metric(pattern_logits) - metric(corrupted_logits)) / gap if gap else float("nan"),
                      "change": best[0], "p_clean": best[1], "p_corrupted": best[2]})
     return {"prompts": rows}
 
 
 def measure_ioi_batches(n_batches: int, batch: int, seed: int) -> dict:
     """The protocol of the RelP reference notebook: one grid per batch of same-template prompts (one
-    token length), metric = mean logit(IO) − logit(S) over the batch; both IOI corruptions."""
+    token length), metric = mean logit(IO) − logit(S) over the batch; every IOI corruption."""
     model, task = zoo.load("ioi"), zoo.task("ioi")
     by_template: dict[int, list] = {}
     for sample in task.sample(40 * batch, seed=seed):
         by_template.setdefault(sample.meta["template"], []).append(sample)
     groups = [g[:batch] for _, g in sorted(by_template.items()) if len(g) >= batch][:n_batches]
     out = {}
-    for swap in ("io", "s2"):
+    labels = ("rap", "cplrp", "gxi", "atp_star")
+    for corruption, (options, _) in task.corruptions().items():
         for direction in DIRECTIONS:
-            values = {r: {g: [] for g in GRIDS} for r in MAIN_RULES}
+            values = {r: {g: [] for g in GRIDS} for r in labels}
             for group in groups:
-                pairs = [task.corrupt(s, swap=swap) for s in group]
+                pairs = [task.corrupt(s, **options) for s in group]
                 io = torch.tensor([token_id(model, " " + p.answer) for p in pairs])
                 s_ = torch.tensor([token_id(model, " " + p.contrast) for p in pairs])
                 rows = torch.arange(len(pairs))
@@ -154,13 +221,14 @@ def measure_ioi_batches(n_batches: int, batch: int, seed: int) -> dict:
                 def metric(logits, io=io, s_=s_, rows=rows):
                     return (logits[rows, -1, io] - logits[rows, -1, s_]).mean()
 
-                ag = patching.agreement(model, [p.clean for p in pairs], [p.corrupted for p in pairs], metric,
-                                        grids=GRIDS, rules=MAIN_RULES, direction=direction)
-                for r in MAIN_RULES:
+                ag = patching.agreement(model, corrupted_tokens=[p.corrupted for p in pairs],
+                                        clean_tokens=[p.clean for p in pairs], metric=metric, grids=GRIDS,
+                                        rules=labels, direction=direction)
+                for r in labels:
                     for g in GRIDS:
                         values[r][g].append(ag.pearson(r, g))
-            out[f"{swap}/{direction}"] = values
-    return {"batches": len(groups), "batch": batch, "results": out}
+            out[f"{corruption}/{direction}"] = values
+    return {"batches": len(groups), "batch": batch, "labels": list(labels), "results": out}
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -179,61 +247,126 @@ def cell(values, ci: bool = True) -> str:
     return text + (f" ({nan} NaN)" if nan else "")
 
 
-def stat(result: dict, direction: str, kind: str, rules: str, grid: str) -> list[float]:
-    return [p[direction][kind][rules][grid] for p in result["prompts"]]
+def stat(result: dict, direction: str, kind: str, label: str, grid: str | None = None) -> list[float]:
+    values = [p[direction][kind][label] for p in result["prompts"]]
+    return [v[grid] for v in values] if grid else values
 
 
-def task_section(result: dict) -> list[str]:
+def case_name(result: dict) -> str:
+    return f"{result['task']} / {result['corruption']}"
+
+
+def target_table(results: list[dict]) -> tuple[list[str], list[str]]:
+    """Per case, direction and grid: RAP's Pearson mean and largest-cell sign rate next to the baselines'."""
+    baselines = ("cplrp", "gxi", "atp_star")
+    lines = ["| case (kind) | direction | grid | RAP Pearson / sign right | "
+             + " | ".join(f"{LABELS[b]} Pearson / sign" for b in baselines) + " |",
+             "|" + "---|" * (4 + len(baselines))]
+    misses = []
+    for result in results:
+        for direction in DIRECTIONS:
+            for g in GRIDS:
+                parts = []
+                for label in ("rap",) + baselines:
+                    pearson = mean_ci(stat(result, direction, "pearson", label, g))[0]
+                    sign = statistics.mean(stat(result, direction, "sign", label, g))
+                    miss = not (pearson >= PEARSON_TARGET and sign >= SIGN_TARGET)
+                    parts.append(f"{pearson:.3f} / {100 * sign:.0f} %" + (" *" if miss else ""))
+                    if miss and label == "rap":
+                        misses.append(f"{case_name(result)} {direction} {g} ({pearson:.3f}, {100 * sign:.0f} %)")
+                lines.append(f"| {case_name(result)} ({result['kind']}) | {direction} | {g} | " + " | ".join(parts) + " |")
+    return lines, misses
+
+
+def cost_table(results: list[dict]) -> list[str]:
+    shown = ("rap", "cplrp", "gxi", "atp_star")
+    lines = ["| case | TL forwards (4 grids) | " + " | ".join(f"{LABELS[s]} fe" for s in shown)
+             + " | RAP speed-up (fe, min) | TL CPU s | RAP CPU s | RAP speed-up (CPU, median) |",
+             "|" + "---|" * (6 + len(shown))]
+    for result in results:
+        rows = [p[d] for p in result["prompts"] for d in DIRECTIONS]
+        tl = statistics.mean(r["tl_forwards"] for r in rows)
+        fe = {s: statistics.mean(r["cost"][s] for r in rows) for s in shown}
+        speed_fe = min(r["tl_forwards"] / r["cost"]["rap"] for r in rows)
+        tl_cpu = statistics.median(r["tl_cpu"] for r in rows)
+        rap_cpu = statistics.median(r["cpu"]["rap"] for r in rows)
+        speed_cpu = statistics.median(r["tl_cpu"] / r["cpu"]["rap"] for r in rows)
+        lines.append(f"| {case_name(result)} | {tl:.0f} | " + " | ".join(f"{fe[s]:.1f}" for s in shown)
+                     + f" | {speed_fe:.0f}x | {tl_cpu:.2f} | {rap_cpu:.3f} | {speed_cpu:.0f}x |")
+    return lines
+
+
+def flag_table(results: list[dict]) -> list[str]:
+    lines = ["| case | grid | cells CP-LRP gets wrong | of them flagged (recall) | flagged cells that are wrong "
+             "(precision) | cells RAP gets wrong | RAP's unreliable cells (flagged, not exact) |",
+             "|" + "---|" * 7]
+    for result in results:
+        for g in GRIDS[:3]:
+            rows = [p[d]["flags"] for p in result["prompts"] for d in DIRECTIONS]
+            if not any(g in r["vs cplrp"] for r in rows):
+                continue
+            c = [r["vs cplrp"][g] for r in rows if g in r["vs cplrp"]]
+            a = [r["vs rap"][g] for r in rows if g in r["vs rap"]]
+            wrong, hits, flagged = (sum(x[k] for x in c) for k in ("wrong", "hits", "flagged"))
+            recall = f"{hits / wrong:.2f}" if wrong else "–"
+            precision = f"{hits / flagged:.2f}" if flagged else "–"
+            lines.append(f"| {case_name(result)} | {g} | {wrong} | {hits} ({recall}) | {precision} | "
+                         f"{sum(x['wrong'] for x in a)} | {sum(x['unreliable'] for x in a)} |")
+    return lines
+
+
+def case_section(result: dict) -> list[str]:
     n = result["n"]
+    main = ESTIMATORS
     lines = [
-        f"### {result['task']} — `{result['model']}` ({result['architecture']}), {n} prompts, "
-        f"{result['seconds']:.0f} s",
+        f"### {case_name(result)} ({result['kind']} corruption) — `{result['model']}` ({result['architecture']}), "
+        f"{n} prompts, {result['seconds']:.0f} s",
         "",
-        f"Example pair: `{result['example']['clean']}` → `{result['example']['corrupted']}`",
+        f"Example pair: `{result['prompts'][0]['clean']}` → `{result['prompts'][0]['corrupted']}`",
         "",
         "Pearson, mean over prompts [95 % bootstrap CI]; Spearman mean in the last columns.",
         "",
-        "| direction | grid | " + " | ".join(LABELS[r] for r in MAIN_RULES) + " | "
-        + " | ".join(f"ρ {LABELS[r]}" for r in MAIN_RULES) + " | max effect / total |",
-        "|" + "---|" * (3 + 2 * len(MAIN_RULES)),
+        "| direction | grid | " + " | ".join(LABELS[r] for r in main) + " | "
+        + " | ".join(f"ρ {LABELS[r]}" for r in main) + " | max effect / total |",
+        "|" + "---|" * (3 + 2 * len(main)),
     ]
     for direction in DIRECTIONS:
         for g in GRIDS:
-            pearsons = [cell(stat(result, direction, "pearson", r, g)) for r in MAIN_RULES]
-            spearmans = [cell(stat(result, direction, "spearman", r, g), ci=False) for r in MAIN_RULES]
+            pearsons = [cell(stat(result, direction, "pearson", r, g)) for r in main]
+            spearmans = [cell(stat(result, direction, "spearman", r, g), ci=False) for r in main]
             share = statistics.median(p[direction]["share"][g] for p in result["prompts"])
             lines.append(f"| {direction} | {g} | " + " | ".join(pearsons) + " | " + " | ".join(spearmans)
                          + f" | {share:.2f} |")
-    lines += ["", "Same Pearson on the cells whose activation differs between the runs only (elsewhere every "
-              "method is exactly 0):", "",
-              "| direction | grid | " + " | ".join(LABELS[r] for r in MAIN_RULES) + " |",
-              "|" + "---|" * (2 + len(MAIN_RULES))]
-    for direction in DIRECTIONS:
-        for g in GRIDS:
-            lines.append(f"| {direction} | {g} | " + " | ".join(
-                cell(stat(result, direction, "pearson_changed", r, g), ci=False) for r in MAIN_RULES) + " |")
-    lines += ["", "The corrupted token's own layer-0 `resid_pre` cell (patching the whole token): median of "
-              "estimate / activation-patching effect (1 = exact):", "",
-              "| direction | effect / total | " + " | ".join(LABELS[r] for r in MAIN_RULES) + " |",
-              "|" + "---|" * (2 + len(MAIN_RULES))]
+    methods = {}
+    for p in result["prompts"]:
+        for d in DIRECTIONS:
+            for g, m in p[d]["method"].items():
+                methods.setdefault(g, {}).setdefault(m.split(",")[0], 0)
+                methods[g][m.split(",")[0]] += 1
+    lines += ["", "How RAP computed each grid (runs, over prompts and directions): " + "; ".join(
+        f"{g}: " + ", ".join(f"{m} ×{k}" for m, k in sorted(v.items())) for g, v in methods.items()) + "."]
+    lines += ["", "The corrupted token's own layer-0 `resid_pre` cell: median of estimate / activation-patching effect "
+              "(1 = exact):", "", "| direction | effect / total | " + " | ".join(LABELS[r] for r in main) + " |",
+              "|" + "---|" * (2 + len(main))]
     for direction in DIRECTIONS:
         cells = [p[direction]["token_cell"] for p in result["prompts"]]
-        share = statistics.median(c["activation"] / p[direction]["total"] for c, p in zip(cells, result["prompts"]))
-        ratios = [statistics.median(c[r] / c["activation"] for c in cells if c["activation"] != 0) for r in MAIN_RULES]
+        share = statistics.median(c["activation"] / p[direction]["total"] for c, p in zip(cells, result["prompts"])
+                                  if p[direction]["total"])
+        ratios = [statistics.median(c[r] / c["activation"] for c in cells if c["activation"] != 0) for r in main]
         lines.append(f"| {direction} | {share:.2f} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
     switch = result.get("attention_switch")
     if switch:
         rows = switch["prompts"]
         flat = sum(r["p_clean"] * (1 - r["p_clean"]) < 0.05 and r["p_corrupted"] * (1 - r["p_corrupted"]) < 0.05
                    for r in rows)
-        share = statistics.median(r["pattern_share"] for r in rows)
+        share = statistics.median(r["pattern_share"] for r in rows if not math.isnan(r["pattern_share"]))
         lines += ["", f"How the corruption acts: patching only the attention patterns (all layers, clean into "
                   f"corrupted) restores a median {share:.2f} of the metric gap. The attention probability that "
                   f"changes most between the runs changes by a median {statistics.median(r['change'] for r in rows):.2f}"
                   f" and is saturated in both runs (p(1 − p) < 0.05, softmax gradient ~0) in {flat} of {len(rows)} "
                   "prompts."]
-    lines += ["", "Rule ablation (Pearson means): each component's LRP rule alone, plain gradients elsewhere.", "",
-              "| rules | " + " | ".join(f"{d[:5]}. {g}" for d in DIRECTIONS for g in GRIDS) + " |",
+    lines += ["", "Rule ablation (Pearson means, one-backward): each component's LRP rule alone, plain gradients "
+              "elsewhere.", "", "| rules | " + " | ".join(f"{d[:5]}. {g}" for d in DIRECTIONS for g in GRIDS) + " |",
               "|" + "---|" * (1 + len(DIRECTIONS) * len(GRIDS))]
     for r in ["gxi"] + [v.name for v in VARIANTS] + ["cplrp", "relp", "attnlrp"]:
         lines.append(f"| {LABELS.get(r, r)} | " + " | ".join(
@@ -241,65 +374,62 @@ def task_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-def target_check(results: list[dict]) -> list[str]:
-    """Where CP-LRP (the default) misses 0.95, and where it does not beat AtP below 0.9."""
-    misses, losses = [], []
-    for result in results:
-        for direction in DIRECTIONS:
-            for g in GRIDS:
-                relp = mean_ci(stat(result, direction, "pearson", "cplrp", g))[0]
-                atp = mean_ci(stat(result, direction, "pearson", "gxi", g))[0]
-                where = f"{result['task']} {direction} {g}"
-                if not relp >= 0.95:
-                    misses.append(f"{where} ({relp:.3f})")
-                if atp < 0.9 and not relp > atp:
-                    losses.append(f"{where} (CP-LRP {relp:.3f} vs AtP {atp:.3f})")
-    return [
-        f"- CP-LRP below 0.95: {'; '.join(misses) if misses else 'none'}",
-        f"- AtP below 0.9 and CP-LRP not above it: {'; '.join(losses) if losses else 'none'}",
-    ]
-
-
 def batch_section(data: dict) -> list[str]:
+    labels = data["labels"]
     lines = [f"### ioi, one grid per batch (the RelP reference notebook's protocol): {data['batches']} batches of "
              f"{data['batch']} same-template prompts, metric = batch-mean logit(IO) − logit(S)", "",
-             "`io`: the IO name replaced by an unused name (as above); `s2`: the repeated subject replaced by the "
-             "IO name (ABBA ↔ ABBB-style swap, the answer flips to S). Pearson, mean over batches.", "",
-             "| corruption / direction | grid | " + " | ".join(LABELS[r] for r in MAIN_RULES) + " |",
-             "|" + "---|" * (2 + len(MAIN_RULES))]
+             "Pearson, mean over batches.", "",
+             "| corruption / direction | grid | " + " | ".join(LABELS[r] for r in labels) + " |",
+             "|" + "---|" * (2 + len(labels))]
     for key, values in data["results"].items():
         for g in GRIDS:
-            lines.append(f"| {key} | {g} | " + " | ".join(cell(values[r][g], ci=False) for r in MAIN_RULES) + " |")
+            lines.append(f"| {key} | {g} | " + " | ".join(cell(values[r][g], ci=False) for r in labels) + " |")
     return lines + [""]
 
 
 def render() -> str:
     lines = [
-        "# Relevance patching vs activation patching on the zoo",
+        "# Patching estimates vs activation patching on the zoo",
         "",
         "Generated by `scripts/patching_agreement.py` (run once per TransformerLens venv; do not edit by hand).",
         "The reading of these numbers is in `docs/patching.md#results`.",
         "",
-        "- estimates: `cage_lens.patching.relevance_patch` — CP-LRP (the default), AttnLRP, the RelP reference "
-        "rules (`relp`: norm scale constant, identity rule on activations, half rule on the gate, attention "
-        "untouched), and attribution patching (`gxi`, AtP); one forward + one backward per prompt and direction",
+        "- cases: every zoo task with each of its named corruptions (`zoo.task(name).corruptions()`); *value*: the "
+        "changed token's content reaches the answer; *routing*: it decides where attention looks (IOI's S2 swap, "
+        "the TransformerLens/ARENA demo corruption, and ABC; the pointer-chase start key)",
+        "- estimators: RAP (`relevance_patch`'s default: routing-aware patching at its default budget), the "
+        "one-backward estimates CP-LRP, AttnLRP, the RelP reference rules and AtP (`gxi`), and AtP* (QK fix + "
+        "GradDrop, Kramár et al. 2024)",
         "- reference: TransformerLens' own `patching.get_act_patch_*` on the same prompts, metric and grids; "
         "effect = TL's grid minus the unpatched metric",
         "- denoising = TL's direction (clean activations into the corrupted run); noising = corrupted into clean",
-        "- per prompt (batch of 1): Pearson / Spearman over the grid's cells; mean over prompts with a 95 % "
-        "bootstrap CI; a NaN (constant grid) is left out and counted",
+        "- per prompt (batch of 1): Pearson / Spearman over the grid's cells, and whether the estimate has the sign "
+        "of the cell with the largest exact effect; mean over prompts (95 % bootstrap CI); a NaN (constant grid) "
+        "is left out and counted",
+        "- cost: forward-equivalents (fe) = arithmetic of one forward pass of the patched batch (projections, "
+        "attention over the keys each row reads, MLP, unembedding; a backward counts 2), summed over everything the "
+        "estimator runs, from the patched run's own forward on; TL's sweep costs one forward per grid cell. "
+        "CPU seconds are process time measured in the same run and **indicative only** (shared machine)",
         "- *max effect / total*: median over prompts of max |activation-patching effect| in the grid divided by "
-        "|metric(source run) − metric(patched run)|: how much of the effect the grid's largest cell carries",
+        "|metric(source run) − metric(patched run)|",
         "",
     ]
     for raw in sorted(RAW.glob("patching_agreement_*.json.gz"), reverse=True):
         data = json.loads(gzip.decompress(raw.read_bytes()))
-        lines += [f"## TransformerLens {data['transformer_lens']} ({data['results'][0]['architecture']}), "
-                  f"torch {data['torch']}", "", "Target check (CP-LRP ≥ 0.95 Pearson everywhere; above AtP "
-                  "wherever AtP < 0.9):", ""]
-        lines += target_check(data["results"]) + [""]
-        for result in data["results"]:
-            lines += task_section(result)
+        results = data["results"]
+        table, misses = target_table(results)
+        lines += [f"## TransformerLens {data['transformer_lens']} ({results[0]['architecture']}), torch {data['torch']}",
+                  "", f"Targets: Pearson ≥ {PEARSON_TARGET} (mean over prompts) and the sign of the largest exact "
+                  f"cell right on ≥ {100 * SIGN_TARGET:.0f} % of prompts, every case, direction and grid "
+                  "(`*`: missed).", "",
+                  f"- RAP misses: {'; '.join(misses) if misses else 'none'}", ""]
+        lines += table + ["", "Cost per prompt and direction, all four grids (mean; speed-ups over TL's sweep of the "
+                          "same grids):", ""] + cost_table(results)
+        lines += ["", "RAP's flags (`saturated_switch`, `disagree`, `cross_routing`, `cancellation`) against the "
+                  "cells an estimate gets wrong by more than 10 % of the grid's largest effect, summed over prompts "
+                  "and directions:", ""] + flag_table(results) + [""]
+        for result in results:
+            lines += case_section(result)
         if data.get("ioi_batches"):
             lines += batch_section(data["ioi_batches"])
     return "\n".join(lines)
@@ -308,27 +438,21 @@ def render() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=zoo.tasks())
-    parser.add_argument("--n", type=int, default=30, help="prompts per task")
+    parser.add_argument("--n", type=int, default=30, help="prompts per task and corruption")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, default=4, help="IOI batch-protocol grids (0: skip)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown from stored numbers")
-    parser.add_argument("--add-diagnostics", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.add_diagnostics:  # add the attention-switch diagnostic to this TL line's stored numbers
-        path = RAW / f"patching_agreement_tl{version('transformer-lens').split('.')[0]}.json.gz"
-        data = json.loads(gzip.decompress(path.read_bytes()))
-        for result in data["results"]:
-            result["attention_switch"] = attention_switch(result["task"], result["n"], result["seed"])
-        path.write_bytes(gzip.compress(json.dumps(data).encode(), mtime=0))
-    elif not args.render_only:
+    if not args.render_only:
         tl = version("transformer-lens")
         results = []
         for name in args.tasks:
-            print(f"{name}: {args.n} prompts ...", flush=True)
-            results.append(measure_task(name, args.n, args.seed))
-            print(f"  {results[-1]['seconds']:.0f} s", flush=True)
+            for corruption in zoo.task(name).corruptions():
+                print(f"{name} / {corruption}: {args.n} prompts ...", flush=True)
+                results.append(measure_case(name, corruption, args.n, args.seed))
+                print(f"  {results[-1]['seconds']:.0f} s", flush=True)
         batches = measure_ioi_batches(args.batches, 8, args.seed) if args.batches and "ioi" in args.tasks else None
         RAW.mkdir(parents=True, exist_ok=True)
         out = RAW / f"patching_agreement_tl{tl.split('.')[0]}.json.gz"

@@ -72,14 +72,15 @@ TAKES_BATCH = "takes a [batch, pos] batch (TransformerLens' patching contract)"
 IDS_AS_GIVEN = "takes token ids, which are used as they are (the way to explain <unk> deliberately)"
 
 
-def _patching(fn: Callable) -> Entry:
-    return Entry(fn, not_applicable={"nan_number": NO_NUMBER, "inf_number": NO_NUMBER,
-                                     "contrast_is_target": NO_CONTRAST, "batch_for_one": TAKES_BATCH})
+def _patching(fn: Callable, numeric: str | None = None) -> Entry:
+    no_number = {} if numeric else {"nan_number": NO_NUMBER, "inf_number": NO_NUMBER}
+    return Entry(fn, numeric=numeric, not_applicable={**no_number, "contrast_is_target": NO_CONTRAST,
+                                                      "batch_for_one": TAKES_BATCH})
 
 
 def _grid_function(name: str) -> Entry:
     fn = getattr(patching, name)
-    return _patching(lambda m, x: fn(m, x, {}, metric))
+    return _patching(lambda m, x, **k: fn(m, x, {}, metric, **k), numeric="speedup")
 
 
 def _method(name: str) -> Entry:
@@ -145,8 +146,10 @@ REGISTRY: dict[str, Entry] = {
     "explain_failure": Entry(lambda m, x, **k: cage_lens.explain_failure(m, x, wrong=" dog", correct=" cat", **k),
                              numeric="node_threshold",
                              contrast=lambda m: cage_lens.explain_failure(m, PROMPT, wrong=" cat", correct=" cat")),
-    "patching.relevance_patch": _patching(lambda m, x: patching.relevance_patch(m, x, {}, metric, "resid_pre")),
-    "patching.agreement": _patching(lambda m, x: patching.agreement(m, x, PROMPT, metric, grids=("resid_pre",))),
+    "patching.relevance_patch": _patching(lambda m, x, **k: patching.relevance_patch(m, x, {}, metric, "resid_pre", **k),
+                                          numeric="speedup"),
+    "patching.agreement": _patching(lambda m, x, **k: patching.agreement(
+        m, corrupted_tokens=x, clean_tokens=PROMPT, metric=metric, grids=("resid_pre",), **k), numeric="speedup"),
     "patching.activation_patch": _patching(lambda m, x: patching.activation_patch(m, x, {}, metric, "resid_pre")),
     "patching.check_same_length": _patching(lambda m, x: patching.check_same_length(m, x, PROMPT)),
     **{f"patching.{name}": _grid_function(name) for name in patching.__all__ if name.startswith("relevance_patch_")},
@@ -219,6 +222,8 @@ NOT_INPUTS = {
     "patching.Grid": "a grid description", "patching.PatchRules": "a rule variant (its base rule set is checked)",
     "patching.resolve_patch_rules": "looks a rule set up", "patching.pearson": "correlates two result grids",
     "patching.spearman": "correlates two result grids",
+    "patching.PatchResult": "a result class, built by relevance_patch",
+    "patching.default_method": "names a grid's default method",
     **{f"metrics.{name}": "computes on attribution scores or curves, not on model inputs"
        for name in ("ranking", "normalize_curve", "auc", "rise", "attribution_density", "mas", "rise_ap",
                     "attribution_coverage", "precision_at_k", "auroc", "bootstrap_ci", "paired_wins", "gini")},

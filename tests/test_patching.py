@@ -295,16 +295,25 @@ def test_named_functions_equal_the_generic_call():
     )
 
 
-def test_defaults_cplrp_except_query_and_key_grids():
+def test_defaults_rap_with_cplrp_and_rules_alone_select_the_one_backward_estimate():
     model = cached_model("gpt2")
     clean_t, corrupted_t, clean_cache = runs(model)
+    grids = ["resid_pre", "attn_head_k_by_pos"]
+    default = RP.relevance_patch(model, corrupted_t, clean_cache, metric, grids)
+    assert default.method["resid_pre"].startswith("rap") and default.method["attn_head_k_by_pos"].startswith("rap")
+    assert RP.default_method("resid_pre") == "rap (cplrp)" and RP.default_method("attn_head_k_by_pos") == "rap (relp)"
+    alone = RP.relevance_patch(model, corrupted_t, clean_cache, metric, "resid_pre")  # RAP's budget is per call
+    torch.testing.assert_close(RP.relevance_patch_resid_pre(model, corrupted_t, clean_cache, metric), alone["resid_pre"])
     for fn, grid, rules in ((RP.relevance_patch_resid_pre, "resid_pre", "cplrp"),
                             (RP.relevance_patch_attn_head_k_by_pos, "attn_head_k_by_pos", "relp")):
+        once = RP.relevance_patch(model, corrupted_t, clean_cache, metric, grid, method="one_backward")
+        assert once.method[grid] == f"one_backward: {rules}"
         expected = RP.relevance_patch(model, corrupted_t, clean_cache, metric, grid, rules=rules)[grid]
-        torch.testing.assert_close(fn(model, corrupted_t, clean_cache, metric), expected)
+        torch.testing.assert_close(once[grid], expected)
+        torch.testing.assert_close(fn(model, corrupted_t, clean_cache, metric, method="one_backward"), expected)
     names = [f"attn_head_{p}_all_pos" for p in RP.HEAD_PARTS]
     relp = RP.relevance_patch(model, corrupted_t, clean_cache, metric, names, rules="relp")
-    bundle = RP.relevance_patch_attn_head_all_pos_every(model, corrupted_t, clean_cache, metric)
+    bundle = RP.relevance_patch_attn_head_all_pos_every(model, corrupted_t, clean_cache, metric, method="one_backward")
     torch.testing.assert_close(bundle[1], relp["attn_head_q_all_pos"])
 
 
@@ -332,8 +341,8 @@ def test_agreement_compares_with_transformer_lens_in_both_directions():
         _, corrupted_cache = model.run_with_cache(corrupted_t)
     grids = ("resid_pre", "attn_head_out_all_pos")
     for direction, run_t, source in (("denoising", corrupted_t, clean_cache), ("noising", clean_t, corrupted_cache)):
-        ag = RP.agreement(model, SHORT_CLEAN, SHORT_CORRUPTED, metric, grids=grids, rules=("cplrp", "gxi"),
-                          direction=direction)
+        ag = RP.agreement(model, corrupted_tokens=SHORT_CORRUPTED, clean_tokens=SHORT_CLEAN, metric=metric, grids=grids,
+                          rules=("rap", "cplrp", "gxi"), direction=direction, budget=1e-3)
         with torch.no_grad():
             base = float(metric(model(run_t)))
         assert ag.baseline == pytest.approx(base)
@@ -343,7 +352,29 @@ def test_agreement_compares_with_transformer_lens_in_both_directions():
             est = RP.relevance_patch(model, run_t, source, metric, g, rules="cplrp")[g]
             torch.testing.assert_close(ag.estimates["cplrp"][g], est)
             assert ag.pearson("cplrp", g) == pytest.approx(RP.pearson(est, tl))
-    assert "pearson" in ag.table() and set(ag.to_dict()["pearson"]) == {"cplrp", "gxi"}
+            rap = RP.relevance_patch(model, run_t, source, metric, grids, budget=1e-3)
+            torch.testing.assert_close(ag.estimates["rap"][g], rap[g])
+            assert ag.method["rap"][g] == rap.method[g] and ag.cost["rap"] == pytest.approx(rap.total_cost)
+        assert ag.flags["resid_pre"].keys() == rap.flags["resid_pre"].keys()
+        flagged = torch.zeros_like(ag.changed["resid_pre"])
+        for mask in rap.flags["resid_pre"].values():
+            flagged |= mask
+        assert torch.equal(ag.flagged("resid_pre"), flagged & ~rap.exact["resid_pre"])
+        report = ag.flag_report("cplrp", "resid_pre")
+        assert report["flagged"] == int(flagged.sum()) and 0 <= report["share"] <= 1
+    table = ag.table()
+    assert "pearson" in table and "flagged" in table and "cost (forward-equivalents)" in table
+    assert set(ag.to_dict()["pearson"]) == {"rap", "cplrp", "gxi"} and ag.tl_forwards == 2 * 5 + 2 * 4
+
+
+def test_agreement_refuses_positional_inputs_the_order_changed():
+    """agreement() once took (clean, corrupted) positionally; TL's order is corrupted first. A positional
+    call cannot say which order it meant, so it is refused rather than silently swapped."""
+    model = cached_model("gpt2")
+    with pytest.raises(InputError, match="by keyword"):
+        RP.agreement(model, SHORT_CLEAN, SHORT_CORRUPTED, metric)
+    with pytest.raises(InputError, match="needs clean_tokens"):
+        RP.agreement(model, corrupted_tokens=SHORT_CORRUPTED, metric=metric)
 
 
 def test_pearson_and_spearman_by_hand():
@@ -395,8 +426,13 @@ def test_zoo_corruptions_change_one_token_and_the_answer(task):
     from cage_lens import zoo
 
     model, spec = zoo.load(task), zoo.task(task)
+    kinds = spec.corruptions()
+    assert {kind for _, kind in kinds.values()} <= {"value", "routing"}
+    if task in ("ioi", "pointer-chase"):
+        assert any(kind == "routing" for _, kind in kinds.values())
+    flips = 0
     for sample in spec.sample(4, seed=11):
-        for options in ({"swap": "io"}, {"swap": "s2"}) if task == "ioi" else ({},):
+        for name, (options, kind) in kinds.items():
             pair = spec.corrupt(sample, **options)
             assert pair == spec.corrupt(sample, **options)  # deterministic
             clean, corrupted = model.to_tokens(pair.clean), model.to_tokens(pair.corrupted)
@@ -405,7 +441,15 @@ def test_zoo_corruptions_change_one_token_and_the_answer(task):
             assert model.to_str_tokens(corrupted)[pair.position] == pair.replacement
             with torch.no_grad():
                 assert model.to_string(model(clean)[0, -1].argmax()).strip() == pair.answer
-                assert model.to_string(model(corrupted)[0, -1].argmax()).strip() == pair.corrupted_answer
+                if pair.corrupted_answer is not None:
+                    assert model.to_string(model(corrupted)[0, -1].argmax()).strip() == pair.corrupted_answer
+            if name == "abc":  # no name repeats: the prompt determines no answer; the model picks one of the two
+                assert pair.replacement not in pair.clean.split() and pair.corrupted_answer is None
+                with torch.no_grad():
+                    top = model.to_string(model(corrupted)[0, -1].argmax()).strip()
+                assert top in (pair.answer, pair.contrast)
+                flips += top != pair.answer
+    assert task != "ioi" or flips >= 1
 
 
 # ---------------------------------------------------------------------------- bad input and hygiene
@@ -413,7 +457,7 @@ def test_bad_inputs_raise_clear_errors():
     model = cached_model("gpt2")
     clean_t, corrupted_t, clean_cache = runs(model)
     with pytest.raises(InputError, match="different shapes"):
-        RP.agreement(model, CLEAN, "the dog sat on the mat", metric)
+        RP.agreement(model, corrupted_tokens="the dog sat on the mat", clean_tokens=CLEAN, metric=metric)
     with pytest.raises(InputError, match="same batch size and token length"):
         RP.relevance_patch_resid_pre(model, model.to_tokens("the dog sat"), clean_cache, metric)
     with pytest.raises(InputError, match="must return a scalar"):
@@ -431,7 +475,15 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InputError, match="has no 'blocks.0.hook_attn_out'"):
         RP.relevance_patch_attn_out(model, corrupted_t, {}, metric)
     with pytest.raises(InputError, match="direction must be"):
-        RP.agreement(model, CLEAN, CORRUPTED, metric, direction="both")
+        RP.agreement(model, corrupted_tokens=CORRUPTED, clean_tokens=CLEAN, metric=metric, direction="both")
+    with pytest.raises(InputError, match="unknown patching method 'fast'"):
+        RP.relevance_patch(model, corrupted_t, clean_cache, metric, method="fast")
+    no_batch = model.run_with_cache(model.to_tokens(CLEAN), remove_batch_dim=True)[1]
+    for method in ("rap", "one_backward"):
+        with pytest.raises(InputError, match="remove_batch_dim=True"):
+            RP.relevance_patch_resid_pre(model, corrupted_t, no_batch, metric, method=method)
+    with pytest.raises(InputError, match="remove_batch_dim=True"):  # a plain dict of batch-less tensors
+        RP.relevance_patch_resid_pre(model, corrupted_t, dict(no_batch.items()), metric)
     with pytest.raises(InputError, match="attention-only"):
         RP.relevance_patch_mlp_out(cached_model("attn_only"), corrupted_t, clean_cache, metric)
     with pytest.raises(InputError, match="\\[batch, pos\\]"):
@@ -448,7 +500,13 @@ def test_leaves_the_model_as_it_was(monkeypatch):
     assert hook_count(model) == 0
     assert torch.equal(model(corrupted_t), before)
     assert all(p.grad is None for p in model.parameters())
-    ag = RP.agreement(model, SHORT_CLEAN, SHORT_CORRUPTED, metric, grids=("attn_head_out_all_pos",), rules=("gxi",))
+    RP.relevance_patch(model, corrupted_t, clean_cache, metric, ["resid_pre", "attn_head_out_all_pos"], budget=1e-3)
+    RP.relevance_patch(model, corrupted_t, clean_cache, metric, ["resid_pre", "attn_head_out_all_pos"], method="atp_star")
+    assert hook_count(model) == 0
+    assert torch.equal(model(corrupted_t), before)
+    assert all(p.grad is None for p in model.parameters())
+    ag = RP.agreement(model, corrupted_tokens=SHORT_CORRUPTED, clean_tokens=SHORT_CLEAN, metric=metric,
+                      grids=("attn_head_out_all_pos",), rules=("gxi",))
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(ImportError, match="needs matplotlib"):
         ag.scatter("attn_head_out_all_pos")

@@ -189,7 +189,8 @@ def test_every_result_has_a_notebook_view(paired_study):
     def metric(logits):
         return logits[0, -1, 5] - logits[0, -1, 6]
 
-    ag = patching.agreement(model, clean, corrupted, metric, grids=("resid_pre",), rules=("cplrp",))
+    ag = patching.agreement(model, corrupted_tokens=corrupted, clean_tokens=clean, metric=metric, grids=("resid_pre",),
+                            rules=("cplrp",))
     assert f"<td>{ag.pearson('cplrp', 'resid_pre'):.3f}</td>" in ag._repr_html_()
     s = study.summary(paired_study)
     c = study.compare(paired_study, "early", "final")

@@ -136,7 +136,8 @@ assert int(effect[0].abs().argmax()) == int(relevance.abs().argmax()) == 2
 # Relevance splits the value the model *computed*, along the paths it took. A token can matter
 # causally without carrying any of that value: when it decides **where attention looks** rather than
 # **what is moved**. CP-LRP holds the attention weights constant, so that route carries no relevance;
-# a one-backward patching estimate built on it misses the effect too.
+# a one-backward patching estimate built on it misses the effect too (`rules="cplrp"` below; the
+# default of `cage_lens.patching`, routing-aware patching, measures it — tutorial 4).
 #
 # **The S2 swap (IOI).** Replace the second mention of the subject ("john gave") by the indirect
 # object ("mary gave"): the model now answers "john". Restoring the S2 token flips the answer back —
@@ -150,7 +151,7 @@ swapped = model.to_tokens(prompt.replace(", john gave", ", mary gave"))
 with torch.no_grad():
     swapped_base = float(logit_diff(model(swapped)))
 swap_effect = tl_patching.get_act_patch_resid_pre(model, swapped, clean_cache, logit_diff) - swapped_base
-swap_estimate = patching.relevance_patch_resid_pre(model, swapped, clean_cache, logit_diff)  # CP-LRP, one backward
+swap_estimate = patching.relevance_patch_resid_pre(model, swapped, clean_cache, logit_diff, rules="cplrp")  # one backward
 print(f"metric: clean {float(logit_diff(model(tokens))):+.1f}, S2 swapped {swapped_base:+.1f}")
 print(f"restore S2 at layer 0: activation patching {float(swap_effect[0, s2]):+.1f}, "
       f"relevance patching estimate {float(swap_estimate[0, s2]):+.1f}, S2's relevance {float(relevance[s2]):+.2f}")
@@ -178,7 +179,7 @@ with torch.no_grad():
     _, chase_cache = chase.run_with_cache(chase_tokens)
     chase_base = float(chase_metric(chase(chase_corrupted)))
 chase_effect = tl_patching.get_act_patch_resid_pre(chase, chase_corrupted, chase_cache, chase_metric) - chase_base
-chase_estimate = patching.relevance_patch_resid_pre(chase, chase_corrupted, chase_cache, chase_metric)
+chase_estimate = patching.relevance_patch_resid_pre(chase, chase_corrupted, chase_cache, chase_metric, rules="cplrp")
 chase_relevance = cage_lens.attribute(chase, chase_prompt, target=" i", contrast=" m", rules="attnlrp")
 start, value = 14, 3  # the start key and the value token 'i' of the fact 'c > i'
 print(f"start key: causal effect {float(chase_effect[0, start]):+.1f}, estimate {float(chase_estimate[0, start]):+.2f}, "

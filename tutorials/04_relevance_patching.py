@@ -14,9 +14,12 @@
 # takes that gradient under LRP rules. `cage_lens.patching` has the same function names, arguments
 # and grid shapes as `transformer_lens.patching`, so switching is one call.
 #
-# Runs offline on the shipped IOI model in under a minute. What you learn: how to read the three
-# grids side by side, how well they agree (both patching directions), and why attribution patching
-# breaks down in the noising direction while relevance patching does not.
+# Runs offline on the shipped IOI model in about a minute. What you learn: how to read the three
+# grids side by side, how well they agree (both patching directions), why attribution patching
+# breaks down in the noising direction while relevance patching does not, and — with
+# TransformerLens' own IOI corruption, the S2 swap — why every one-backward estimate goes wrong when
+# a corruption changes *where attention looks*, and how `cage_lens.patching`'s default
+# (routing-aware patching) gets it right.
 
 # %%
 # %matplotlib inline
@@ -65,12 +68,14 @@ print(f"logit diff: clean {float(logit_diff(clean_logits)):+.2f}, corrupted {flo
 # %% [markdown]
 # ## 1. Three head grids: activation, relevance and attribution patching
 # TL's grid holds the patched metric; the estimates hold the *change* it makes, so subtract the
-# corrupted run's metric from TL's grid before comparing numbers.
+# corrupted run's metric from TL's grid before comparing numbers. Sections 1–4 use the one-backward
+# estimates — `rules="cplrp"` (relevance patching) and `rules="gxi"` (attribution patching): one forward
+# and one backward give every cell. Section 5 turns to the default method.
 
 # %%
 base = float(logit_diff(corrupted_logits))
 activation = tl_patching.get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, logit_diff) - base
-relevance = patching.relevance_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, logit_diff)  # CP-LRP
+relevance = patching.relevance_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, logit_diff, rules="cplrp")
 attribution = patching.relevance_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, logit_diff, rules="gxi")
 
 
@@ -93,15 +98,15 @@ print("all three put the largest effect on head", f"L{top_activation // model.cf
 
 # %% [markdown]
 # ## 2. Agreement, measured, in both directions
-# `patching.agreement` runs TL's activation patching and the one-backward estimates on the same
-# grids, prompts and metric. *Denoising* (TL's direction) patches clean activations into the
-# corrupted run; *noising* patches corrupted activations into the clean run.
+# `patching.agreement` runs TL's activation patching and the estimates on the same grids, prompts and
+# metric; its inputs are keywords in TL's order (corrupted first). *Denoising* (TL's direction) patches
+# clean activations into the corrupted run; *noising* patches corrupted activations into the clean run.
 
 # %%
 grids = ("resid_pre", "attn_head_out_all_pos")
 results = {
-    direction: patching.agreement(model, clean_tokens, corrupted_tokens, logit_diff, grids=grids,
-                                  rules=("cplrp", "gxi"), direction=direction)
+    direction: patching.agreement(model, corrupted_tokens=corrupted_tokens, clean_tokens=clean_tokens,
+                                  metric=logit_diff, grids=grids, rules=("cplrp", "gxi"), direction=direction)
     for direction in ("denoising", "noising")
 }
 for result in results.values():
@@ -179,3 +184,104 @@ per_head = attr.head_grid(by_pos=False)[0]
 best = int(per_head.abs().argmax())
 print("most relevant head for the first prompt:", attr.head_labels[best], f"{float(per_head.flatten()[best]):+.2f}")
 print("resid_pre relevance, [layer, pos]:", tuple(attr.stack("resid_pre")[0].shape))
+
+# %% [markdown]
+# ## 5. The S2 swap: when the effect travels through attention routing
+# TransformerLens' and ARENA's IOI demos corrupt differently: the *second* mention of the subject (S2)
+# becomes the indirect object's name, so the other name is now the repeated one and the answer flips.
+# The S2 token does not carry a name to the answer; it decides **which name the name-mover heads read**
+# — where attention looks. Patch the layer-0 S2 cell back and the answer flips back: a large effect.
+# A one-backward estimate reads that effect off one gradient — and the switched attention rows sit on
+# a saturated softmax (p ≈ 1 → p ≈ 0), whose gradient is ~0; CP-LRP even holds patterns constant by
+# design. So the estimate misses the most important cell of the grid, sign included.
+
+# %%
+swapped = [task.corrupt(s_, swap="s2") for s_ in samples]
+swap_tokens = model.to_tokens([p.corrupted for p in swapped])
+s2 = swapped[0].position
+with torch.no_grad():
+    swap_base = float(logit_diff(model(swap_tokens)))
+exact = tl_patching.get_act_patch_resid_pre(model, swap_tokens, clean_cache, logit_diff) - swap_base
+one_backward = patching.relevance_patch_resid_pre(model, swap_tokens, clean_cache, logit_diff, rules="cplrp")
+attribution_s2 = patching.relevance_patch_resid_pre(model, swap_tokens, clean_cache, logit_diff, rules="gxi")
+print(f"S2 swapped: logit diff {swap_base:+.2f} (clean {float(logit_diff(clean_logits)):+.2f})")
+print(f"restore S2 at layer 0: activation patching {float(exact[0, s2]):+.2f}, relevance patching (CP-LRP) "
+      f"{float(one_backward[0, s2]):+.2f}, attribution patching {float(attribution_s2[0, s2]):+.2f}")
+assert float(exact[0, s2]) > 10 and abs(float(one_backward[0, s2])) < 0.1 * float(exact[0, s2])
+print(f"Pearson on the resid_pre grid: CP-LRP {patching.pearson(one_backward, exact):.3f}, "
+      f"AtP {patching.pearson(attribution_s2, exact):.3f}")
+
+# %% [markdown]
+# **Why: routing, not value.** Compare where a last-layer head at the final position looks in the two
+# runs: the whole row moves from one key to another, and sits on a saturated softmax in both.
+
+# %%
+with torch.no_grad():
+    _, swap_cache = model.run_with_cache(swap_tokens)
+last = model.cfg.n_layers - 1
+clean_row = clean_cache[f"blocks.{last}.attn.hook_pattern"][0, :, -1]  # [head, key]
+swap_row = swap_cache[f"blocks.{last}.attn.hook_pattern"][0, :, -1]
+switch = (clean_row - swap_row).abs().sum(-1) / 2  # total variation of each head's row
+head = int(switch.argmax())
+top = float(swap_row[head].max())
+print(f"L{last}H{head} at the last position: total variation {float(switch[head]):.2f} between the runs; "
+      f"top probability {top:.3f}, p(1 − p) = {top * (1 - top):.4f} (the softmax's gradient ~ that)")
+assert float(switch[head]) > 0.5 and top * (1 - top) < 0.05
+
+# %% [markdown]
+# **The fix: routing-aware patching, the default.** `relevance_patch` (and every `relevance_patch_*`)
+# computes cells exactly by *suffix patching* — re-running only the rows and layers a patch can change,
+# from the patched run's own key/value cache — as far as a budget allows, and estimates the rest with
+# the patched row's trajectory computed exactly and every later row's attention re-softmaxed with the
+# row's new key. The S2 swap sits late in the prompt, so most cells come out exact, at a tenth of TL's
+# forwards (on a `HookedTransformer` every cell; a `TransformerBridge` runs every layer for every cell,
+# so the same budget buys fewer). The result says what it did, and the flags say where a one-backward
+# estimate goes wrong.
+
+# %%
+rap = patching.relevance_patch(model, swap_tokens, clean_cache, logit_diff, ["resid_pre", "attn_head_out_all_pos"])
+print(rap.summary())
+print(f"restore S2 at layer 0: routing-aware patching {float(rap['resid_pre'][0, s2]):+.2f} "
+      f"(activation patching {float(exact[0, s2]):+.2f}); Pearson {patching.pearson(rap['resid_pre'], exact):.3f}")
+assert rap.exact["resid_pre"][0, s2] and patching.pearson(rap["resid_pre"], exact) > 0.99
+assert abs(float(rap["resid_pre"][0, s2]) - float(exact[0, s2])) < 1e-3 * abs(float(exact[0, s2]))
+assert rap.total_cost <= rap.tl_forwards / 10 + 1e-9
+
+# with a budget too small for exact patching, the estimates and their flags
+estimate = patching.relevance_patch(model, swap_tokens, clean_cache, logit_diff, "resid_pre", budget=1e-3)
+flags = estimate.flags["resid_pre"]
+print(f"estimate only ({estimate.total_cost:.1f} forward-equivalents): S2 cell {float(estimate['resid_pre'][0, s2]):+.2f}, "
+      f"flags there: {[name for name, mask in flags.items() if mask[0, s2]]}; Pearson "
+      f"{patching.pearson(estimate['resid_pre'], exact):.3f}")
+assert flags["saturated_switch"][0, s2] and flags["disagree"][0, s2]
+assert patching.pearson(estimate["resid_pre"], exact) > 0.95 > patching.pearson(one_backward, exact)
+
+# %% [markdown]
+# ### Exercise 2 — predict, then check
+# In the pointer-chase task (`c > i ; f > m ; i > n ; start c :`) the start key decides which fact a
+# layer-1 head reads. Changing it is a routing corruption. Will the one-backward estimate (CP-LRP) of the
+# start key's layer-0 cell be close to activation patching, or far from it? Predict `"close"` or `"far"`.
+
+# %% tags=["exercise"]
+my_prediction = None  # "close" or "far"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+chase, chase_task = zoo.load("pointer-chase"), zoo.task("pointer-chase")
+chase_pair = chase_task.corrupt(chase_task.sample(1, seed=0)[0])
+i_, m_ = (int(chase.to_tokens(" " + w, prepend_bos=False)[0, 0]) for w in (chase_pair.answer, chase_pair.contrast))
+
+
+def chase_metric(logits):
+    return (logits[:, -1, i_] - logits[:, -1, m_]).mean()
+
+
+with torch.no_grad():
+    _, chase_cache = chase.run_with_cache(chase.to_tokens(chase_pair.clean))
+chase_tokens = chase.to_tokens(chase_pair.corrupted)
+key = (0, chase_pair.position)
+truth = patching.relevance_patch(chase, chase_tokens, chase_cache, chase_metric, "resid_pre", method="exact")["resid_pre"]
+guess = patching.relevance_patch(chase, chase_tokens, chase_cache, chase_metric, "resid_pre", rules="cplrp")["resid_pre"]
+answer = "close" if abs(float(guess[key] - truth[key])) < 0.2 * abs(float(truth[key])) else "far"
+print(f"start key, layer 0: activation patching {float(truth[key]):+.2f}, CP-LRP {float(guess[key]):+.2f}")
+assert answer == "far"
+print("answer:", answer, "| your prediction:", my_prediction, "✓" if my_prediction == answer else "")

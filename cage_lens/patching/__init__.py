@@ -1,22 +1,20 @@
-"""Relevance patching: TransformerLens' activation-patching grids estimated from one backward pass.
+"""Relevance patching: TransformerLens' activation-patching grids, computed or estimated at a fraction
+of the cost of one forward per cell (docs/patching.md).
 
 Named and shaped like ``transformer_lens.patching``: swap ``patching.get_act_patch_resid_pre`` for
-``cage_lens.patching.relevance_patch_resid_pre`` (same arguments, same grid shape and axis order).
-Each cell is the first-order estimate of what patching that cell does to the metric,
+``cage_lens.patching.relevance_patch_resid_pre`` (same arguments, same grid shape and axis order). Each
+cell is the *change* the patch makes, ``metric(patched) − metric(corrupted)``: subtract the unpatched
+metric from TL's grid to compare numbers. Noising is the same call with the roles swapped, as with TL.
 
-    (a_clean − a_corrupted) · ∂metric/∂a   (evaluated on the corrupted run, gradient under ``rules``)
-
-summed over the batch and the cell's feature axes. ``rules="gxi"`` is classic attribution patching;
-``"cplrp"`` (the default, best measured), ``"attnlrp"`` and ``"relp"`` (the RelP reference rules) take
-the gradient under LRP rules (relevance patching). One forward and one backward of the corrupted batch
-give every cell of every requested grid.
-
-Direction and sign: TransformerLens' ``get_act_patch_*`` run ``corrupted_tokens`` with activations
-from ``clean_cache`` patched in (denoising) and return ``metric(patched logits)``. The estimate here
-is the *change* that patch makes, ``metric(patched) − metric(corrupted)``: subtract the unpatched
-metric from TL's grid to compare numbers (correlations are unaffected). Noising is the same call
-with the roles swapped — ``relevance_patch_*(model, clean_tokens, corrupted_cache, metric)``, exactly
-as with TL. See docs/patching.md for formulas, conventions and the measured agreement.
+How a grid is computed (``method=``, docs/patching.md#methods): ``"rap"`` (the default) — routing-aware
+patching: exact suffix patching while a budget allows, else one backward plus row-exact estimates
+(the patched row's trajectory exact, every later row's attention re-softmaxed) and exact patching of
+the cells that matter most, with flags on unreliable cells; ``"exact"`` — TL's numbers from suffix runs;
+``"one_backward"`` — ``(a_clean − a_corrupted) · ∂metric/∂a`` from one forward and one backward under
+``rules`` (relevance patching with ``"cplrp"``, ``"relp"``, ``"attnlrp"``; attribution patching with
+``"gxi"``), also what ``rules=`` alone selects; ``"atp_star"`` — the AtP* baseline.
+``relevance_patch`` returns a :class:`PatchResult` carrying the method per grid, the exact cells, the
+flags and the cost in forward-equivalents.
 """
 
 from __future__ import annotations
@@ -30,12 +28,15 @@ from cage_lens.core.adapter import adapt
 from cage_lens.patching.agreement import (
     DIRECTIONS, SPEARMAN_FLOOR, Agreement, activation_patch, agreement, pearson, spearman,
 )
-from cage_lens.patching.estimate import check_same_length, relevance_patch
 from cage_lens.patching.grids import BLOCK_GRIDS, GRIDS, HEAD_PARTS, Grid
-from cage_lens.patching.rules import RULE_VARIANTS, PatchRules, default_rules, resolve_patch_rules
+from cage_lens.patching.patch import METHODS, default_method, relevance_patch
+from cage_lens.patching.result import FLAG_NAMES, PatchResult
+from cage_lens.patching.rules import RULE_VARIANTS, PatchRules, resolve_patch_rules
+from cage_lens.patching.runs import check_same_length
 
 __all__ = [
     "GRIDS", "Grid", "PatchRules", "RULE_VARIANTS", "relevance_patch", "resolve_patch_rules",
+    "PatchResult", "FLAG_NAMES", "METHODS", "default_method",
     "relevance_patch_resid_pre", "relevance_patch_resid_mid", "relevance_patch_attn_out", "relevance_patch_mlp_out",
     "relevance_patch_attn_head_out_all_pos", "relevance_patch_attn_head_q_all_pos",
     "relevance_patch_attn_head_k_all_pos", "relevance_patch_attn_head_v_all_pos",
@@ -53,17 +54,19 @@ __all__ = [
 def _named(grid: str) -> Callable:
     spec = GRIDS[grid]
     shape = " ".join(spec.axes)
-    default = default_rules(grid)
 
-    def estimate(model, corrupted_tokens, clean_cache, patching_metric, *, rules=default) -> torch.Tensor:
-        return relevance_patch(model, corrupted_tokens, clean_cache, patching_metric, grid, rules=rules)[grid]
+    def estimate(model, corrupted_tokens, clean_cache, patching_metric, *, method=None, rules=None, speedup=None,
+                 budget=None) -> torch.Tensor:
+        return relevance_patch(model, corrupted_tokens, clean_cache, patching_metric, grid, method=method, rules=rules,
+                               speedup=speedup, budget=budget)[grid]
 
     estimate.__name__ = estimate.__qualname__ = f"relevance_patch_{grid}"
     estimate.__doc__ = (
         f"Relevance-patching estimate of ``transformer_lens.patching.{spec.tl_function}``: ``[{shape}]``, each "
         f"cell ≈ metric(patched) − metric(corrupted) for patching ``blocks.{{layer}}.{spec.hook}`` from "
-        "``clean_cache`` into the run of ``corrupted_tokens``. One forward and one backward under ``rules`` "
-        f"(default {default!r}); see :func:`relevance_patch`."
+        "``clean_cache`` into the run of ``corrupted_tokens``. Default method: "
+        f"{default_method(grid)}; arguments as :func:`relevance_patch`, whose result also carries how each "
+        "cell was computed and the flags of unreliable cells."
     )
     return estimate
 
@@ -91,34 +94,34 @@ def _pad_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def relevance_patch_block_every(
-    model, corrupted_tokens, clean_cache, metric, *, rules="cplrp"
+    model, corrupted_tokens, clean_cache, metric, *, method=None, rules=None, speedup=None, budget=None
 ) -> Float[torch.Tensor, "patch_type layer pos"]:
-    """``[3, layer, pos]``: resid_pre, attn_out, mlp_out (as ``get_act_patch_block_every``), one backward."""
-    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, BLOCK_GRIDS, rules=rules)
+    """``[3, layer, pos]``: resid_pre, attn_out, mlp_out (as ``get_act_patch_block_every``)."""
+    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, BLOCK_GRIDS, method=method, rules=rules,
+                            speedup=speedup, budget=budget)
     return torch.stack([grids[g] for g in BLOCK_GRIDS])
 
 
 def relevance_patch_attn_head_all_pos_every(
-    model, corrupted_tokens, clean_cache, metric, *, rules="relp"
+    model, corrupted_tokens, clean_cache, metric, *, method=None, rules=None, speedup=None, budget=None
 ) -> Float[torch.Tensor, "patch_type layer head"]:
     """``[5, layer, head]``: out, q, k, v, pattern (as ``get_act_patch_attn_head_all_pos_every``;
-    grouped-query k and v zero-padded to ``n_heads``), one backward."""
+    grouped-query k and v zero-padded to ``n_heads``)."""
     names = [f"attn_head_{p}_all_pos" for p in HEAD_PARTS]
-    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, names, rules=rules)
+    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, names, method=method, rules=rules,
+                            speedup=speedup, budget=budget)
     n_heads = adapt(model).arch.n_heads
     return torch.stack([_pad_heads(grids[n], n_heads) for n in names])
 
 
 def relevance_patch_attn_head_by_pos_every(
-    model, corrupted_tokens, clean_cache, metric, *, rules="relp"
+    model, corrupted_tokens, clean_cache, metric, *, method=None, rules=None, speedup=None, budget=None
 ) -> Float[torch.Tensor, "patch_type layer pos head"]:
     """``[5, layer, pos, head]``: out, q, k, v, pattern (as ``get_act_patch_attn_head_by_pos_every``:
-    k and v zero-padded, the pattern grid moved to ``[layer, dest_pos, head]``), one backward."""
+    k and v zero-padded, the pattern grid moved to ``[layer, dest_pos, head]``)."""
     names = [f"attn_head_{p}_by_pos" for p in HEAD_PARTS]
-    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, names, rules=rules)
+    grids = relevance_patch(model, corrupted_tokens, clean_cache, metric, names, method=method, rules=rules,
+                            speedup=speedup, budget=budget)
     n_heads = adapt(model).arch.n_heads
-    grids["attn_head_pattern_by_pos"] = grids["attn_head_pattern_by_pos"].transpose(1, 2)
-    return torch.stack([_pad_heads(grids[n], n_heads) for n in names])
-
-
-
+    pattern = grids["attn_head_pattern_by_pos"].transpose(1, 2)
+    return torch.stack([_pad_heads(pattern if n == "attn_head_pattern_by_pos" else grids[n], n_heads) for n in names])

@@ -1,4 +1,4 @@
-"""Agreement of the one-backward estimates with TransformerLens' activation patching
+"""Agreement of the patching estimates with TransformerLens' activation patching
 (docs/patching.md#agreement-with-activation-patching)."""
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import torch
 
 from cage_lens.core.adapter import adapt
 from cage_lens.errors import InputError
-from cage_lens.patching.estimate import _as_tokens, check_same_length, relevance_patch
+from cage_lens.inputs import check_number
 from cage_lens.patching.grids import GRIDS, Grid, Metric, check_grids
+from cage_lens.patching.patch import METHODS, relevance_patch
+from cage_lens.patching.result import PatchResult
 from cage_lens.patching.rules import resolve_patch_rules
+from cage_lens.patching.runs import as_tokens, check_same_length
 
 __all__ = ["Agreement", "agreement", "activation_patch", "pearson", "spearman", "DIRECTIONS", "SPEARMAN_FLOOR"]
 
@@ -67,13 +70,16 @@ DEFAULT_AGREEMENT_GRIDS = ("resid_pre", "attn_out", "mlp_out", "attn_head_out_al
 
 @dataclass
 class Agreement:
-    """Relevance / attribution patching against TransformerLens' activation patching on one batch.
+    """Patching estimates against TransformerLens' activation patching on one batch.
 
     ``activation[grid]`` is TL's grid minus the unpatched metric (the effect of each patch);
-    ``estimates[rules][grid]`` the one-backward estimates of the same effects. ``baseline`` is the
-    metric of the run being patched, ``source`` the metric of the run patched from. ``changed[grid]``
-    marks the cells whose activation differs between the two runs: elsewhere the patch is a no-op,
-    every method gives exactly 0, and ``changed_only=True`` leaves those cells out of a correlation."""
+    ``estimates[label][grid]`` the estimates of the same effects, one label per method or rule set
+    (``"rap"``, ``"cplrp"``, ``"gxi"``, ...); ``method[label][grid]`` how each was computed and
+    ``cost[label]`` its forward-equivalents (TL's sweep: ``tl_forwards``). ``flags[grid]`` are the flags
+    of unreliable cells from the routing-aware estimate, when one ran (docs/patching.md#flags).
+    ``baseline`` is the metric of the run being patched, ``source`` the metric of the run patched from.
+    ``changed[grid]`` marks the cells whose activation differs between the two runs: elsewhere the patch
+    is a no-op, every method gives exactly 0, and ``changed_only=True`` leaves those cells out."""
 
     direction: str
     grids: list[str]
@@ -83,6 +89,33 @@ class Agreement:
     baseline: float
     source: float
     changed: dict[str, torch.Tensor]
+    method: dict[str, dict[str, str]]
+    cost: dict[str, float]
+    tl_forwards: int
+    flags: dict[str, dict[str, torch.Tensor]]
+    exact: dict[str, dict[str, torch.Tensor]]
+
+    def flagged(self, grid: str) -> torch.Tensor:
+        """Cells of ``grid`` with any flag that the routing-aware estimate did not compute exactly."""
+        mask = torch.zeros(self.activation[grid].shape, dtype=torch.bool)
+        for flag in self.flags.get(grid, {}).values():
+            mask |= flag
+        exact = next((e[grid] for label, e in self.exact.items() if label == "rap"), None)
+        return mask & ~exact if exact is not None else mask
+
+    def flag_report(self, rules: str, grid: str, tolerance: float = 0.1) -> dict[str, float]:
+        """How well ``flags[grid]`` point at the cells where estimate ``rules`` is off by more than
+        ``tolerance`` × the grid's largest effect: recall, precision and the share of changed cells flagged."""
+        wrong = (self.estimates[rules][grid] - self.activation[grid]).abs() > tolerance * self.activation[grid].abs().max()
+        flagged = torch.zeros_like(wrong)
+        for flag in self.flags.get(grid, {}).values():
+            flagged |= flag
+        changed = self.changed[grid]
+        hits = int((wrong & flagged).sum())
+        return {"wrong": int(wrong.sum()), "flagged": int(flagged.sum()),
+                "recall": hits / int(wrong.sum()) if wrong.any() else float("nan"),
+                "precision": hits / int(flagged.sum()) if flagged.any() else float("nan"),
+                "share": int(flagged.sum()) / max(1, int(changed.sum()))}
 
     def _cells(self, rules: str, grid: str, changed_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
         est, act = self.estimates[rules][grid], self.activation[grid]
@@ -101,7 +134,11 @@ class Agreement:
                  f"{'grid':<28}" + "".join(f"{r:>20}" for r in self.rules),
                  f"{'':<28}" + "".join(f"{'pearson  spearman':>20}" for _ in self.rules)]
         for g in self.grids:
-            lines.append(f"{g:<28}" + "".join(f"{self.pearson(r, g):>10.3f}{self.spearman(r, g):>10.3f}" for r in self.rules))
+            flagged = f"   flagged {int(self.flagged(g).sum())}" if self.flags.get(g) else ""
+            lines.append(f"{g:<28}" + "".join(f"{self.pearson(r, g):>10.3f}{self.spearman(r, g):>10.3f}" for r in self.rules)
+                         + flagged)
+        lines.append("cost (forward-equivalents): " + ", ".join(f"{r} {self.cost[r]:.1f}" for r in self.rules)
+                     + f"; TransformerLens {self.tl_forwards}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -124,6 +161,8 @@ class Agreement:
             "estimates": {r: {g: v.tolist() for g, v in d.items()} for r, d in self.estimates.items()},
             "pearson": {r: {g: self.pearson(r, g) for g in self.grids} for r in self.rules},
             "spearman": {r: {g: self.spearman(r, g) for g in self.grids} for r in self.rules},
+            "method": self.method, "cost": self.cost, "tl_forwards": self.tl_forwards,
+            "flags": {g: {f: v.tolist() for f, v in d.items()} for g, d in self.flags.items()},
         }
 
     def scatter(self, grid: str, rules: Sequence[str] | None = None, *, ax=None, path=None):
@@ -163,36 +202,62 @@ def activation_patch(model, tokens, source_cache, metric: Metric, grid: str) -> 
     """TransformerLens' own ``get_act_patch_<grid>`` (the reference being estimated)."""
     import transformer_lens.patching as tl_patching
 
-    tokens = _as_tokens(model, tokens, "tokens").to(adapt(model).device)  # TL truncates nothing, but checks no ids
+    tokens = as_tokens(model, tokens, "tokens").to(adapt(model).device)  # TL truncates nothing, but checks no ids
     (spec,) = check_grids([grid], adapt(model))
     return getattr(tl_patching, spec.tl_function)(model, tokens, source_cache, metric)
 
 
+def _estimate(model, tokens, source_cache, metric, grids, label_or_rules, speedup, budget) -> PatchResult:
+    if isinstance(label_or_rules, str) and label_or_rules in METHODS:
+        return relevance_patch(model, tokens, source_cache, metric, grids, method=label_or_rules, speedup=speedup,
+                               budget=budget)
+    return relevance_patch(model, tokens, source_cache, metric, grids, method="one_backward", rules=label_or_rules)
+
+
 def agreement(
     model,
-    clean,
-    corrupted,
-    metric: Metric,
-    *,
+    *positional,
+    corrupted_tokens=None,
+    clean_tokens=None,
+    metric: Metric | None = None,
     grids: Sequence[str] = DEFAULT_AGREEMENT_GRIDS,
-    rules: Sequence = ("cplrp", "attnlrp", "gxi"),
+    rules: Sequence = ("rap", "cplrp", "attnlrp", "gxi"),
     direction: str = "denoising",
+    speedup: float | None = None,
+    budget: float | None = None,
 ) -> Agreement:
-    """Run TL's activation patching and the one-backward estimates on the same grids, prompts and metric.
+    """Run TL's activation patching and the estimates on the same grids, prompts and metric:
+    ``agreement(model, corrupted_tokens=..., clean_tokens=..., metric=...)``.
 
-    ``direction="denoising"`` patches clean activations into the corrupted run (TL's
-    ``get_act_patch_*(model, corrupted_tokens, clean_cache, metric)``); ``"noising"`` patches corrupted
-    activations into the clean run. ``clean``/``corrupted``: token tensors or prompt strings of one
-    token length. Cost: one cached forward per run, one forward+backward per rule set, and one
-    forward per grid cell for TL."""
+    The inputs are keywords, listed in TransformerLens' order (corrupted first, as in
+    ``get_act_patch_*(model, corrupted_tokens, clean_cache, metric)``); a positional call is refused,
+    because the order was once clean-first and a silent swap would be a silently wrong answer.
+    ``direction="denoising"`` patches clean activations into the corrupted run (TL's direction);
+    ``"noising"`` patches corrupted activations into the clean run. Tokens are tensors or prompt
+    strings of one token length. ``rules``: labels to compare, each a method (``"rap"``, ``"exact"``)
+    or a rule set of the one-backward estimate (``"cplrp"``, ``"gxi"``, a ``PatchRules``, ...);
+    ``speedup``/``budget`` go to RAP. Cost: one cached forward per run, each estimate, and one forward
+    per grid cell for TL."""
+    if positional:
+        raise InputError(
+            "agreement takes its inputs by keyword — agreement(model, corrupted_tokens=..., clean_tokens=..., "
+            "metric=...) — in TransformerLens' order; the positional form was clean-first, so a positional call is "
+            "refused rather than risk swapping the runs"
+        )
+    if corrupted_tokens is None or clean_tokens is None or metric is None:
+        missing = [n for n, v in (("corrupted_tokens", corrupted_tokens), ("clean_tokens", clean_tokens),
+                                  ("metric", metric)) if v is None]
+        raise InputError(f"agreement needs {', '.join(missing)} (keywords: corrupted_tokens=, clean_tokens=, metric=)")
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    check_number(speedup, "speedup", low=1.0, allow_none=True)
+    check_number(budget, "budget", low=0.0, low_open=True, allow_none=True)
+    clean_t, corrupted_t = check_same_length(model, clean_tokens, corrupted_tokens)
     adapter = adapt(model)
     wanted = [g.name for g in check_grids(grids, adapter)]
-    labels = [resolve_patch_rules(r).name for r in rules]
+    labels = [r if isinstance(r, str) and r in METHODS else resolve_patch_rules(r).name for r in rules]
     if not labels:
-        raise InputError("name at least one rule set to compare")
-    clean_t, corrupted_t = check_same_length(model, clean, corrupted)
+        raise InputError("name at least one method or rule set to compare")
     clean_t, corrupted_t = clean_t.to(adapter.device), corrupted_t.to(adapter.device)
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean_t)
@@ -202,15 +267,17 @@ def agreement(
     else:
         tokens, source_cache, base_logits, source_logits = clean_t, corrupted_cache, clean_logits, corrupted_logits
     baseline, source = float(metric(base_logits)), float(metric(source_logits))
-    estimates = {
-        label: relevance_patch(model, tokens, source_cache, metric, wanted, rules=r) for label, r in zip(labels, rules)
-    }
+    results = {label: _estimate(model, tokens, source_cache, metric, wanted, r, speedup, budget)
+               for label, r in zip(labels, rules)}
     with torch.no_grad():
         effects = {g: activation_patch(model, tokens, source_cache, metric, g).double().cpu() - baseline for g in wanted}
     changed = {g: _changed_cells(GRIDS[g], clean_cache, corrupted_cache, adapter.arch.n_layers) for g in wanted}
+    flags = results["rap"].flags if "rap" in results else {}
     return Agreement(direction, wanted, labels, effects,
-                     {r: {g: v.double().cpu() for g, v in d.items()} for r, d in estimates.items()}, baseline, source,
-                     changed)
+                     {r: {g: v.double().cpu() for g, v in d.items()} for r, d in results.items()}, baseline, source,
+                     changed, {r: d.method for r, d in results.items()}, {r: d.total_cost for r, d in results.items()},
+                     sum(effects[g].numel() for g in wanted), {g: {f: m.cpu() for f, m in d.items()} for g, d in flags.items()},
+                     {r: {g: m.cpu() for g, m in d.exact.items()} for r, d in results.items()})
 
 
 def _changed_cells(grid: Grid, cache_a, cache_b, n_layers: int) -> torch.Tensor:

@@ -1,79 +1,28 @@
-"""The one-backward estimate of every patching grid (docs/patching.md#the-estimate)."""
+"""The one-backward estimate of every patching grid (docs/patching.md#the-estimate).
+
+Each cell is ``Σ (a_src − a_dst) · ĝ`` over the cell's part of the activation, with ``ĝ`` the gradient of
+the metric on the patched run taken under the rules (relevance patching) or plain (attribution
+patching): one forward and one backward give every cell of every grid.
+"""
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 import torch
-from jaxtyping import Int
 
 from cage_lens.core import engine
-from cage_lens.core.adapter import ModelAdapter, adapt
+from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.certificate import certify_or_warn
-from cage_lens.core.hooks import PointHook, fired_hooks, installed, session
+from cage_lens.core.hooks import PointHook, installed, session
+from cage_lens.core.rulesets import RuleSet
 from cage_lens.errors import InputError, NumericalError
-from cage_lens.inputs import rectangular_tokens
-from cage_lens.patching.grids import BLOCK_GRIDS, Metric, check_grids
-from cage_lens.patching.rules import resolve_patch_rules
+from cage_lens.patching.grids import Grid, Metric
+from cage_lens.patching.runs import PatchRun, fetch_source, metric_value, source_activation, start_run
 
-__all__ = ["relevance_patch", "check_same_length"]
-
-
-def _as_tokens(model, tokens, role: str = "corrupted_tokens") -> Int[torch.Tensor, "batch pos"]:
-    """Tokens through the input gate (cage_lens.inputs): ids checked, prompts never truncated or ``<unk>``-substituted."""
-    return rectangular_tokens(model, tokens, role=role)
+__all__ = ["check_rules_reach", "gradients", "linear_grid", "one_backward", "tapped_run", "TappedRun"]
 
 
-def check_same_length(model, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean and corrupted tokens as tensors, refusing different lengths (patching compares position
-    ``i`` of one run with position ``i`` of the other: there is no alignment rule that keeps that true)."""
-    clean_t, corrupted_t = _as_tokens(model, clean, "clean"), _as_tokens(model, corrupted, "corrupted")
-    if clean_t.shape != corrupted_t.shape:
-        detail = ""
-        if clean_t.shape[0] == 1 == corrupted_t.shape[0] and hasattr(model, "to_str_tokens"):
-            detail = (f": clean {list(model.to_str_tokens(clean_t[0]))} vs corrupted "
-                      f"{list(model.to_str_tokens(corrupted_t[0]))}")
-        raise InputError(
-            f"clean and corrupted inputs have different shapes {tuple(clean_t.shape)} vs {tuple(corrupted_t.shape)}"
-            f"{detail}. Patching needs the same number of tokens in both runs: change one token for "
-            "another single token (check leading spaces)."
-        )
-    return clean_t, corrupted_t
-
-
-def _clean_activation(cache, name: str) -> torch.Tensor:
-    try:
-        value = cache[name]
-    except (KeyError, IndexError):
-        value = None
-    if value is None:
-        raise InputError(
-            f"the clean cache has no {name!r}; build it with model.run_with_cache(clean_tokens) "
-            "(without a names_filter that drops it)"
-        )
-    return value
-
-
-def _metric_value(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
-    value = metric(logits)
-    if not isinstance(value, torch.Tensor):
-        raise InputError(
-            f"patching_metric returned a {type(value).__name__}; it must return a scalar torch tensor computed "
-            "from the logits (TransformerLens' contract metric(logits) -> scalar; do not call .item())"
-        )
-    if value.ndim != 0:
-        raise InputError(
-            f"patching_metric must return a scalar (TransformerLens' contract metric(logits) -> scalar), "
-            f"got shape {tuple(value.shape)}; reduce it over the batch, e.g. .mean()"
-        )
-    if not value.requires_grad:
-        raise InputError("patching_metric's value does not depend on the logits (no gradient); compute it from them")
-    if not torch.isfinite(value):
-        raise NumericalError(f"patching_metric is not finite on the corrupted run: {float(value)}")
-    return value
-
-
-# ---------------------------------------------------------------------------- the estimate
 def _tap_hooks(adapter: ModelAdapter, names: Sequence[str], taps: dict[str, torch.Tensor]) -> list[PointHook]:
     """Hooks that hand each patched hook point a fresh view of its activation and keep it in ``taps``.
 
@@ -98,82 +47,96 @@ def _tap_hooks(adapter: ModelAdapter, names: Sequence[str], taps: dict[str, torc
     return [PointHook(n, fn, first=True) for n, fn in pairs]
 
 
-def relevance_patch(
-    model,
-    corrupted_tokens: Int[torch.Tensor, "batch pos"],
-    clean_cache: Mapping[str, torch.Tensor],
-    patching_metric: Metric,
-    grids: str | Sequence[str] = BLOCK_GRIDS,
-    *,
-    rules="cplrp",
-    strict: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Every requested grid from ONE forward and ONE backward of ``corrupted_tokens`` under ``rules``.
-
-    Args:
-        model: a HookedTransformer or TransformerBridge (eval mode).
-        corrupted_tokens: ``[batch, pos]`` tokens of the run that is patched (or prompt strings of one length).
-        clean_cache: activations of the run patched *from*, e.g. ``model.run_with_cache(clean_tokens)[1]``
-            (an ``ActivationCache`` or a dict keyed by hook name); same batch and positions.
-        patching_metric: ``metric(logits) -> scalar`` on ``[batch, pos, vocab]`` logits (TL's contract).
-        grids: names from :data:`GRIDS` (``"resid_pre"``, ``"attn_head_out_all_pos"``, ...).
-        strict: refuse a model the completeness certificate does not pass (docs/rules.md).
-        rules: ``"cplrp"`` (default: the best agreement measured, docs/patching.md#results), ``"attnlrp"``,
-            ``"gxi"`` (attribution patching), a name from :data:`RULE_VARIANTS` (``"relp"``), a
-            :class:`PatchRules`, or a rule set the engine accepts. CP-LRP detaches q and k, so query/key
-            grids (and the head bundles that contain them) default to ``"relp"``.
-
-    Returns: ``{grid name: tensor}`` shaped like TL's grid; each cell estimates
-    ``metric(patched) − metric(corrupted)``.
-    """
-    adapter = adapt(model)
-    adapter.check_eval_mode()
-    fired_hooks(adapter)  # validate the model before installing anything
-    rule_set = resolve_patch_rules(rules)
-    label = rule_set.name
-    wanted = check_grids(grids, adapter)
-    qk = [g.name for g in wanted if g.hook in ("attn.hook_q", "attn.hook_k")]
+def check_rules_reach(rule_set: RuleSet, grids: Sequence[Grid]) -> None:
+    """Refuse query/key grids under a rule set that detaches q and k (CP-LRP): they would be all zeros."""
+    qk = [g.name for g in grids if g.hook in ("attn.hook_q", "attn.hook_k")]
     if qk and (rule_set.q == 0.0 or rule_set.k == 0.0):
         raise InputError(
-            f"rules={label!r} detaches q and k (CP-LRP gives them no relevance), so grid {qk[0]!r} has no "
+            f"rules={rule_set.name!r} detaches q and k (CP-LRP gives them no relevance), so grid {qk[0]!r} has no "
             "estimate; use rules='attnlrp' or 'gxi' for query/key grids"
         )
-    tokens = _as_tokens(model, corrupted_tokens).to(adapter.device)
-    n_layers = adapter.arch.n_layers
-    names = list(dict.fromkeys(g.hook_name(layer) for g in wanted for layer in range(n_layers)))
-    clean = {n: _clean_activation(clean_cache, n) for n in names}
 
+
+def gradients(model, adapter: ModelAdapter, tokens: torch.Tensor, metric: Metric, names: Sequence[str],
+              rule_set: RuleSet, strict: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The activations at ``names`` on the run of ``tokens`` and the metric's gradient there under
+    ``rule_set``: one forward, one backward. Refuses a name no gradient reaches."""
+    names = list(dict.fromkeys(names))
     taps: dict[str, torch.Tensor] = {}
     certify_or_warn(adapter, strict)
     tap_hooks = _tap_hooks(adapter, names, taps)
     with session(adapter), engine.rules_active(adapter, rule_set), installed(adapter, tap_hooks):
-        value = _metric_value(patching_metric, model(tokens))
+        value = metric_value(metric, model(tokens))
         found = [taps[n] for n in names]
         grads = dict(zip(names, torch.autograd.grad(value, found, allow_unused=True)))
     unreached = [n for n, g in grads.items() if g is None]
     if unreached:
         raise InputError(
-            f"no gradient reaches {unreached[0]} from the metric under rules={label!r} (the rules detach it, "
-            "or the metric does not depend on it); there is no estimate for that grid"
+            f"no gradient reaches {unreached[0]} from the metric under rules={rule_set.name!r} (the rules detach "
+            "it, or the metric does not depend on it); there is no estimate for that grid"
         )
-
-    out = {}
-    for grid in wanted:
-        layers = []
-        for layer in range(n_layers):
-            name = grid.hook_name(layer)
-            corrupted = taps[name].detach()
-            source = clean[name].to(device=corrupted.device, dtype=corrupted.dtype)
-            if source.shape != corrupted.shape:
-                raise InputError(
-                    f"{name}: the clean cache holds shape {tuple(source.shape)} but the corrupted run has "
-                    f"{tuple(corrupted.shape)}; clean and corrupted inputs need the same batch size and token length"
-                )
-            layers.append(grid.reduce((source - corrupted) * grads[name]))
-        result = torch.stack(layers).detach()
-        if not torch.isfinite(result).all():
-            raise NumericalError(f"the {grid.name} estimate contains NaN or inf; check the model's dtype and the metric")
-        out[grid.name] = result
-    return out
+    return {n: taps[n].detach() for n in names}, {n: g.detach() for n, g in grads.items()}
 
 
+class TappedRun:
+    """The patched run and the graph of its forward under ``rule_set`` (see :func:`tapped_run`)."""
+
+    def __init__(self, run: PatchRun, value: torch.Tensor, found: dict[str, torch.Tensor], taps: Sequence[str],
+                 rule_set: RuleSet):
+        self.run, self.value, self.found, self.taps, self.rule_set = run, value, found, list(taps), rule_set
+
+    def gradients(self, retain: bool = False, stage: str | None = None) -> dict[str, torch.Tensor]:
+        """The metric's gradient at every tap (one backward of the run's own forward, 2 forward-equivalents)."""
+        with session(self.run.adapter):
+            grads = dict(zip(self.taps, torch.autograd.grad(self.value, [self.found[n] for n in self.taps],
+                                                            retain_graph=retain, allow_unused=True)))
+        unreached = [n for n in self.taps if grads[n] is None and not n.endswith(("hook_q", "hook_k", "hook_pattern"))]
+        if unreached:
+            raise InputError(
+                f"no gradient reaches {unreached[0]} from the metric under rules={self.rule_set.name!r} (the rules "
+                "detach it, or the metric does not depend on it); there is no estimate for that grid"
+            )
+        self.run.ledger.add_fe(stage or f"backward ({self.rule_set.name})", 2.0)
+        return {n: (g.detach() if g is not None else torch.zeros_like(self.found[n])) for n, g in grads.items()}
+
+
+def tapped_run(model, adapter: ModelAdapter, tokens: torch.Tensor, source: Mapping, metric: Metric,
+               names: Sequence[str], taps: Sequence[str], rule_set: RuleSet, strict: bool = True,
+               extra_hooks: Sequence[PointHook] = ()) -> TappedRun:
+    """The patched run (:func:`~cage_lens.patching.runs.start_run`, with the HF key/value cache on a bridge)
+    in one forward under ``rule_set`` that also taps ``taps``: its gradients come later from the same graph
+    (:meth:`TappedRun.gradients`), no second forward. The rules change gradients only, so the run's
+    activations are the plain forward's (the exact engine's self-check refuses a model where they are not,
+    to rounding)."""
+    found: dict[str, torch.Tensor] = {}
+    certify_or_warn(adapter, strict)
+    taps = list(dict.fromkeys(taps))
+    with session(adapter), engine.rules_active(adapter, rule_set):
+        run, value = start_run(model, adapter, tokens, source, metric, names, kv=True,
+                               extra_hooks=_tap_hooks(adapter, taps, found) + list(extra_hooks), grad=True)
+    return TappedRun(run, value, found, taps, rule_set)
+
+
+def linear_grid(grid: Grid, n_layers: int, source: Mapping, activations: dict, grads: dict) -> torch.Tensor:
+    """``Σ (a_src − a_dst) · g`` per cell of ``grid``, ``[layer, ...]``."""
+    layers = []
+    for layer in range(n_layers):
+        name = grid.hook_name(layer)
+        patched = activations[name]
+        layers.append(grid.reduce((source_activation(source, name, patched) - patched) * grads[name]))
+    result = torch.stack(layers)
+    if not torch.isfinite(result).all():
+        raise NumericalError(f"the {grid.name} estimate contains NaN or inf; check the model's dtype and the metric")
+    return result
+
+
+def one_backward(model, adapter: ModelAdapter, tokens: torch.Tensor, source: Mapping, metric: Metric,
+                 grids: Sequence[Grid], rule_set: RuleSet, strict: bool = True) -> dict[str, torch.Tensor]:
+    """Every grid in ``grids`` from one forward and one backward of ``tokens`` under ``rule_set``."""
+    check_rules_reach(rule_set, grids)
+    n_layers = adapter.arch.n_layers
+    names = [g.hook_name(layer) for g in grids for layer in range(n_layers)]
+    for name in dict.fromkeys(names):  # a cache without them is refused before the forward
+        fetch_source(source, name)
+    activations, grads = gradients(model, adapter, tokens, metric, names, rule_set, strict)
+    return {g.name: linear_grid(g, n_layers, source, activations, grads) for g in grids}

@@ -28,7 +28,7 @@ from typing import Callable
 
 from cage_lens.errors import InputError
 
-__all__ = ["Sample", "Task", "TASKS", "task", "SPECIAL_TOKENS", "Corruption", "CORRUPTIONS"]
+__all__ = ["Sample", "Task", "TASKS", "task", "SPECIAL_TOKENS", "Corruption", "CORRUPTIONS", "CORRUPTION_KINDS"]
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
@@ -95,6 +95,11 @@ class Task:
         """A clean/corrupted pair for activation patching: one answer-determining token changed
         (see :data:`CORRUPTIONS`); deterministic for a given sample."""
         return CORRUPTIONS[self.name](sample, **options)
+
+    def corruptions(self) -> dict[str, tuple[dict, str]]:
+        """This task's named corruptions: ``{name: (options of corrupt, "value" | "routing")}``
+        (:data:`CORRUPTION_KINDS`)."""
+        return dict(CORRUPTION_KINDS[self.name])
 
 
 def _spans_from_sentences(sentence_lengths: list[int]) -> list[tuple[int, int]]:
@@ -432,8 +437,8 @@ class Corruption:
     ``clean`` is the sample's prompt, teacher-forced with the completion tokens before the explained
     one where the first answer is a plain copy; its next token is ``answer``. ``corrupted`` replaces
     the word at TL position ``position`` (BOS = 0) by ``replacement``, keeping the token count, so its
-    next token becomes ``corrupted_answer``. The patching metric is ``logit(answer) − logit(contrast)``
-    at the last position."""
+    next token becomes ``corrupted_answer`` (None where the corrupted prompt no longer determines one).
+    The patching metric is ``logit(answer) − logit(contrast)`` at the last position."""
 
     clean: str
     corrupted: str
@@ -441,7 +446,7 @@ class Corruption:
     original: str
     replacement: str
     answer: str
-    corrupted_answer: str
+    corrupted_answer: str | None  # None: the corrupted prompt determines no answer (IOI's ABC)
     contrast: str
 
 
@@ -451,7 +456,7 @@ def _replace_word(text: str, position: int, word: str) -> str:
     return " ".join(words)
 
 
-def _pair(clean: str, position: int, replacement: str, answer: str, corrupted_answer: str,
+def _pair(clean: str, position: int, replacement: str, answer: str, corrupted_answer: str | None,
           contrast: str | None = None) -> Corruption:
     return Corruption(
         clean=clean, corrupted=_replace_word(clean, position, replacement), position=position,
@@ -465,16 +470,21 @@ def _rng(sample: Sample) -> random.Random:
 
 
 def _corrupt_ioi(sample: Sample, swap: str = "io") -> Corruption:
-    """``swap="io"``: the indirect object becomes a name not in the prompt (answer: that name);
-    ``swap="s2"``: the repeated subject becomes the IO name (answer flips to S). Metric contrast: S."""
+    """``swap="io"``: the indirect object becomes a name not in the prompt (answer: that name; the name's
+    content changes); ``swap="s2"``: the repeated subject becomes the IO name, as in TransformerLens'
+    and ARENA's IOI demos (answer flips to S; which name repeats changes, so where attention looks);
+    ``swap="abc"``: the repeated subject becomes a name not in the prompt, so no name repeats (the ABC
+    corruption of Wang et al.; no answer is determined). Metric contrast: S."""
     io, s = sample.correct, sample.wrong
+    unused = [n for n in IOI_NAMES if n not in sample.prompt.split()]
     if swap == "io":
-        unused = [n for n in IOI_NAMES if n not in sample.prompt.split()]
         name = _rng(sample).choice(unused)
         return _pair(sample.prompt, sample.meta["io_positions"][0], name, io, name, contrast=s)
     if swap == "s2":
         return _pair(sample.prompt, sample.meta["s_positions"][-1], io, io, s, contrast=s)
-    raise ValueError(f"unknown IOI corruption {swap!r}; choose 'io' or 's2'")
+    if swap == "abc":
+        return _pair(sample.prompt, sample.meta["s_positions"][-1], _rng(sample).choice(unused), io, None, contrast=s)
+    raise ValueError(f"unknown IOI corruption {swap!r}; choose 'io', 's2' or 'abc'")
 
 
 def _corrupt_pointer_chase(sample: Sample) -> Corruption:
@@ -513,6 +523,15 @@ CORRUPTIONS: dict[str, Callable[..., Corruption]] = {
     "pointer-chase": _corrupt_pointer_chase,
     "facts": _corrupt_facts,
     "arith": _corrupt_arith,
+}
+
+#: task name -> {corruption name: (the options of ``corrupt``, how it acts)}. "value": the changed token's
+#: content travels to the answer; "routing": it decides where attention looks (docs/patching.md#routing)
+CORRUPTION_KINDS: dict[str, dict[str, tuple[dict, str]]] = {
+    "ioi": {"io": ({"swap": "io"}, "value"), "s2": ({"swap": "s2"}, "routing"), "abc": ({"swap": "abc"}, "routing")},
+    "pointer-chase": {"start-key": ({}, "routing")},
+    "facts": {"verb": ({}, "value")},
+    "arith": {"alias": ({}, "value")},
 }
 
 
