@@ -37,6 +37,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' sweeps draw a pro
 
 import torch  # noqa: E402
 
+from harness import LoadWatch, add_arguments, write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_patching.md"
 FOUR = ("resid_pre", "attn_out", "mlp_out", "attn_head_out_all_pos")
 SETS = {"attn_head_out_all_pos": ("attn_head_out_all_pos",), "resid_pre": ("resid_pre",), "4 grids": FOUR}
@@ -188,12 +190,15 @@ def main() -> None:
     parser.add_argument("--zoo-prompts", type=int, default=5, help="prompts per zoo case (0: skip the zoo)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from importlib.metadata import version
 
+    watch = LoadWatch(own_threads=args.threads).start()
     gpt2 = gpt2_section(args) if args.lengths else []
     zoo_lines = zoo_section(args) if args.zoo_prompts else []
+    watch.stop()
     text = "\n".join([
         "# Patching estimates vs TransformerLens activation patching: cost per grid",
         "",
@@ -223,9 +228,7 @@ def main() -> None:
         "```",
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_results(args.out, text, watch, args.allow_busy)
 
 
 if __name__ == "__main__":
