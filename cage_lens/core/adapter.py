@@ -1,5 +1,6 @@
 """One view of any TransformerLens model: architecture facts, where each structure sits, and the hook
-names that exist (which of them fire is probed by :func:`cage_lens.core.hooks.fired_hooks`).
+names that exist (layer 4 of :mod:`cage_lens.core`; which of them fire is probed by
+:func:`cage_lens.core.hooks.fired_hooks`).
 
 Accepts ``HookedTransformer`` (TL 2.x/3.x) and HF-backed or native ``TransformerBridge`` (TL 3.x/4.x)
 by duck typing (``cfg``, ``hook_dict``, ``hooks``, ``to_tokens``), never by ``isinstance`` on one
@@ -7,7 +8,7 @@ model class. Structures are found by walking the module tree (see docs/architect
 normalisation module (pre-, post-, sandwich, q/k norms), each block's attention and MLP (plain,
 gated, mixture of experts), parallel attention + MLP, logit soft-caps and ALiBi. What the LRP rules
 do at each of them is :mod:`cage_lens.core.realise`; whether the result is complete is checked by
-:mod:`cage_lens.core.certificate` (layer 3 of :mod:`cage_lens.core`). TransformerLens pitfalls handled here are listed in
+:mod:`cage_lens.core.certificate`. TransformerLens pitfalls handled here are listed in
 docs/architectures.md#transformerlens-facts.
 """
 

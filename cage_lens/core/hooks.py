@@ -1,4 +1,4 @@
-"""Hook records and their installation (layer 4 of :mod:`cage_lens.core`; docs/rules.md#engine).
+"""Hook records and their installation (layer 5 of :mod:`cage_lens.core`; docs/rules.md#engine).
 
 A hook is data until it is installed: :class:`PointHook` (a TransformerLens hook ``fn(tensor, hook)``
 on a hook point), :class:`ModuleHook` / :class:`ModulePreHook` (forward hooks on a module without a

@@ -1,0 +1,106 @@
+"""Floating-point precision: unit roundoffs, the rounding error model of the certificate, and exact
+float32 copies of 16-bit models (layer 3 of :mod:`cage_lens.core`; docs/rules.md#precision).
+
+A bfloat16 or float16 number converts to float32 exactly, so :func:`float32_copy` gives the *same
+rounded weights* computed in float32: the completeness certificate probes 16-bit models on such a copy
+(docs/rules.md#completeness-certificate) and ``precision="float32"`` computes relevance on one. The
+user's model is never touched: the copy is a new module tree (a forward in another thread meanwhile
+sees the model as it was).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from cage_lens.errors import InputError
+
+__all__ = [
+    "UNIT_ROUNDOFF", "LOW_PRECISION", "PRECISIONS", "effective_roundoff", "is_low_precision", "float32_copy",
+    "float32_copy_bytes", "available_bytes", "check_precision",
+]
+
+#: unit roundoff u (round to nearest: half the distance from 1 to the next number) of each storage dtype
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+#: dtypes whose models the certificate probes on a float32 copy and ``precision="float32"`` upcasts
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: the values of the ``precision=`` option: the model's own dtype, or at least float32
+PRECISIONS = ("model", "float32")
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    return dtype in LOW_PRECISION
+
+
+def effective_roundoff(dtype: torch.dtype, contraction: int) -> float:
+    """Relative rounding of one stored activation or gradient of a model computing in ``dtype``: the
+    rounding to ``dtype`` itself plus the accumulation error of the dot product that produced it
+    (matrix products of 16-bit and float32 inputs accumulate in float32, float64 in float64; a sum of
+    ``contraction`` terms carries about ``sqrt(contraction)`` roundings of its accumulator under the
+    probabilistic model, docs/rules.md#precision)."""
+    accumulator = torch.float64 if dtype == torch.float64 else torch.float32
+    return UNIT_ROUNDOFF[dtype] + contraction**0.5 * UNIT_ROUNDOFF[accumulator]
+
+
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def float32_copy_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of :func:`float32_copy` (16-bit ones at 4 bytes per number)."""
+    return sum(t.numel() * (4 if is_low_precision(t.dtype) else t.element_size()) for t in _tensors(model))
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: the driver's free memory; CPU: the kernel's ``MemAvailable``),
+    or None when it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def float32_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose bfloat16/float16 parameters and buffers are float32 (an exact
+    conversion: the same rounded weights), built without an intermediate 16-bit copy (peak: the float32
+    tensors). The tokenizer is shared, ``cfg.dtype`` (where the model has one, TransformerLens casts
+    attention patterns to it) says float32; the model itself is only read."""
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for t in _tensors(model):
+            if is_low_precision(t.dtype):
+                wide = t.detach().to(torch.float32)
+                memo[id(t)] = torch.nn.Parameter(wide, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else wide
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        memo[id(tokenizer)] = tokenizer
+    twin = copy.deepcopy(model, memo)
+    cfg = getattr(twin, "cfg", None)
+    if cfg is not None and is_low_precision(getattr(cfg, "dtype", None)):
+        cfg.dtype = torch.float32
+    return twin
+
+
+def check_precision(precision: str) -> str:
+    """The ``precision=`` option, checked."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    return precision
