@@ -42,7 +42,7 @@ from cage_lens.core import engine
 from cage_lens.core.adapter import ModelAdapter, is_norm_module
 from cage_lens.core.hooks import ModuleHook, ModulePreHook, PointHook, fired_hooks, installed, session
 from cage_lens.core.precision import (
-    available_bytes, effective_roundoff, float32_copy, float32_copy_bytes, is_low_precision,
+    available_bytes, effective_roundoff, float32_copy_bytes, is_low_precision, upcast_copy,
 )
 from cage_lens.core.rulesets import CPLRP
 from cage_lens.errors import UnsupportedModelError
@@ -187,7 +187,7 @@ def _probe_copy(adapter: ModelAdapter) -> tuple[torch.nn.Module | None, str]:
         have = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
         return None, f"a float32 copy of the weights needs {need / 2**30:.1f} GiB, free memory {have}"
     try:
-        return float32_copy(adapter.model), ""
+        return upcast_copy(adapter.model, without_hooks=adapter.call_hooks), ""
     except Exception as exc:  # noqa: BLE001 - any failure to copy falls back to the native probe, said so
         return None, f"the model could not be copied to float32: {type(exc).__name__}: {str(exc)[:120]}"
 

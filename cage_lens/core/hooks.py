@@ -170,7 +170,8 @@ def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
     mode = torch.enable_grad() if grad else torch.no_grad()
     with adapter.lock, torch.inference_mode(False), mode, _attributes_kept(adapter.model):
         try:
-            yield
+            with installed(adapter, [as_hook(r) for r in adapter.repairs()]):  # ModelAdapter.repairs
+                yield
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
                 raise CageLensError(
