@@ -272,19 +272,20 @@ def test_16_bit_models_are_certified_on_an_exact_float32_copy(family, dtype):
         assert all(p.dtype == dtype for p in model.parameters())
 
 
-def test_the_native_bound_sits_at_the_size_of_rounding(native_probe):
-    """Probed in the model's own 16-bit dtype, rounding-only segments reach 0.3–1 of the bound over
-    these models (measured 0.53 in bfloat16): the bound is neither below rounding (a model refused for
-    it) nor far above it (a missing rule hidden). Halving or doubling ROUNDING_MULTIPLE fails this."""
-    worst = []
+def test_the_error_model_is_the_size_of_rounding(native_probe):
+    """Probed in the model's own 16-bit dtype, rounding-only segments leak up to 1–3 standard deviations
+    ``u_eff·Q`` of the error model (measured 2.0 and 2.5 on the two TL lines over these 24 models): the
+    model is neither far below rounding (models refused for it) nor far above (missing rules hidden; an
+    L1 scale ``u·Σ|h⊙g|`` would be 30–100× above). Every one is certified, with its limits stated."""
+    sigmas = []
     for dtype in (torch.bfloat16, torch.float16):
         for family in ("qwen3", "gemma3", "gpt2"):
             for seed in ROUNDING_SEEDS:
                 cert = certify(adapt(small_16bit(family, dtype, seed)))
                 assert cert.passed, cert.reason
                 assert cert.probe == str(dtype) and "cannot be excluded" in cert.limits
-                worst.append(cert.worst)
-    assert 0.3 <= max(worst) <= 1.0, worst
+                sigmas.append(cert.worst * C.ROUNDING_MULTIPLE)
+    assert 1.0 <= max(sigmas) <= 3.0, sigmas
 
 
 def test_a_target_that_cancels_is_no_longer_a_leak(native_probe):

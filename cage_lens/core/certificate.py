@@ -20,7 +20,7 @@ sublayer, or the final norm and unembedding) may leak ``ROUNDING_MULTIPLE · u_e
 the dtype's effective unit roundoff and ``Q`` the L2 size of the relevance at its ends
 (docs/rules.md#precision); float32 and float64 models may also leak their old relative tolerance.
 A bfloat16/float16 model is probed on an exact float32 copy of its weights (a separate module tree,
-so the user's model is never touched), where rounding is ~10⁴ times below any missing rule; when the
+so the user's model is never touched), where rounding stays 10²–10⁴ times below a missing rule; when the
 copy does not fit in memory (or cannot be made) the probe runs in the model's own dtype against the
 same bound, and the certificate says what that cannot exclude.
 
@@ -72,8 +72,8 @@ _TL_BIAS_ENTRY = {
 
 _PROBE_TOKENS = 6
 #: how many standard deviations of the rounding model a segment may leak (docs/rules.md#precision):
-#: rounding-only segments measured at ≤ 1.7 u_eff·Q on every family and 16-bit dtype, a missing rule
-#: in a float32 probe at ≥ 100× the bound
+#: rounding-only segments of 16-bit probes measured at ≤ 0.55 of the bound, float32 probes of 16-bit
+#: models at ≤ 0.06, a missing rule in a float32 probe at ≥ 15
 ROUNDING_MULTIPLE = 4.0
 #: the float32 copy of a 16-bit model is made only when it takes at most this share of the free memory
 _COPY_SHARE = 0.5
@@ -337,6 +337,11 @@ def _contraction(adapter: ModelAdapter) -> int:
     return max(arch.d_model, arch.d_mlp or 0, arch.n_heads * arch.d_head)
 
 
+def _dot(h: torch.Tensor, g: torch.Tensor) -> float:
+    """Σ h⊙g, formed in float64 (in a 16-bit probe the sum itself would round like a segment does)."""
+    return float((h.detach().double() * g.detach().double()).sum())
+
+
 def _squares(h: torch.Tensor, g: torch.Tensor) -> float:
     return float((h.detach().double() * g.detach().double()).pow(2).sum())
 
@@ -372,7 +377,7 @@ def _identity(adapter: ModelAdapter) -> _Probe:
     balance, squares, branch = {}, {}, {}
     inputs = [(rec.points[n][1].detach(), grads[n]) for n in roots]
     after_inputs = downstream(-1)
-    balance["embeddings"] = sum(float((h * g).sum()) for h, g in inputs) + after_inputs[0]
+    balance["embeddings"] = sum(_dot(h, g) for h, g in inputs) + after_inputs[0]
     squares["embeddings"] = sum(_squares(h, g) for h, g in inputs) + after_inputs[1]
     branch["embeddings"] = 0.0
     previous = sum(h.double() for h, _ in inputs)
@@ -380,7 +385,7 @@ def _identity(adapter: ModelAdapter) -> _Probe:
         h, g = engine.residual_state(adapter, tensors, grads, name)
         anchor = adapter.layer(int(name.split(".")[1])).attn_out if name.endswith("hook_resid_mid") else name
         after = downstream(rec.points[anchor][0])
-        balance[name] = float((h * g).sum()) + after[0]
+        balance[name] = _dot(h, g) + after[0]
         squares[name] = _squares(h, g) + after[1]
         branch[name] = _squares(h.double() - previous, g) if h.shape == previous.shape else 0.0
         previous = h.double()
