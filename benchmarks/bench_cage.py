@@ -10,7 +10,11 @@ avoided). Prints a table of times and ratios and the agreement of the batched ta
 loop, and writes the same to ``benchmarks/results/bench_cage.md`` (``--out``), headed by the command
 and the environment that produced it:
 
-    python benchmarks/bench_cage.py [--prompt 128] [--generated 64] [--threads 2] [--chunk-size 8]
+    python benchmarks/bench_cage.py [--prompt 128] [--generated 64] [--threads N] [--chunk-size 8]
+
+``--threads`` defaults to every core of the machine (the setting in which the table's speed-up over the
+per-step loop is stated, docs/cage.md#threads); the load is recorded and a busy run refused
+(benchmarks/harness.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from cage_lens import methods
 from cage_lens.testing import random_model
-from harness import LoadWatch, add_arguments, write_results
+from harness import LoadWatch, add_arguments, cores, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +67,7 @@ def main() -> None:
     ap.add_argument("--ig-steps", type=int, default=20)
     ap.add_argument("--chunk-size", type=int, default=methods.DEFAULT_CHUNK, help="rows per shared forward (AttnLRP)")
     ap.add_argument("--ig-chunk-size", type=int, default=methods.DEFAULT_CHUNK)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=cores(), help="torch threads (default: every core)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the table and the naive loops (median reported)")
     ap.add_argument("--ig-rows", type=int, default=None,
                     help="time (b) on the first N generated rows only, against the batched AttnLRP table on the "

@@ -21,6 +21,7 @@ from cage_lens.core.adapter import adapt
 from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.engine import Capture, run_attribution
 from cage_lens.core.hooks import has_position_embedding
+from cage_lens.core.precision import check_precision
 from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet, resolve_rules
 from cage_lens.errors import InputError
 from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
@@ -286,6 +287,7 @@ def attribute(
     top_k: int = 10,
     prepend_bos: bool | None = None,
     strict: bool = True,
+    precision: str = "model",
 ) -> Attribution:
     """Explain ``target`` (minus ``contrast``) at ``position`` with LRP rules, in one backward pass.
 
@@ -302,6 +304,8 @@ def attribute(
         prepend_bos: override the model's default BOS handling when tokenising strings.
         strict: refuse a model the completeness certificate does not pass (docs/rules.md);
             ``False`` computes anyway and records the reason in ``meta["warnings"]``.
+        precision: ``"model"`` (the model's dtype) or ``"float32"``: a bfloat16/float16 model is
+            computed on an exact float32 copy of its weights (docs/rules.md#precision).
     """
     adapter = adapt(model)
     rule_set = resolve_rules(rules)
@@ -318,7 +322,9 @@ def attribute(
         neurons = as_int(neurons)
     if neurons is not None and not (neurons == "all" or (type(neurons) is int and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
+    check_precision(precision)
     warnings = certify_or_warn(adapter, strict)
+    adapter = adapter.at_precision(precision)
 
     points = adapter.resid_hooks()
     z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
@@ -360,7 +366,7 @@ def attribute(
         conservation=conservation,
         target_description=spec.describe(model),
         rule_set=rule_set,
-        meta=provenance(model, function="attribute", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict),
+        meta=provenance(model, function="attribute", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict, precision=precision),
     )
     if warnings:
         result.meta.setdefault("warnings", []).extend(warnings)

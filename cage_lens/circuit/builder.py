@@ -34,6 +34,7 @@ from cage_lens.circuit.reference import autograd_edge_rows
 from cage_lens.circuit.state import capture_state
 from cage_lens.core.adapter import adapt
 from cage_lens.core.certificate import certify_or_warn
+from cage_lens.core.precision import check_precision
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import InputError
 from cage_lens.inputs import check_number, resolve_positions, single_prompt
@@ -88,6 +89,7 @@ def circuit_graph(
     low_memory: bool | None = None,
     prepend_bos: bool | None = None,
     strict: bool = True,
+    precision: str = "model",
 ) -> CircuitGraph:
     """Cross-layer attribution graph of one prompt (docs/graphs.md).
 
@@ -112,7 +114,10 @@ def circuit_graph(
             all layers', at O(layers²) forward time); default: for inputs over 1024 tokens.
         strict: refuse a model the completeness certificate does not pass (docs/rules.md);
             ``False`` computes anyway and records the reason in ``settings["warnings"]``.
+        precision: ``"model"`` or ``"float32"`` (a 16-bit model computed on an exact float32 copy of
+            its weights), as in :func:`cage_lens.attribute`.
     """
+    check_precision(precision)
     options = _check_options(levels, method, node_threshold, top_p, edge_threshold, neurons_top_k, batch_size, dense_limit)
     node_threshold, top_p, edge_threshold = options["node_threshold"], options["top_p"], options["edge_threshold"]
     neurons_top_k, batch_size, dense_limit = options["neurons_top_k"], options["batch_size"], options["dense_limit"]
@@ -125,6 +130,7 @@ def circuit_graph(
         structure = "a mixture of experts" if adapter.arch.moe else "parallel attention + MLP blocks"
         raise InputError(f"levels='neurons' is not available for {structure}; use 'block', 'half' or 'heads'")
     warnings = certify_or_warn(adapter, strict)
+    adapter = adapter.at_precision(precision)
     tokens = single_prompt(model, inputs, prepend_bos, "circuit_graph")[0]
     (pos,) = resolve_positions(position, [tokens.shape[0]])
     spec = Target.build(model, 1, target, contrast, mode)
@@ -155,7 +161,7 @@ def circuit_graph(
         settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
                   "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
         rule_set=rule_set,
-        meta=provenance(model, function="circuit_graph", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict),
+        meta=provenance(model, function="circuit_graph", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict, precision=precision),
     )
     if warnings:
         graph.settings["warnings"] = warnings

@@ -1,5 +1,6 @@
 """One view of any TransformerLens model: architecture facts, where each structure sits, and the hook
-names that exist (which of them fire is probed by :func:`cage_lens.core.hooks.fired_hooks`).
+names that exist (layer 4 of :mod:`cage_lens.core`; which of them fire is probed by
+:func:`cage_lens.core.hooks.fired_hooks`).
 
 Accepts ``HookedTransformer`` (TL 2.x/3.x) and HF-backed or native ``TransformerBridge`` (TL 3.x/4.x)
 by duck typing (``cfg``, ``hook_dict``, ``hooks``, ``to_tokens``), never by ``isinstance`` on one
@@ -7,7 +8,7 @@ model class. Structures are found by walking the module tree (see docs/architect
 normalisation module (pre-, post-, sandwich, q/k norms), each block's attention and MLP (plain,
 gated, mixture of experts), parallel attention + MLP, logit soft-caps and ALiBi. What the LRP rules
 do at each of them is :mod:`cage_lens.core.realise`; whether the result is complete is checked by
-:mod:`cage_lens.core.certificate` (layer 3 of :mod:`cage_lens.core`). TransformerLens pitfalls handled here are listed in
+:mod:`cage_lens.core.certificate`. TransformerLens pitfalls handled here are listed in
 docs/architectures.md#transformerlens-facts.
 """
 
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from cage_lens.core.precision import check_precision, is_low_precision, upcast_copy
 from cage_lens.errors import UnsupportedModelError
 
 __all__ = [
@@ -605,6 +607,39 @@ class ModelAdapter:
     def expert_hooks(self) -> set[str]:
         """Hooks inside mixture-of-experts experts: they fire only when a token is routed there."""
         return {n for site in self.layers if site.mlp for e in site.mlp.experts for n in self._mlp_hook_names(e)}
+
+    # ------------------------------------------------------------------ precision
+    def at_precision(self, precision: str) -> "ModelAdapter":
+        """The adapter to compute on for ``precision`` (docs/rules.md#precision): this one, or for
+        ``"float32"`` on a bfloat16/float16 model an adapter of an exact float32 copy of it (the same
+        rounded weights; the user's hooks copied, the running cage_lens calls' own left out). The copy
+        lives as long as the returned adapter; it is not certified again (its module tree is the
+        model's, certified as such)."""
+        if check_precision(precision) == "model" or not is_low_precision(self.dtype):
+            return self
+        return ModelAdapter(upcast_copy(self.model, without_hooks=self.call_hooks))
+
+    # ------------------------------------------------------------------ repairs
+    def repairs(self) -> list[tuple[str, Callable]]:
+        """``(hook name, fn)`` pairs every cage_lens forward of this model runs with, where a
+        TransformerLens bridge cannot run the model as Hugging Face does (docs/architectures.md#transformerlens-facts).
+
+        TL 4.3's reconstructed rotary attention (``PositionEmbeddingsAttentionBridge``) applies Llama's
+        ``apply_rotary_pos_emb``, which keeps the dtype of ``cos``/``sin``; OLMo-2/3's rotary embedding
+        returns them in float32, so in a bfloat16/float16 model the rotated queries and keys become
+        float32 and the pattern (cast to the queries' dtype) no longer multiplies the 16-bit values:
+        no forward runs. OLMo's own ``apply_rotary_pos_emb`` casts the rotated queries and keys back to
+        their dtype; the repair does the same at ``hook_rot_q``/``hook_rot_k`` (the bridge's logits then
+        equal Hugging Face's bit for bit, tested). It acts only on a float32 tensor in a 16-bit model."""
+        dtype = self.dtype
+        if not self.arch.is_bridge or dtype not in (torch.bfloat16, torch.float16):
+            return []
+
+        def back_to_model_dtype(tensor, hook):
+            return tensor.to(dtype) if tensor.dtype == torch.float32 else None
+
+        names = [self.attn_hook(l, n) for l in range(self.arch.n_layers) for n in ("hook_rot_q", "hook_rot_k")]
+        return [(name, back_to_model_dtype) for name in names if name in self.hook_points]
 
     # ------------------------------------------------------------------ misc
     @property

@@ -40,37 +40,43 @@ class ElementwiseIdentity(torch.autograd.Function):
     """Forward returns ``post`` untouched (as a view); backward sends ``factor · grad · post/pre`` to
     ``pre`` and nothing to ``post``'s own history: the identity rule of an element-wise map
     ``post = φ(pre)`` — and of RMSNorm with its scale held constant, which is diagonal with
-    ``∂post_k/∂pre_k = post_k/pre_k``."""
+    ``∂post_k/∂pre_k = post_k/pre_k``.
+
+    ``pre`` and ``post`` themselves are saved and the ratio is formed in the backward (the same
+    operations, so the same values): both are tensors autograd keeps anyway (the residual stream a
+    norm reads, the input the next linear layer saves), where a saved ratio would be one more
+    ``[pos, d]`` tensor per norm until the backward (docs/rules.md#memory)."""
 
     @staticmethod
     def forward(ctx, pre, post, factor=1.0):
-        ctx.save_for_backward(safe_ratio(post, pre))
+        ctx.save_for_backward(pre, post)
         ctx.factor = factor
         return post.view_as(post)
 
     @staticmethod
     def backward(ctx, grad):
-        (ratio,) = ctx.saved_tensors
-        return grad * ratio * ctx.factor, None, None
+        pre, post = ctx.saved_tensors
+        return grad * safe_ratio(post, pre) * ctx.factor, None, None
 
 
 class CenteredIdentity(torch.autograd.Function):
     """LayerNorm ``post = w ⊙ (x − mean x)/σ + b`` with ``σ`` held constant: forward returns
     ``post``; backward sends ``C (f ⊙ grad)`` to ``x`` with ``f = (post − b)/(x − mean x) = w/σ``
     and ``C`` the centring map (symmetric), i.e. the exact gradient of the normalisation with its
-    scale detached (Ali et al. 2022)."""
+    scale detached (Ali et al. 2022). As :class:`ElementwiseIdentity`, ``f`` is formed in the backward
+    from the saved ``x`` and ``post``."""
 
     @staticmethod
     def forward(ctx, x, post, bias):
-        centred = x - x.mean(-1, keepdim=True)
-        shifted = post if bias is None else post - bias
-        ctx.save_for_backward(safe_ratio(shifted, centred))
+        ctx.save_for_backward(x, post, bias)
         return post.view_as(post)
 
     @staticmethod
     def backward(ctx, grad):
-        (factor,) = ctx.saved_tensors
-        scaled = grad * factor
+        x, post, bias = ctx.saved_tensors
+        centred = x - x.mean(-1, keepdim=True)
+        shifted = post if bias is None else post - bias
+        scaled = grad * safe_ratio(shifted, centred)
         return scaled - scaled.mean(-1, keepdim=True), None, None
 
 
@@ -78,7 +84,10 @@ class GatedProduct(torch.autograd.Function):
     """``post = act(gate) · up`` (plus, on some TL components, a bias added after the product).
     Backward: ``gate_weight`` of the product's relevance to the gate branch (through the identity
     rule on ``act``, or its derivative under the gradient rule) and ``up_weight`` to the linear
-    branch (Achtibat et al. 2024, uniform rule on the product)."""
+    branch (Achtibat et al. 2024, uniform rule on the product).
+
+    ``act`` and ``act_grad`` must come without autograd history (an edge from them into the forward's
+    graph would keep that graph alive until the backward)."""
 
     @staticmethod
     def forward(ctx, gate, up, post, act, act_grad, gate_weight, up_weight):

@@ -1,4 +1,4 @@
-"""Hook records and their installation (layer 4 of :mod:`cage_lens.core`; docs/rules.md#engine).
+"""Hook records and their installation (layer 5 of :mod:`cage_lens.core`; docs/rules.md#engine).
 
 A hook is data until it is installed: :class:`PointHook` (a TransformerLens hook ``fn(tensor, hook)``
 on a hook point), :class:`ModuleHook` / :class:`ModulePreHook` (forward hooks on a module without a
@@ -170,7 +170,8 @@ def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
     mode = torch.enable_grad() if grad else torch.no_grad()
     with adapter.lock, torch.inference_mode(False), mode, _attributes_kept(adapter.model):
         try:
-            yield
+            with installed(adapter, [as_hook(r) for r in adapter.repairs()]):  # ModelAdapter.repairs
+                yield
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
                 raise CageLensError(

@@ -1,5 +1,5 @@
 """From a :class:`~cage_lens.core.rulesets.RuleSet` and a model's structure sites to hooks
-(layer 5 of :mod:`cage_lens.core`; docs/rules.md).
+(layer 6 of :mod:`cage_lens.core`; docs/rules.md).
 
 ``realise(adapter, rule_set)`` returns the hooks that put the rule set on one model: hook-point hooks
 (``PointHook``, TL-native) wherever a hook point exists, module forward hooks (``ModuleHook``) only
@@ -195,11 +195,11 @@ def _gated_hooks(mlp: MLPSite, rules: RuleSet) -> list:
         else:
             with torch.no_grad():
                 act = act_fn(gate)
-        if rules.activation == "identity":
-            act_grad = safe_ratio(act, gate)
-        else:
-            act_grad = _activation_derivative(act_fn, gate)
-        return GatedProduct.apply(gate, up, post.detach(), act, act_grad, rules.gate, rules.up)
+        act_grad = None
+        if rules.gate:  # the factors carry no history: the division would keep gate, act and the quotient alive
+            with torch.no_grad():
+                act_grad = safe_ratio(act, gate) if rules.activation == "identity" else _activation_derivative(act_fn, gate)
+        return GatedProduct.apply(gate, up, post.detach(), act.detach(), act_grad, rules.gate, rules.up)
 
     return hooks + [PointHook(mlp.post, product)]
 
