@@ -96,8 +96,10 @@ EDGE_CHUNKS = 1.5 * 256 * 2**20
 KEPT_EDGE_FRACTION = 0.5
 #: the memory a run may use, as a fraction of the memory available, when the estimate decides
 FIT_FRACTION = 0.8
-#: bytes of the row chunks of the long-context attention (cage_lens.core.recompute.ATTENTION_BUDGET)
+#: bytes of the row chunks of the long-context attention, and how many of them one layer's eager
+#: attention must exceed to be chunked (cage_lens.core.recompute.ATTENTION_BUDGET, EAGER_MULTIPLE)
 ATTENTION_CHUNKS = 128 * 2**20
+EAGER_MULTIPLE = 8
 #: rows the batched CAGE table differentiates at once (the estimate of ``what="cage"``)
 CAGE_ROWS = 8
 
@@ -305,9 +307,11 @@ def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tupl
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
     b, L = s.bytes, s.n_layers
     one_layer = b * batch * T * (k_m * s.d_mlp + k_r * s.d_model + k_a * s.n_heads * s.d_head + k_k * s.n_kv_heads * s.d_head)
+    eager_attention = 4 * TRANSIENT[0] * batch * s.n_heads * T * T   # one layer's, computed whole when small
+    chunked = eager_attention > EAGER_MULTIPLE * ATTENTION_CHUNKS
     return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
             "one layer": one_layer + b * TRANSIENT[1] * batch * T * s.d_mlp,
-            "attention chunks": 3 * ATTENTION_CHUNKS}
+            "attention": 3 * ATTENTION_CHUNKS if chunked else eager_attention}
 
 
 def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="attnlrp",

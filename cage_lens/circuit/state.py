@@ -25,7 +25,6 @@ from cage_lens.core.engine import Capture
 from cage_lens.core.hooks import ModulePreHook, PointHook, installed, session
 from cage_lens.core.hooks import fires as hook_fires
 from cage_lens.core.recompute import long_context as long_context_mode
-from cage_lens.core.recompute import recomputing
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
@@ -152,8 +151,7 @@ class _Recorder(Capture):
         def hook(module, args, kwargs):
             source = args[0] if args else kwargs[next(iter(kwargs))]
             x = source.view_as(source)
-            if not recomputing():  # a block recomputed in the backward: the forward's view is the one recorded
-                self.tensors[name] = x
+            self.tensors[name] = x
             if args:
                 return (x,) + tuple(args[1:]), kwargs
             return args, {**kwargs, next(iter(kwargs)): x}

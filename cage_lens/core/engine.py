@@ -34,7 +34,6 @@ from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.hooks import Installation, PointHook, as_hook, has_position_embedding, installed, session
 from cage_lens.core.realise import realise
 from cage_lens.core.recompute import long_context as long_context_mode
-from cage_lens.core.recompute import recomputing
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, NumericalError
 
@@ -110,8 +109,6 @@ class Capture:
 
     def hook(self, name: str) -> Callable:
         def record(tensor, hook):
-            if recomputing():  # a block recomputed in the backward: the forward's tensor is the one recorded
-                return tensor
             if name in self.roots:
                 tensor = tensor.detach().requires_grad_(True)
             self.tensors[name] = tensor

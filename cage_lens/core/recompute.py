@@ -7,11 +7,11 @@ second forward for that memory:
 
 - **Per-block recomputation.** Every block runs under non-reentrant activation checkpointing: the
   forward keeps each block's inputs only, and the backward runs one block's forward again just before
-  its backward, so one layer's saved tensors are alive at a time. The recomputation runs the same
-  hooks on the same values (every rule keeps forward values and is a function of them), so the
-  gradients are those of the default path; captures do not record during it (:func:`recomputing`),
-  and the hooks of the calling thread act in the thread autograd recomputes in (:func:`~cage_lens.
-  core.hooks.acting_for`: a device runs the backward in its own thread).
+  its backward, so one layer's saved tensors are alive at a time. The recomputation runs the rule
+  hooks again on the same values (every rule keeps forward values and is a function of them), so
+  the gradients are those of the default path — the captures are no longer installed then, so
+  nothing is recorded twice — and the hooks of the calling thread act in the thread autograd
+  recomputes in (:func:`~cage_lens.core.hooks.acting_for`: a device runs the backward in its own thread).
 - **Row-chunked attention.** Inside an attention module the score product ``q·kᵀ`` is not computed:
   it becomes a *deferred* ``[…, query, key]`` tensor, and what TransformerLens does with it row by
   row (scale, soft-cap, mask, softmax, casts, the NaN scrub) is recorded. When the deferred pattern
@@ -27,7 +27,6 @@ path's to rounding (docs/long_context.md#equal-to-the-default-path).
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -38,31 +37,15 @@ from torch.utils.checkpoint import checkpoint
 from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.hooks import Installation, acting_for
 
-__all__ = ["long_context", "recomputing", "ATTENTION_BUDGET"]
+__all__ = ["long_context", "ATTENTION_BUDGET", "EAGER_MULTIPLE"]
 
 #: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention (default)
 ATTENTION_BUDGET = 128 * 2**20
+#: an attention whose eager backward holds fewer bytes than this many budgets is computed eagerly
+#: (still recomputed with its block): row chunks cost a third more time, and one layer's pattern is small
+EAGER_MULTIPLE = 8
 #: live ``[…, rows, key]`` tensors of one chunk's backward (pattern, its gradient, the scores' gradient, a mask)
 _LIVE_PER_ROW = 4
-
-_STATE = threading.local()
-
-
-def recomputing() -> bool:
-    """Whether this thread is recomputing a block in the backward (captures do not record then)."""
-    return getattr(_STATE, "recomputing", False)
-
-
-@contextlib.contextmanager
-def _recomputation(owner: int) -> Iterator[None]:
-    before = recomputing()
-    _STATE.recomputing = True
-    try:
-        with acting_for(owner):
-            yield
-    finally:
-        _STATE.recomputing = before
-
 
 @contextlib.contextmanager
 def long_context(adapter: ModelAdapter, attention_budget: int | None = None) -> Iterator[None]:
@@ -112,7 +95,7 @@ def _checkpointed(forward: Callable, inst: Installation) -> Callable:
             calls[0] += 1
             if calls[0] == 1:   # the forward itself
                 return forward(*a, **k)
-            with _recomputation(inst.owner):   # in the backward, possibly in a device thread
+            with acting_for(inst.owner):   # in the backward, possibly in a device thread
                 return forward(*a, **k)
 
         return checkpoint(once_more, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
@@ -399,7 +382,8 @@ class _DeferScores(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _MATMUL and not kwargs and len(args) == 2 and _score_operands(*args):
+        if (getattr(func, "__name__", "") in _MATMUL and not kwargs and len(args) == 2 and _score_operands(*args)
+                and _eager_bytes(*args) > EAGER_MULTIPLE * self.budget):
             q, k_t = args
             plan = _Plan(n_rows=q.shape[-2], budget=self.budget)
             root = _Node(torch.matmul, (_Ref("input", 0, True), _Ref("input", 1, False)), {},
@@ -409,6 +393,12 @@ class _DeferScores(TorchFunctionMode):
             plan.nodes.append(root)
             return _Deferred(plan, 0)
         return func(*args, **kwargs)
+
+
+def _eager_bytes(q: torch.Tensor, k_t: torch.Tensor) -> int:
+    """What one layer's eager attention backward holds: a few float32 ``[batch, head, query, key]`` tensors."""
+    shape = torch.broadcast_shapes(q.shape[:-2], k_t.shape[:-2])
+    return shape.numel() * q.shape[-2] * k_t.shape[-1] * 4 * _LIVE_PER_ROW
 
 
 def _score_operands(a, b) -> bool:
