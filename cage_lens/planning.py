@@ -22,8 +22,9 @@ forward passes of the same model over the same tokens, and whether it fits the m
 - *circuit_graph*: the pass with the graph's captures (queries, keys, values and head outputs too),
   the state the closed form reads, its row chunks, and the kept edges (a fraction
   :data:`KEPT_EDGE_FRACTION` of the computed ones under ``top_p``);
-- *cage*: the batched table's attributions (``batch`` target rows at once); *study*: one contrastive
-  attribution of the prompt and its answer, after the generation's key/value cache.
+- *cage*: the batched table: one forward over prompt and continuation and a backward vectorised over
+  :data:`CAGE_ROWS` generated tokens at once (their gradients side by side); *study*: one contrastive
+  attribution of the prompt and its answer, beside the generation's key/value cache.
 
 **Time** is in forward passes of the same model over the same tokens, from floating-point operations:
 a forward is ``2·T·(parameters per block)·L + 4·T²·heads·d_head·L``; a backward two forwards; the
@@ -49,7 +50,8 @@ _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 #: live tensors autograd keeps per layer at the start of the backward, in elements of the model's dtype:
 #: (k_P pattern ``[head, T, T]``, k_M ``[T, d_mlp]``, k_R ``[T, d_model]``, k_A ``[T, heads·d_head]``,
 #: k_K ``[T, kv_heads·d_head]``), by (TransformerLens line, MLP kind, rule set, 16-bit). Counted by
-#: ``scripts/estimate_inventory.py`` (a 16-bit model's pattern is also kept in float32: k_P > 1 there).
+#: ``scripts/estimate_inventory.py`` (a 16-bit model's pattern is also kept in float32: k_P > 1 there;
+#: HookedTransformer also keeps the NaN-scrubbed pattern and its NaN mask).
 #: Plain MLPs are counted on GPT-2, whose ``heads·d_head = d_model``: their k_R covers q, k, v too.
 SAVED: dict[tuple[str, str, str, bool], tuple[float, float, float, float, float]] = {
     ("bridge", "plain", "attnlrp", False): (1.0, 4.0, 7.0, 0.0, 0.0),
@@ -58,49 +60,54 @@ SAVED: dict[tuple[str, str, str, bool], tuple[float, float, float, float, float]
     ("bridge", "gated", "attnlrp", False): (1.0, 6.0, 6.0, 3.0, 0.0),
     ("bridge", "gated", "cplrp", False): (1.0, 5.0, 6.0, 1.0, 0.0),
     ("bridge", "gated", "gxi", False): (1.0, 4.0, 6.0, 3.0, 0.0),
-    ("hooked", "plain", "attnlrp", False): (2.69, 4.0, 19.0, 0.0, 0.0),
+    ("hooked", "plain", "attnlrp", False): (2.25, 4.0, 19.0, 0.0, 0.0),
     ("hooked", "plain", "cplrp", False): (1.0, 4.0, 11.0, 0.0, 0.0),
-    ("hooked", "plain", "gxi", False): (2.69, 5.0, 19.0, 0.0, 0.0),
-    ("hooked", "gated", "attnlrp", False): (2.69, 6.0, 10.0, 5.0, 4.0),
+    ("hooked", "plain", "gxi", False): (2.25, 5.0, 19.0, 0.0, 0.0),
+    ("hooked", "gated", "attnlrp", False): (2.25, 6.0, 10.0, 5.0, 4.0),
     ("hooked", "gated", "cplrp", False): (1.0, 5.0, 6.0, 1.0, 2.0),
-    ("hooked", "gated", "gxi", False): (2.69, 4.0, 10.0, 5.0, 4.0),
+    ("hooked", "gated", "gxi", False): (2.25, 4.0, 10.0, 5.0, 4.0),
     ("bridge", "plain", "attnlrp", True): (1.0, 4.0, 9.0, 0.0, 0.0),
     ("bridge", "plain", "cplrp", True): (1.0, 4.0, 9.0, 0.0, 0.0),
-    ("bridge", "plain", "gxi", True): (1.0, 5.0, 9.0, 0.0, 0.0),
+    ("bridge", "plain", "gxi", True): (1.0, 5.0, 11.0, 0.0, 0.0),
     ("bridge", "gated", "attnlrp", True): (3.0, 6.0, 8.0, 3.0, 0.0),
     ("bridge", "gated", "cplrp", True): (1.0, 5.0, 8.0, 1.0, 0.0),
     ("bridge", "gated", "gxi", True): (3.0, 4.0, 8.0, 3.0, 0.0),
-    ("hooked", "plain", "attnlrp", True): (4.39, 4.0, 27.0, 0.0, 0.0),
+    ("hooked", "plain", "attnlrp", True): (3.5, 4.0, 27.0, 0.0, 0.0),
     ("hooked", "plain", "cplrp", True): (1.0, 4.0, 17.0, 0.0, 0.0),
-    ("hooked", "plain", "gxi", True): (4.39, 5.0, 27.0, 0.0, 0.0),
-    ("hooked", "gated", "attnlrp", True): (4.39, 6.0, 16.0, 6.0, 4.0),
+    ("hooked", "plain", "gxi", True): (3.5, 5.0, 27.0, 0.0, 0.0),
+    ("hooked", "gated", "attnlrp", True): (3.5, 6.0, 16.0, 6.0, 4.0),
     ("hooked", "gated", "cplrp", True): (1.0, 5.0, 12.0, 1.0, 2.0),
-    ("hooked", "gated", "gxi", True): (4.39, 4.0, 16.0, 6.0, 4.0),
+    ("hooked", "gated", "gxi", True): (3.5, 4.0, 16.0, 6.0, 4.0),
 }
-#: the top layer's backward on top of the saved tensors: (pattern-sized in float32, MLP-sized)
-TRANSIENT = (2.0, 2.0)
-#: per layer in the default pass, kept beside autograd's tensors: the captured residual states and
-#: head outputs' gradients (residual-sized)
-CAPTURES = 3.0
+#: the top layer's backward on top of the saved tensors: (pattern-sized in float32, MLP-sized); while
+#: it runs, the tensors saved by the layers above are already freed
+TRANSIENT = (1.0, 1.0)
+#: per layer in the default pass, kept beside autograd's tensors (residual-sized): the captures are
+#: tensors autograd keeps anyway, and their gradients arrive as the saved tensors go
+CAPTURES = 0.0
 #: per layer in the long-context pass: each block's input, the captures and their gradients
 #: (residual-sized; the head outputs count query-sized)
 LONG_CONTEXT_KEPT = (4.0, 2.0)
-#: per layer, what a graph's state holds beyond the attribution's captures (residual-, query- and
-#: key-sized): residual states, q, k, v, z and their gradients, and the bias-free parts formed once
-#: per transition
-GRAPH_STATE = (4.0, 3.0, 4.0)
-#: the closed form's row chunks (:data:`cage_lens.circuit.closed_form.EDGE_BUDGET`, about 1.5 of it alive)
-EDGE_CHUNKS = 1.5 * 256 * 2**20
-#: the share of a transition's computed (non-zero) edges that ``top_p=0.85`` keeps on random weights
-#: (trained models keep fewer); a kept edge holds its value and two int64 node indices
-KEPT_EDGE_FRACTION = 0.5
+#: per layer, what a graph's pass keeps for its edges (residual-, query- and key-sized): residual
+#: states and the attention's contribution with their gradients, q and z with z's gradient, k and v
+GRAPH_STATE = (4.0, 3.0, 2.0)
+#: the closed form's row chunks: at most about :data:`cage_lens.circuit.closed_form.EDGE_BUDGET` (the
+#: budget counts six ``[head, rows, key]`` intermediates; about 8.4 are alive in the largest chunk)
+EDGE_CHUNKS = 1.1 * 256 * 2**20
+EDGE_CHUNK_LIVE = 8.4
+#: edges per token that ``top_p=0.85`` keeps per transition (the residual connection carries most of
+#: the mass; measured ~2 on random GPT-2-sized weights at 1,024–4,096 tokens); a kept edge holds its value
+#: and two int64 node indices
+KEPT_EDGES_PER_TOKEN = 2.0
 #: the memory a run may use, as a fraction of the memory available, when the estimate decides
 FIT_FRACTION = 0.8
 #: bytes of the row chunks of the long-context attention, and how many of them one layer's eager
 #: attention must exceed to be chunked (cage_lens.core.recompute.ATTENTION_BUDGET, EAGER_MULTIPLE)
 ATTENTION_CHUNKS = 128 * 2**20
 EAGER_MULTIPLE = 8
-#: rows the batched CAGE table differentiates at once (the estimate of ``what="cage"``)
+#: float32 ``[batch, head, T, T]`` tensors alive in one layer's eager attention backward, by line
+EAGER_ATTENTION = {"bridge": 3.0, "hooked": 3.5}
+#: rows the batched CAGE table differentiates at once (``cage_lens.generation.methods.DEFAULT_CHUNK``)
 CAGE_ROWS = 8
 
 
@@ -192,13 +199,16 @@ def shape_of(model_or_config, dtype: str | None = None, line: str | None = None)
 
 
 def _line_of(model) -> str:
+    """The TransformerLens line of a model, or for a configuration the installed one (read from the
+    package metadata: planning a run imports neither torch nor TransformerLens)."""
     if model is not None:
-        return "bridge" if hasattr(model, "original_model") or type(model).__name__ == "TransformerBridge" else "hooked"
+        return "hooked" if hasattr(model, "W_E") and not hasattr(model, "original_model") else "bridge"
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from cage_lens.loading import has_hooked_transformer
-    except ImportError:  # pragma: no cover - transformer_lens missing
+        return "bridge" if int(version("transformer-lens").split(".")[0]) >= 4 else "hooked"
+    except (PackageNotFoundError, ValueError):
         return "bridge"
-    return "hooked" if has_hooked_transformer() else "bridge"
 
 
 # ---------------------------------------------------------------------------- the estimate
@@ -242,7 +252,7 @@ class Estimate:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**28 else f"{n / 2**20:.0f} MB"
+    return f"{n / 2**30:.2f} GB" if n >= 2**28 else f"{n / 2**20:.1f} MB"
 
 
 def available_memory(device: str = "cpu") -> float | None:
@@ -306,9 +316,12 @@ def _default_pass(s: ModelShape, T: int, rules: str, batch: int, captures: float
 def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float]) -> dict[str, float]:
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
     b, L = s.bytes, s.n_layers
+    # one layer's saved tensors while its block is recomputed, its pattern aside
     one_layer = b * batch * T * (k_m * s.d_mlp + k_r * s.d_model + k_a * s.n_heads * s.d_head + k_k * s.n_kv_heads * s.d_head)
-    eager_attention = 4 * TRANSIENT[0] * batch * s.n_heads * T * T   # one layer's, computed whole when small
-    chunked = eager_attention > EAGER_MULTIPLE * ATTENTION_CHUNKS
+    # one layer's attention computed whole when small: its pattern, the pattern's and the scores' gradients
+    # (HookedTransformer: and the NaN-scrubbed pattern)
+    eager_attention = EAGER_ATTENTION[s.line] * 4 * batch * s.n_heads * T * T
+    chunked = 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * ATTENTION_CHUNKS   # core.recompute's rule
     return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
             "one layer": one_layer + b * TRANSIENT[1] * batch * T * s.d_mlp,
             "attention": 3 * ATTENTION_CHUNKS if chunked else eager_attention}
@@ -344,19 +357,24 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
     if available_bytes is None:
         available_bytes = available_memory(device or _device_of(model_or_config))
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
-    rows = CAGE_ROWS * batch if what == "cage" else batch
+    rows = min(CAGE_ROWS, new_tokens) if what == "cage" else batch
     flops = _forward_flops(s, T, 1)
 
     def build(lc: bool) -> Estimate:
         if what == "circuit_graph":
-            parts = _graph_parts(s, T, rule, lc)
+            first, second = _graph_phases(s, T, rule, lc)
+            parts = {**{f"pass: {k}": v for k, v in first.items()}, **{f"edges: {k}": v for k, v in second.items()}}
+            peak = max(sum(first.values()), sum(second.values()))
         else:
-            parts = (_long_context_pass(s, T, rule, rows, LONG_CONTEXT_KEPT) if lc
-                     else _default_pass(s, T, rule, rows, CAPTURES))
+            parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT) if lc
+                     else _default_pass(s, T, rule, batch, CAPTURES))
+            if what == "cage":   # one forward, a backward vectorised over the chunk's rows
+                parts["top layer"] = parts.get("top layer", parts.get("attention", 0.0)) * rows
             if what == "study":
                 parts["key/value cache"] = 2.0 * s.bytes * s.n_layers * T * s.n_kv_heads * s.d_head
+            peak = sum(parts.values())
         time = _time(s, T, what, lc, rows, new_tokens)
-        return Estimate(what, n_tokens, s, rule, lc, float(sum(parts.values())), time, available_bytes, flops, parts)
+        return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts)
 
     if long_context is not None:
         return build(bool(long_context))
@@ -364,14 +382,24 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
     return default if default.fits else build(True)
 
 
-def _graph_parts(s: ModelShape, T: int, rules: str, lc: bool) -> dict[str, float]:
+def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """The graph's two memory phases: its forward and backward pass (with its own captures), then
+    the edges (the state it kept, one transition's parts, row chunks, the top-p sort, the kept edges)."""
     b, L = s.bytes, s.n_layers
-    pass_parts = _long_context_pass(s, T, rules, 1, LONG_CONTEXT_KEPT) if lc else _default_pass(s, T, rules, 1, CAPTURES)
     r, a, k = GRAPH_STATE
     state = L * b * T * (r * s.d_model + a * s.n_heads * s.d_head + k * s.n_kv_heads * s.d_head)
-    edges = KEPT_EDGE_FRACTION * (T * (T + 1) / 2) * (8 + 8 + b) * L
-    return {**pass_parts, "graph state": state, "edge chunks": EDGE_CHUNKS, "kept edges": edges,
-            "top-p sort": (T * (T + 1) / 2) * (b + 8 + b + 8 + 8)}
+    if lc:
+        pass_parts = _long_context_pass(s, T, rules, 1, (0.0, 0.0))
+        pass_parts["per layer"] = state
+    else:
+        pass_parts = _default_pass(s, T, rules, 1, CAPTURES)
+    computed = T * (T + 1) / 2                                   # non-zero edges of one attention transition
+    edges = {"graph state": state,
+             "one transition's parts": b * T * (s.n_heads * s.d_head + 2 * s.n_kv_heads * s.d_head),
+             "edge chunks": min(EDGE_CHUNKS, EDGE_CHUNK_LIVE * s.n_heads * T * T * b),
+             "top-p sort": computed * (b + 8 + b + 8 + 8),
+             "kept edges": KEPT_EDGES_PER_TOKEN * T * (8 + 8 + b) * 2 * L}
+    return pass_parts, edges
 
 
 def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int) -> float:
@@ -382,9 +410,9 @@ def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int
     if what == "circuit_graph":
         closed_form = 16.0 * T * T * s.n_heads * s.d_head * s.n_layers / _forward_flops(s, T, 1)
         return one + closed_form
-    if what == "cage":
-        return one * math.ceil(new_tokens / CAGE_ROWS) * CAGE_ROWS / max(1, rows // CAGE_ROWS) + 1.0
-    return one + 1.0 + new_tokens / max(1, T)   # study: generation (one cached step per token) and the attribution
+    if what == "cage":   # per chunk of rows: one forward and a backward (two forwards) per row; the generation
+        return math.ceil(new_tokens / rows) * (one - 2.0 + 2.0 * rows) + 1.0
+    return one + 1.0   # study: the generation (one cached step per token: about one forward) and the attribution
 
 
 def _device_of(model_or_config) -> str:

@@ -1,4 +1,4 @@
-"""The public context managers of the LRP core (layer 8 of :mod:`cage_lens.core`): ``lrp`` runs any
+"""The public context managers of the LRP core (layer 9 of :mod:`cage_lens.core`): ``lrp`` runs any
 TransformerLens workflow under a rule set, ``rule_hooks`` lists a rule set's hooks for
 ``model.hooks(...)``. Both certify the model through :mod:`cage_lens.core.certificate` (``lrp``) or
 realise the rules through :mod:`cage_lens.core.realise` (``rule_hooks``).

@@ -1,5 +1,5 @@
 """The LRP engine: rule sets active per thread, capture, the gradient call and finiteness checks
-(layer 6 of :mod:`cage_lens.core`; docs/rules.md#engine).
+(layer 7 of :mod:`cage_lens.core`; docs/rules.md#engine).
 
 Every gradient-based computation in cage_lens (``attribute``, the CAGE tables of
 :mod:`cage_lens.generation.methods`, the graph state of :mod:`cage_lens.circuit.state`, relevance patching,

@@ -1,5 +1,5 @@
 """The long-context mode: blocks recomputed in the backward, attention computed in row chunks
-(layer 5 of :mod:`cage_lens.core`; docs/long_context.md).
+(layer 6 of :mod:`cage_lens.core`; docs/long_context.md).
 
 One attribution keeps, by default, what autograd saves for the backward of every layer: each
 attention pattern (``heads · pos²`` numbers per layer) among them. :func:`long_context` trades a
