@@ -47,7 +47,7 @@ def _row_chunk(n_heads: int, n_pos: int, itemsize: int, budget_bytes: int) -> in
 
 
 def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
-                   budget_bytes: int = EDGE_BUDGET) -> Float[torch.Tensor, "row source"]:
+                   budget_bytes: int | None = None) -> Float[torch.Tensor, "row source"]:
     """Rows ``A[j, :]`` of one transition by the closed form (flat node indices)."""
     rows = torch.as_tensor(rows, dtype=torch.long)
     out = None
@@ -59,11 +59,12 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
 
 
 def fast_edge_chunks(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
-                     budget_bytes: int = EDGE_BUDGET) -> Iterator[tuple[int, Float[torch.Tensor, "chunk source"]]]:
+                     budget_bytes: int | None = None) -> Iterator[tuple[int, Float[torch.Tensor, "chunk source"]]]:
     """``(start, A[rows[start:start + n], :])`` for consecutive chunks of ``rows``, on the CPU: the
     ``[head, chunk, pos]`` intermediates of an attention transition stay within ``budget_bytes``, and
     the caller can prune each chunk before the next is formed (docs/graphs.md#long-prompts). At least one
-    chunk is yielded, empty when ``rows`` is."""
+    chunk is yielded, empty when ``rows`` is. ``budget_bytes`` defaults to :data:`EDGE_BUDGET`."""
+    budget_bytes = EDGE_BUDGET if budget_bytes is None else budget_bytes
     rows = torch.as_tensor(rows, dtype=torch.long)
     att = state.layers[transition.layer]
     n_pos = att.x.shape[0]

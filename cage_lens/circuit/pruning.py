@@ -23,6 +23,7 @@ result is then the same as pruning the unpruned rows); anything else is refused 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, NamedTuple
 
 import torch
@@ -48,13 +49,13 @@ def prune_chunks(chunks: Iterable[tuple[int, Float[torch.Tensor, "chunk source"]
     blocks (a value and a flat index each), and with an edge threshold only those above it
     (docs/graphs.md#long-prompts). Same result as :func:`prune_edges` on the whole matrix."""
     rows = torch.as_tensor(rows, dtype=torch.long)
-    values, flat, total, n_source = [], [], 0.0, 1
+    values, flat, row_mass, n_source = [], [], [], 1
     for start, block in chunks:
         n_source = max(1, block.shape[1])
+        row_mass += block.abs().sum(dim=1, dtype=torch.float64).tolist()
         nz = block.nonzero(as_tuple=True)
         v = block[nz]
         magnitude = v.abs()
-        total += float(magnitude.sum(dtype=torch.float64))
         index = (nz[0] + start) * n_source + nz[1]
         if edge_threshold is not None:
             keep = magnitude > edge_threshold * scale
@@ -64,6 +65,7 @@ def prune_chunks(chunks: Iterable[tuple[int, Float[torch.Tensor, "chunk source"]
         del block, nz, magnitude
     values = torch.cat(values) if values else torch.zeros(0)
     flat = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
+    total = math.fsum(row_mass)   # exactly rounded: the same however the rows were chunked
     if edge_threshold is None and top_p is not None and top_p < 1.0 and len(values):
         keep = _top_p_order(values.abs(), top_p * total)
         values, flat = values[keep], flat[keep]
