@@ -23,8 +23,9 @@ forward passes of the same model over the same tokens, and whether it fits the m
   the state the closed form reads, its row chunks, and the kept edges (a fraction
   :data:`KEPT_EDGE_FRACTION` of the computed ones under ``top_p``);
 - *cage*: the batched table: one forward over prompt and continuation and a backward vectorised over
-  :data:`CAGE_ROWS` generated tokens at once (their gradients side by side); *study*: one contrastive
-  attribution of the prompt and its answer, beside the generation's key/value cache.
+  :data:`CAGE_ROWS` generated tokens at once (their gradients side by side); *study*: the greedy
+  generation of ``new_tokens`` (a forward per token, no gradients) and one contrastive attribution of the
+  prompt and its answer.
 
 **Time** is in forward passes of the same model over the same tokens, from floating-point operations:
 a forward is ``2·T·(parameters per block)·L + 4·T²·heads·d_head·L``; a backward two forwards; the
@@ -370,8 +371,6 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
                      else _default_pass(s, T, rule, batch, CAPTURES))
             if what == "cage":   # one forward, a backward vectorised over the chunk's rows
                 parts["top layer"] = parts.get("top layer", parts.get("attention", 0.0)) * rows
-            if what == "study":
-                parts["key/value cache"] = 2.0 * s.bytes * s.n_layers * T * s.n_kv_heads * s.d_head
             peak = sum(parts.values())
         time = _time(s, T, what, lc, rows, new_tokens)
         return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts)
@@ -412,7 +411,7 @@ def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int
         return one + closed_form
     if what == "cage":   # per chunk of rows: one forward and a backward (two forwards) per row; the generation
         return math.ceil(new_tokens / rows) * (one - 2.0 + 2.0 * rows) + 1.0
-    return one + 1.0   # study: the generation (one cached step per token: about one forward) and the attribution
+    return one + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
 
 
 def _device_of(model_or_config) -> str:
