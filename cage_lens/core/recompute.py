@@ -18,7 +18,8 @@ second forward for that memory:
   meets ``· v``, the product is computed a few query rows at a time, and its backward recomputes each
   chunk's pattern: ``heads · rows · pos`` numbers at a time instead of ``heads · pos²``. Anything else
   done to a deferred tensor computes it in full first (the default path's memory, the same numbers),
-  and a layer whose scores or pattern are hooked (a soft-cap rule, a capture) is computed in full.
+  and a layer whose scores or pattern are hooked (a soft-cap rule, a capture) is computed in full, as
+  is one whose whole attention backward is small (below :data:`EAGER_MULTIPLE` budgets).
 
 Both change only where and when numbers are computed, never which: the results equal the default
 path's to rounding (docs/long_context.md#equal-to-the-default-path).
@@ -46,6 +47,7 @@ ATTENTION_BUDGET = 128 * 2**20
 EAGER_MULTIPLE = 8
 #: live ``[…, rows, key]`` tensors of one chunk's backward (pattern, its gradient, the scores' gradient, a mask)
 _LIVE_PER_ROW = 4
+
 
 @contextlib.contextmanager
 def long_context(adapter: ModelAdapter, attention_budget: int | None = None) -> Iterator[None]:
