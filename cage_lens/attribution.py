@@ -24,6 +24,7 @@ from cage_lens.core.hooks import has_position_embedding
 from cage_lens.core.precision import check_precision
 from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet, resolve_rules
 from cage_lens.errors import InputError
+from cage_lens.planning import choose_long_context
 from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
 from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import Target
@@ -288,6 +289,7 @@ def attribute(
     prepend_bos: bool | None = None,
     strict: bool = True,
     precision: str = "model",
+    long_context: bool | None = None,
 ) -> Attribution:
     """Explain ``target`` (minus ``contrast``) at ``position`` with LRP rules, in one backward pass.
 
@@ -306,6 +308,11 @@ def attribute(
             ``False`` computes anyway and records the reason in ``meta["warnings"]``.
         precision: ``"model"`` (the model's dtype) or ``"float32"``: a bfloat16/float16 model is
             computed on an exact float32 copy of its weights (docs/rules.md#precision).
+        long_context: recompute each block in the backward and compute attention in row chunks
+            instead of keeping every layer's patterns (docs/long_context.md): the memory of one layer,
+            the same numbers to rounding, about one more forward pass. ``None`` chooses it when
+            :func:`cage_lens.estimate` says the default pass would not fit the memory available, and
+            refuses a run that would not fit either way.
     """
     adapter = adapt(model)
     rule_set = resolve_rules(rules)
@@ -323,14 +330,20 @@ def attribute(
     if neurons is not None and not (neurons == "all" or (type(neurons) is int and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
     check_precision(precision)
+    if long_context not in (None, True, False):
+        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
     warnings = certify_or_warn(adapter, strict)
     adapter = adapter.at_precision(precision)
+    if long_context is None:
+        long_context = choose_long_context(adapter.model, batch.tokens.shape[1], "attribute", rules=rule_set,
+                                           batch=batch.tokens.shape[0])
 
     points = adapter.resid_hooks()
     z_names = [adapter.attn_hook(l, "hook_z") for l in range(arch.n_layers)]
     mlp_names = [adapter.mlp_hook(l, "hook_post") for l in range(arch.n_layers)] if neurons is not None else []
     captures = engine.residual_captures(adapter) + z_names + mlp_names
-    value, capture, grads = run_attribution(adapter, batch, positions, spec, rule_set, captures)
+    value, capture, grads = run_attribution(adapter, batch, positions, spec, rule_set, captures,
+                                            long_context=bool(long_context))
 
     def summed(name):
         return capture.relevance(grads, name).sum(-1).detach()
@@ -366,7 +379,7 @@ def attribute(
         conservation=conservation,
         target_description=spec.describe(model),
         rule_set=rule_set,
-        meta=provenance(model, function="attribute", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict, precision=precision),
+        meta=provenance(model, function="attribute", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, mode=mode, position=position, neurons=neurons, top_k=top_k, prepend_bos=prepend_bos, strict=strict, precision=precision, long_context=bool(long_context)),
     )
     if warnings:
         result.meta.setdefault("warnings", []).extend(warnings)

@@ -5,6 +5,7 @@
     cage-lens failure "PROMPT" --correct " mary" --out graph.html   # contrastive failure analysis
     cage-lens cage "PROMPT" --model pointer-chase --completion " i n b"
     cage-lens zoo                       # list the shipped models
+    cage-lens explain "PROMPT" --model ./qwen3-8b --dry-run   # peak memory and time, before anything runs
 
 ``--model`` takes a zoo model (``ioi``, ``pointer-chase:tiny``, ``ioi@200`` for a checkpoint), a local
 Hugging Face directory, or the name of a model already in the local Hugging Face cache (cage-lens
@@ -102,8 +103,54 @@ def _write(out: Path | None, page: str) -> None:
         print(f"wrote {out}")
 
 
+def _model_config(spec: str | None) -> tuple[dict, object]:
+    """The ``config.json`` of a model spec and its tokenizer, without loading any weights."""
+    import json
+
+    from cage_lens import specs, zoo
+    from cage_lens.loading import load_tokenizer
+
+    spec = spec or zoo.DEFAULT_MODEL
+    directory = specs.spec_directory(spec)
+    if directory is None:
+        repo = specs.cached_hub_name(spec)
+        if repo is None:
+            raise _user_error(f"{spec!r} is not a zoo model, a local model directory, or a model in the local Hugging "
+                              "Face cache; cage-lens does not download models")
+        from huggingface_hub import try_to_load_from_cache
+        from transformers import AutoTokenizer
+
+        config_path = Path(try_to_load_from_cache(repo, "config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(repo)
+    else:
+        config_path, tokenizer = directory / "config.json", load_tokenizer(directory)
+    if not config_path.is_file():
+        raise _user_error(f"{spec!r} has no config.json to estimate from")
+    return json.loads(config_path.read_text(encoding="utf-8")), tokenizer
+
+
+def _dry_run(args, what: str, extra_tokens: int = 0) -> int:
+    """``--dry-run``: the estimate of the command's computation (cage_lens.estimate, docs/estimate.md),
+    from the model's configuration and the prompt's length; nothing is loaded or computed."""
+    import cage_lens
+
+    config, tokenizer = _model_config(args.model)
+    n_tokens = len(tokenizer(args.prompt, add_special_tokens=False)["input_ids"]) + 1   # + BOS
+    if not args.prompt.strip():
+        raise _user_error("the prompt is empty")
+    # cage-lens loads models in float32 on the CPU (cage_lens.loading)
+    est = cage_lens.estimate(config, n_tokens, what, rules=getattr(args, "rules", "attnlrp"), dtype="float32",
+                             new_tokens=extra_tokens, device="cpu")
+    print(f"dry run: {est}")
+    if not est.fits:
+        print("dry run: the run would be refused (use fewer tokens, or set CAGE_LENS_MAX_MEMORY if more memory is free)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_explain(args) -> int:
+    if args.dry_run:
+        return _dry_run(args, "attribute")
     out, model, tokens = _prepare(args)
     import cage_lens
     from cage_lens import zoo
@@ -136,6 +183,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_failure(args) -> int:
+    if args.dry_run:
+        return _dry_run(args, "circuit_graph")
     out, model, tokens = _prepare(args)
     import cage_lens
 
@@ -148,6 +197,9 @@ def cmd_failure(args) -> int:
 
 
 def cmd_cage(args) -> int:
+    if args.dry_run:
+        new = len(args.completion.split()) if args.completion is not None else args.max_new_tokens
+        return _dry_run(args, "cage", extra_tokens=new)
     out, model, tokens = _prepare(args)
     import cage_lens
     from cage_lens.views.html import html_page
@@ -194,6 +246,9 @@ def _explaining_command(sub, name: str, help: str, out_help: str, prompt_help: s
     command.add_argument("--out", default=None, help=out_help)
     command.add_argument("--allow-unknown", action="store_true",
                          help="explain words outside the vocabulary as the unknown token instead of refusing them")
+    command.add_argument("--dry-run", action="store_true",
+                         help="print the estimated peak memory and time (from the model's config.json and the "
+                              "prompt's length; docs/estimate.md) and exit without loading the model")
     return command
 
 

@@ -17,6 +17,10 @@ class NumericalError(CageLensError):
     """Relevance came out NaN or infinite."""
 
 
+class InsufficientMemoryError(CageLensError):
+    """A run predicted not to fit the memory available (``cage_lens.estimate``), refused before it starts."""
+
+
 def first_line(err: BaseException) -> str:
     """The message on one line: its first line (with the next one when the first ends in a colon)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

@@ -86,13 +86,14 @@ def test_block_edges_are_the_attention_edges_of_the_half_graph(kind):
             assert torch.equal(block.edge_matrix(source, f"resid_post.{layer}"), half.edge_matrix(source, inner))
 
 
-def test_low_memory_gradients_are_identical(kind):
+def test_long_context_graph_equals_the_default_graph(kind):
     model = model_of(kind)
-    one = circuit_graph(model, PROMPT, TARGET, levels="half", low_memory=False, **ALL)
-    layered = circuit_graph(model, PROMPT, TARGET, levels="half", low_memory=True, **ALL)
+    one = circuit_graph(model, PROMPT, TARGET, levels="half", long_context=False, **ALL)
+    long = circuit_graph(model, PROMPT, TARGET, levels="half", long_context=True, **ALL)
     for source, target in transitions_of(one):
-        assert torch.equal(one.edge_matrix(source, target), layered.edge_matrix(source, target))
-    assert torch.is_grad_enabled()  # the block-wise pass restores the grad mode
+        torch.testing.assert_close(long.edge_matrix(source, target), one.edge_matrix(source, target),
+                                   rtol=0, atol=1e-12)  # float64: rounding of the row-chunked attention
+    assert torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------------------- identities (docs/graphs.md#identities)

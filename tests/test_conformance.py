@@ -184,6 +184,9 @@ REGISTRY: dict[str, Entry] = {
     "cli cage": Entry(_cli(["cage"]), numeric="max-new-tokens",
                       not_applicable={"float_ids": TEXT_ONLY, "out_of_range_ids": TEXT_ONLY, "batch_for_one": ONE_PROMPT,
                                       "contrast_is_target": "explains a continuation, no contrast"}),
+    "estimate": Entry(lambda m, x, n_tokens=512: cage_lens.estimate(m, n_tokens), numeric="n_tokens",
+                      not_applicable={case: "plans a run from the model's configuration and a token count: no text or ids"
+                                      for case in CASES if case not in ("nan_number", "inf_number")}),
     "cli study": Entry(lambda m, x, **numeric: _study_cli(m, numeric), numeric="min-delta",
                        not_applicable={case: "its records go through study.run's gate (registered above)"
                                        for case in CASES if case not in ("nan_number", "inf_number")}),
@@ -204,11 +207,11 @@ def _study_cli(model, numeric):
 #: public callables that take no model inputs (text, token ids, or settings of a computation on them)
 NOT_INPUTS = {
     **{name: "an error class" for name in ("CageLensError", "InputError", "NumericalError", "UnsupportedModelError",
-                                           "study.StoreError", "study.MissingExtraError")},
+                                           "InsufficientMemoryError", "study.StoreError", "study.MissingExtraError")},
     **{name: "a result class, built by an entry point; loading checks it against the header schema (tests/test_persist.py)"
        for name in ("Attribution", "CircuitGraph", "ConservationReport", "FailureExplanation", "GenerationGraph",
                     "NeuronRelevance", "patching.Agreement", "study.StudyRun", "study.StudySummary", "study.Comparison",
-                    "metrics.DeletionResult")},
+                    "metrics.DeletionResult", "Estimate")},
     **{name: "takes a model (and rules), no inputs" for name in ("adapt", "ModelAdapter", "lrp", "rule_hooks")},
     "Architecture": "architecture facts read from a model",
     "RuleSet": "rule factors, checked finite by RuleSet itself (tests/test_rules.py, tests/test_persist.py)",

@@ -248,3 +248,49 @@ def test_influence_pruning_equals_a_dense_reference(kind, levels, fractions):
     pruned = graph.prune(influence=True, node_influence=fractions[0], edge_influence=fractions[1])
     expected = reference_influence_pruning(graph, *fractions)
     assert kept(pruned) == expected and 0 < len(expected) < len(kept(graph))
+
+
+# ---------------------------------------------------------------------------- streamed (docs/graphs.md#long-prompts)
+def _chunks_of(matrix, sizes):
+    start = 0
+    for size in sizes:
+        yield start, matrix[start:start + size]
+        start += size
+
+
+@pytest.mark.parametrize("rule", [dict(top_p=0.7, edge_threshold=None), dict(top_p=None, edge_threshold=0.3),
+                                  dict(top_p=None, edge_threshold=None), dict(top_p=1.0, edge_threshold=None)])
+def test_pruning_chunk_by_chunk_keeps_the_edges_of_the_whole_matrix(rule):
+    from cage_lens.circuit.pruning import prune_chunks
+
+    gen = torch.Generator().manual_seed(3)
+    matrix = torch.randn(23, 17, generator=gen, dtype=torch.float64).tril()
+    matrix[4, :3] = 0.5                          # ties: the order of computation decides
+    matrix[9, 2] = -0.5
+    rows = torch.arange(23) * 3 + 1
+    whole = prune_edges(matrix, rows, scale=2.0, **rule)
+    for sizes in ([23], [1] * 23, [5, 7, 0, 11], [22, 1]):
+        streamed = prune_chunks(_chunks_of(matrix, sizes), rows, scale=2.0, **rule)
+        for a, b in zip(whole[:3], streamed[:3]):
+            assert torch.equal(a, b)
+        assert streamed[3] == whole[3]   # the total |A| mass, summed exactly per row
+    prunes = rule["edge_threshold"] is not None or rule["top_p"] not in (None, 1.0)
+    assert (len(whole[2]) < int((matrix != 0).sum())) == prunes
+
+
+def test_a_graph_above_dense_limit_keeps_the_edges_of_the_dense_path():
+    """Above ``dense_limit`` the rows come a chunk at a time and are pruned as they come (no matrix is
+    formed): the same kept edges as pruning the whole matrices."""
+    import cage_lens.circuit.closed_form as closed_form
+
+    model = cached_model("llama")
+    original = closed_form.EDGE_BUDGET
+    closed_form.EDGE_BUDGET = 3 * 4 * 8 * 16 * 6     # a few rows per chunk, in both paths (the same numbers)
+    try:
+        for options in (dict(top_p=0.85), dict(edge_threshold=0.01), dict(top_p=None), dict(node_threshold=None, top_p=0.5)):
+            dense = circuit_graph(model, PROMPT, " mary", levels="half", dense_limit=100, **options)
+            streamed = circuit_graph(model, PROMPT, " mary", levels="half", dense_limit=2, **options)
+            assert all(es.dense is None for es in streamed.edge_sets)
+            same_edges(dense, streamed)
+    finally:
+        closed_form.EDGE_BUDGET = original

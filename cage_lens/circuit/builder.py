@@ -12,7 +12,10 @@ batch-packed backpropagation) and prunes them:
    reachable along kept edges, and the kept edges between them.
 
 The unpruned matrices stay available through :meth:`CircuitGraph.edge_matrix` for inputs up to
-``dense_limit`` tokens; above that only the pruned edges are stored (no dense ``[pos, pos]`` is kept).
+``dense_limit`` tokens; above that only the pruned edges are stored, and no transition's matrix is
+ever formed whole: its rows are computed a chunk at a time and pruned as they come
+(:func:`~cage_lens.circuit.pruning.prune_chunks`). Long prompts run in the long-context mode
+(docs/long_context.md), chosen from :func:`cage_lens.estimate` when the default pass would not fit.
 
 The result is a :class:`~cage_lens.circuit.graph.CircuitGraph`; the edge machinery is the rest of this
 subpackage: :mod:`~cage_lens.circuit.levels` (node levels and transitions), :mod:`~cage_lens.circuit.state`
@@ -25,11 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from cage_lens.circuit.closed_form import fast_edge_rows
+from cage_lens.circuit.closed_form import fast_edge_chunks, fast_edge_rows
 from cage_lens.circuit.graph import CircuitGraph, EdgeSet, LevelNodes
 from cage_lens.circuit.levels import LEVEL_MODES
 from cage_lens.circuit.levels import plan as plan_levels
-from cage_lens.circuit.pruning import prune_edges
+from cage_lens.circuit.pruning import prune_chunks, prune_edges
 from cage_lens.circuit.reference import autograd_edge_rows
 from cage_lens.circuit.state import capture_state
 from cage_lens.core.adapter import adapt
@@ -37,6 +40,7 @@ from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.precision import check_precision
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import InputError
+from cage_lens.planning import choose_long_context
 from cage_lens.inputs import check_number, resolve_positions, single_prompt
 from cage_lens.persist import provenance
 from cage_lens.targets import Target
@@ -86,7 +90,7 @@ def circuit_graph(
     neurons_top_k: int = 4,
     batch_size: int = 16,
     dense_limit: int = 512,
-    low_memory: bool | None = None,
+    long_context: bool | None = None,
     prepend_bos: bool | None = None,
     strict: bool = True,
     precision: str = "model",
@@ -110,8 +114,10 @@ def circuit_graph(
         edge_threshold: instead of ``top_p``, keep edges with ``|A| > edge_threshold·|target|``.
         dense_limit: keep the unpruned edge matrices (for :meth:`CircuitGraph.edge_matrix`) up to
             this many tokens.
-        low_memory: differentiate one block at a time (memory of one layer's attention instead of
-            all layers', at O(layers²) forward time); default: for inputs over 1024 tokens.
+        long_context: run the forward and backward pass in the long-context mode (blocks recomputed
+            in the backward, attention in row chunks: the memory of one layer, about one more forward;
+            docs/long_context.md). ``None`` chooses it when :func:`cage_lens.estimate` says the default
+            pass would not fit the memory available, and refuses a run that would not fit either way.
         strict: refuse a model the completeness certificate does not pass (docs/rules.md);
             ``False`` computes anyway and records the reason in ``settings["warnings"]``.
         precision: ``"model"`` or ``"float32"`` (a 16-bit model computed on an exact float32 copy of
@@ -134,7 +140,11 @@ def circuit_graph(
     tokens = single_prompt(model, inputs, prepend_bos, "circuit_graph")[0]
     (pos,) = resolve_positions(position, [tokens.shape[0]])
     spec = Target.build(model, 1, target, contrast, mode)
-    state = capture_state(adapter, tokens, pos, spec, rule_set, low_memory, neurons=levels == "neurons")
+    if long_context not in (None, True, False):
+        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
+    if long_context is None:
+        long_context = choose_long_context(adapter.model, tokens.shape[0], "circuit_graph", rules=rule_set)
+    state = capture_state(adapter, tokens, pos, spec, rule_set, bool(long_context), neurons=levels == "neurons")
     scale = abs(state.value)
     plan = plan_levels(adapter, state, levels, neurons_top_k)
     nodes = {lv.name: LevelNodes(lv.name, lv.kind, lv.layer, lv.relevance, lv.pos, lv.unit) for lv in plan.levels}
@@ -142,18 +152,19 @@ def circuit_graph(
     keep_dense = tokens.shape[0] <= dense_limit
     for tr in plan.transitions:
         rows = _kept_rows(nodes[tr.target.name].relevance, node_threshold, scale)
-        if method == "fast":
-            matrix = fast_edge_rows(state, tr, rows)
-        else:
-            matrix = autograd_edge_rows(adapter, state, tr, rows, batch_size)
-        matrix = matrix.cpu()
-        t_idx, s_idx, values, total = prune_edges(matrix, rows, top_p=top_p, edge_threshold=edge_threshold, scale=scale)
         dense = None
-        if keep_dense:
-            dense = torch.zeros(nodes[tr.target.name].size, matrix.shape[1], dtype=matrix.dtype)
-            dense[rows] = matrix
+        if method == "fast" and not keep_dense:
+            chunks = fast_edge_chunks(state, tr, rows)
+            t_idx, s_idx, values, total = prune_chunks(chunks, rows, top_p=top_p, edge_threshold=edge_threshold, scale=scale)
+        else:
+            matrix = (fast_edge_rows(state, tr, rows) if method == "fast"
+                      else autograd_edge_rows(adapter, state, tr, rows, batch_size)).cpu()
+            t_idx, s_idx, values, total = prune_edges(matrix, rows, top_p=top_p, edge_threshold=edge_threshold, scale=scale)
+            if keep_dense:
+                dense = torch.zeros(nodes[tr.target.name].size, matrix.shape[1], dtype=matrix.dtype)
+                dense[rows] = matrix
+            del matrix
         edge_sets.append(EdgeSet(tr.source.name, tr.target.name, tr.kind, t_idx, s_idx, values, rows, total, dense))
-        del matrix
     str_tokens = list(model.to_str_tokens(tokens))
     graph = CircuitGraph(
         str_tokens=str_tokens, tokens=tokens, position=pos, rules=rule_set.name, method=method, level_mode=levels,
@@ -161,7 +172,7 @@ def circuit_graph(
         settings={"node_threshold": node_threshold, "top_p": top_p, "edge_threshold": edge_threshold,
                   "dense_limit": dense_limit, "neurons_top_k": neurons_top_k, "mode": mode},
         rule_set=rule_set,
-        meta=provenance(model, function="circuit_graph", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, low_memory=low_memory, prepend_bos=prepend_bos, strict=strict, precision=precision),
+        meta=provenance(model, function="circuit_graph", rules=rule_set, target=spec.describe(model), target_ids=spec.target_ids, contrast_ids=spec.contrast_ids, levels=levels, method=method, mode=mode, position=position, node_threshold=node_threshold, top_p=top_p, edge_threshold=edge_threshold, neurons_top_k=neurons_top_k, batch_size=batch_size, dense_limit=dense_limit, long_context=long_context, prepend_bos=prepend_bos, strict=strict, precision=precision),
     )
     if warnings:
         graph.settings["warnings"] = warnings

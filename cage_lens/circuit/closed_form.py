@@ -20,6 +20,9 @@ so their transitions are diagonal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 from jaxtyping import Float, Int
 
@@ -28,7 +31,10 @@ from cage_lens.circuit.state import AttentionState, ForwardState
 from cage_lens.core.rulesets import RuleSet
 from cage_lens.errors import UnsupportedModelError
 
-__all__ = ["fast_edge_rows"]
+__all__ = ["fast_edge_rows", "fast_edge_chunks", "EDGE_BUDGET"]
+
+#: bytes of one row chunk's ``[head, rows, key]`` intermediates
+EDGE_BUDGET = 256 * 2**20
 
 
 def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -41,22 +47,55 @@ def _row_chunk(n_heads: int, n_pos: int, itemsize: int, budget_bytes: int) -> in
 
 
 def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
-                   budget_bytes: int = 256 * 2**20) -> Float[torch.Tensor, "row source"]:
-    """Rows ``A[j, :]`` of one transition by the closed form (flat node indices), processed in chunks
-    of rows so the ``[head, chunk, pos]`` intermediates stay within ``budget_bytes``."""
+                   budget_bytes: int | None = None) -> Float[torch.Tensor, "row source"]:
+    """Rows ``A[j, :]`` of one transition by the closed form (flat node indices)."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    out = None
+    for start, block in fast_edge_chunks(state, transition, rows, budget_bytes):
+        if out is None:
+            out = torch.zeros(len(rows), block.shape[1], dtype=block.dtype)
+        out[start:start + len(block)] = block
+    return out
+
+
+def fast_edge_chunks(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
+                     budget_bytes: int | None = None) -> Iterator[tuple[int, Float[torch.Tensor, "chunk source"]]]:
+    """``(start, A[rows[start:start + n], :])`` for consecutive chunks of ``rows``, on the CPU: the
+    ``[head, chunk, pos]`` intermediates of an attention transition stay within ``budget_bytes``, and
+    the caller can prune each chunk before the next is formed (docs/graphs.md#long-prompts). At least one
+    chunk is yielded, empty when ``rows`` is. ``budget_bytes`` defaults to :data:`EDGE_BUDGET`."""
+    budget_bytes = EDGE_BUDGET if budget_bytes is None else budget_bytes
     rows = torch.as_tensor(rows, dtype=torch.long)
     att = state.layers[transition.layer]
     n_pos = att.x.shape[0]
     kind = transition.kind
+    if kind in ("local", "branch_out", "skip", "mlp_skip", "mlp_branch"):
+        yield from _diagonal_chunks(_diagonal(state, transition), rows, budget_bytes)
+        return
+    if kind in ("neuron_in", "neuron_out", "head_out"):
+        yield 0, _unit_rows(state, transition, rows)
+        return
+    if att.problem is not None:
+        raise UnsupportedModelError(f"method='fast' cannot compute these edges: {att.problem}; use method='autograd'")
+    yield from _attention_chunks(state, att, transition, rows, budget_bytes)
+
+
+def _diagonal(state: ForwardState, transition: Transition) -> Float[torch.Tensor, "pos"]:
+    """The per-token value of a token-local transition (MLP with its norm, residual connection)."""
+    att, kind = state.layers[transition.layer], transition.kind
     if kind in ("local", "branch_out"):
-        return _diagonal_rows(state.relevance(transition.source.hook), rows)
+        return state.relevance(transition.source.hook)
     if kind == "skip":
-        return _diagonal_rows((att.x * att.g_out).sum(-1), rows)
+        return (att.x * att.g_out).sum(-1)
     if kind == "mlp_skip":
         mid, _ = state.resid[transition.source.hook]
-        return _diagonal_rows((mid * state.resid[transition.target.hook][1]).sum(-1), rows)
-    if kind == "mlp_branch":
-        return _diagonal_rows(state.branches[transition.layer].diagonal, rows)
+        return (mid * state.resid[transition.target.hook][1]).sum(-1)
+    return state.branches[transition.layer].diagonal   # mlp_branch
+
+
+def _unit_rows(state: ForwardState, transition: Transition, rows: torch.Tensor) -> torch.Tensor:
+    att, kind = state.layers[transition.layer], transition.kind
+    n_pos = att.x.shape[0]
     if kind == "neuron_in":
         level, incoming = transition.target, state.mlps[transition.layer].incoming.cpu()
         out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype)
@@ -68,46 +107,72 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
         out = torch.zeros(len(rows), level.size, dtype=att.x.dtype)
         out.scatter_(1, columns, level.relevance[columns])
         return out
-    if kind == "head_out":
-        out = torch.zeros(len(rows), transition.source.relevance.shape[0], dtype=att.x.dtype)
-        columns = torch.arange(att.z.shape[1])[None, :] * n_pos + rows[:, None]  # [row, head]
-        out.scatter_(1, columns, transition.source.relevance[columns])
-        return out
-    if att.problem is not None:
-        raise UnsupportedModelError(f"method='fast' cannot compute these edges: {att.problem}; use method='autograd'")
-    return _attention_rows(state, att, transition, rows, budget_bytes)
+    out = torch.zeros(len(rows), transition.source.relevance.shape[0], dtype=att.x.dtype)   # head_out
+    columns = torch.arange(att.z.shape[1])[None, :] * n_pos + rows[:, None]  # [row, head]
+    out.scatter_(1, columns, transition.source.relevance[columns])
+    return out
 
 
-def _attention_rows(state: ForwardState, att: AttentionState, transition: Transition, rows: torch.Tensor,
-                    budget_bytes: int) -> torch.Tensor:
+def _diagonal_chunks(values: Float[torch.Tensor, "pos"], rows: torch.Tensor, budget_bytes: int):
+    """Token-local transitions: ``A[j, i] = δ_ij values[j]``, a few rows at a time."""
+    values = values.cpu()
+    step = max(1, budget_bytes // max(1, values.shape[0] * values.element_size()))
+    for start in range(0, max(len(rows), 1), step):
+        chunk = rows[start:start + step]
+        out = torch.zeros(len(chunk), values.shape[0], dtype=values.dtype)
+        out[torch.arange(len(chunk)), chunk] = values[chunk]
+        yield start, out
+
+
+@dataclass
+class _Parts:
+    """One layer's tensors as the closed form reads them (heads expanded, bias-free parts formed once)."""
+
+    v: torch.Tensor
+    v0: torch.Tensor
+    k: torch.Tensor | None
+    k0: torch.Tensor | None
+    q0: torch.Tensor | None
+
+    @classmethod
+    def of(cls, att: AttentionState) -> "_Parts":
+        n_heads = att.z.shape[1]
+        v = _expand_kv(att.v, n_heads)
+        v0 = v if att.plain else _expand_kv(att.v0, n_heads)
+        if att.q is None:
+            return cls(v, v0, None, None, None)
+        k = _expand_kv(att.k, n_heads)
+        return cls(v, v0, k, k if att.plain else _expand_kv(att.k0, n_heads), att.q if att.plain else att.q0)
+
+
+def _attention_chunks(state: ForwardState, att: AttentionState, transition: Transition, rows: torch.Tensor,
+                      budget_bytes: int):
     n_pos = att.x.shape[0]
     kind = transition.kind
     positions, heads = (rows % n_pos, rows // n_pos) if kind == "head_in" else (rows, None)
-    out = torch.zeros(len(rows), n_pos, dtype=att.x.dtype, device=att.x.device)
     step = _row_chunk(att.z.shape[1], n_pos, att.x.element_size(), budget_bytes)
     branch = state.branches[transition.layer].diagonal if kind == "attention" and state.branches else None
-    for start in range(0, len(rows), step):
+    parts = _Parts.of(att)
+    last = max(0, len(rows) - step)
+    for start in range(0, max(len(rows), 1), step):
         chunk = positions[start:start + step].to(att.x.device)
-        per_head = _head_terms(att, chunk, state.rules)   # [head, row, pos]
+        if len(chunk) == 0:
+            yield start, torch.zeros(0, n_pos, dtype=att.x.dtype)
+            return
+        keys = int(chunk.max()) + 1   # keys after the chunk's last query are masked for each of its rows
+        per_head = _head_terms(att, parts, chunk, state.rules, keys, check=start >= last)   # [head, row, key]
+        out = torch.zeros(len(chunk), n_pos, dtype=att.x.dtype, device=att.x.device)
         if heads is not None:
-            out[start:start + step] = per_head[heads[start:start + step], torch.arange(len(chunk))]
-            continue
-        edges = per_head.sum(0)
-        if kind == "attention":
-            index = torch.arange(len(chunk))
-            edges[index, chunk] += (att.x[chunk] * att.g_out[chunk]).sum(-1)  # skip: δ_ij ⟨x_j, g_j⟩
-            if branch is not None:
-                edges[index, chunk] += branch[chunk]                              # parallel MLP branch
-        out[start:start + step] = edges
-    return out
-
-
-def _diagonal_rows(values: Float[torch.Tensor, "pos"], rows: torch.Tensor) -> torch.Tensor:
-    """Token-local transitions (MLP with its norm, residual connection): ``A[j, i] = δ_ij values[j]``."""
-    values = values.cpu()
-    out = torch.zeros(len(rows), values.shape[0], dtype=values.dtype)
-    out[torch.arange(len(rows)), rows] = values[rows]
-    return out
+            out[:, :keys] = per_head[heads[start:start + step], torch.arange(len(chunk))]
+        else:
+            edges = per_head.sum(0)
+            if kind == "attention":
+                index = torch.arange(len(chunk))
+                edges[index, chunk] += (att.x[chunk] * att.g_out[chunk]).sum(-1)  # skip: δ_ij ⟨x_j, g_j⟩
+                if branch is not None:
+                    edges[index, chunk] += branch[chunk]                              # parallel MLP branch
+            out[:, :keys] = edges
+        yield start, out.cpu()
 
 
 def _softcap_factor(scores: torch.Tensor, cap: float | None, rules: RuleSet) -> torch.Tensor | float:
@@ -120,29 +185,35 @@ def _softcap_factor(scores: torch.Tensor, cap: float | None, rules: RuleSet) -> 
     return 1.0 - torch.tanh(x).pow(2)
 
 
-def _head_terms(att: AttentionState, rows: torch.Tensor, rules: RuleSet) -> torch.Tensor:
-    """Per-head attention edges ``[head, row, pos]`` without the residual connection."""
-    n_heads, n_pos = att.z.shape[1], att.x.shape[0]
-    v, v0 = _expand_kv(att.v, n_heads), _expand_kv(att.v0, n_heads)
+def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: RuleSet, keys: int,
+                check: bool = True) -> torch.Tensor:
+    """Per-head attention edges ``[head, row, key]`` without the residual connection, for the first
+    ``keys`` positions (``keys > max(rows)``: the rest is causally zero). ``check`` recomputes the
+    rows' head outputs from the pattern (:func:`_check_pattern`)."""
+    v, v0 = parts.v[:keys], parts.v0[:keys]
     g_z = att.g_z[rows]                                                      # [row, head, d]
-    causal = torch.arange(n_pos, device=rows.device)[None, :] <= rows[:, None]  # [row, pos]
+    causal = torch.arange(keys, device=rows.device)[None, :] <= rows[:, None]  # [row, key]
     if att.q is not None:
-        q, k = att.q[rows], _expand_kv(att.k, n_heads)
+        q, k = att.q[rows], parts.k[:keys]
         raw = torch.einsum("rhd,phd->hrp", q, k) * att.scale                 # q·k·scale
-        key_term = lambda: torch.einsum("rhd,phd->hrp", q, _expand_kv(att.k0, n_heads)) * att.scale  # noqa: E731
-        query_term = lambda: torch.einsum("rhd,phd->hrp", att.q0[rows], k) * att.scale  # noqa: E731
+        if att.plain:   # no bias parts, ρ = 1: ⟨q_j, k⁰_i⟩ = ⟨q⁰_j, k_i⟩ = q·k
+            key_term = query_term = lambda: raw  # noqa: E731
+        else:
+            key_term = lambda: torch.einsum("rhd,phd->hrp", q, parts.k0[:keys]) * att.scale  # noqa: E731
+            query_term = lambda: torch.einsum("rhd,phd->hrp", parts.q0[rows], k) * att.scale  # noqa: E731
     else:  # bias-free q, k: ⟨q_j, k⁰_i⟩ = s_ji ρ_i and ⟨q⁰_j, k_i⟩ = s_ji ρ_j
-        raw = att.scores[:, rows]
-        key_term = lambda: raw * att.rho[None, None, :]  # noqa: E731
+        raw = att.scores[:, rows, :keys]
+        key_term = lambda: raw * att.rho[None, None, :keys]  # noqa: E731
         query_term = lambda: raw * att.rho[rows][None, :, None]  # noqa: E731
     if att.pattern is not None:
-        pattern = att.pattern[:, rows]
+        pattern = att.pattern[:, rows, :keys]
     else:
         scores = raw if att.softcap is None else att.softcap * torch.tanh(raw / att.softcap)
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)     # [head, row, pos]
-    _check_pattern(pattern, v, att.z[rows])
+        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)     # [head, row, key]
+    if check:
+        _check_pattern(pattern, v, att.z[rows])
     u = torch.einsum("phd,rhd->hrp", v, g_z)                                 # ⟨v_h(i) W_O, g_j⟩
-    u0 = torch.einsum("phd,rhd->hrp", v0, g_z)
+    u0 = u if v0 is v else torch.einsum("phd,rhd->hrp", v0, g_z)
     edges = rules.v * pattern * u0
     if rules.q or rules.k:
         score_grad = pattern * (u - (pattern * u).sum(-1, keepdim=True))     # D_h[j, i]

@@ -23,14 +23,15 @@ result is then the same as pruning the unpruned rows); anything else is refused 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import math
+from typing import Iterable, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
 
-__all__ = ["prune_edges", "prune", "node_influence", "cumulative_influence", "find_threshold", "EdgeList"]
+__all__ = ["prune_edges", "prune_chunks", "prune", "node_influence", "cumulative_influence", "find_threshold", "EdgeList"]
 
 
 # ---------------------------------------------------------------------------- one transition
@@ -38,21 +39,46 @@ def prune_edges(matrix: Float[torch.Tensor, "row source"], rows: Int[torch.Tenso
                 top_p: float | None, edge_threshold: float | None, scale: float):
     """Pruned sparse edges ``(targets, sources, values)`` of computed rows of one transition, and the
     transition's total |A| mass (see the module docstring for the rules)."""
-    nz = matrix.nonzero(as_tuple=True)
-    values = matrix[nz]
-    targets, sources = rows[nz[0]], nz[1]
-    magnitude = values.abs()
-    total = float(magnitude.sum())
-    if edge_threshold is not None:
-        keep = magnitude > edge_threshold * scale
-    elif top_p is not None and top_p < 1.0 and len(values):
-        order = magnitude.argsort(descending=True, stable=True)
-        cumulative = magnitude[order].cumsum(0)
-        count = int(torch.searchsorted(cumulative, torch.tensor(top_p * total, dtype=cumulative.dtype))) + 1
-        keep = order[: min(count, len(order))]
-    else:
-        keep = torch.arange(len(values))
-    return targets[keep], sources[keep], values[keep], total
+    return prune_chunks([(0, matrix)], rows, top_p=top_p, edge_threshold=edge_threshold, scale=scale)
+
+
+def prune_chunks(chunks: Iterable[tuple[int, Float[torch.Tensor, "chunk source"]]], rows: Int[torch.Tensor, "row"], *,
+                 top_p: float | None, edge_threshold: float | None, scale: float):
+    """:func:`prune_edges` of the matrix whose rows ``start:start + n`` are each ``(start, block)`` of
+    ``chunks`` (in row order), holding one block at a time: only the non-zero edges are kept between
+    blocks (a value and a flat index each), and with an edge threshold only those above it
+    (docs/graphs.md#long-prompts). Same result as :func:`prune_edges` on the whole matrix."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    values, flat, row_mass, n_source = [], [], [], 1
+    for start, block in chunks:
+        n_source = max(1, block.shape[1])
+        row_mass += block.abs().sum(dim=1, dtype=torch.float64).tolist()
+        nz = block.nonzero(as_tuple=True)
+        v = block[nz]
+        magnitude = v.abs()
+        index = (nz[0] + start) * n_source + nz[1]
+        if edge_threshold is not None:
+            keep = magnitude > edge_threshold * scale
+            v, index = v[keep], index[keep]
+        values.append(v)
+        flat.append(index)
+        del block, nz, magnitude
+    values = torch.cat(values) if values else torch.zeros(0)
+    flat = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
+    total = math.fsum(row_mass)   # exactly rounded: the same however the rows were chunked
+    if edge_threshold is None and top_p is not None and top_p < 1.0 and len(values):
+        keep = _top_p_order(values.abs(), top_p * total)
+        values, flat = values[keep], flat[keep]
+    return rows[flat // n_source], flat % n_source, values, total
+
+
+def _top_p_order(magnitude: torch.Tensor, mass: float) -> torch.Tensor:
+    """Indices of the smallest set of largest entries whose sum reaches ``mass``, largest first (ties
+    in the order given: the order of computation)."""
+    order = magnitude.argsort(descending=True, stable=True)
+    cumulative = magnitude[order].cumsum(0, dtype=torch.float64)
+    count = int(torch.searchsorted(cumulative, torch.tensor(mass, dtype=torch.float64))) + 1
+    return order[: min(count, len(order))]
 
 
 class EdgeList(NamedTuple):

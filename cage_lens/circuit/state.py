@@ -3,11 +3,16 @@
 :func:`capture_state` records every residual state with its gradient, each layer's attention
 internals (queries and keys as they enter the scores, values, head outputs and their gradients)
 and, where asked, MLP neurons; then the bias parts of the affine maps the closed form splits off.
-With ``low_memory`` the backward is done block by block (one layer's autograd graph alive at a time).
+With ``long_context`` the pass runs in the engine's long-context mode (blocks recomputed in the backward,
+attention in row chunks: the memory of one layer; docs/long_context.md). Nothing is stored that can
+be formed when it is needed: the bias-free parts ``q⁰, k⁰, v⁰`` and the state between attention and
+MLP are computed from what is stored, when an edge asks for them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,6 +24,7 @@ from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.engine import Capture
 from cage_lens.core.hooks import ModulePreHook, PointHook, installed, session
 from cage_lens.core.hooks import fires as hook_fires
+from cage_lens.core.recompute import long_context as long_context_mode
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.targets import Target
 
@@ -30,24 +36,42 @@ class AttentionState:
     """What the closed form needs from one attention layer (batch row 0, rotary already applied).
 
     ``g_out`` is the gradient at the attention sublayer's contribution to the residual (equal to the
-    gradient at resid_mid, or resid_post in attention-only and parallel blocks)."""
+    gradient at resid_mid, or resid_post in attention-only and parallel blocks). The bias-free parts
+    ``v0``, ``q0``, ``k0`` (times ρ under the gradient norm rule) are formed on access from the stored
+    values and their constant parts ``*_bias`` (``[1, …]`` when the same at every position)."""
 
     x: Float[torch.Tensor, "pos d_model"]          # resid_pre
     g_out: Float[torch.Tensor, "pos d_model"]
     v: Float[torch.Tensor, "pos kv_head d_head"]
     z: Float[torch.Tensor, "pos head d_head"]
     g_z: Float[torch.Tensor, "pos head d_head"]
-    v0: Float[torch.Tensor, "pos kv_head d_head"]  # bias-free part (times ρ under the gradient norm rule)
+    v_bias: Float[torch.Tensor, "pos kv_head d_head"]
+    rho: Float[torch.Tensor, "pos"]
     q: Float[torch.Tensor, "pos head d_head"] | None = None    # as they enter the scores (rotated)
     k: Float[torch.Tensor, "pos kv_head d_head"] | None = None
-    q0: Float[torch.Tensor, "pos head d_head"] | None = None
-    k0: Float[torch.Tensor, "pos kv_head d_head"] | None = None
+    q_bias: Float[torch.Tensor, "pos head d_head"] | None = None
+    k_bias: Float[torch.Tensor, "pos kv_head d_head"] | None = None
     scale: float = 1.0                             # factor on q·k in the scores
     softcap: float | None = None
     scores: Float[torch.Tensor, "head pos pos"] | None = None   # q·k·scale when q, k are not observable
     pattern: Float[torch.Tensor, "head pos pos"] | None = None  # captured where a position bias (ALiBi) enters
-    rho: Float[torch.Tensor, "pos"] | None = None
     problem: str | None = None                     # why the closed form cannot be used here
+    plain: bool = False                            # no bias and ρ = 1: the bias-free parts are the values
+
+    def _bias_free(self, t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return t if self.plain else (t - bias) * self.rho[:, None, None]
+
+    @property
+    def v0(self) -> Float[torch.Tensor, "pos kv_head d_head"]:
+        return self._bias_free(self.v, self.v_bias)
+
+    @property
+    def q0(self) -> Float[torch.Tensor, "pos head d_head"] | None:
+        return None if self.q is None else self._bias_free(self.q, self.q_bias)
+
+    @property
+    def k0(self) -> Float[torch.Tensor, "pos kv_head d_head"] | None:
+        return None if self.k is None else self._bias_free(self.k, self.k_bias)
 
 
 @dataclass
@@ -67,6 +91,28 @@ class BranchState:
     diagonal: Float[torch.Tensor, "pos"]
 
 
+class Residuals(Mapping):
+    """Residual hook name → ``(h [pos, d], g [pos, d])``; ``resid_mid`` is formed on access as
+    ``resid_pre + attn_out`` with the gradient of ``attn_out`` (see :func:`cage_lens.core.engine.residual_state`),
+    so a graph does not keep a second copy of every block's inner state."""
+
+    def __init__(self, act: dict, grad: dict, mids: dict[str, tuple[str, str]]):
+        self.stored = {n: (act[n], grad[n]) for n in act}
+        self.mids = mids
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name in self.mids:
+            (pre, _), (out, g_out) = self.stored[self.mids[name][0]], self.stored[self.mids[name][1]]
+            return pre + out, g_out
+        return self.stored[name]
+
+    def __iter__(self):
+        return iter([*self.stored, *self.mids])
+
+    def __len__(self) -> int:
+        return len(self.stored) + len(self.mids)
+
+
 @dataclass
 class ForwardState:
     """Target value, every residual state with its gradient, and per-layer attention internals."""
@@ -76,7 +122,7 @@ class ForwardState:
     position: int
     target: Target
     rules: RuleSet
-    resid: dict[str, tuple[torch.Tensor, torch.Tensor]]   # hook name -> (h [pos, d], g [pos, d])
+    resid: Residuals   # hook name -> (h [pos, d], g [pos, d])
     layers: list[AttentionState]
     mlps: list[MLPState] = field(default_factory=list)
     branches: list[BranchState] = field(default_factory=list)
@@ -103,14 +149,12 @@ class _Recorder(Capture):
 
     def module_input(self, name: str) -> Callable:
         def hook(module, args, kwargs):
-            if args:
-                x = args[0].view_as(args[0])
-                self.tensors[name] = x
-                return (x,) + tuple(args[1:]), kwargs
-            key = next(iter(kwargs))
-            x = kwargs[key].view_as(kwargs[key])
+            source = args[0] if args else kwargs[next(iter(kwargs))]
+            x = source.view_as(source)
             self.tensors[name] = x
-            return args, {**kwargs, key: x}
+            if args:
+                return (x,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, next(iter(kwargs)): x}
         return hook
 
     def hooks(self, adapter: ModelAdapter, names: Sequence[str]) -> list:
@@ -191,91 +235,37 @@ def stop_after(name: str, captured: dict) -> PointHook:
     return PointHook(name, grab)
 
 
-def _checked_value(target: Target, logits: torch.Tensor, position: int) -> torch.Tensor:
-    return engine.check_finite(target(logits[:, position]), "the target value")
-
-
 # ---------------------------------------------------------------------------- one pass
 def _one_pass_gradients(adapter, tokens, position, target, rules, names, wrt):
     """One forward under the rules and one backward through the whole model."""
     rec = _Recorder(roots=[names[0]])
-    with engine.rules_active(adapter, rules), installed(adapter, rec.hooks(adapter, names)):
-        value = _checked_value(target, adapter.model(tokens), position)
+    with engine.rules_active(adapter, rules):
+        logits = engine.logits_at(adapter, tokens, [position], rec.hooks(adapter, names))  # one row of logits
+        value = engine.check_finite(target(logits), "the target value")
         grads = engine.gradients(value.sum(), {n: rec.tensors[n] for n in wrt if n in rec.tensors})
     return value, rec.tensors, grads
 
 
-def _grad_from(name: str, leaves: dict) -> Callable:
-    """Hook that switches autograd on from this point of the forward and re-roots the state as a leaf."""
-    def hook(tensor, hook):
-        torch.set_grad_enabled(True)
-        leaf = tensor.detach().requires_grad_(True)
-        leaves[name] = leaf
-        return leaf
-    return hook
-
-
-def _run_from(adapter: ModelAdapter, tokens: torch.Tensor, layer: int, resid: torch.Tensor):
-    """Forward pass that runs block ``layer`` on ``resid``: a HookedTransformer starts there
-    (``start_at_layer``); a bridge re-runs from the tokens (its blocks need HF's own inputs)."""
-    if adapter.arch.is_bridge:
-        return adapter.model(tokens)
-    return adapter.model(resid, start_at_layer=layer)
-
-
-def _layerwise_gradients(adapter, tokens, position, target, rules, names, wrt):
-    """The same gradients with one layer's autograd graph alive at a time: a no-grad forward records
-    the activations, then the head and each block from the top are re-run from their recorded input,
-    with autograd switched on for that block alone (memory O(one layer); time about two forwards on
-    a HookedTransformer, O(layers²) block forwards on a bridge)."""
-    model, arch = adapter.model, adapter.arch
-    rec = _Recorder()
-    with torch.no_grad(), engine.rules_active(adapter, rules), installed(adapter, rec.hooks(adapter, names)):
-        value = _checked_value(target, model(tokens), position)
-    grads: dict[str, torch.Tensor] = {}
-    last = adapter.block(arch.n_layers - 1, "hook_resid_post")
-    grads[last] = _head_gradient(adapter, tokens, position, target, rules, rec.tensors[last])
-    for layer in reversed(range(arch.n_layers)):
-        pre, post = adapter.block(layer, "hook_resid_pre"), adapter.block(layer, "hook_resid_post")
-        inner = [n for n in wrt if n.startswith(f"blocks.{layer}.") and n not in (pre, post)]
-        local, leaves, captured = _Recorder(), {}, {}
-        hooks = [PointHook(pre, _grad_from(pre, leaves))] + local.hooks(adapter, inner) + [stop_after(post, captured)]
-        with torch.no_grad(), engine.rules_active(adapter, rules):
-            try:
-                with installed(adapter, hooks):
-                    _run_from(adapter, tokens, layer, rec.tensors[pre])
-            except StopForward:
-                pass
-            with torch.enable_grad():
-                objective = (captured["h"] * grads[post]).sum()
-                found = engine.gradients(objective, {pre: leaves[pre], **{n: local.tensors[n] for n in inner}})
-        grads.update(found)
-        if layer > 0:
-            grads[adapter.block(layer - 1, "hook_resid_post")] = grads[pre]
-    return value, rec.tensors, grads
-
-
-def _head_gradient(adapter, tokens, position, target, rules, resid_last: torch.Tensor) -> torch.Tensor:
-    """∂target/∂(last resid_post) under the rules, differentiating only the final norm and unembed."""
-    model, last = adapter.model, adapter.block(adapter.arch.n_layers - 1, "hook_resid_post")
-    if not adapter.arch.is_bridge:
-        leaf = resid_last.detach().requires_grad_(True)
-        with torch.enable_grad(), engine.rules_active(adapter, rules):
-            logits = model(leaf, start_at_layer=adapter.arch.n_layers)
-            return torch.autograd.grad(_checked_value(target, logits, position).sum(), leaf)[0]
-    leaves: dict = {}
-    with torch.no_grad(), engine.rules_active(adapter, rules), installed(adapter, [PointHook(last, _grad_from(last, leaves))]):
-        logits = model(tokens)
-        with torch.enable_grad():
-            return torch.autograd.grad(_checked_value(target, logits, position).sum(), leaves[last])[0]
-
-
 # ---------------------------------------------------------------------------- bias parts
-@torch.no_grad()
 def _bias_parts(adapter: ModelAdapter, n_pos: int) -> list[dict[str, torch.Tensor]]:
     """q, k, v (as they enter the scores), the MLP pre-activations and a parallel block's MLP input,
     of every layer, for an all-zero residual input at each of ``n_pos`` positions: the constant (bias)
-    part of the affine maps the closed form splits, rotary included (LN(0) = b, RMS(0) = 0)."""
+    part of the affine maps the closed form splits, rotary included (LN(0) = b, RMS(0) = 0).
+
+    With a zero residual every position computes the same numbers up to the rotation of q and k, so
+    one position is run and broadcast (``[1, …]``); only a rotary model whose parts are not all zero
+    (q/k biases, a LayerNorm bias) runs all ``n_pos`` positions, in the long-context mode so that no
+    full attention pattern is formed for it."""
+    parts = _bias_forward(adapter, 1)
+    rotates = adapter.arch.positional == "rotary"
+    if rotates and any(bool(t.any()) for layer in parts for t in layer.values()):
+        with long_context_mode(adapter):
+            return _bias_forward(adapter, n_pos)
+    return parts
+
+
+@torch.no_grad()
+def _bias_forward(adapter: ModelAdapter, n_pos: int) -> list[dict[str, torch.Tensor]]:
     arch, rec = adapter.arch, _Recorder()
     zero = lambda t, hook: torch.zeros_like(t)  # noqa: E731
     hooks: list = []
@@ -299,29 +289,31 @@ def _bias_parts(adapter: ModelAdapter, n_pos: int) -> list[dict[str, torch.Tenso
 
 # ---------------------------------------------------------------------------- the state
 def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], position: int, target: Target,
-                  rules: "str | RuleSet", low_memory: bool | None = None, neurons: bool = False) -> ForwardState:
+                  rules: "str | RuleSet", long_context: bool = False, neurons: bool = False) -> ForwardState:
     """One forward under ``rules`` and one backward: everything both edge methods need (MLP neuron
-    activations and gradients too with ``neurons``). With ``low_memory`` (default: inputs over 1024
-    tokens) the backward is done block by block. The caller certifies the model first."""
+    activations and gradients too with ``neurons``). With ``long_context`` the pass runs in the
+    engine's long-context mode (docs/long_context.md). The caller certifies the model first."""
     arch = adapter.arch
     rules = resolve_rules(rules)
     resid_names = _resid_names(adapter)
-    names = _record_names(adapter, resid_names, neurons)
+    names = _record_names(adapter, resid_names, neurons)  # probes which hooks fire before anything is replaced
     wrt = _wrt(adapter, resid_names, neurons)
-    if low_memory is None:
-        low_memory = tokens.shape[0] > 1024
-    gradients = _layerwise_gradients if low_memory else _one_pass_gradients
+    mode = long_context_mode(adapter) if long_context else contextlib.nullcontext()
     with session(adapter):
         batch_tokens = tokens[None].to(adapter.device).clone()
-        value, tensors, grads = gradients(adapter, batch_tokens, position, target, rules, names, wrt)
+        with mode:
+            value, tensors, grads = _one_pass_gradients(adapter, batch_tokens, position, target, rules, names, wrt)
         biases = _bias_parts(adapter, tokens.shape[0])
     act = {n: t[0].detach() for n, t in tensors.items()}
+    del tensors
     grad = {n: (torch.zeros_like(act[n]) if grads.get(n) is None else grads[n][0].detach()) for n in wrt if n in act}
-    resid = {n: (act[n], grad[n]) for n in resid_names}
+    del grads
+    mids = {}
     for name in adapter.resid_hooks():
         if name.endswith("hook_resid_mid"):
             site = adapter.layer(int(name.split(".")[1]))
-            resid[name] = (act[site.resid_pre] + act[site.attn_out], grad[site.attn_out])
+            mids[name] = (site.resid_pre, site.attn_out)
+    resid = Residuals({n: act[n] for n in resid_names}, grad, mids)
     layers = [_attention_state(adapter, layer, act, grad, biases[layer], rules) for layer in range(arch.n_layers)]
     mlps = [_mlp_state(adapter, layer, act, grad, biases[layer], rules) for layer in range(arch.n_layers)] if neurons else []
     branches = ([_branch_state(adapter, layer, act, grad, biases[layer], rules) for layer in range(arch.n_layers)]
@@ -330,6 +322,10 @@ def capture_state(adapter: ModelAdapter, tokens: Int[torch.Tensor, "pos"], posit
         value=float(value.detach()[0]), tokens=tokens, position=position, target=target, rules=rules,
         resid=resid, layers=layers, mlps=mlps, branches=branches,
     )
+
+
+def _rho_is_one(adapter: ModelAdapter, layer: int, branch: str, rules: RuleSet) -> bool:
+    return rules.norm == "identity" or adapter.input_norm(layer, branch) is None
 
 
 def _rho(adapter: ModelAdapter, layer: int, branch: str, x: torch.Tensor, rules: RuleSet) -> torch.Tensor:
@@ -370,6 +366,7 @@ def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotary embedding (rotate-half convention of GPT-NeoX/Llama) on the first ``cos.shape[-1]``
     dimensions of ``x [pos, head, d_head]``; ``cos``/``sin`` are ``[pos, rotary_dim]``."""
     r = cos.shape[-1]
+    x = x.expand(cos.shape[0], *x.shape[1:]) if x.shape[0] == 1 else x   # a constant part, the same at every position
     rot, rest = x[..., :r], x[..., r:]
     half = torch.cat([-rot[..., r // 2:], rot[..., : r // 2]], dim=-1)
     return torch.cat([rot * cos[:, None] + half * sin[:, None], rest], dim=-1)
@@ -410,12 +407,11 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
     local = lambda name: name[len(f"blocks.{layer}."):]  # noqa: E731
     x = act[site.resid_pre]
     rho = _rho(adapter, layer, "attn", x, rules)[:, 0]   # [pos]
-    v = act[site.v]
     state = AttentionState(
-        x=x, g_out=grad[site.attn_out], v=v, z=act[site.z], g_z=grad[site.z],
-        v0=(v - bias[local(site.v)]) * rho[:, None, None], scale=adapter.score_scale(layer) or 1.0,
-        softcap=site.attn_softcap, rho=rho,
+        x=x, g_out=grad[site.attn_out], v=act[site.v], z=act[site.z], g_z=grad[site.z], v_bias=bias[local(site.v)],
+        rho=rho, scale=adapter.score_scale(layer) or 1.0, softcap=site.attn_softcap,
     )
+    state.plain = not bool(state.v_bias.any()) and _rho_is_one(adapter, layer, "attn", rules)
     state.problem = _fast_problem(adapter, layer, rules)
     if state.problem is not None:
         return state
@@ -440,8 +436,8 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
         state.problem = ("the map resid → q, k is linear with q/k norms only under the identity norm rule and "
                          "without query/key biases")
         return state
-    state.q, state.k = q, k
-    state.q0, state.k0 = (q - q_bias) * rho[:, None, None], (k - k_bias) * rho[:, None, None]
+    state.q, state.k, state.q_bias, state.k_bias = q, k, q_bias, k_bias
+    state.plain = state.plain and not bool(q_bias.any()) and not bool(k_bias.any())
     return state
 
 

@@ -1,7 +1,7 @@
 """The LRP core: rule sets, the hooks that realise them, the engine that runs them, the certificate
 that vouches for them (docs/rules.md).
 
-The core is nine modules in layers; each imports only modules of the layers below it (never one
+The core is ten modules in layers; each imports only modules of the layers below it (never one
 above, not even inside a function — ``tests/test_layout.py`` checks it):
 
 1. :mod:`~cage_lens.core.rulesets` — rule sets as data: :class:`RuleSet` (the q/k/v factors, the
@@ -17,12 +17,14 @@ above, not even inside a function — ``tests/test_layout.py`` checks it):
    their per-call, thread-guarded installation, the per-model lock, which hook points fire.
 6. :mod:`~cage_lens.core.realise` — a rule set on one model: the hooks that put every factor of a
    :class:`RuleSet` on that model's sites. **This is who installs a rule factor** (through the engine).
-7. :mod:`~cage_lens.core.engine` — rule sets active per thread (nesting), capture of activations,
+7. :mod:`~cage_lens.core.recompute` — the long-context mode: blocks recomputed in the backward,
+   attention computed in row chunks (docs/long_context.md).
+8. :mod:`~cage_lens.core.engine` — rule sets active per thread (nesting), capture of activations,
    the one gradient call, finiteness checks.
-8. :mod:`~cage_lens.core.certificate` — the completeness certificate: CP-LRP's conservation identity
+9. :mod:`~cage_lens.core.certificate` — the completeness certificate: CP-LRP's conservation identity
    and a walk of the module tree. **This is who checks the rules cover the model**; callers run
    :func:`~cage_lens.core.certificate.certify_or_warn` before they use the engine.
-9. :mod:`~cage_lens.core.api` — the public context managers ``cage_lens.lrp`` and
+10. :mod:`~cage_lens.core.api` — the public context managers ``cage_lens.lrp`` and
    ``cage_lens.rule_hooks``.
 
 Everything above the core (``attribute``, graphs, CAGE, patching, studies) imports from it; nothing

@@ -13,6 +13,10 @@ the certificate) goes through here, on top of the thread-guarded installation of
   call gives every gradient; the embeddings are re-rooted so relevance exists with frozen weights.
 - **Finite values.** A target or relevance that is NaN or infinite raises
   :class:`~cage_lens.NumericalError`.
+- **Long context.** ``run_attribution(..., long_context=True)`` runs under
+  :func:`cage_lens.core.recompute.long_context` (blocks recomputed in the backward, attention in row
+  chunks): the same numbers to rounding, the memory of one layer. The caller decides the mode
+  (``attribute`` asks :mod:`cage_lens.estimate`).
 
 The engine does not certify: callers above :mod:`cage_lens.core.certificate` certify the model first.
 """
@@ -29,6 +33,7 @@ from jaxtyping import Float, Int
 from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.hooks import Installation, PointHook, as_hook, has_position_embedding, installed, session
 from cage_lens.core.realise import realise
+from cage_lens.core.recompute import long_context as long_context_mode
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, NumericalError
 
@@ -193,15 +198,18 @@ def run_attribution(
     rules: "str | RuleSet",
     capture_names: Sequence[str],
     pre_hooks: Sequence = (),
+    long_context: bool = False,
 ) -> tuple[torch.Tensor, Capture, dict[str, torch.Tensor]]:
     """One forward under ``rules`` with capture hooks, one backward. Returns (target value, capture,
     gradients). ``pre_hooks`` run before the captures (integrated gradients scales the embeddings
-    there). The caller certifies the model first."""
+    there). ``long_context`` recomputes each block in the backward and computes attention in row
+    chunks (:mod:`cage_lens.core.recompute`). The caller certifies the model first."""
     roots = input_roots(adapter)
     capture = Capture(list(roots) + list(capture_names), roots=roots)
+    mode = long_context_mode(adapter) if long_context else contextlib.nullcontext()
     with session(adapter):
         tokens = batch.tokens.to(adapter.device).clone()
-        with rules_active(adapter, rules):
+        with rules_active(adapter, rules), mode:
             hooks = [as_hook(h) for h in pre_hooks] + capture.hooks_for(adapter)
             value = check_finite(target(logits_at(adapter, tokens, positions, hooks)), "the target value")
             grads = capture.gradients(value.sum())

@@ -8,9 +8,13 @@ hook point). :func:`installed` puts a list of them on one model for the duration
   modules and act only in the thread that installed them; a forward run by another thread meanwhile
   passes through them untouched. They never go through ``model.hooks()``, whose context-level
   bookkeeping is shared by all threads.
+- **The backward of a call acts like the call.** A block recomputed in the backward (the long-context
+  mode of :mod:`cage_lens.core.recompute`) runs its forward again, and on a GPU autograd runs the
+  backward in a device thread: inside :func:`acting_for` the hooks of the installing thread act there too.
 - :func:`session` is one cage_lens call: the model's lock (one call per model at a time, so
   concurrent calls return the serial results) and autograd switched on, also inside
-  ``torch.inference_mode()`` or ``torch.no_grad()``.
+  ``torch.inference_mode()`` or ``torch.no_grad()``; what a forward sets on the model's modules is
+  put back when it ends, and what bridges keep from each forward is dropped as soon as it is set.
 
 :func:`fired_hooks` finds, once per model state, which hook points actually fire in a forward pass
 (``hook_pos_embed`` is listed but silent on rotary bridges).
@@ -29,8 +33,8 @@ from cage_lens.core.adapter import ModelAdapter, walk_modules
 from cage_lens.errors import CageLensError, UnsupportedModelError
 
 __all__ = [
-    "PointHook", "ModuleHook", "ModulePreHook", "as_hook", "Installation", "installed", "session",
-    "fired_hooks", "fires", "has_position_embedding",
+    "PointHook", "ModuleHook", "ModulePreHook", "as_hook", "Installation", "installed", "acting_for", "session",
+    "fired_hooks", "fires", "has_position_embedding", "RETAINED_ATTRIBUTES",
 ]
 
 
@@ -67,8 +71,30 @@ def as_hook(h) -> "PointHook | ModuleHook | ModulePreHook":
 
 
 # ---------------------------------------------------------------------------- installation
+#: per thread: the installing threads whose hooks act here too (see :func:`acting_for`)
+_ADMITTED = threading.local()
+
+
+def _admitted() -> tuple[int, ...]:
+    return getattr(_ADMITTED, "owners", ())
+
+
+@contextlib.contextmanager
+def acting_for(owner: int) -> Iterator[None]:
+    """Inside this block, hooks installed by thread ``owner`` act in the current thread as in their own:
+    for the part of a call's work that autograd runs elsewhere (a block recomputed in the backward,
+    which on a GPU runs in the device's own thread)."""
+    before = _admitted()
+    _ADMITTED.owners = before + (owner,)
+    try:
+        yield
+    finally:
+        _ADMITTED.owners = before
+
+
 class Installation:
-    """Hooks installed by one call: they act only in the installing thread, and not while suspended."""
+    """Hooks installed by one call: they act only in the installing thread (and where that thread's
+    work is admitted, :func:`acting_for`), and not while suspended."""
 
     def __init__(self):
         self.owner = threading.get_ident()
@@ -76,7 +102,7 @@ class Installation:
         self.handles: list[Callable[[], None]] = []
 
     def acting(self) -> bool:
-        return not self.suspended and threading.get_ident() == self.owner
+        return not self.suspended and (threading.get_ident() == self.owner or self.owner in _admitted())
 
 
 def _hook_point(adapter: ModelAdapter, point):
@@ -168,7 +194,7 @@ def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
 def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
     """One cage_lens call: the model's lock, autograd on (also under ``torch.inference_mode``)."""
     mode = torch.enable_grad() if grad else torch.no_grad()
-    with adapter.lock, torch.inference_mode(False), mode, _attributes_kept(adapter.model):
+    with adapter.lock, torch.inference_mode(False), mode, _attributes_kept(adapter):
         try:
             with installed(adapter, [as_hook(r) for r in adapter.repairs()]):  # ModelAdapter.repairs
                 yield
@@ -185,25 +211,44 @@ def session(adapter: ModelAdapter, grad: bool = True) -> Iterator[None]:
 #: per thread: the models with an open session (only the outermost session of a model restores)
 _THIS_THREAD = threading.local()
 
+#: attributes in which TransformerLens components keep a tensor of their last forward: TL 4's
+#: ``JointQKVAttentionBridge`` keeps every layer's attention pattern, ``[batch, head, pos, pos]``, with
+#: its autograd history, which would hold ``layers · heads · pos²`` numbers until the call ends
+RETAINED_ATTRIBUTES = ("_pattern",)
+
 
 @contextlib.contextmanager
-def _attributes_kept(model) -> Iterator[None]:
+def _attributes_kept(adapter: ModelAdapter) -> Iterator[None]:
     """Put back every tensor attribute that a forward inside the outermost session of this thread set
-    on a module of ``model`` (a bridge keeps each attention's last pattern, ``_pattern``, which under a
+    on a module of the model (a bridge keeps each attention's last pattern, ``_pattern``, which under a
     cage_lens call would hold autograd history and make ``copy.deepcopy(model)`` fail): the user's
-    model keeps what it held before the call (docs/transformerlens.md#the-users-model-stays-the-users)."""
+    model keeps what it held before the call (docs/transformerlens.md#the-users-model-stays-the-users).
+    A :data:`RETAINED_ATTRIBUTES` entry is put back as soon as the module's forward returns, so that a
+    long prompt does not keep every layer's pattern alive through the backward
+    (docs/long_context.md#what-the-model-keeps)."""
+    model = adapter.model
     open_sessions = _THIS_THREAD.__dict__.setdefault("models", set())
     if id(model) in open_sessions:  # an inner session: the outermost one restores
         yield
         return
     before = [(module, dict(module.__dict__)) for _, module in walk_modules(model)]
+    retaining = [(module, saved) for module, saved in before if any(name in saved for name in RETAINED_ATTRIBUTES)]
     open_sessions.add(id(model))
     try:
-        yield
+        with installed(adapter, [ModuleHook(module, _put_back(saved)) for module, saved in retaining]):
+            yield
     finally:
         open_sessions.discard(id(model))
         for module, saved in before:
             _restore_tensor_attributes(module, saved)
+
+
+def _put_back(saved: dict) -> Callable:
+    def hook(module, args, kwargs, output):
+        for name in RETAINED_ATTRIBUTES:
+            if name in saved:
+                module.__dict__[name] = saved[name]
+    return hook
 
 
 _MISSING = object()

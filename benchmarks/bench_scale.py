@@ -1,0 +1,250 @@
+"""Benchmark: cage_lens at the seeds' sizes — random weights with the real configurations of Qwen3-0.6B,
+Qwen3-1.7B, Qwen3-8B and OLMo-3-7B, in bfloat16, at 512, 2,048 and 8,192 tokens.
+
+For every model, length and computation — one ``attribute()`` call, the whole graph
+(``node_threshold=None``), the default graph, the CAGE table of 8 teacher-forced tokens and a study
+case (a greedy continuation of 4 tokens, then the contrastive attribution of the model's top-1 against
+its second choice) — the script first asks ``cage_lens.estimate`` for the peak memory. A row whose
+weights and estimated peak fit ``--memory`` is measured in its own process (``measure.child``: CPU and
+wall seconds, peak resident memory above the loaded model), with the long-context mode chosen as a user
+gets it (``long_context=None``, for the memory left beside the weights); any other row is reported from
+the estimate, with seconds from the scaling law fitted on the measured rows (seconds per
+floating-point operation of the estimate's time model, one rate per computation).
+
+Weights: every matrix ~ N(0, 0.02²) (as such checkpoints are initialised), norm scales 1, drawn in
+bfloat16 from a seeded generator; token ids are random below the tiny tokenizer's vocabulary (the
+numbers do not depend on which ids). The configurations are the public ``config.json`` values of the
+model cards (huggingface.co/Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B, Qwen/Qwen3-8B, allenai/Olmo-3-1025-7B):
+see :data:`MODELS`.
+
+Every measured row is cached in ``benchmarks/results/bench_scale.json`` as soon as it is measured, so
+an interrupted run resumes where it stopped (``--redo`` measures again). The rows take hours on a CPU
+and need a quiet machine (benchmarks/harness.py refuses to write the table otherwise):
+
+    python benchmarks/bench_scale.py                              # everything that fits 22 GB
+    python benchmarks/bench_scale.py --models Qwen3-0.6B --tokens 512 --what attribute --allow-busy   # a smoke row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from harness import LoadWatch, add_arguments, write_results
+from measure import child, measured
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = RESULTS / "bench_scale.json"
+
+#: the public config.json values (model cards on huggingface.co)
+MODELS: dict[str, dict] = {
+    "Qwen3-0.6B": dict(model_type="qwen3", num_hidden_layers=28, hidden_size=1024, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
+                       hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000, max_position_embeddings=40960,
+                       tie_word_embeddings=True, attention_bias=False),
+    "Qwen3-1.7B": dict(model_type="qwen3", num_hidden_layers=28, hidden_size=2048, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=6144, vocab_size=151936,
+                       hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000, max_position_embeddings=40960,
+                       tie_word_embeddings=True, attention_bias=False),
+    "Qwen3-8B": dict(model_type="qwen3", num_hidden_layers=36, hidden_size=4096, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
+                     hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000, max_position_embeddings=40960,
+                     tie_word_embeddings=False, attention_bias=False),
+    # sliding-window attention (4,096) in three of every four layers, full attention in the fourth
+    "OLMo-3-7B": dict(model_type="olmo3", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=11008, vocab_size=100278, hidden_act="silu",
+                      rms_norm_eps=1e-6, rope_theta=500000, max_position_embeddings=65536, sliding_window=4096,
+                      tie_word_embeddings=False, attention_bias=False),
+}
+TOKENS = (512, 2048, 8192)
+#: what each row computes, and the estimate it is compared with
+WHATS = {"attribute": "attribute", "whole graph": "circuit_graph", "default graph": "circuit_graph",
+         "cage table": "cage", "study case": "study"}
+CAGE_TOKENS, STUDY_STEPS = 8, 4
+
+
+# ---------------------------------------------------------------------------- one row, in its own process
+def build(name: str, n_tokens: int):
+    """The TL model of ``name`` with random bfloat16 weights (docstring)."""
+    import torch
+    import transformers
+
+    from cage_lens.loading import eager_kwargs, from_hf_model
+    from cage_lens.testing import tiny_tokenizer
+
+    spec = dict(MODELS[name])
+    model_type = spec.pop("model_type")
+    config_class = {"qwen3": transformers.Qwen3Config, "olmo3": transformers.Olmo3Config}[model_type]
+    layers = spec["num_hidden_layers"]
+    extra = {"layer_types": ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]} \
+        if model_type == "olmo3" else {}
+    config = config_class(**spec, **extra, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, **eager_kwargs()).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for path, p in hf.named_parameters():
+            if "norm" in path:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(0.02))
+    return from_hf_model(hf, tiny_tokenizer(), name=name)
+
+
+def run_row(name: str, n_tokens: int, what: str) -> dict:
+    import torch
+
+    import cage_lens
+    from cage_lens.core.adapter import adapt
+    from cage_lens.core.engine import logits_at
+
+    model = build(name, n_tokens)
+    vocab = len(model.tokenizer)
+    cage_lens.attribute(model, torch.randint(3, vocab, (1, 16)), target=5, strict=False)   # certificate, probes
+    tokens = torch.randint(3, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(n_tokens))
+
+    def study_case():
+        sequence = tokens
+        with torch.no_grad():   # the study's generation: one forward per step, only the last row unembedded
+            for _ in range(STUDY_STEPS):
+                last = logits_at(adapt(model), sequence, [sequence.shape[1] - 1])[0, :vocab]
+                sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)
+        top2 = last.topk(2).indices.tolist()
+        return cage_lens.attribute(model, sequence, target=top2[0], contrast=top2[1], strict=False)
+
+    calls = {
+        "attribute": lambda: cage_lens.attribute(model, tokens, target=5, strict=False),
+        "whole graph": lambda: cage_lens.circuit_graph(model, tokens[0], target=5, levels="block", node_threshold=None,
+                                                       top_p=0.85, dense_limit=0, strict=False),
+        "default graph": lambda: cage_lens.circuit_graph(model, tokens[0], target=5, levels="block", top_p=0.85,
+                                                         dense_limit=0, strict=False),
+        "cage table": lambda: cage_lens.cage(model, tokens, completion=torch.randint(3, vocab, (CAGE_TOKENS,))),
+        "study case": study_case,
+    }
+    stats, out = measured(calls[what])
+    meta = getattr(out, "meta", None) or {}
+    settings = meta.get("settings", {})
+    stats["long_context"] = bool(settings.get("long_context"))
+    stats["warnings"] = [w[:160] for w in (meta.get("warnings") or getattr(out, "settings", {}).get("warnings") or [])]
+    return stats
+
+
+# ---------------------------------------------------------------------------- the table
+def _estimate(name: str, n_tokens: int, what: str, available: float):
+    import cage_lens
+
+    return cage_lens.estimate({**MODELS[name], "torch_dtype": "bfloat16"}, n_tokens, WHATS[what],
+                              new_tokens=CAGE_TOKENS if what == "cage table" else STUDY_STEPS,
+                              available_bytes=available, line="bridge")
+
+
+def _parse_gb(text: str) -> float:
+    return float(text.upper().rstrip("GB")) * 2**30
+
+
+def _rates(rows: dict) -> dict[str, float]:
+    """Seconds per floating-point operation of the time model, per computation (geometric mean)."""
+    logs: dict[str, list[float]] = {}
+    for row in rows.values():
+        if "cpu_s" in row and row.get("flops"):
+            logs.setdefault(row["what"], []).append(math.log(row["cpu_s"] / row["flops"]))
+    return {what: math.exp(sum(v) / len(v)) for what, v in logs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
+    parser.add_argument("--what", nargs="*", default=list(WHATS), choices=list(WHATS))
+    parser.add_argument("--memory", default="22G", help="memory a row may use in all, weights included (default 22G)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured row")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds a row may run")
+    parser.add_argument("--redo", action="store_true", help="measure again the rows cached in bench_scale.json")
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "TOKENS", "WHAT", "THREADS"))
+    add_arguments(parser)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(int(args.child[3]))
+        print(json.dumps(run_row(args.child[0], int(args.child[1]), args.child[2])))
+        return
+
+    memory = _parse_gb(args.memory)
+    cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+    watch = LoadWatch(own_threads=args.threads).start()
+    for name in args.models:
+        for n_tokens in args.tokens:
+            for what in args.what:
+                key = f"{name}|{n_tokens}|{what}"
+                weights = _estimate(name, n_tokens, what, None).weights_bytes
+                est = _estimate(name, n_tokens, what, memory - weights)
+                row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
+                       "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
+                       "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops}
+                if key in cache and "cpu_s" in cache[key] and not args.redo:
+                    continue
+                if not est.fits:
+                    cache[key] = {**row, "skipped": f"estimate {est.peak_bytes / 2**30:.1f} GB + weights "
+                                                    f"{weights / 2**30:.1f} GB > {args.memory}"}
+                    continue
+                print(f"measuring {key} (estimate {est.peak_bytes / 2**30:.2f} GB above {weights / 2**30:.2f} GB)",
+                      flush=True)
+                left = f"{(memory - weights) / 2**30:.2f}G"
+                result = child(__file__, [name, str(n_tokens), what, str(args.threads)], memory=left,
+                               timeout=args.timeout)
+                cache[key] = {**row, **result}
+                CACHE.parent.mkdir(parents=True, exist_ok=True)
+                CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
+                print("  ", json.dumps(cache[key]), flush=True)
+    watch.stop()
+    write_results(RESULTS / "bench_scale.md", table(cache, args), watch, args.allow_busy)
+
+
+def table(cache: dict, args) -> str:
+    from harness import environment_line
+
+    import transformer_lens  # noqa: F401
+
+    from cage_lens.loading import has_hooked_transformer
+
+    rates = _rates(cache)
+    line = "TL 2.18 (HookedTransformer)" if has_hooked_transformer() else "TL 4.3 (TransformerBridge)"
+    out = ["# cage_lens at the seeds' sizes (random weights, real configurations, bfloat16)", "",
+           f"Command: `python benchmarks/bench_scale.py{' '.join([''] + [a for a in sys.argv[1:] if a != '--allow-busy'])}` "
+           f"on {line}; {environment_line(args.threads)}; rows that fit `--memory {args.memory}` (weights included) "
+           "are measured, each in its own process; the others come from `cage_lens.estimate` (docs/estimate.md).", "",
+           "Peak = resident memory above the loaded weights; **lc** = the long-context mode (chosen by the estimate "
+           "for the memory left beside the weights); est./meas. = the estimate's peak over the measured one. "
+           "Seconds of estimated rows = the time model's floating-point operations × the rate fitted on the measured "
+           "rows of the same computation:", ""]
+    out += [f"- {what}: {rate * 1e12:.3g} s per 10¹² operations of the time model" for what, rate in sorted(rates.items())]
+    out += ["", "| model | tokens | computation | weights GB | measured CPU s | wall s | peak GB | estimate GB | "
+            "est./meas. | estimated s | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in MODELS:
+        for n_tokens in TOKENS:
+            for what in WHATS:
+                row = cache.get(f"{name}|{n_tokens}|{what}")
+                if row is None:
+                    continue
+                rate = rates.get(what)
+                guess = f"{rate * row['flops']:.0f}" if rate else "—"
+                mode = " lc" if row.get("long_context", row.get("long_context_estimate")) else ""
+                if "cpu_s" in row:
+                    ratio = row["estimate_gb"] / row["peak_gb"] if row["peak_gb"] > 0 else float("nan")
+                    note = "; ".join(row.get("warnings", []))[:120]
+                    out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | {row['cpu_s']:.0f} | "
+                               f"{row['wall_s']:.0f} | {row['peak_gb']:.2f} | {row['estimate_gb']:.2f} | {ratio:.2f} | "
+                               f"{guess} | {note} |")
+                else:
+                    note = row.get("error") or row.get("skipped", "")
+                    out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | — | — | — | "
+                               f"{row['estimate_gb']:.2f} | — | {guess} | {note[:160]} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""Planning a run: peak memory and relative time of a cage_lens call, from the model's configuration alone
+(docs/estimate.md).
+
+``cage_lens.estimate(model_or_config, n_tokens, what=...)`` needs no weights: a TransformerLens
+model, a Hugging Face config (``transformers.PretrainedConfig`` or its ``config.json`` as a dict) or a
+plain dict of TransformerLens names (``n_layers``, ``d_model``, ``n_heads``, ``d_head``, ``d_mlp``,
+``d_vocab`` …) describe the model, so a run of an 8B model can be planned on a laptop. The answer is
+an :class:`Estimate`: bytes above the loaded weights at the peak, the weights' own bytes, the time in
+forward passes of the same model over the same tokens, and whether it fits the memory available.
+
+**Memory model** (bytes above the loaded weights; ``T`` tokens, ``b`` bytes per element, per layer):
+
+- *default pass*: what autograd keeps for the backward of every layer, counted by shape class —
+  ``k_P`` pattern-sized ``[head, T, T]`` tensors, ``k_M`` MLP-sized ``[T, d_mlp]``, ``k_R``
+  residual-sized ``[T, d_model]``, ``k_A`` query-sized ``[T, heads·d_head]`` and ``k_K`` key-sized
+  ``[T, kv_heads·d_head]`` ones (:data:`SAVED`, counted per TransformerLens line, MLP kind, rule set
+  and precision with ``scripts/estimate_inventory.py``) — plus the captures and their gradients and the
+  top layer's backward (its pattern gradients, :data:`TRANSIENT`);
+- *long-context pass* (docs/long_context.md): each block's input and the captures per layer, one
+  layer's saved tensors without its pattern, and the row chunks of the attention
+  (:data:`cage_lens.core.recompute.ATTENTION_BUDGET`);
+- *circuit_graph*: the pass with the graph's captures (queries, keys, values and head outputs too),
+  the state the closed form reads, its row chunks, and the kept edges (a fraction
+  :data:`KEPT_EDGE_FRACTION` of the computed ones under ``top_p``);
+- *cage*: the batched table: one forward over prompt and continuation and a backward vectorised over
+  :data:`CAGE_ROWS` generated tokens at once (their gradients side by side); *study*: the greedy
+  generation of ``new_tokens`` (a forward per token, no gradients) and one contrastive attribution of the
+  prompt and its answer.
+
+**Time** is in forward passes of the same model over the same tokens, from floating-point operations:
+a forward is ``2·T·(parameters per block)·L + 4·T²·heads·d_head·L``; a backward two forwards; the
+long-context pass one forward more and the attention's forward twice more; the closed form
+``≈ 16·T²·heads·d_head`` per attention transition.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from cage_lens.errors import InputError, InsufficientMemoryError
+
+__all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context", "WHATS"]
+
+#: what can be estimated
+WHATS = ("attribute", "circuit_graph", "cage", "study")
+
+_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+#: live tensors autograd keeps per layer at the start of the backward, in elements of the model's dtype:
+#: (k_P pattern ``[head, T, T]``, k_M ``[T, d_mlp]``, k_R ``[T, d_model]``, k_A ``[T, heads·d_head]``,
+#: k_K ``[T, kv_heads·d_head]``), by (TransformerLens line, MLP kind, rule set, 16-bit). Counted by
+#: ``scripts/estimate_inventory.py`` (a 16-bit model's pattern is also kept in float32: k_P > 1 there;
+#: HookedTransformer also keeps the NaN-scrubbed pattern and its NaN mask).
+#: Plain MLPs are counted on GPT-2, whose ``heads·d_head = d_model``: their k_R covers q, k, v too.
+SAVED: dict[tuple[str, str, str, bool], tuple[float, float, float, float, float]] = {
+    ("bridge", "plain", "attnlrp", False): (1.0, 4.0, 7.0, 0.0, 0.0),
+    ("bridge", "plain", "cplrp", False): (1.0, 4.0, 7.0, 0.0, 0.0),
+    ("bridge", "plain", "gxi", False): (1.0, 5.0, 7.0, 0.0, 0.0),
+    ("bridge", "gated", "attnlrp", False): (1.0, 6.0, 6.0, 3.0, 0.0),
+    ("bridge", "gated", "cplrp", False): (1.0, 5.0, 6.0, 1.0, 0.0),
+    ("bridge", "gated", "gxi", False): (1.0, 4.0, 6.0, 3.0, 0.0),
+    ("hooked", "plain", "attnlrp", False): (2.25, 4.0, 19.0, 0.0, 0.0),
+    ("hooked", "plain", "cplrp", False): (1.0, 4.0, 11.0, 0.0, 0.0),
+    ("hooked", "plain", "gxi", False): (2.25, 5.0, 19.0, 0.0, 0.0),
+    ("hooked", "gated", "attnlrp", False): (2.25, 6.0, 10.0, 5.0, 4.0),
+    ("hooked", "gated", "cplrp", False): (1.0, 5.0, 6.0, 1.0, 2.0),
+    ("hooked", "gated", "gxi", False): (2.25, 4.0, 10.0, 5.0, 4.0),
+    ("bridge", "plain", "attnlrp", True): (1.0, 4.0, 9.0, 0.0, 0.0),
+    ("bridge", "plain", "cplrp", True): (1.0, 4.0, 9.0, 0.0, 0.0),
+    ("bridge", "plain", "gxi", True): (1.0, 5.0, 11.0, 0.0, 0.0),
+    ("bridge", "gated", "attnlrp", True): (3.0, 6.0, 8.0, 3.0, 0.0),
+    ("bridge", "gated", "cplrp", True): (1.0, 5.0, 8.0, 1.0, 0.0),
+    ("bridge", "gated", "gxi", True): (3.0, 4.0, 8.0, 3.0, 0.0),
+    ("hooked", "plain", "attnlrp", True): (3.5, 4.0, 27.0, 0.0, 0.0),
+    ("hooked", "plain", "cplrp", True): (1.0, 4.0, 17.0, 0.0, 0.0),
+    ("hooked", "plain", "gxi", True): (3.5, 5.0, 27.0, 0.0, 0.0),
+    ("hooked", "gated", "attnlrp", True): (3.5, 6.0, 16.0, 6.0, 4.0),
+    ("hooked", "gated", "cplrp", True): (1.0, 5.0, 12.0, 1.0, 2.0),
+    ("hooked", "gated", "gxi", True): (3.5, 4.0, 16.0, 6.0, 4.0),
+}
+#: the top layer's backward on top of the saved tensors: (pattern-sized in float32, MLP-sized); while
+#: it runs, the tensors saved by the layers above are already freed
+TRANSIENT = (1.0, 1.0)
+#: per layer in the default pass, kept beside autograd's tensors (residual-sized): the captures are
+#: tensors autograd keeps anyway, and their gradients arrive as the saved tensors go
+CAPTURES = 0.0
+#: per layer in the long-context pass: each block's input, the captures and their gradients
+#: (residual-sized; the head outputs count query-sized)
+LONG_CONTEXT_KEPT = (4.0, 2.0)
+#: per layer, what a graph's pass keeps for its edges (residual-, query- and key-sized): residual
+#: states and the attention's contribution with their gradients, q and z with z's gradient, k and v
+GRAPH_STATE = (4.0, 3.0, 2.0)
+#: the closed form's row chunks: at most about :data:`cage_lens.circuit.closed_form.EDGE_BUDGET` (the
+#: budget counts six ``[head, rows, key]`` intermediates; about 8.4 are alive in the largest chunk)
+EDGE_CHUNKS = 1.1 * 256 * 2**20
+EDGE_CHUNK_LIVE = 8.4
+#: edges per token that ``top_p=0.85`` keeps per transition (the residual connection carries most of
+#: the mass; measured ~2 on random GPT-2-sized weights at 1,024–4,096 tokens); a kept edge holds its value
+#: and two int64 node indices
+KEPT_EDGES_PER_TOKEN = 2.0
+#: the memory a run may use, as a fraction of the memory available, when the estimate decides
+FIT_FRACTION = 0.8
+#: bytes of the row chunks of the long-context attention, and how many of them one layer's eager
+#: attention must exceed to be chunked (cage_lens.core.recompute.ATTENTION_BUDGET, EAGER_MULTIPLE)
+ATTENTION_CHUNKS = 128 * 2**20
+EAGER_MULTIPLE = 8
+#: float32 ``[batch, head, T, T]`` tensors alive in one layer's eager attention backward, by line
+EAGER_ATTENTION = {"bridge": 3.0, "hooked": 3.5}
+#: rows the batched CAGE table differentiates at once (``cage_lens.generation.methods.DEFAULT_CHUNK``)
+CAGE_ROWS = 8
+
+
+# ---------------------------------------------------------------------------- the model's shape
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate reads from a configuration."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    gated: bool = False
+    dtype: str = "float32"
+    line: str = "bridge"
+    tied: bool = False
+    name: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return _BYTES[self.dtype]
+
+    @property
+    def block_params(self) -> int:
+        attention = self.d_model * self.d_head * (2 * self.n_heads + 2 * self.n_kv_heads)
+        return attention + (3 if self.gated else 2) * self.d_model * self.d_mlp
+
+    @property
+    def weights_bytes(self) -> int:
+        embeddings = (1 if self.tied else 2) * self.d_vocab * self.d_model
+        return (self.n_layers * self.block_params + embeddings) * self.bytes
+
+    def describe(self) -> str:
+        name = f"{self.name}: " if self.name else ""
+        return (f"{name}{self.n_layers} layers, d_model {self.d_model}, {self.n_heads}/{self.n_kv_heads} heads × "
+                f"{self.d_head}, d_mlp {self.d_mlp}{' gated' if self.gated else ''}, vocab {self.d_vocab}, {self.dtype}")
+
+
+def _getter(config):
+    if isinstance(config, dict):
+        return lambda *names: next((config[n] for n in names if config.get(n) is not None), None)
+    return lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+
+
+_GATED_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "swiglu", "geglu")
+_GATED_TYPES = ("llama", "mistral", "mixtral", "qwen", "gemma", "olmo", "phi3")
+
+
+def shape_of(model_or_config, dtype: str | None = None, line: str | None = None) -> ModelShape:
+    """A :class:`ModelShape` from a TL model (its ``cfg``), an HF config object or dict, or a dict of
+    TL names; ``dtype`` and ``line`` ("bridge" / "hooked") override what the model says."""
+    model = model_or_config if hasattr(model_or_config, "cfg") and not isinstance(model_or_config, dict) else None
+    config = model.cfg if model is not None else model_or_config
+    if config is None or (not isinstance(config, dict) and not hasattr(config, "__dict__")):
+        raise InputError(f"estimate() needs a TransformerLens model, a Hugging Face config or a dict, got {type(config).__name__}")
+    get = _getter(config)
+    text = get("text_config")  # multimodal configs keep the language model's fields here
+    if text is not None and get("num_hidden_layers", "n_layers") is None:
+        get = _getter(text)
+    n_layers = get("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+    d_model = get("d_model", "hidden_size", "n_embd")
+    n_heads = get("n_heads", "num_attention_heads", "n_head")
+    missing = [n for n, v in (("layers", n_layers), ("d_model/hidden_size", d_model), ("heads", n_heads)) if v is None]
+    if missing:
+        raise InputError(f"estimate(): the configuration does not say its {', '.join(missing)}")
+    n_kv = get("n_key_value_heads", "num_key_value_heads", "n_kv_heads") or n_heads
+    d_head = get("d_head", "head_dim") or d_model // n_heads
+    model_type = str(get("model_type", "original_architecture") or "").lower()
+    act = str(get("act_fn", "hidden_act", "hidden_activation", "activation_function") or "").lower()
+    gated_flag = get("gated_mlp")
+    gated = bool(gated_flag) if gated_flag is not None else (
+        act in _GATED_ACTIVATIONS or any(t in model_type for t in _GATED_TYPES))
+    d_mlp = get("d_mlp", "intermediate_size", "n_inner", "ffn_dim") or 4 * d_model
+    d_vocab = get("d_vocab", "vocab_size") or 0
+    found_dtype = str(dtype or get("dtype", "torch_dtype") or "float32").replace("torch.", "")
+    if found_dtype not in _BYTES:
+        raise InputError(f"estimate(): unknown dtype {found_dtype!r}; use one of {', '.join(_BYTES)}")
+    if line is None:
+        line = _line_of(model)
+    if line not in ("bridge", "hooked"):
+        raise InputError(f"estimate(): line must be 'bridge' or 'hooked', got {line!r}")
+    tied = bool(get("tie_word_embeddings", "tie_embeddings") or False)
+    name = str(get("model_name", "_name_or_path", "name_or_path") or "").rstrip("/").rsplit("/", 1)[-1]
+    return ModelShape(int(n_layers), int(d_model), int(n_heads), int(n_kv), int(d_head), int(d_mlp), int(d_vocab),
+                      gated, found_dtype, line, tied, name)
+
+
+def _line_of(model) -> str:
+    """The TransformerLens line of a model, or for a configuration the installed one (read from the
+    package metadata: planning a run imports neither torch nor TransformerLens)."""
+    if model is not None:
+        return "hooked" if hasattr(model, "W_E") and not hasattr(model, "original_model") else "bridge"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "bridge" if int(version("transformer-lens").split(".")[0]) >= 4 else "hooked"
+    except (PackageNotFoundError, ValueError):
+        return "bridge"
+
+
+# ---------------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    """Predicted peak memory (bytes above the loaded weights) and time (forward passes) of one call."""
+
+    what: str
+    n_tokens: int
+    shape: ModelShape
+    rules: str
+    long_context: bool
+    peak_bytes: float
+    time_forwards: float
+    available_bytes: float | None
+    forward_flops: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.shape.weights_bytes
+
+    @property
+    def fits(self) -> bool:
+        """Whether the peak stays within :data:`FIT_FRACTION` of the memory available (unknown: yes)."""
+        return self.available_bytes is None or self.peak_bytes <= FIT_FRACTION * self.available_bytes
+
+    def __str__(self) -> str:
+        where = "long-context pass" if self.long_context else "default pass"
+        fits = ("" if self.available_bytes is None else
+                f"; {_gb(self.available_bytes)} available: {'fits' if self.fits else 'does NOT fit'}")
+        return (f"{self.what} on {self.n_tokens:,} tokens ({self.shape.describe()}, {self.rules}, {where}): "
+                f"peak ≈ {_gb(self.peak_bytes)} above the {_gb(self.weights_bytes)} of weights, "
+                f"time ≈ {self.time_forwards:.1f} forward passes{fits}")
+
+    def to_dict(self) -> dict:
+        return {"what": self.what, "n_tokens": self.n_tokens, "rules": self.rules, "long_context": self.long_context,
+                "peak_bytes": self.peak_bytes, "weights_bytes": self.weights_bytes, "time_forwards": self.time_forwards,
+                "forward_flops": self.forward_flops, "available_bytes": self.available_bytes, "fits": self.fits,
+                "parts": dict(self.parts), "shape": self.shape.describe()}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**28 else f"{n / 2**20:.1f} MB"
+
+
+def available_memory(device: str = "cpu") -> float | None:
+    """Bytes the process may still use: ``CAGE_LENS_MAX_MEMORY`` (e.g. ``12G``) when set, else the
+    free memory of a CUDA device or the system's ``MemAvailable``; ``None`` when unknown."""
+    limit = os.environ.get("CAGE_LENS_MAX_MEMORY")
+    if limit:
+        return _parse_bytes(limit)
+    if str(device).startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _parse_bytes(text: str) -> float:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1] if value and value[-1] in units else ""
+    try:
+        return float(value[: len(value) - len(unit)]) * units[unit]
+    except ValueError:
+        raise InputError(f"CAGE_LENS_MAX_MEMORY={text!r} is not a size such as 12G or 800M") from None
+
+
+def _rule_name(rules) -> str:
+    name = getattr(rules, "name", rules)
+    if name in ("attnlrp", "cplrp", "gxi"):
+        return name
+    # a custom RuleSet: the nearest built-in by what autograd keeps (detached q/k keeps no score graph)
+    q, k = getattr(rules, "q", 1.0), getattr(rules, "k", 1.0)
+    return "cplrp" if (q == 0 and k == 0) else "attnlrp"
+
+
+def _forward_flops(s: ModelShape, T: int, batch: int) -> float:
+    return batch * (2.0 * T * s.block_params * s.n_layers + 4.0 * T * T * s.n_heads * s.d_head * s.n_layers)
+
+
+def _attention_share(s: ModelShape, T: int) -> float:
+    return (4.0 * T * T * s.n_heads * s.d_head * s.n_layers) / _forward_flops(s, T, 1)
+
+
+def _default_pass(s: ModelShape, T: int, rules: str, batch: int, captures: float) -> dict[str, float]:
+    k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
+    b, L = s.bytes, s.n_layers
+    pattern = batch * s.n_heads * T * T
+    saved = L * b * (k_p * pattern + batch * T * (k_m * s.d_mlp + k_r * s.d_model + k_a * s.n_heads * s.d_head
+                                                   + k_k * s.n_kv_heads * s.d_head))
+    t_p, t_m = TRANSIENT
+    return {"saved": saved, "captures": L * b * batch * T * captures * s.d_model,
+            "top layer": 4 * t_p * pattern + b * t_m * batch * T * s.d_mlp}
+
+
+def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float]) -> dict[str, float]:
+    k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
+    b, L = s.bytes, s.n_layers
+    # one layer's saved tensors while its block is recomputed, its pattern aside
+    one_layer = b * batch * T * (k_m * s.d_mlp + k_r * s.d_model + k_a * s.n_heads * s.d_head + k_k * s.n_kv_heads * s.d_head)
+    # one layer's attention computed whole when small: its pattern, the pattern's and the scores' gradients
+    # (HookedTransformer: and the NaN-scrubbed pattern)
+    eager_attention = EAGER_ATTENTION[s.line] * 4 * batch * s.n_heads * T * T
+    chunked = 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * ATTENTION_CHUNKS   # core.recompute's rule
+    return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
+            "one layer": one_layer + b * TRANSIENT[1] * batch * T * s.d_mlp,
+            "attention": 3 * ATTENTION_CHUNKS if chunked else eager_attention}
+
+
+def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="attnlrp",
+             long_context: bool | None = None, batch: int = 1, new_tokens: int = 32, dtype: str | None = None,
+             line: str | None = None, available_bytes: float | None = None, device: str | None = None) -> Estimate:
+    """Predicted peak memory and time of ``what`` (``"attribute"``, ``"circuit_graph"``, ``"cage"`` or
+    ``"study"``) on ``n_tokens`` tokens (docs/estimate.md).
+
+    Args:
+        model_or_config: a TL model, a Hugging Face config (object or ``config.json`` dict) or a dict
+            of TL names; no weights are needed.
+        rules: the rule set (name or :class:`cage_lens.RuleSet`).
+        long_context: the pass to estimate; ``None`` takes the one cage_lens would choose (the default
+            pass when it fits the memory available, else the long-context pass).
+        batch: prompts attributed at once (``attribute``); ``new_tokens``: generated tokens (``cage``,
+            ``study``).
+        dtype, line: override the model's dtype (``"bfloat16"`` …) and TransformerLens line
+            (``"bridge"`` for TL 4's TransformerBridge, ``"hooked"`` for HookedTransformer).
+        available_bytes: the memory to plan for (default: :func:`available_memory` of ``device`` or the
+            model's device).
+    """
+    if what not in WHATS:
+        raise InputError(f"estimate(): unknown what={what!r}; choose one of {', '.join(WHATS)}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise InputError(f"estimate(): n_tokens must be a positive int, got {n_tokens!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"estimate(): batch must be a positive int, got {batch!r}")
+    s = shape_of(model_or_config, dtype, line)
+    rule = _rule_name(rules)
+    if available_bytes is None:
+        available_bytes = available_memory(device or _device_of(model_or_config))
+    T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
+    rows = min(CAGE_ROWS, new_tokens) if what == "cage" else batch
+    flops = _forward_flops(s, T, 1)
+
+    def build(lc: bool) -> Estimate:
+        if what == "circuit_graph":
+            first, second = _graph_phases(s, T, rule, lc)
+            parts = {**{f"pass: {k}": v for k, v in first.items()}, **{f"edges: {k}": v for k, v in second.items()}}
+            peak = max(sum(first.values()), sum(second.values()))
+        else:
+            parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT) if lc
+                     else _default_pass(s, T, rule, batch, CAPTURES))
+            if what == "cage":   # one forward, a backward vectorised over the chunk's rows
+                parts["top layer"] = parts.get("top layer", parts.get("attention", 0.0)) * rows
+            peak = sum(parts.values())
+        time = _time(s, T, what, lc, rows, new_tokens)
+        return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts)
+
+    if long_context is not None:
+        return build(bool(long_context))
+    default = build(False)
+    return default if default.fits else build(True)
+
+
+def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """The graph's two memory phases: its forward and backward pass (with its own captures), then
+    the edges (the state it kept, one transition's parts, row chunks, the top-p sort, the kept edges)."""
+    b, L = s.bytes, s.n_layers
+    r, a, k = GRAPH_STATE
+    state = L * b * T * (r * s.d_model + a * s.n_heads * s.d_head + k * s.n_kv_heads * s.d_head)
+    if lc:
+        pass_parts = _long_context_pass(s, T, rules, 1, (0.0, 0.0))
+        pass_parts["per layer"] = state
+    else:
+        pass_parts = _default_pass(s, T, rules, 1, CAPTURES)
+    computed = T * (T + 1) / 2                                   # non-zero edges of one attention transition
+    edges = {"graph state": state,
+             "one transition's parts": b * T * (s.n_heads * s.d_head + 2 * s.n_kv_heads * s.d_head),
+             "edge chunks": min(EDGE_CHUNKS, EDGE_CHUNK_LIVE * s.n_heads * T * T * b),
+             "top-p sort": computed * (b + 8 + b + 8 + 8),
+             "kept edges": KEPT_EDGES_PER_TOKEN * T * (8 + 8 + b) * 2 * L}
+    return pass_parts, edges
+
+
+def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int) -> float:
+    attention = _attention_share(s, T)
+    one = 3.0 + ((1.0 + 2.0 * attention) if lc else 0.0)     # forward + backward (+ recomputation)
+    if what == "attribute":
+        return one * rows
+    if what == "circuit_graph":
+        closed_form = 16.0 * T * T * s.n_heads * s.d_head * s.n_layers / _forward_flops(s, T, 1)
+        return one + closed_form
+    if what == "cage":   # per chunk of rows: one forward and a backward (two forwards) per row; the generation
+        return math.ceil(new_tokens / rows) * (one - 2.0 + 2.0 * rows) + 1.0
+    return one + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
+
+
+def _device_of(model_or_config) -> str:
+    try:
+        return str(next(model_or_config.parameters()).device)
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"
+
+
+def choose_long_context(model, n_tokens: int, what: str = "attribute", *, rules="attnlrp", batch: int = 1) -> bool:
+    """Whether a call of ``what`` on ``n_tokens`` tokens should run in the long-context mode: when the
+    default pass is predicted not to fit the memory available. A run that would not fit either way is
+    refused before it starts, with the estimate, the memory available and the way out."""
+    est = estimate(model, n_tokens, what, rules=rules, batch=batch)
+    if est.fits:
+        return est.long_context
+    raise InsufficientMemoryError(
+        f"{what} on {n_tokens:,} tokens is estimated to need {_gb(est.peak_bytes)} above the loaded model even in "
+        f"the long-context mode, but {_gb(est.available_bytes)} are available (cage_lens.estimate; the estimate "
+        f"may be off by about 25%): use fewer tokens, set CAGE_LENS_MAX_MEMORY if more memory is free, or pass "
+        f"long_context=True to run anyway"
+    )

@@ -1,0 +1,175 @@
+"""``cage_lens.estimate`` (docs/estimate.md): the configuration read from a TL model, an HF config or a
+dict alike; the weights counted exactly; the peak within ±25% of the measured peak (a fresh process,
+resident memory) of attribute (default and long-context pass) and a whole circuit graph at three
+lengths on this TL line; a plan that imports neither torch nor TransformerLens; ``--dry-run``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cage_lens
+from cage_lens.errors import InputError
+from cage_lens.planning import shape_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Qwen3-0.6B's configuration (the model card's config.json: 28 layers, hidden 1024, 16 query and 8
+#: key/value heads of 128, intermediate 3072, vocabulary 151,936, tied embeddings, bfloat16)
+QWEN3_0_6B = {"model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 1024, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
+              "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+
+
+def test_a_config_dict_an_hf_config_and_tl_names_describe_the_same_model():
+    transformers = pytest.importorskip("transformers")
+    from_dict = shape_of(QWEN3_0_6B)
+    from_config = shape_of(transformers.Qwen3Config(**{k: v for k, v in QWEN3_0_6B.items() if k != "model_type"}),
+                           dtype="bfloat16")
+    tl_names = shape_of({"n_layers": 28, "d_model": 1024, "n_heads": 16, "n_key_value_heads": 8, "d_head": 128,
+                         "d_mlp": 3072, "d_vocab": 151936, "gated_mlp": True, "dtype": "bfloat16",
+                         "tie_word_embeddings": True})
+    fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab", "gated", "dtype", "tied")
+    for shape in (from_config, tl_names):
+        assert [getattr(shape, f) for f in fields] == [getattr(from_dict, f) for f in fields]
+    # 0.6B parameters: per layer 1024·128·(2·16 + 2·8) attention + 3·1024·3072 MLP; tied embeddings once
+    assert from_dict.weights_bytes == 2 * (28 * (1024 * 128 * 48 + 3 * 1024 * 3072) + 151936 * 1024)
+
+
+def test_a_tl_model_is_read_from_its_cfg():
+    from cage_lens.testing import random_model
+
+    model = random_model("llama", n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=48, d_vocab=77)
+    shape = cage_lens.estimate(model, 10).shape
+    assert (shape.n_layers, shape.d_model, shape.n_heads, shape.n_kv_heads, shape.d_head, shape.d_mlp,
+            shape.d_vocab, shape.gated, shape.dtype) == (3, 32, 4, 2, 8, 48, 77, True, "float64")
+
+
+def test_the_long_context_pass_is_the_smaller_one_at_length_and_time_counts_its_recomputation():
+    default = cage_lens.estimate(QWEN3_0_6B, 8192, long_context=False, available_bytes=1e15)
+    long = cage_lens.estimate(QWEN3_0_6B, 8192, long_context=True, available_bytes=1e15)
+    # 28 layers × 16 heads × 8192² patterns, float32 softmax plus its bfloat16 copy: 3 two-byte units
+    assert default.parts["saved"] > 28 * 16 * 8192**2 * 2 * 3
+    assert long.peak_bytes < default.peak_bytes / 10
+    assert long.time_forwards > default.time_forwards == 3.0
+    chosen = cage_lens.estimate(QWEN3_0_6B, 8192, available_bytes=default.peak_bytes / 2)
+    assert chosen.long_context and chosen.fits and chosen.peak_bytes == long.peak_bytes
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"n_tokens": 0}, "n_tokens must be a positive int"),
+    ({"n_tokens": float("nan")}, "n_tokens must be a positive int, got nan"),
+    ({"what": "graph"}, "unknown what='graph'; choose one of attribute, circuit_graph, cage, study"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"line": "tl3"}, "line must be 'bridge' or 'hooked'"),
+])
+def test_bad_requests_are_refused_in_one_line(bad, message):
+    args = {"n_tokens": 512, **bad}
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        cage_lens.estimate(QWEN3_0_6B, args.pop("n_tokens"), **args)
+    assert "\n" not in str(info.value)
+
+
+def test_a_configuration_without_layers_is_refused():
+    with pytest.raises(InputError, match="does not say its layers"):
+        cage_lens.estimate({"hidden_size": 64, "num_attention_heads": 4}, 10)
+
+
+def test_planning_imports_neither_torch_nor_transformer_lens():
+    code = ("import sys, json, cage_lens; e = cage_lens.estimate(json.loads(sys.argv[1]), 4096, 'circuit_graph'); "
+            "print(e.peak_bytes > 0, sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(QWEN3_0_6B)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True []"
+
+
+# ---------------------------------------------------------------------------- against measured peaks
+MEASURE = r'''
+import gc, json, sys, torch
+import cage_lens
+from cage_lens.testing import random_model
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        return next(float(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+def peak(fn):
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss("VmRSS")
+    fn()
+    return rss("VmHWM") - base
+
+torch.set_num_threads(1)
+model = random_model("gpt2", n_layers=4, d_model=256, n_heads=8, d_vocab=1000, n_ctx=1536, dtype=torch.float32,
+                     init_scale=0.02)
+cage_lens.attribute(model, torch.randint(1, 1000, (1, 16)), target=5)   # certificate and probes, outside the window
+rows = []
+for n in (512, 1024, 1536):
+    tokens = torch.randint(1, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+    calls = {("attribute", False): lambda: cage_lens.attribute(model, tokens, target=5, long_context=False),
+             ("attribute", True): lambda: cage_lens.attribute(model, tokens, target=5, long_context=True),
+             ("circuit_graph", True): lambda: cage_lens.circuit_graph(model, tokens[0], target=5, node_threshold=None,
+                                                                      dense_limit=0, long_context=True)}
+    for (what, lc), call in calls.items():
+        measured = peak(call)
+        predicted = cage_lens.estimate(model, n, what, long_context=lc).peak_bytes
+        rows.append([what, lc, n, measured, predicted])
+print(json.dumps(rows))
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak resident memory is read from Linux's /proc")
+def test_the_estimate_is_within_a_quarter_of_the_measured_peak_at_three_lengths():
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}  # glibc returns freed tensors at once
+    import os
+
+    out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 9
+    off = [(what, lc, n, round(predicted / measured, 2)) for what, lc, n, measured, predicted in rows
+           if not 0.75 <= predicted / measured <= 1.25]
+    assert off == [], off
+
+
+# ---------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("command", [["explain"], ["failure", "--correct", " mary"], ["cage"]])
+def test_dry_run_prints_the_estimate_and_loads_nothing(command):
+    prompt = "when mary and john went to the store , john gave a drink to"
+    code = ("import sys; from cage_lens import cli; code = cli.main(sys.argv[1:]); "
+            "print('loaded:', sorted(m for m in ('transformer_lens',) if m in sys.modules)); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code, command[0], prompt, *command[1:], "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    what = {"explain": "attribute", "failure": "circuit_graph", "cage": "cage"}[command[0]]
+    tokens = len(prompt.split()) + 1   # + BOS
+    assert f"dry run: {what} on {tokens} tokens" in out.stdout and "peak ≈" in out.stdout
+    assert "loaded: []" in out.stdout   # no model was built
+
+
+def test_the_saved_table_is_what_autograd_keeps_on_this_line():
+    """``planning.SAVED`` holds the counts of ``scripts/estimate_inventory.py``: a change of what the rules
+    make autograd keep changes the estimate too (re-run the script and copy its rows)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import estimate_inventory
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import torch
+
+    from cage_lens.loading import has_hooked_transformer
+    from cage_lens.planning import SAVED
+
+    line = "hooked" if has_hooked_transformer() else "bridge"
+    for kind, family in (("plain", "gpt2"), ("gated", "llama")):
+        for rules in ("attnlrp", "cplrp"):
+            assert estimate_inventory.per_layer(family, rules, torch.float32) == SAVED[(line, kind, rules, False)], \
+                (line, kind, rules)

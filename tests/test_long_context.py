@@ -1,0 +1,244 @@
+"""The long-context mode (docs/long_context.md): blocks recomputed in the backward and attention in row
+chunks give the default path's numbers to rounding, on several families of this TL line; the rules act
+when autograd runs the backward in another thread (as a GPU does); the deferred attention computes what
+eager attention computes, operation by operation; bridges' retained patterns do not outlive a forward."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import cage_lens
+from cage_lens.core import engine, recompute
+from cage_lens.core.adapter import adapt
+from cage_lens.core.certificate import certify_or_warn
+from cage_lens.core.hooks import RETAINED_ATTRIBUTES, session
+from cage_lens.inputs import to_token_batch
+from cage_lens.loading import has_hooked_transformer
+from cage_lens.targets import Target
+from cage_lens.testing import random_model, supported_families
+from conftest import hook_count
+
+#: families whose attention differs in what the deferred scores meet: learned positions (gpt2), rotary
+#: and grouped queries (llama), q/k norms (qwen3), post-norms (olmo2), parallel blocks and partial rotary
+#: (gpt_neox), soft-capped scores whose rule hooks them (gemma2: computed eagerly), ALiBi (bloom)
+FAMILIES = [f for f in ("gpt2", "llama", "qwen3", "olmo2", "gpt_neox", "gemma2", "bloom") if f in supported_families()]
+N_POS = 40
+IS_BRIDGE = not has_hooked_transformer()
+#: float64 models: the row-chunked attention sums in a different order (bridges of families whose
+#: attention HF computes in float32 agree to float32 rounding)
+TOLERANCE = {"gptj": 1e-6}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Row chunks of a few rows, and every attention deferred, so that tiny models use many chunks."""
+    monkeypatch.setattr(recompute, "ATTENTION_BUDGET", 4096)
+    monkeypatch.setattr(recompute, "EAGER_MULTIPLE", 0)
+    calls = {"products": 0, "chunks": 0}
+    forward = recompute._RowChunkedProduct.forward
+
+    def counted(ctx, structure, v, *inputs):
+        calls["products"] += 1
+        calls["chunks"] += -(-structure.n_rows // structure.chunk)
+        return forward(ctx, structure, v, *inputs)
+
+    monkeypatch.setattr(recompute._RowChunkedProduct, "forward", staticmethod(counted))
+    return calls
+
+
+def _tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 60, (1, N_POS), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same(a, b, tol: float) -> None:
+    scale = max(float(a.token_relevance.abs().max()), 1e-30)
+    pairs = [(a.token_relevance, b.token_relevance), (a.head_relevance, b.head_relevance)]
+    pairs += [(a.node_relevance[k], b.node_relevance[k]) for k in a.node_relevance]
+    if a.neuron_relevance is not None:
+        pairs.append((a.neuron_relevance.values, b.neuron_relevance.values))
+    worst = max(float((x - y).abs().max()) for x, y in pairs)
+    assert worst <= tol * scale, worst / scale
+    torch.testing.assert_close(a.target_value, b.target_value, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rules", ["attnlrp", "cplrp"])
+def test_long_context_attribution_equals_the_default_path(family, rules, small_chunks):
+    model = random_model(family, dtype=torch.float64)
+    tokens = _tokens()
+    default = cage_lens.attribute(model, tokens, target=5, rules=rules, neurons="all", long_context=False)
+    assert small_chunks["products"] == 0
+    long = cage_lens.attribute(model, tokens, target=5, rules=rules, neurons="all", long_context=True)
+    _assert_same(default, long, TOLERANCE.get(family, 1e-12))
+    assert long.meta["settings"]["long_context"] is True and default.meta["settings"]["long_context"] is False
+    deferred = not ((family == "gemma2" and rules == "attnlrp")   # the soft-cap rule hooks the scores: eager
+                    or (family == "bloom" and IS_BRIDGE))         # a bridge adds ALiBi with baddbmm: eager
+    # each layer's attention ran in row chunks in the forward and again when its block was recomputed
+    assert small_chunks["products"] == (4 if deferred else 0)
+    assert small_chunks["chunks"] >= (4 * N_POS // 8 if deferred else 0)
+    assert hook_count(model) == 0
+
+
+def test_long_context_equals_the_default_path_for_a_batch_and_every_rule_set(small_chunks):
+    model = random_model("llama", dtype=torch.float64)
+    prompts = ["the cat sat on the mat", "a dog ran to the red box and the cat sat"]
+    for rules in ("attnlrp", "cplrp", "gxi"):
+        default = cage_lens.attribute(model, prompts, target=5, rules=rules, long_context=False)
+        long = cage_lens.attribute(model, prompts, target=5, rules=rules, long_context=True)
+        _assert_same(default, long, 1e-12)
+
+
+def test_the_backward_in_another_thread_acts_like_the_call(small_chunks):
+    """A GPU runs the backward in the device's own thread; the recomputed blocks run there. The rules
+    and captures installed by the calling thread must act in that recomputation as in the forward."""
+    model = random_model("llama", dtype=torch.float64)
+    adapter = adapt(model)
+    certify_or_warn(adapter, True)
+    batch = to_token_batch(model, _tokens(), None)
+    target = Target.build(model, 1, 5, None, "logit", 10)
+    names = engine.residual_captures(adapter) + [adapter.attn_hook(l, "hook_z") for l in range(2)]
+    _, expected_capture, expected = engine.run_attribution(adapter, batch, [N_POS - 1], target, "attnlrp", names)
+
+    roots = engine.input_roots(adapter)
+    capture = engine.Capture(list(roots) + names, roots=roots)
+    found: dict = {}
+    with session(adapter), engine.rules_active(adapter, "attnlrp"), recompute.long_context(adapter):
+        value = target(engine.logits_at(adapter, batch.tokens.clone(), [N_POS - 1], capture.hooks_for(adapter)))
+        worker = threading.Thread(target=lambda: found.update(capture.gradients(value.sum())))
+        worker.start()
+        worker.join()
+    assert found, "the backward in the other thread failed"
+    for name in names + roots:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=1e-12)
+    assert hook_count(model) == 0
+
+
+def test_a_forward_of_another_thread_meanwhile_runs_as_without_the_mode(small_chunks):
+    model = random_model("gpt2", dtype=torch.float64)
+    adapter = adapt(model)
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = model(tokens)
+    out: dict = {}
+    with recompute.long_context(adapter):
+        worker = threading.Thread(target=lambda: out.update(logits=model(tokens)))
+        worker.start()
+        worker.join()
+    assert small_chunks["products"] == 0  # not the calling thread's work: eager attention, no checkpoints
+    assert out["logits"].grad_fn is not None and torch.equal(out["logits"].detach(), expected)
+
+
+# ---------------------------------------------------------------------------- the deferred scores themselves
+def _attention(q, k, v, mask, bias, scale=0.3, cap=None, in_place=False):
+    """Eager attention with the operations TransformerLens' attention implementations apply to the scores."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
+    if in_place:
+        scores += bias                                   # ALiBi, in place (HookedTransformer)
+    else:
+        scores = scores + bias
+    scores = torch.where(mask, scores, torch.tensor(-1e30, dtype=scores.dtype))
+    pattern = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float64).to(q.dtype)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    return torch.matmul(pattern, v), pattern
+
+
+@pytest.mark.parametrize("variant", [{}, {"cap": 2.0}, {"in_place": True}])
+def test_deferred_scores_compute_what_eager_attention_computes(variant, monkeypatch):
+    monkeypatch.setattr(recompute, "EAGER_MULTIPLE", 0)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 17, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(17, 17, dtype=torch.bool).tril()[None, None]
+    bias = torch.randn(1, 3, 17, 17, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 3, 17, 5, generator=gen, dtype=torch.float64)
+    expected, _ = _attention(q, k, v, mask, bias, **variant)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), g)
+    with recompute._DeferScores(budget=2 * 3 * 17 * 8 * 4 * 3):   # 3 rows per chunk
+        out, pattern = _attention(q, k, v, mask, bias, **variant)
+    assert isinstance(pattern, recompute._Deferred) and out.grad_fn.name().endswith("_RowChunkedProductBackward")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
+    for found, want in zip(torch.autograd.grad(out, (q, k, v), g), expected_grads):
+        torch.testing.assert_close(found, want, rtol=0, atol=1e-13)
+
+
+def test_an_operation_across_rows_computes_the_deferred_tensor_in_full(monkeypatch):
+    monkeypatch.setattr(recompute, "EAGER_MULTIPLE", 0)
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 2, 9, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with recompute._DeferScores(budget=64):
+        deferred = torch.matmul(q, k.transpose(-2, -1)) * 0.5
+        column_sums = deferred.sum(dim=-2)        # mixes rows: not deferrable, computed in full
+    assert type(column_sums) is torch.Tensor
+    expected = (torch.matmul(q, k.transpose(-2, -1)) * 0.5).sum(dim=-2)
+    torch.testing.assert_close(column_sums, expected, rtol=0, atol=1e-14)
+    (gq,) = torch.autograd.grad(column_sums.sum(), q)
+    (want,) = torch.autograd.grad(expected.sum(), q)
+    torch.testing.assert_close(gq, want, rtol=0, atol=1e-14)
+
+
+def test_deferred_scores_never_reach_an_operation_without_data(monkeypatch):
+    monkeypatch.setattr(recompute, "EAGER_MULTIPLE", 0)
+    q, k = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    with recompute._DeferScores(budget=64):
+        deferred = torch.matmul(q, k.transpose(-2, -1))
+    with pytest.raises(RuntimeError, match="deferred attention scores reached"):
+        with torch._C.DisableTorchFunctionSubclass():   # code that bypasses __torch_function__
+            deferred + 1
+
+
+# ---------------------------------------------------------------------------- what the model keeps
+@pytest.mark.skipif(not any(hasattr(m, "_pattern") for m in random_model("gpt2", n_layers=1).modules()),
+                    reason="no TransformerLens component of this line keeps a pattern (_pattern is TL 4's)")
+def test_a_retained_pattern_is_put_back_as_soon_as_its_forward_returns():
+    model = random_model("gpt2", dtype=torch.float64)
+    attention = model.blocks[0].attn
+    name = RETAINED_ATTRIBUTES[0]
+    with torch.no_grad():
+        model(_tokens())                                    # the user's own forward leaves a pattern
+    before = attention.__dict__[name]
+    assert isinstance(before, torch.Tensor)
+    seen = []
+    model.blocks[1].hook_in.add_hook(lambda t, hook: seen.append(attention.__dict__[name]))
+    try:
+        with session(adapt(model)):
+            model(_tokens(1))
+    finally:
+        model.blocks[1].hook_in.remove_hooks()
+    assert seen and seen[0] is before                       # block 0's new pattern was dropped at once
+    assert attention.__dict__[name] is before               # and the model holds what it held
+
+
+# ---------------------------------------------------------------------------- the choice of the mode
+def test_attribute_chooses_the_long_context_mode_when_the_default_pass_would_not_fit(monkeypatch, small_chunks):
+    model = random_model("gpt2", dtype=torch.float64)
+    tokens = _tokens()
+    plenty = cage_lens.attribute(model, tokens, target=5)
+    default = cage_lens.estimate(model, N_POS, long_context=False).peak_bytes
+    long = cage_lens.estimate(model, N_POS, long_context=True).peak_bytes
+    assert long < default
+    monkeypatch.setenv("CAGE_LENS_MAX_MEMORY", str(int((default + long) / 2 / 0.8)))
+    tight = cage_lens.attribute(model, tokens, target=5)
+    assert plenty.meta["settings"]["long_context"] is False and tight.meta["settings"]["long_context"] is True
+    _assert_same(plenty, tight, 1e-12)
+    monkeypatch.setenv("CAGE_LENS_MAX_MEMORY", str(int(long / 2)))
+    with pytest.raises(cage_lens.InsufficientMemoryError) as info:
+        cage_lens.attribute(model, tokens, target=5)
+    message = str(info.value)
+    assert "\n" not in message and "estimated to need" in message and "available" in message
+    assert "fewer tokens" in message and "long_context=True" in message
+    assert hook_count(model) == 0
+    forced = cage_lens.attribute(model, tokens, target=5, long_context=True)   # the way out runs
+    _assert_same(plenty, forced, 1e-12)
+
+
+def test_long_context_must_be_a_flag():
+    model = random_model("gpt2", n_layers=1)
+    for bad in ("yes", 1.5):
+        with pytest.raises(cage_lens.InputError, match="long_context must be None, True or False"):
+            cage_lens.attribute(model, "the cat", long_context=bad)
+        with pytest.raises(cage_lens.InputError, match="long_context must be None, True or False"):
+            cage_lens.circuit_graph(model, "the cat", long_context=bad)
