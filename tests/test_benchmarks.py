@@ -56,3 +56,11 @@ def test_the_watch_samples_while_it_runs():
 def test_no_committed_results_file_was_taken_on_a_busy_machine():
     busy = [p.name for p in (ROOT / "benchmarks" / "results").glob("*.md") if harness.BUSY_WARNING in p.read_text()]
     assert busy == [], f"results written with --allow-busy are committed: {busy}"
+
+
+def test_every_timing_benchmark_writes_through_the_harness():
+    """A ``bench_*.py`` that wrote its results file itself would skip the load check."""
+    scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    assert len(scripts) >= 7, [p.name for p in scripts]
+    bypass = [p.name for p in scripts if "write_results(" not in p.read_text()]
+    assert bypass == [], bypass
