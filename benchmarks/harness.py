@@ -59,7 +59,13 @@ class LoadWatch:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "LoadWatch":
+    def start(self, settle: float = 120.0) -> "LoadWatch":
+        """Start sampling. The 1-minute average lags the machine by about a minute, so a benchmark started
+        just after another process ended first waits (up to ``settle`` seconds) for it to fall to the
+        number of cores; a machine still busier than its cores after that is recorded as such."""
+        deadline = time.monotonic() + settle
+        while os.getloadavg()[0] > cores() and time.monotonic() < deadline:
+            time.sleep(min(self.interval, max(0.0, deadline - time.monotonic())))
         self.start_load = os.getloadavg()[0]
         self.samples = [self.start_load]
         self._stop.clear()

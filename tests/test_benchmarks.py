@@ -64,3 +64,19 @@ def test_every_timing_benchmark_writes_through_the_harness():
     assert len(scripts) >= 7, [p.name for p in scripts]
     bypass = [p.name for p in scripts if "write_results(" not in p.read_text()]
     assert bypass == [], bypass
+
+
+def test_the_watch_waits_for_a_lagging_average_to_settle(monkeypatch):
+    """Just after another process ends, the 1-minute average still counts it: the watch waits (briefly) for
+    it to fall to the cores before it records the start, and records a machine that stays busy."""
+    loads = iter([3.0, 2.6, 1.2] + [1.2] * 50)
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(harness, "cores", lambda: 2)
+    monkeypatch.setattr(harness.time, "sleep", lambda s: None)
+    watch = harness.LoadWatch(interval=0.01).start(settle=60)
+    watch.stop()
+    assert watch.start_load == 1.2 and watch.problem() is None
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    busy = harness.LoadWatch(interval=0.01).start(settle=0)
+    busy.stop()
+    assert "at the start" in busy.problem()
