@@ -22,6 +22,7 @@ an interrupted run resumes where it stopped (``--redo`` measures again). The row
 and need a quiet machine (benchmarks/harness.py refuses to write the table otherwise):
 
     python benchmarks/bench_scale.py                              # everything that fits 22 GB
+    python benchmarks/bench_scale.py --measure-models Qwen3-0.6B --measure-tokens 512   # measure a few rows, estimate the rest
     python benchmarks/bench_scale.py --models Qwen3-0.6B --tokens 512 --what attribute --allow-busy   # a smoke row
 """
 
@@ -159,6 +160,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
     parser.add_argument("--what", nargs="*", default=list(WHATS), choices=list(WHATS))
+    parser.add_argument("--measure-models", nargs="*", default=None, choices=list(MODELS),
+                        help="measure only these models' rows (default: every model); the others come from the estimate")
+    parser.add_argument("--measure-tokens", type=int, nargs="*", default=None,
+                        help="measure only rows of these lengths (default: every length); the others come from the estimate")
     parser.add_argument("--memory", default="22G", help="memory a row may use in all, weights included (default 22G)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured row")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds a row may run")
@@ -191,6 +196,9 @@ def main() -> None:
                     cache[key] = {**row, "skipped": f"estimate {est.peak_bytes / 2**30:.1f} GB + weights "
                                                     f"{weights / 2**30:.1f} GB > {args.memory}"}
                     continue
+                if not _measured_in_this_run(name, n_tokens, args):
+                    cache[key] = {**row, "skipped": "fits; not measured in this run (--measure-models, --measure-tokens)"}
+                    continue
                 print(f"measuring {key} (estimate {est.peak_bytes / 2**30:.2f} GB above {weights / 2**30:.2f} GB)",
                       flush=True)
                 left = f"{(memory - weights) / 2**30:.2f}G"
@@ -202,6 +210,11 @@ def main() -> None:
                 print("  ", json.dumps(cache[key]), flush=True)
     watch.stop()
     write_results(RESULTS / "bench_scale.md", table(cache, args), watch, args.allow_busy)
+
+
+def _measured_in_this_run(name: str, n_tokens: int, args) -> bool:
+    return ((args.measure_models is None or name in args.measure_models)
+            and (args.measure_tokens is None or n_tokens in args.measure_tokens))
 
 
 def table(cache: dict, args) -> str:
