@@ -154,6 +154,11 @@ def run(python: str, family: str, method: str, length: int, repeats: int, thread
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _tl_version(python: str) -> str:
+    code = "from importlib.metadata import version; print(version('transformer-lens'))"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _predicted_mb(measured: list[tuple[int, float]], length: int) -> float:
     """Peak of bare gradient × input at ``length`` from the last measured ones: ``a·T + b·T²`` through
     the last two (activations grow linearly, attention patterns quadratically), or ``b·T²`` from one."""
@@ -190,7 +195,9 @@ def main() -> None:
         print(json.dumps(worker(family, method, int(length), int(repeats), int(threads))))
         return
 
-    command = "python benchmarks/bench_lrp.py " + shlex.join(sys.argv[1:])
+    # interpreters by their TL line, not by a path of this machine
+    shown = [f"<TL {_tl_version(a)} python>" if a in args.pythons else a for a in sys.argv[1:]]
+    command = "python benchmarks/bench_lrp.py " + shlex.join(shown)
     lines = [
         "# attribute() vs bare gradient × input: time and peak memory",
         "",
