@@ -191,6 +191,7 @@ def main() -> None:
                        "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
                        "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops}
                 if key in cache and "cpu_s" in cache[key] and not args.redo:
+                    cache[key].update(row)   # the estimate columns follow the current estimate
                     continue
                 if not est.fits:
                     cache[key] = {**row, "skipped": f"estimate {est.peak_bytes / 2**30:.1f} GB + weights "
@@ -204,12 +205,16 @@ def main() -> None:
                 left = f"{(memory - weights) / 2**30:.2f}G"
                 result = child(__file__, [name, str(n_tokens), what, str(args.threads)], memory=left,
                                timeout=args.timeout)
-                cache[key] = {**row, **result}
+                cache[key] = {**row, **result, "command": _command()}
                 CACHE.parent.mkdir(parents=True, exist_ok=True)
                 CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
                 print("  ", json.dumps(cache[key]), flush=True)
     watch.stop()
     write_results(RESULTS / "bench_scale.md", table(cache, args), watch, args.allow_busy)
+
+
+def _command() -> str:
+    return " ".join(["python benchmarks/bench_scale.py"] + [a for a in sys.argv[1:] if a != "--allow-busy"])
 
 
 def _measured_in_this_run(name: str, n_tokens: int, args) -> bool:
@@ -227,9 +232,13 @@ def table(cache: dict, args) -> str:
     rates = _rates(cache)
     line = "TL 2.18 (HookedTransformer)" if has_hooked_transformer() else "TL 4.3 (TransformerBridge)"
     out = ["# cage_lens at the seeds' sizes (random weights, real configurations, bfloat16)", "",
-           f"Command: `python benchmarks/bench_scale.py{' '.join([''] + [a for a in sys.argv[1:] if a != '--allow-busy'])}` "
+           f"Command: `{_command()}` "
            f"on {line}; {environment_line(args.threads)}; rows that fit `--memory {args.memory}` (weights included) "
-           "are measured, each in its own process; the others come from `cage_lens.estimate` (docs/estimate.md).", "",
+           "are measured, each in its own process; the others come from `cage_lens.estimate` (docs/estimate.md). "
+           "Measured rows are cached in `bench_scale.json` and kept across runs; the commands that measured them:", ""]
+    commands = sorted({row["command"] for row in cache.values() if "cpu_s" in row and "command" in row})
+    out += [f"- `{command}`" for command in commands] + [""]
+    out += [
            "Peak = resident memory above the loaded weights; **lc** = the long-context mode (chosen by the estimate "
            "for the memory left beside the weights); est./meas. = the estimate's peak over the measured one. "
            "Seconds of estimated rows = the time model's floating-point operations × the rate fitted on the measured "
