@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 from cage_lens.errors import InputError, InsufficientMemoryError
 
-__all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context", "WHATS"]
+__all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
+           "plan_cage_table", "WHATS"]
 
 #: what can be estimated
 WHATS = ("attribute", "circuit_graph", "cage", "study")
@@ -80,6 +81,9 @@ SAVED: dict[tuple[str, str, str, bool], tuple[float, float, float, float, float]
     ("hooked", "gated", "cplrp", True): (1.0, 2.0, 12.0, 1.0, 2.0),
     ("hooked", "gated", "gxi", True): (3.5, 4.0, 16.0, 6.0, 4.0),
 }
+#: bytes per ``[T, T]`` entry of the causal mask a TransformerBridge builds once per forward and every
+#: layer shares (``[batch, 1, T, T]``, float32); HookedTransformer slices a boolean buffer instead
+CAUSAL_MASK = {"bridge": 4, "hooked": 0}
 #: the top layer's backward on top of the saved tensors: (pattern-sized in float32, MLP-sized); while
 #: it runs, the tensors saved by the layers above are already freed
 TRANSIENT = (1.0, 1.0)
@@ -108,8 +112,24 @@ ATTENTION_CHUNKS = 128 * 2**20
 EAGER_MULTIPLE = 8
 #: float32 ``[batch, head, T, T]`` tensors alive in one layer's eager attention backward, by line
 EAGER_ATTENTION = {"bridge": 3.0, "hooked": 3.5}
-#: rows the batched CAGE table differentiates at once (``cage_lens.generation.methods.DEFAULT_CHUNK``)
+#: rows the batched CAGE table differentiates at once at most (``cage_lens.generation.methods.DEFAULT_CHUNK``)
 CAGE_ROWS = 8
+#: pattern-sized ``[head, T, T]`` tensors per row of the CAGE table's backward vectorised over rows
+#: (default pass), (in float32, in the model's dtype), by line and rule set: the pattern's and the
+#: scores' gradients and softmax's product, each with the rows' dimension; CP-LRP's pattern is detached,
+#: so no gradient flows into the scores and one pattern-sized product remains (HookedTransformer keeps
+#: its pattern in float32). Measured on GPT-2- and Qwen3-shaped models, float32 and bfloat16
+#: (docs/estimate.md#the-cage-table).
+CAGE_ROW_PATTERNS = {("bridge", "attnlrp"): (3.0, 0.0), ("bridge", "cplrp"): (0.0, 1.0), ("bridge", "gxi"): (3.0, 0.0),
+                     ("hooked", "attnlrp"): (3.0, 0.0), ("hooked", "cplrp"): (1.0, 0.0), ("hooked", "gxi"): (3.0, 0.0)}
+#: per row of that backward in the long-context pass: MLP-sized float32 gradients of the block being
+#: recomputed, by line and rule set; the attention's row chunks, divided among the rows, hold about half
+#: a default budget
+CAGE_ROW_LONG_CONTEXT = {("bridge", "attnlrp"): 1.3, ("bridge", "cplrp"): 0.6, ("bridge", "gxi"): 1.3,
+                         ("hooked", "attnlrp"): 2.0, ("hooked", "cplrp"): 1.8, ("hooked", "gxi"): 2.0}
+CAGE_ATTENTION_CHUNKS = 0.5 * ATTENTION_CHUNKS
+#: plans of the CAGE table whose time is within this factor of the fastest count as equally fast
+NEAR_TIE = 1.1
 
 
 # ---------------------------------------------------------------------------- the model's shape
@@ -227,6 +247,8 @@ class Estimate:
     available_bytes: float | None
     forward_flops: float
     parts: dict[str, float] = field(default_factory=dict)
+    #: prompts attributed at once; for ``cage``: generated tokens differentiated at once
+    rows: int = 1
 
     @property
     def weights_bytes(self) -> int:
@@ -247,6 +269,7 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"what": self.what, "n_tokens": self.n_tokens, "rules": self.rules, "long_context": self.long_context,
+                "rows": self.rows,
                 "peak_bytes": self.peak_bytes, "weights_bytes": self.weights_bytes, "time_forwards": self.time_forwards,
                 "forward_flops": self.forward_flops, "available_bytes": self.available_bytes, "fits": self.fits,
                 "parts": dict(self.parts), "shape": self.shape.describe()}
@@ -311,26 +334,48 @@ def _default_pass(s: ModelShape, T: int, rules: str, batch: int, captures: float
                                                    + k_k * s.n_kv_heads * s.d_head))
     t_p, t_m = TRANSIENT
     return {"saved": saved, "captures": L * b * batch * T * captures * s.d_model,
-            "top layer": 4 * t_p * pattern + b * t_m * batch * T * s.d_mlp}
+            "top layer": 4 * t_p * pattern + b * t_m * batch * T * s.d_mlp, "mask": CAUSAL_MASK[s.line] * batch * T * T}
 
 
-def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float]) -> dict[str, float]:
+def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int) -> dict[str, float]:
+    """The CAGE table's pass: one forward, a backward vectorised over ``rows`` generated tokens. In the
+    default pass every row's gradients of the top layer's attention are alive at once; the long-context
+    pass shrinks its row chunks by the number of rows (cage_lens.generation.methods)."""
+    if not lc:
+        parts = _default_pass(s, T, rules, 1, CAPTURES)
+        pattern = s.n_heads * T * T
+        in_float32, in_dtype = CAGE_ROW_PATTERNS[(s.line, rules)]
+        parts["top layer"] = rows * ((4 * in_float32 + s.bytes * in_dtype) * pattern + s.bytes * TRANSIENT[1] * T * s.d_mlp)
+        return parts
+    in_float32, in_dtype = CAGE_ROW_PATTERNS[(s.line, rules)]   # an eager attention holds the default pass's rows
+    parts = _long_context_pass(s, T, rules, 1, LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS,
+                               (4 * in_float32 + s.bytes * in_dtype) / 4)
+    parts["rows' gradients"] = rows * CAGE_ROW_LONG_CONTEXT[(s.line, rules)] * 4 * T * s.d_mlp
+    return parts
+
+
+def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float],
+                       grad_rows: int = 1, chunks: float = 3 * ATTENTION_CHUNKS,
+                       eager_patterns: float | None = None) -> dict[str, float]:
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
     b, L = s.bytes, s.n_layers
     # one layer's saved tensors while its block is recomputed, its pattern aside
     one_layer = b * batch * T * (k_m * s.d_mlp + k_r * s.d_model + k_a * s.n_heads * s.d_head + k_k * s.n_kv_heads * s.d_head)
     # one layer's attention computed whole when small: its pattern, the pattern's and the scores' gradients
     # (HookedTransformer: and the NaN-scrubbed pattern)
-    eager_attention = EAGER_ATTENTION[s.line] * 4 * batch * s.n_heads * T * T
-    chunked = 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * ATTENTION_CHUNKS   # core.recompute's rule
+    # (a backward vectorised over ``grad_rows`` rows divides the chunks' budget by them)
+    eager = EAGER_ATTENTION[s.line] if eager_patterns is None else eager_patterns
+    eager_attention = grad_rows * eager * 4 * batch * s.n_heads * T * T
+    chunked = grad_rows * 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * ATTENTION_CHUNKS   # core.recompute's rule
     return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
             "one layer": one_layer + b * TRANSIENT[1] * batch * T * s.d_mlp,
-            "attention": 3 * ATTENTION_CHUNKS if chunked else eager_attention}
+            "attention": chunks if chunked else eager_attention, "mask": CAUSAL_MASK[s.line] * batch * T * T}
 
 
 def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="attnlrp",
-             long_context: bool | None = None, batch: int = 1, new_tokens: int = 32, dtype: str | None = None,
-             line: str | None = None, available_bytes: float | None = None, device: str | None = None) -> Estimate:
+             long_context: bool | None = None, batch: int = 1, new_tokens: int = 32, rows: int | None = None,
+             dtype: str | None = None, line: str | None = None, available_bytes: float | None = None,
+             device: str | None = None) -> Estimate:
     """Predicted peak memory and time of ``what`` (``"attribute"``, ``"circuit_graph"``, ``"cage"`` or
     ``"study"``) on ``n_tokens`` tokens (docs/estimate.md).
 
@@ -341,7 +386,9 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
         long_context: the pass to estimate; ``None`` takes the one cage_lens would choose (the default
             pass when it fits the memory available, else the long-context pass).
         batch: prompts attributed at once (``attribute``); ``new_tokens``: generated tokens (``cage``,
-            ``study``).
+            ``study``); ``rows``: the most generated tokens the CAGE table differentiates at once
+            (default :data:`CAGE_ROWS`); the estimate takes the fastest count up to it that fits, as
+            ``cage`` does (:attr:`Estimate.rows`).
         dtype, line: override the model's dtype (``"bfloat16"`` …) and TransformerLens line
             (``"bridge"`` for TL 4's TransformerBridge, ``"hooked"`` for HookedTransformer).
         available_bytes: the memory to plan for (default: :func:`available_memory` of ``device`` or the
@@ -351,34 +398,53 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
         raise InputError(f"estimate(): unknown what={what!r}; choose one of {', '.join(WHATS)}")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise InputError(f"estimate(): n_tokens must be a positive int, got {n_tokens!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise InputError(f"estimate(): batch must be a positive int, got {batch!r}")
+    least_new = 1 if what == "cage" else 0   # the CAGE table needs a generated token to explain
+    for name, value, least in (("batch", batch, 1), ("new_tokens", new_tokens, least_new),
+                               ("rows", 1 if rows is None else rows, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"estimate(): {name} must be an int ≥ {least}, got {value!r}")
     s = shape_of(model_or_config, dtype, line)
     rule = _rule_name(rules)
     if available_bytes is None:
         available_bytes = available_memory(device or _device_of(model_or_config))
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
-    rows = min(CAGE_ROWS, new_tokens) if what == "cage" else batch
     flops = _forward_flops(s, T, 1)
 
-    def build(lc: bool) -> Estimate:
+    def build(lc: bool, rows: int) -> Estimate:
         if what == "circuit_graph":
             first, second = _graph_phases(s, T, rule, lc)
             parts = {**{f"pass: {k}": v for k, v in first.items()}, **{f"edges: {k}": v for k, v in second.items()}}
             peak = max(sum(first.values()), sum(second.values()))
+        elif what == "cage":
+            parts = _cage_pass(s, T, rule, lc, rows)
+            peak = sum(parts.values())
         else:
             parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT) if lc
                      else _default_pass(s, T, rule, batch, CAPTURES))
-            if what == "cage":   # one forward, a backward vectorised over the chunk's rows
-                parts["top layer"] = parts.get("top layer", parts.get("attention", 0.0)) * rows
             peak = sum(parts.values())
-        time = _time(s, T, what, lc, rows, new_tokens)
-        return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts)
+        time = _time(s, T, what, lc, rows if what == "cage" else batch, new_tokens)
+        return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts,
+                        rows if what == "cage" else batch)
 
-    if long_context is not None:
-        return build(bool(long_context))
-    default = build(False)
-    return default if default.fits else build(True)
+    modes = [False, True] if long_context is None else [bool(long_context)]
+    if what != "cage":
+        options = [build(lc, batch) for lc in modes]
+    else:
+        most = min(CAGE_ROWS if rows is None else rows, new_tokens)
+        counts = sorted({max(1, most >> i) for i in range(most.bit_length())}, reverse=True)   # most, most/2, …, 1
+        options = [build(lc, r) for lc in modes for r in counts]
+    fitting = [e for e in options if e.fits]
+    if not fitting:
+        return options[-1]
+    if what != "cage":   # the default pass when it fits, else the long-context one
+        return fitting[0]
+    # the CAGE table: the default pass with all its rows when it fits; else, in each pass, the most rows
+    # that fit (fewer rows are never faster) and of the two the faster, or the smaller peak within NEAR_TIE
+    if fitting[0] is options[0]:
+        return fitting[0]
+    best = [max(same, key=lambda e: e.rows) for lc in modes if (same := [e for e in fitting if e.long_context == lc])]
+    fastest = min(e.time_forwards for e in best)
+    return min((e for e in best if e.time_forwards <= NEAR_TIE * fastest), key=lambda e: e.peak_bytes)
 
 
 def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool) -> tuple[dict[str, float], dict[str, float]]:
@@ -425,11 +491,27 @@ def choose_long_context(model, n_tokens: int, what: str = "attribute", *, rules=
     """Whether a call of ``what`` on ``n_tokens`` tokens should run in the long-context mode: when the
     default pass is predicted not to fit the memory available. A run that would not fit either way is
     refused before it starts, with the estimate, the memory available and the way out."""
-    est = estimate(model, n_tokens, what, rules=rules, batch=batch)
+    return _fitting(estimate(model, n_tokens, what, rules=rules, batch=batch)).long_context
+
+
+def plan_cage_table(model, n_prompt: int, new_tokens: int, *, rules="attnlrp", most_rows: int = CAGE_ROWS,
+                    long_context: bool | None = None) -> Estimate:
+    """How the CAGE table runs: the pass (``long_context``) and the generated tokens differentiated at
+    once (``rows``, at most ``most_rows``): the default pass with ``most_rows`` when it fits the memory
+    available; else in each pass the most rows that fit, and of the two passes the faster, or the smaller
+    peak when they are within :data:`NEAR_TIE`. ``long_context``
+    given: that pass, run even when it does not fit; ``None``: a table that fits neither way is refused
+    before it starts."""
+    est = estimate(model, n_prompt, "cage", rules=rules, new_tokens=new_tokens, rows=most_rows,
+                   long_context=long_context)
+    return est if long_context is not None else _fitting(est)
+
+
+def _fitting(est: Estimate) -> Estimate:
     if est.fits:
-        return est.long_context
+        return est
     raise InsufficientMemoryError(
-        f"{what} on {n_tokens:,} tokens is estimated to need {_gb(est.peak_bytes)} above the loaded model even in "
+        f"{est.what} on {est.n_tokens:,} tokens is estimated to need {_gb(est.peak_bytes)} above the loaded model even in "
         f"the long-context mode, but {_gb(est.available_bytes)} are available (cage_lens.estimate; the estimate "
         f"may be off by about 25%): use fewer tokens, set CAGE_LENS_MAX_MEMORY if more memory is free, or pass "
         f"long_context=True to run anyway"

@@ -287,3 +287,96 @@ def test_cage_recovers_pointer_chase_sources_better_than_rows():
         row_wins += r > c
     assert sum(cage_auc) / len(cage_auc) > sum(row_auc) / len(row_auc)
     assert cage_wins > row_wins
+
+
+# ---------------------------------------------------------------------------- the table's plan: rows at once, pass
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Every attention of the long-context pass deferred and computed in row chunks of a few rows."""
+    from cage_lens.core import recompute
+
+    monkeypatch.setattr(recompute, "ATTENTION_BUDGET", 4096)
+    monkeypatch.setattr(recompute, "EAGER_MULTIPLE", 0)
+
+
+def _forced_plan(monkeypatch, long_context: bool, rows: int) -> dict:
+    """Make the table's planner answer ``(long_context, rows)``; count the vectorised backwards."""
+    from cage_lens import planning
+
+    real = planning.plan_cage_table
+
+    def forced(*args, **kwargs):
+        est = real(*args, **{**kwargs, "long_context": long_context})
+        est.long_context, est.rows = long_context, rows
+        return est
+
+    monkeypatch.setattr(methods, "plan_cage_table", forced)
+    calls = {"batched": 0, "single": 0}
+    real_grad = torch.autograd.grad
+
+    def counted(*args, is_grads_batched=False, **kwargs):
+        calls["batched" if is_grads_batched else "single"] += 1
+        return real_grad(*args, is_grads_batched=is_grads_batched, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("rules", ["attnlrp", "cplrp"])
+def test_long_context_table_equals_the_default_table_with_one_vectorised_backward_per_chunk(
+        monkeypatch, small_chunks, kind, rules):
+    model = random_model(kind, n_layers=2, dtype=torch.float64)
+    prompt = model.to_tokens(PROMPT)
+    tokens = torch.cat([prompt, torch.tensor([[5, 9, 12, 4, 7]])], dim=1)
+    default = methods.METHODS[rules](model, tokens, prompt.shape[1], long_context=False)
+    calls = _forced_plan(monkeypatch, long_context=True, rows=2)
+    long = methods.METHODS[rules](model, tokens, prompt.shape[1])
+    # 3 chunks of at most 2 rows; inside each vectorised backward, the row chunks' own gradients (unbatched)
+    assert calls["batched"] == 3
+    arch = adapt(model).arch
+    tol = 1e-6 if arch.is_bridge and arch.positional == "rotary" else 1e-10   # as the naive-loop test above
+    assert (long - default).abs().max() <= tol * default.abs().max()
+
+
+def test_cage_records_the_plan_and_refuses_a_table_that_fits_neither_way(monkeypatch):
+    from cage_lens.errors import InsufficientMemoryError
+
+    model = tiny("gpt2")
+    g = cage(model, PROMPT, completion=torch.tensor([5, 9, 12, 4, 7]))
+    assert (g.meta["settings"]["long_context"], g.meta["settings"]["rows_at_once"]) == (False, 5)
+    monkeypatch.setenv("CAGE_LENS_MAX_MEMORY", "1K")
+    with pytest.raises(InsufficientMemoryError, match=r"cage on \d+ tokens .* long_context=True to run anyway"):
+        cage(model, PROMPT, completion=torch.tensor([5, 9, 12, 4, 7]))
+    forced = cage(model, PROMPT, completion=torch.tensor([5, 9, 12, 4, 7]), long_context=True)
+    assert forced.meta["settings"]["long_context"] is True and forced.meta["settings"]["rows_at_once"] == 1
+    torch.testing.assert_close(forced.token_table, g.token_table, rtol=1e-9, atol=1e-12)  # float64, summation order
+
+
+def test_the_planner_keeps_the_default_pass_when_it_fits_else_takes_the_faster_or_the_smaller():
+    """Qwen3-0.6B's configuration in bfloat16, a 2,048-token prompt and 8 generated tokens: with memory for
+    it, the default pass with 8 rows at once; with less, each pass's most rows that fit, the faster of the
+    two, or the smaller peak when within 10%; never a plan that does not fit."""
+    from cage_lens import planning
+    from test_estimate import QWEN3_0_6B
+
+    config = {**QWEN3_0_6B, "torch_dtype": "bfloat16"}
+
+    def est(available, **kw):
+        return planning.estimate(config, 2048, "cage", new_tokens=8, available_bytes=available, **kw)
+
+    plans = {(lc, r): est(1e15, long_context=lc, rows=r) for lc in (False, True) for r in (8, 4, 2, 1)}
+    assert all(e.rows == r for (lc, r), e in plans.items())
+    assert plans[True, 8].peak_bytes < plans[False, 8].peak_bytes / 10   # the long-context rows hold no patterns
+    assert plans[False, 4].time_forwards < plans[True, 8].time_forwards < 1.1 * plans[False, 4].time_forwards
+
+    def chosen(available):
+        e = est(available)
+        return e.long_context, e.rows
+
+    assert chosen(1.25 * plans[False, 8].peak_bytes) == (False, 8)
+    # 4 rows of the default pass fit, and are faster by under 10% than 8 of the long-context pass: the smaller peak
+    assert chosen(1.25 * plans[False, 4].peak_bytes) == (True, 8)
+    assert chosen(1.25 * plans[True, 8].peak_bytes) == (True, 8)
+    assert chosen(1.25 * plans[True, 1].peak_bytes) == (True, 1)
+    assert not est(0.5 * plans[True, 1].peak_bytes).fits

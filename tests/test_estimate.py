@@ -1,6 +1,6 @@
 """``cage_lens.estimate`` (docs/estimate.md): the configuration read from a TL model, an HF config or a
 dict alike; the weights counted exactly; the peak within ±25% of the measured peak (a fresh process,
-resident memory) of attribute (default and long-context pass) and a whole circuit graph at three
+resident memory) of attribute (default and long-context pass), a whole circuit graph and the CAGE table at three
 lengths on this TL line; a plan that imports neither torch nor TransformerLens; ``--dry-run``."""
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def test_the_long_context_pass_is_the_smaller_one_at_length_and_time_counts_its_
     ({"what": "graph"}, "unknown what='graph'; choose one of attribute, circuit_graph, cage, study"),
     ({"dtype": "int8"}, "unknown dtype 'int8'"),
     ({"line": "tl3"}, "line must be 'bridge' or 'hooked'"),
+    ({"what": "cage", "new_tokens": 0}, "new_tokens must be an int ≥ 1, got 0"),
+    ({"what": "cage", "rows": 0}, "rows must be an int ≥ 1, got 0"),
+    ({"batch": True}, "batch must be an int ≥ 1, got True"),
 ])
 def test_bad_requests_are_refused_in_one_line(bad, message):
     args = {"n_tokens": 512, **bad}
@@ -113,14 +116,19 @@ cage_lens.attribute(model, torch.randint(1, 1000, (1, 16)), target=5)   # certif
 rows = []
 for n in (512, 1024, 1536):
     tokens = torch.randint(1, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+    prompt, completion = tokens[:, : n - 8], tokens[0, n - 8 :]   # the CAGE table: 8 rows at once
     calls = {("attribute", False): lambda: cage_lens.attribute(model, tokens, target=5, long_context=False),
              ("attribute", True): lambda: cage_lens.attribute(model, tokens, target=5, long_context=True),
              ("circuit_graph", True): lambda: cage_lens.circuit_graph(model, tokens[0], target=5, node_threshold=None,
-                                                                      dense_limit=0, long_context=True)}
+                                                                      dense_limit=0, long_context=True),
+             ("cage", False): lambda: cage_lens.cage(model, prompt, completion=completion, long_context=False),
+             ("cage", True): lambda: cage_lens.cage(model, prompt, completion=completion, long_context=True)}
     for (what, lc), call in calls.items():
         measured = peak(call)
-        predicted = cage_lens.estimate(model, n, what, long_context=lc).peak_bytes
-        rows.append([what, lc, n, measured, predicted])
+        size = n - 8 if what == "cage" else n
+        predicted = cage_lens.estimate(model, size, what, long_context=lc, new_tokens=8, available_bytes=1e15)
+        assert what != "cage" or predicted.rows == 8
+        rows.append([what, lc, n, measured, predicted.peak_bytes])
 print(json.dumps(rows))
 '''
 
@@ -134,7 +142,7 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak_at_three_lengths(
                          env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(rows) == 9
+    assert len(rows) == 15
     off = [(what, lc, n, round(predicted / measured, 2)) for what, lc, n, measured, predicted in rows
            if not 0.75 <= predicted / measured <= 1.25]
     assert off == [], off

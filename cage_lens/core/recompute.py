@@ -451,7 +451,10 @@ class _RowChunkedProduct(torch.autograd.Function):
         plan = structure.plan()
         plan.inputs = inputs
         needs = ctx.needs_input_grad[1:]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip([v, *inputs], needs)]
+        # accumulated out of place: under a backward vectorised over rows (``is_grads_batched``, the CAGE
+        # table) ``grad_out`` and every gradient carry a batch dimension the saved tensors lack
+        whole: dict[int, torch.Tensor] = {}
+        by_rows: dict[int, dict[int, torch.Tensor]] = {}
         for start in range(0, structure.n_rows, structure.chunk):
             stop = min(structure.n_rows, start + structure.chunk)
             leaves: dict[_Ref, torch.Tensor] = {}
@@ -470,15 +473,28 @@ class _RowChunkedProduct(torch.autograd.Function):
                     continue
                 found = dict(zip(map(id, wrt), torch.autograd.grad(out, wrt, grad_out[..., start:stop, :],
                                                                     allow_unused=True)))
-            if needs[0] and found.get(id(v_leaf)) is not None:
-                grads[0] += found[id(v_leaf)]
-            for ref, leaf in leaves.items():
+            for index, leaf, rows in [(0, v_leaf, False)] + [(1 + r.index, t, r.rows) for r, t in leaves.items()]:
                 g = found.get(id(leaf))
                 if g is None:
                     continue
-                target = grads[1 + ref.index]
-                if ref.rows:
-                    target[..., start:stop, :] += g
+                if rows:
+                    by_rows.setdefault(index, {})[start] = g
                 else:
-                    target += g
+                    whole[index] = g if index not in whole else whole[index] + g
+        grads = []
+        for index, (t, need) in enumerate(zip([v, *inputs], needs)):
+            parts = [whole.get(index), _joined_rows(by_rows.get(index), t, structure)]
+            parts = [part for part in parts if part is not None]
+            grads.append(None if not need else sum(parts[1:], parts[0]) if parts else torch.zeros_like(t))
         return (None, *grads)
+
+
+def _joined_rows(chunks: "dict[int, torch.Tensor] | None", like: torch.Tensor, structure: _Structure):
+    """The gradient of a row-sliced input from its chunks' gradients (zeros where a chunk gave none)."""
+    if not chunks:
+        return None
+    pieces = []
+    for start in range(0, structure.n_rows, structure.chunk):
+        stop = min(structure.n_rows, start + structure.chunk)
+        pieces.append(chunks[start] if start in chunks else torch.zeros_like(like[..., start:stop, :]))
+    return torch.cat(pieces, dim=-2)

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.errors import InputError
-from cage_lens.generation.methods import check_sequence, get_method
+from cage_lens.generation.methods import DEFAULT_CHUNK, LRP_METHODS, check_sequence, get_method, plan_table
 from cage_lens.generation.spans import Span, block_sum, check_tiling, span_pairs, split_sentences, token_spans
 from cage_lens.inputs import as_int, check_token_ids, greedy_continuation, single_prompt, tokenize
 from cage_lens.persist import Saveable, provenance
@@ -364,13 +364,19 @@ def cage(
     spans = _node_spans(model, tokens, n_prompt, granularity)
     if spans is not None and _accepts(fn, "spans"):
         method_options.setdefault("spans", spans)
-    token_table = torch.as_tensor(fn(model, tokens, n_prompt, **method_options)).detach().double().cpu()
+    run_options, plan = dict(method_options), {}
+    if isinstance(method, str) and method in LRP_METHODS:   # the pass and rows at once, decided (and recorded) here
+        chosen = plan_table(model, tokens, n_prompt, LRP_METHODS[method], method_options.get("chunk_size", DEFAULT_CHUNK),
+                            method_options.get("long_context"))
+        plan = {"long_context": chosen.long_context, "rows_at_once": chosen.rows}
+        run_options.update(chunk_size=chosen.rows, long_context=chosen.long_context)
+    token_table = torch.as_tensor(fn(model, tokens, n_prompt, **run_options)).detach().double().cpu()
     Y, T = tokens.shape[1] - n_prompt, tokens.shape[1]
     if tuple(token_table.shape) != (Y, T):
         raise InputError(f"method {method!r} returned shape {tuple(token_table.shape)}, expected [{Y}, {T}]")
     words = [str(s) for s in model.to_str_tokens(tokens[0])]
     name = method if isinstance(method, str) else getattr(method, "__name__", "callable")
-    meta = provenance(model, function="cage", method=name, granularity=granularity, normalize=normalize, n_prompt=n_prompt, completion=completion, max_new_tokens=max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos, method_options=method_options)
+    meta = provenance(model, function="cage", method=name, granularity=granularity, normalize=normalize, n_prompt=n_prompt, completion=completion, max_new_tokens=max_new_tokens, prepend_bos=prepend_bos, stop_at_eos=stop_at_eos, method_options=method_options, **plan)
     if spans is None:
         return GenerationGraph.from_table(token_table, n_prompt, normalize, words, method=name, tokens=tokens, token_table=token_table, meta=meta)
     n_prompt_spans = sum(1 for _, b in spans if b <= n_prompt)

@@ -8,33 +8,40 @@ with this signature is a valid CAGE base method.
 
 Exact and fast: causal masking makes the prediction of token ``t`` independent of
 later tokens. The LRP family (``attnlrp``, ``cplrp``, ``input_x_gradient``) therefore runs ONE
-batch-1 forward over the teacher-forced sequence per ``chunk_size`` rows (truncated to the longest
+batch-1 forward over the teacher-forced sequence per chunk of rows (truncated to the longest
 prefix the chunk needs), unembeds only the explained positions, and runs ONE backward vectorised
-over the chunk's rows (``torch.autograd.grad(..., is_grads_batched=True)``). Integrated gradients
+over the chunk's rows (``torch.autograd.grad(..., is_grads_batched=True)``). A chunk holds at most
+``chunk_size`` rows, fewer when their vectorised backward would not fit the memory, and long prompts
+run in the long-context pass as ``attribute`` does (:func:`plan_table`, docs/estimate.md). Integrated gradients
 replicates the sequence over a batch (one copy per row and quadrature node), the perturbation
 methods batch their perturbed copies. The numbers equal the naive per-step loop
 (:func:`naive_table`) up to floating-point summation order.
 
 Options shared by all built-ins: ``chunk_size`` (rows or sequences per batched pass, bounds memory) and, for
-the perturbation methods, ``spans`` (the units left out; default one span per token).
+the perturbation methods, ``spans`` (the units left out; default one span per token). The LRP family
+also takes ``long_context`` (``None``: chosen from the estimate; ``True``/``False``: that pass, run even
+when the estimate says it does not fit).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from cage_lens.core import engine
+from cage_lens.core import engine, recompute
 from cage_lens.core.adapter import ModelAdapter, adapt
 from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.engine import Capture, run_attribution, select_logits
 from cage_lens.core.hooks import PointHook, installed, session
+from cage_lens.core.recompute import long_context as long_context_mode
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, InputError, NumericalError
 from cage_lens.generation.spans import Span, check_tiling, token_spans
+from cage_lens.planning import plan_cage_table
 from cage_lens.inputs import TokenBatch, check_number, check_token_ids, single_sequence, special_token_id
 from cage_lens.targets import Target, resolve_token
 
@@ -137,17 +144,21 @@ def _vmapped_backward(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[
 
 def _rows_from_one_forward(
     adapter: ModelAdapter, tokens: Int[torch.Tensor, "1 L"], positions: list[int], target_ids: list[int],
-    rules: RuleSet,
+    rules: RuleSet, long_context: bool = False,
 ) -> Float[torch.Tensor, "R L"]:
     """Input relevance of several rows of one sequence from ONE forward (batch 1) and ONE backward
     vectorised over the rows: causal masking makes every row's activations the prefix of the shared
-    ones, so only the backward differs per row."""
+    ones, so only the backward differs per row. ``long_context`` recomputes each block in the backward
+    and computes attention in row chunks (:mod:`cage_lens.core.recompute`)."""
     roots = engine.input_roots(adapter)
     capture = Capture(roots, roots=roots)
     target = Target.build(adapter.model, len(positions), target=target_ids, mode="logprob")
+    # the vectorised backward carries every row's gradient at once: the row chunks shrink to match
+    budget = max(1, recompute.ATTENTION_BUDGET // len(positions))
+    mode = long_context_mode(adapter, budget) if long_context else contextlib.nullcontext()
     with session(adapter):
         where = torch.tensor(positions, device=adapter.device)
-        with engine.rules_active(adapter, rules):
+        with engine.rules_active(adapter, rules), mode:
             logits = select_logits(adapter, tokens.to(adapter.device).clone(), lambda x: x[:, where], capture.hooks_for(adapter))[0]
             values = engine.check_finite(target(logits), "a generated token's log-probability")  # [R]
             inputs = [capture.tensors[n] for n in roots]
@@ -156,39 +167,61 @@ def _rows_from_one_forward(
     return rel[:, 0].double().cpu()
 
 
-def _lrp_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size: int) -> Float[torch.Tensor, "Y T"]:
+def plan_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size: int = DEFAULT_CHUNK,
+               long_context: bool | None = None):
+    """How an LRP-family table runs (:func:`cage_lens.planning.plan_cage_table`): the pass and the rows
+    differentiated at once (at most ``chunk_size``), the fastest that fits the memory available; a table
+    that fits neither way is refused before it starts unless ``long_context`` is given."""
+    if long_context not in (None, True, False):
+        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
+    chunk_size = check_number(chunk_size, "chunk_size", low=1, integer=True)
+    tokens, Y = check_sequence(model, tokens, n_prompt)
+    return plan_cage_table(model, n_prompt, Y, rules=resolve_rules(rules), most_rows=chunk_size,
+                           long_context=long_context)
+
+
+def _lrp_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size: int,
+               long_context: bool | None) -> Float[torch.Tensor, "Y T"]:
     adapter = adapt(model)
     adapter.check_eval_mode()
     rules = resolve_rules(rules)
     certify_or_warn(adapter)
+    plan = plan_table(model, tokens, n_prompt, rules, chunk_size, long_context)
     tokens, Y = check_sequence(model, tokens, n_prompt)
     table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
-    for rows in _chunks(range(Y), chunk_size):
+    for rows in _chunks(range(Y), plan.rows):
         length = n_prompt + rows[-1]  # the longest prefix in the chunk: positions < P + t
         positions = [n_prompt + t - 1 for t in rows]
         targets = tokens[0, [n_prompt + t for t in rows]].tolist()
-        rel = _rows_from_one_forward(adapter, tokens[:, :length], positions, targets, rules)
+        rel = _rows_from_one_forward(adapter, tokens[:, :length], positions, targets, rules, plan.long_context)
         for b, t in enumerate(rows):
             table[t, : n_prompt + t] = rel[b, : n_prompt + t]
     return _finite(table, rules.name)
 
 
+#: the built-in methods that run the LRP engine (their tables are planned by :func:`plan_table`)
+LRP_METHODS = {"attnlrp": "attnlrp", "cplrp": "cplrp", "input_x_gradient": "gxi"}
+
+
 @register("attnlrp")
-def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, long_context: bool | None = None,
+            **_) -> Float[torch.Tensor, "Y T"]:
     """AttnLRP (docs/rules.md) relevance of every earlier position for each generated token's log-prob."""
-    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size)
+    return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size, long_context)
 
 
 @register("cplrp")
-def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, long_context: bool | None = None,
+          **_) -> Float[torch.Tensor, "Y T"]:
     """CP-LRP (docs/rules.md): no relevance through the softmax."""
-    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size)
+    return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size, long_context)
 
 
 @register("input_x_gradient")
-def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, long_context: bool | None = None,
+                     **_) -> Float[torch.Tensor, "Y T"]:
     """Plain Gradient×Input of the token and position embeddings."""
-    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size)
+    return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size, long_context)
 
 
 def naive_table(model, tokens, n_prompt: int, rules: str = "attnlrp") -> Float[torch.Tensor, "Y T"]:
