@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
     meta = getattr(out, "meta", None) or {}
     settings = meta.get("settings", {})
     stats["long_context"] = bool(settings.get("long_context"))
+    if "rows_at_once" in settings:   # the CAGE table's plan: generated tokens differentiated at once
+        stats["rows_at_once"] = settings["rows_at_once"]
     stats["warnings"] = [w[:160] for w in (meta.get("warnings") or getattr(out, "settings", {}).get("warnings") or [])]
     return stats
 
@@ -189,7 +192,8 @@ def main() -> None:
                 est = _estimate(name, n_tokens, what, memory - weights)
                 row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
                        "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
-                       "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops}
+                       "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,
+                       "rows_estimate": est.rows}
                 if key in cache and "cpu_s" in cache[key] and not args.redo:
                     cache[key].update(row)   # the estimate columns follow the current estimate
                     continue
@@ -214,7 +218,7 @@ def main() -> None:
 
 
 def _command() -> str:
-    return " ".join(["python benchmarks/bench_scale.py"] + [a for a in sys.argv[1:] if a != "--allow-busy"])
+    return shlex.join(["python", "benchmarks/bench_scale.py"] + [a for a in sys.argv[1:] if a != "--allow-busy"])
 
 
 def _measured_in_this_run(name: str, n_tokens: int, args) -> bool:
@@ -255,6 +259,8 @@ def table(cache: dict, args) -> str:
                 rate = rates.get(what)
                 guess = f"{rate * row['flops']:.0f}" if rate else "—"
                 mode = " lc" if row.get("long_context", row.get("long_context_estimate")) else ""
+                if what == "cage table" and (rows := row.get("rows_at_once", row.get("rows_estimate"))):
+                    mode += f" ({rows} rows at once)"
                 if "cpu_s" in row:
                     ratio = row["estimate_gb"] / row["peak_gb"] if row["peak_gb"] > 0 else float("nan")
                     note = "; ".join(row.get("warnings", []))[:120]
