@@ -123,13 +123,19 @@ CAGE_ROWS = 8
 CAGE_ROW_PATTERNS = {("bridge", "attnlrp"): (3.0, 0.0), ("bridge", "cplrp"): (0.0, 1.0), ("bridge", "gxi"): (3.0, 0.0),
                      ("hooked", "attnlrp"): (3.0, 0.0), ("hooked", "cplrp"): (1.0, 0.0), ("hooked", "gxi"): (3.0, 0.0)}
 #: per row of that backward in the long-context pass: MLP-sized float32 gradients of the block being
-#: recomputed, by line and rule set; the attention's row chunks, divided among the rows, hold about half
-#: a default budget
+#: recomputed, by line and rule set; the attention's row chunks, divided among the rows, hold about one
+#: default budget
 CAGE_ROW_LONG_CONTEXT = {("bridge", "attnlrp"): 1.3, ("bridge", "cplrp"): 0.6, ("bridge", "gxi"): 1.3,
                          ("hooked", "attnlrp"): 2.0, ("hooked", "cplrp"): 1.8, ("hooked", "gxi"): 2.0}
-CAGE_ATTENTION_CHUNKS = 0.5 * ATTENTION_CHUNKS
-#: plans of the CAGE table whose time is within this factor of the fastest count as equally fast
-NEAR_TIE = 1.1
+CAGE_ATTENTION_CHUNKS = ATTENTION_CHUNKS
+#: per layer in the CAGE table's long-context pass (residual-, query-sized): the block's input with its
+#: gradient and a query-sized tensor — the table captures only the embeddings (measured on Qwen3-0.6B's
+#: configuration at 2,048 tokens, 28 layers)
+CAGE_LONG_CONTEXT_KEPT = (2.0, 1.0)
+#: a row's backward in the CAGE table's long-context pass, in units of the default pass's (two forwards):
+#: the attention's row chunks are divided among the rows and each runs its own backward (measured: Qwen3-0.6B's
+#: configuration in bfloat16, 2,048 tokens, 8 rows at once, 946 s against 84 s for one attribution)
+CAGE_LONG_CONTEXT_ROW_COST = 1.9
 
 
 # ---------------------------------------------------------------------------- the model's shape
@@ -348,7 +354,7 @@ def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int) -> dict[s
         parts["top layer"] = rows * ((4 * in_float32 + s.bytes * in_dtype) * pattern + s.bytes * TRANSIENT[1] * T * s.d_mlp)
         return parts
     in_float32, in_dtype = CAGE_ROW_PATTERNS[(s.line, rules)]   # an eager attention holds the default pass's rows
-    parts = _long_context_pass(s, T, rules, 1, LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS,
+    parts = _long_context_pass(s, T, rules, 1, CAGE_LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS,
                                (4 * in_float32 + s.bytes * in_dtype) / 4)
     parts["rows' gradients"] = rows * CAGE_ROW_LONG_CONTEXT[(s.line, rules)] * 4 * T * s.d_mlp
     return parts
@@ -438,13 +444,11 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
         return options[-1]
     if what != "cage":   # the default pass when it fits, else the long-context one
         return fitting[0]
-    # the CAGE table: the default pass with all its rows when it fits; else, in each pass, the most rows
-    # that fit (fewer rows are never faster) and of the two the faster, or the smaller peak within NEAR_TIE
+    # the CAGE table: the default pass with all its rows when it fits; else the fastest plan that fits
+    # (in each pass the most rows that fit: fewer rows are never faster)
     if fitting[0] is options[0]:
         return fitting[0]
-    best = [max(same, key=lambda e: e.rows) for lc in modes if (same := [e for e in fitting if e.long_context == lc])]
-    fastest = min(e.time_forwards for e in best)
-    return min((e for e in best if e.time_forwards <= NEAR_TIE * fastest), key=lambda e: e.peak_bytes)
+    return min(fitting, key=lambda e: (e.time_forwards, e.peak_bytes))
 
 
 def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool) -> tuple[dict[str, float], dict[str, float]]:
@@ -476,7 +480,8 @@ def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int
         closed_form = 16.0 * T * T * s.n_heads * s.d_head * s.n_layers / _forward_flops(s, T, 1)
         return one + closed_form
     if what == "cage":   # per chunk of rows: one forward and a backward (two forwards) per row; the generation
-        return math.ceil(new_tokens / rows) * (one - 2.0 + 2.0 * rows) + 1.0
+        row = 2.0 * (CAGE_LONG_CONTEXT_ROW_COST if lc else 1.0)
+        return math.ceil(new_tokens / rows) * (one - 2.0 + row * rows) + 1.0
     return one + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
 
 
@@ -498,8 +503,7 @@ def plan_cage_table(model, n_prompt: int, new_tokens: int, *, rules="attnlrp", m
                     long_context: bool | None = None) -> Estimate:
     """How the CAGE table runs: the pass (``long_context``) and the generated tokens differentiated at
     once (``rows``, at most ``most_rows``): the default pass with ``most_rows`` when it fits the memory
-    available; else in each pass the most rows that fit, and of the two passes the faster, or the smaller
-    peak when they are within :data:`NEAR_TIE`. ``long_context``
+    available, else the fastest plan that fits. ``long_context``
     given: that pass, run even when it does not fit; ``None``: a table that fits neither way is refused
     before it starts."""
     est = estimate(model, n_prompt, "cage", rules=rules, new_tokens=new_tokens, rows=most_rows,
