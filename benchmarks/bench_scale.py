@@ -137,12 +137,19 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- the table
-def _estimate(name: str, n_tokens: int, what: str, available: float):
+def _estimate(name: str, n_tokens: int, what: str, available: float, measured: dict | None = None):
+    """The estimate of a row: of the plan the run chose when the row was measured (pass, rows at once),
+    else of the plan the estimate chooses for ``available`` bytes."""
     import cage_lens
 
+    plan = {}
+    if measured and "cpu_s" in measured:
+        plan["long_context"] = bool(measured.get("long_context"))
+        if what == "cage table" and measured.get("rows_at_once"):
+            plan["rows"] = measured["rows_at_once"]
     return cage_lens.estimate({**MODELS[name], "torch_dtype": "bfloat16"}, n_tokens, WHATS[what],
                               new_tokens=CAGE_TOKENS if what == "cage table" else STUDY_STEPS,
-                              available_bytes=available, line="bridge")
+                              available_bytes=available, line="bridge", **plan)
 
 
 def _parse_gb(text: str) -> float:
@@ -189,7 +196,8 @@ def main() -> None:
             for what in args.what:
                 key = f"{name}|{n_tokens}|{what}"
                 weights = _estimate(name, n_tokens, what, None).weights_bytes
-                est = _estimate(name, n_tokens, what, memory - weights)
+                cached = cache.get(key) if not args.redo else None
+                est = _estimate(name, n_tokens, what, memory - weights, cached)
                 row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
                        "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
                        "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,
