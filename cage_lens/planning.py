@@ -123,11 +123,11 @@ CAGE_ROWS = 8
 CAGE_ROW_PATTERNS = {("bridge", "attnlrp"): (3.0, 0.0), ("bridge", "cplrp"): (0.0, 1.0), ("bridge", "gxi"): (3.0, 0.0),
                      ("hooked", "attnlrp"): (3.0, 0.0), ("hooked", "cplrp"): (1.0, 0.0), ("hooked", "gxi"): (3.0, 0.0)}
 #: per row of that backward in the long-context pass: MLP-sized float32 gradients of the block being
-#: recomputed, by line and rule set; the attention's row chunks, divided among the rows, hold about one
-#: default budget
+#: recomputed, by line and rule set; the attention's row chunks, divided among the rows, hold about three
+#: quarters of a default budget
 CAGE_ROW_LONG_CONTEXT = {("bridge", "attnlrp"): 1.3, ("bridge", "cplrp"): 0.6, ("bridge", "gxi"): 1.3,
                          ("hooked", "attnlrp"): 2.0, ("hooked", "cplrp"): 1.8, ("hooked", "gxi"): 2.0}
-CAGE_ATTENTION_CHUNKS = ATTENTION_CHUNKS
+CAGE_ATTENTION_CHUNKS = 0.75 * ATTENTION_CHUNKS
 #: per layer in the CAGE table's long-context pass (residual-, query-sized): the block's input with its
 #: gradient and a query-sized tensor — the table captures only the embeddings (measured on Qwen3-0.6B's
 #: configuration at 2,048 tokens, 28 layers)
