@@ -210,7 +210,9 @@ def main() -> None:
                                                     f"{weights / 2**30:.1f} GB > {args.memory}"}
                     continue
                 if not _measured_in_this_run(name, n_tokens, args):
-                    cache[key] = {**row, "skipped": "fits; not measured in this run (--measure-models, --measure-tokens)"}
+                    failed = {k: cache[key][k] for k in ("error", "command") if k in cache.get(key, {})}   # kept until measured
+                    cache[key] = {**row, "skipped": "fits; not measured in this run (--measure-models, --measure-tokens)",
+                                  **(failed if "error" in failed else {})}
                     continue
                 print(f"measuring {key} (estimate {est.peak_bytes / 2**30:.2f} GB above {weights / 2**30:.2f} GB)",
                       flush=True)
@@ -222,6 +224,7 @@ def main() -> None:
                 CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
                 print("  ", json.dumps(cache[key]), flush=True)
     watch.stop()
+    CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))   # the estimate columns as the table shows them
     write_results(RESULTS / "bench_scale.md", table(cache, args), watch, args.allow_busy)
 
 
