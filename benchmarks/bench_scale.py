@@ -102,6 +102,7 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
     import cage_lens
     from cage_lens.core.adapter import adapt
     from cage_lens.core.engine import logits_at
+    from cage_lens.core.hooks import session
 
     model = build(name, n_tokens)
     vocab = len(model.tokenizer)
@@ -110,7 +111,7 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
 
     def study_case():
         sequence = tokens
-        with torch.no_grad():   # the study's generation: one forward per step, only the last row unembedded
+        with session(adapt(model), grad=False):   # the study's generation: a forward per step, the last row unembedded
             for _ in range(STUDY_STEPS):
                 last = logits_at(adapt(model), sequence, [sequence.shape[1] - 1])[0, :vocab]
                 sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)

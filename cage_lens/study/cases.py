@@ -28,6 +28,7 @@ import torch
 
 import cage_lens
 from cage_lens.core.engine import logits_at
+from cage_lens.core.hooks import session
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.inputs import encode, special_token_id, unknown_words_problem
 from cage_lens.study.checking import CORRECT, OPEN, WRONG, CheckerError, continuation_text, verdict
@@ -141,7 +142,7 @@ def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, list
 def _last_logits(adapter, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     """Next-token logits after each row (one right-padded forward; causal, so padding is never seen)."""
     tokens, positions = _padded(rows, pad)
-    with torch.no_grad():
+    with session(adapter, grad=False):   # the model's repairs (ModelAdapter.repairs) act in every cage_lens forward
         return logits_at(adapter, tokens, positions).detach().cpu()
 
 
