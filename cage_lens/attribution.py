@@ -24,7 +24,7 @@ from cage_lens.core.hooks import has_position_embedding
 from cage_lens.core.precision import check_precision
 from cage_lens.core.rulesets import BUILT_IN_RULES, RuleSet, resolve_rules
 from cage_lens.errors import InputError
-from cage_lens.planning import choose_long_context
+from cage_lens.planning import check_long_context, choose_long_context
 from cage_lens.inputs import Inputs, as_int, resolve_positions, to_token_batch
 from cage_lens.persist import Saveable, provenance
 from cage_lens.targets import Target
@@ -330,8 +330,7 @@ def attribute(
     if neurons is not None and not (neurons == "all" or (type(neurons) is int and 0 < neurons)):
         raise InputError(f"neurons must be None, 'all' or a positive int, got {neurons!r}")
     check_precision(precision)
-    if long_context not in (None, True, False):
-        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
+    check_long_context(long_context)
     warnings = certify_or_warn(adapter, strict)
     adapter = adapter.at_precision(precision)
     if long_context is None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from cage_lens.errors import InputError, InsufficientMemoryError
 
 __all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
-           "plan_cage_table", "WHATS"]
+           "check_long_context", "plan_cage_table", "WHATS"]
 
 #: what can be estimated
 WHATS = ("attribute", "circuit_graph", "cage", "study")
@@ -347,15 +347,14 @@ def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int) -> dict[s
     """The CAGE table's pass: one forward, a backward vectorised over ``rows`` generated tokens. In the
     default pass every row's gradients of the top layer's attention are alive at once; the long-context
     pass shrinks its row chunks by the number of rows (cage_lens.generation.methods)."""
+    in_float32, in_dtype = CAGE_ROW_PATTERNS[(s.line, rules)]
+    row_bytes = 4 * in_float32 + s.bytes * in_dtype            # per pattern entry and row
     if not lc:
         parts = _default_pass(s, T, rules, 1, CAPTURES)
-        pattern = s.n_heads * T * T
-        in_float32, in_dtype = CAGE_ROW_PATTERNS[(s.line, rules)]
-        parts["top layer"] = rows * ((4 * in_float32 + s.bytes * in_dtype) * pattern + s.bytes * TRANSIENT[1] * T * s.d_mlp)
+        parts["top layer"] = rows * (row_bytes * s.n_heads * T * T + s.bytes * TRANSIENT[1] * T * s.d_mlp)
         return parts
-    in_float32, in_dtype = CAGE_ROW_PATTERNS[(s.line, rules)]   # an eager attention holds the default pass's rows
-    parts = _long_context_pass(s, T, rules, 1, CAGE_LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS,
-                               (4 * in_float32 + s.bytes * in_dtype) / 4)
+    # an eager attention holds what the default pass's top layer holds per row
+    parts = _long_context_pass(s, T, rules, 1, CAGE_LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS, row_bytes / 4)
     parts["rows' gradients"] = rows * CAGE_ROW_LONG_CONTEXT[(s.line, rules)] * 4 * T * s.d_mlp
     return parts
 
@@ -416,7 +415,7 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
     flops = _forward_flops(s, T, 1)
 
-    def build(lc: bool, rows: int) -> Estimate:
+    def build(lc: bool, rows: int) -> Estimate:   # rows: the batch, or the CAGE table's rows at once
         if what == "circuit_graph":
             first, second = _graph_phases(s, T, rule, lc)
             parts = {**{f"pass: {k}": v for k, v in first.items()}, **{f"edges: {k}": v for k, v in second.items()}}
@@ -428,9 +427,8 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
             parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT) if lc
                      else _default_pass(s, T, rule, batch, CAPTURES))
             peak = sum(parts.values())
-        time = _time(s, T, what, lc, rows if what == "cage" else batch, new_tokens)
-        return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts,
-                        rows if what == "cage" else batch)
+        time = _time(s, T, what, lc, rows, new_tokens)
+        return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts, rows)
 
     modes = [False, True] if long_context is None else [bool(long_context)]
     if what != "cage":
@@ -490,6 +488,12 @@ def _device_of(model_or_config) -> str:
         return str(next(model_or_config.parameters()).device)
     except (AttributeError, StopIteration, TypeError):
         return "cpu"
+
+
+def check_long_context(long_context) -> None:
+    """The ``long_context=`` option of a call: ``None`` (chosen from the estimate), ``True`` or ``False``."""
+    if long_context not in (None, True, False):
+        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
 
 
 def choose_long_context(model, n_tokens: int, what: str = "attribute", *, rules="attnlrp", batch: int = 1) -> bool:

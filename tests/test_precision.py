@@ -126,20 +126,25 @@ def test_16_bit_relevance_is_accurate_to_rounding(family, dtype):
 
 
 # ---------------------------------------------------------------------------- OLMo on TL 4's bridge
-@pytest.mark.parametrize("family", ["olmo2", "olmo3"])
-def test_the_studys_generation_runs_olmo_in_bfloat16_with_hugging_faces_logits(family):
-    """The failure study's greedy generation forwards under the same repairs as every cage_lens call:
-    its next-token logits equal Hugging Face's bfloat16 logits bit for bit, and no hook stays on the model."""
+def _olmo_in_bfloat16(family: str):
+    """A tiny bfloat16 OLMo bridge, a prompt's tokens and Hugging Face's logits at its last position."""
     if family not in supported_families():
         pytest.skip(f"no {family} conversion on this TL line")
-    from cage_lens.study.cases import _last_logits
-
     kwargs = dict(n_layers=2, d_model=64, dtype=torch.bfloat16, init_scale=0.02)
     hf = random_hf_model(family, **kwargs)
     model = random_model(family, **kwargs)
     tokens = model.to_tokens(PROMPT)
     with torch.no_grad():
-        expected = hf(tokens).logits[0, -1]
+        return model, tokens, hf(tokens).logits[0, -1]
+
+
+@pytest.mark.parametrize("family", ["olmo2", "olmo3"])
+def test_the_studys_generation_runs_olmo_in_bfloat16_with_hugging_faces_logits(family):
+    """The failure study's greedy generation forwards under the same repairs as every cage_lens call:
+    its next-token logits equal Hugging Face's bfloat16 logits bit for bit, and no hook stays on the model."""
+    from cage_lens.study.cases import _last_logits
+
+    model, tokens, expected = _olmo_in_bfloat16(family)
     assert torch.equal(_last_logits(adapt(model), [tokens[0].tolist()], pad=0)[0], expected)
     assert hook_count(model) == 0
 
@@ -150,15 +155,8 @@ def test_olmo_runs_in_bfloat16_with_hugging_faces_logits(family):
     cannot multiply the pattern with the values; cage_lens casts them back where OLMo's own code does
     (hook_rot_q/k), during its calls only: the target value equals Hugging Face's bfloat16 logit bit for
     bit, and no hook stays on the model."""
-    if family not in supported_families():
-        pytest.skip(f"no {family} conversion on this TL line")
-    kwargs = dict(n_layers=2, d_model=64, dtype=torch.bfloat16, init_scale=0.02)
-    hf = random_hf_model(family, **kwargs)
-    model = random_model(family, **kwargs)
-    tokens = model.to_tokens(PROMPT)
-    with torch.no_grad():
-        expected = hf(tokens).logits[0, -1, 5]
+    model, tokens, expected = _olmo_in_bfloat16(family)
     for rules in ("attnlrp", "cplrp"):
         a = cage_lens.attribute(model, tokens, target=5, rules=rules)
-        assert torch.equal(a.target_value[0], expected) and bool(torch.isfinite(a.token_relevance).all())
+        assert torch.equal(a.target_value[0], expected[5]) and bool(torch.isfinite(a.token_relevance).all())
     assert hook_count(model) == 0 and adapt(model).certificate.passed

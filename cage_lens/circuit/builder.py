@@ -40,7 +40,7 @@ from cage_lens.core.certificate import certify_or_warn
 from cage_lens.core.precision import check_precision
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import InputError
-from cage_lens.planning import choose_long_context
+from cage_lens.planning import check_long_context, choose_long_context
 from cage_lens.inputs import check_number, resolve_positions, single_prompt
 from cage_lens.persist import provenance
 from cage_lens.targets import Target
@@ -140,8 +140,7 @@ def circuit_graph(
     tokens = single_prompt(model, inputs, prepend_bos, "circuit_graph")[0]
     (pos,) = resolve_positions(position, [tokens.shape[0]])
     spec = Target.build(model, 1, target, contrast, mode)
-    if long_context not in (None, True, False):
-        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
+    check_long_context(long_context)
     if long_context is None:
         long_context = choose_long_context(adapter.model, tokens.shape[0], "circuit_graph", rules=rule_set)
     state = capture_state(adapter, tokens, pos, spec, rule_set, bool(long_context), neurons=levels == "neurons")

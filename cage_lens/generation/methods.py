@@ -41,7 +41,7 @@ from cage_lens.core.recompute import long_context as long_context_mode
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, InputError, NumericalError
 from cage_lens.generation.spans import Span, check_tiling, token_spans
-from cage_lens.planning import plan_cage_table
+from cage_lens.planning import check_long_context, plan_cage_table
 from cage_lens.inputs import TokenBatch, check_number, check_token_ids, single_sequence, special_token_id
 from cage_lens.targets import Target, resolve_token
 
@@ -172,10 +172,13 @@ def plan_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size:
     """How an LRP-family table runs (:func:`cage_lens.planning.plan_cage_table`): the pass and the rows
     differentiated at once (at most ``chunk_size``), the fastest that fits the memory available; a table
     that fits neither way is refused before it starts unless ``long_context`` is given."""
-    if long_context not in (None, True, False):
-        raise InputError(f"long_context must be None, True or False, got {long_context!r}")
+    _, Y = check_sequence(model, tokens, n_prompt)
+    return _plan_of(model, n_prompt, Y, rules, chunk_size, long_context)
+
+
+def _plan_of(model, n_prompt: int, Y: int, rules: "str | RuleSet", chunk_size: int, long_context: bool | None):
+    check_long_context(long_context)
     chunk_size = check_number(chunk_size, "chunk_size", low=1, integer=True)
-    tokens, Y = check_sequence(model, tokens, n_prompt)
     return plan_cage_table(model, n_prompt, Y, rules=resolve_rules(rules), most_rows=chunk_size,
                            long_context=long_context)
 
@@ -186,8 +189,8 @@ def _lrp_table(model, tokens, n_prompt: int, rules: "str | RuleSet", chunk_size:
     adapter.check_eval_mode()
     rules = resolve_rules(rules)
     certify_or_warn(adapter)
-    plan = plan_table(model, tokens, n_prompt, rules, chunk_size, long_context)
     tokens, Y = check_sequence(model, tokens, n_prompt)
+    plan = _plan_of(model, n_prompt, Y, rules, chunk_size, long_context)
     table = torch.zeros(Y, tokens.shape[1], dtype=torch.float64)
     for rows in _chunks(range(Y), plan.rows):
         length = n_prompt + rows[-1]  # the longest prefix in the chunk: positions < P + t
