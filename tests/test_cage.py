@@ -257,6 +257,26 @@ def test_cage_bad_inputs():
         cage(model, PROMPT, completion=" mary", granularity="paragraph")
 
 
+def test_cage_refuses_an_option_its_method_does_not_take():
+    """A misspelt or foreign option is refused before anything runs, naming the method's options;
+    a callable that takes ``**options`` receives every option."""
+    model = tiny()
+    with pytest.raises(InputError, match=r"^method 'attnlrp' has no option 'chunk_sise'; its options: chunk_size, long_context$"):
+        cage(model, PROMPT, completion=" mary", chunk_sise=2)
+    with pytest.raises(InputError, match=r"method 'attention' has no option 'steps'; its options: none"):
+        cage(model, PROMPT, completion=" mary", method="attention", steps=4)
+    with pytest.raises(InputError, match=r"method 'occlusion' has no option 'long_context'; its options: spans, baseline, chunk_size"):
+        cage(model, PROMPT, completion=" mary", method="occlusion", long_context=True)
+    seen = {}
+
+    def uniform(model, tokens, n_prompt, **options):
+        seen.update(options)
+        return torch.ones(tokens.shape[1] - n_prompt, tokens.shape[1]).tril(n_prompt - 1)
+
+    cage(model, PROMPT, completion=" mary", method=uniform, flavour="any")
+    assert seen == {"flavour": "any"}
+
+
 def test_cage_reports_rows_without_positive_mass():
     def negative(model, tokens, n_prompt, **_):
         table = torch.ones(tokens.shape[1] - n_prompt, tokens.shape[1])

@@ -5,6 +5,7 @@ eager attention computes, operation by operation; bridges' retained patterns do 
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -242,3 +243,42 @@ def test_long_context_must_be_a_flag():
             cage_lens.attribute(model, "the cat", long_context=bad)
         with pytest.raises(cage_lens.InputError, match="long_context must be None, True or False"):
             cage_lens.circuit_graph(model, "the cat", long_context=bad)
+
+
+# ---------------------------------------------------------------------------- memory freed when no longer needed
+def _cyclic_garbage(call) -> list[str]:
+    """The tensors (and deferred-attention plans) that only Python's cyclic collector would free after
+    ``call``: they stay alive, taking memory, until it happens to run."""
+    gc.collect()
+    gc.disable()
+    try:
+        call()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return sorted(f"{type(o).__name__}{tuple(o.shape) if isinstance(o, torch.Tensor) else ''}"
+                      for o in gc.garbage if isinstance(o, (torch.Tensor, recompute._Plan)))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+@pytest.mark.parametrize("what", ["attribute", "attribute long_context", "circuit_graph", "cage"])
+def test_a_call_leaves_nothing_for_the_cyclic_collector(what, small_chunks):
+    """Every tensor a call allocates is freed by reference counting. A reference cycle (a recursive
+    closure capturing a deferred attention's plan, hooks that reach their own installation) kept a
+    layer's q, k and v, or a call's captured activations, alive until Python's cyclic collector ran,
+    which a backward, allocating few Python objects, rarely triggers: at 2,052 tokens on a 12-layer
+    Qwen3-1.7B-shaped bf16 model the long-context attribute peaked at 2.15 GB with the cycles and 0.91 GB
+    without them (docs/long_context.md#memory)."""
+    model = random_model("qwen3", n_layers=2)
+    tokens = _tokens()
+    calls = {
+        "attribute": lambda: cage_lens.attribute(model, tokens, target=5, long_context=False),
+        "attribute long_context": lambda: cage_lens.attribute(model, tokens, target=5, long_context=True),
+        "circuit_graph": lambda: cage_lens.circuit_graph(model, tokens, target=5, long_context=True),
+        "cage": lambda: cage_lens.cage(model, tokens[:, :N_POS - 3], completion=tokens[0, N_POS - 3:], long_context=True),
+    }
+    assert _cyclic_garbage(calls[what]) == []
+    if what != "attribute":
+        assert small_chunks["products"] > 0   # the deferred attention ran

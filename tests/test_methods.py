@@ -42,7 +42,8 @@ def test_registry_and_unknown_name():
 @pytest.mark.parametrize("name", ["attnlrp", "cplrp", "input_x_gradient", "integrated_gradients", "attention", "occlusion", "clp"])
 def test_shape_and_causality(name):
     model, tokens, P = setup()
-    table = methods.METHODS[name](model, tokens, P, steps=4, chunk_size=16)
+    options = {"attention": {}, "integrated_gradients": {"steps": 4, "chunk_size": 16}}.get(name, {"chunk_size": 16})
+    table = methods.METHODS[name](model, tokens, P, **options)
     Y, T = len(COMPLETION), tokens.shape[1]
     assert table.shape == (Y, T) and torch.isfinite(table).all()
     for t in range(Y):

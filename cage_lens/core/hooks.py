@@ -187,6 +187,9 @@ def installed(adapter: ModelAdapter, hooks: Sequence) -> Iterator[Installation]:
     finally:
         for remove in reversed(inst.handles):
             remove()
+        # the removers reach the hooks and the hooks this installation: a reference cycle that would keep
+        # everything the hooks captured (a call's activations) alive until Python's cyclic collector runs
+        inst.handles.clear()
         adapter.call_hooks.difference_update(ids)
 
 

@@ -274,17 +274,17 @@ _ALONG_KEYS = {"softmax", "log_softmax", "_softmax"}
 _REDUCTIONS = {"all", "any", "amax", "amin", "sum", "logsumexp"}
 
 
+# No recursive closures in this module: a nested function that calls itself is a reference cycle
+# (function ↔ closure cell) that keeps what it captures (a plan and its q, k, v) alive until Python's
+# cyclic collector runs, which a backward, allocating few Python objects, rarely triggers.
 def _deferred_args(args, kwargs) -> list[_Deferred]:
-    found = []
-
-    def visit(a):
+    found, stack = [], [args, tuple(kwargs.values())]
+    while stack:
+        a = stack.pop()
         if isinstance(a, _Deferred):
             found.append(a)
         elif isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-    visit(args)
-    visit(tuple(kwargs.values()))
+            stack += reversed(a)
     return found
 
 
@@ -334,17 +334,7 @@ def _record(plan: _Plan, func, name: str, args, kwargs) -> "_Deferred | None":
     if in_place:
         func = getattr(torch.Tensor, _IN_PLACE[name])
 
-    def ref(a):
-        if isinstance(a, _Deferred):
-            return _Ref("node", a.node, False)
-        if isinstance(a, torch.Tensor):
-            rows = a.dim() >= 2 and a.shape[-2] == plan.n_rows and plan.n_rows > 1
-            return plan.input_ref(a, rows)
-        if isinstance(a, (list, tuple)):
-            return type(a)(ref(x) for x in a)
-        return a
-
-    node_args, node_kwargs = ref(args), {k: ref(v) for k, v in kwargs.items()}
+    node_args, node_kwargs = _as_ref(plan, args), {k: _as_ref(plan, v) for k, v in kwargs.items()}
     # shape and dtype from the first row (also proves the operation runs on these arguments)
     probe = _Node(func, node_args, node_kwargs, torch.Size(()), torch.float32)
     plan.nodes.append(probe)
@@ -362,6 +352,18 @@ def _record(plan: _Plan, func, name: str, args, kwargs) -> "_Deferred | None":
         target.node = len(plan.nodes) - 1
         return target
     return _Deferred(plan, len(plan.nodes) - 1)
+
+
+def _as_ref(plan: _Plan, a):
+    """An argument of a recorded operation: a deferred tensor or a real tensor as a :class:`_Ref`, else itself."""
+    if isinstance(a, _Deferred):
+        return _Ref("node", a.node, False)
+    if isinstance(a, torch.Tensor):
+        rows = a.dim() >= 2 and a.shape[-2] == plan.n_rows and plan.n_rows > 1
+        return plan.input_ref(a, rows)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_as_ref(plan, x) for x in a)
+    return a
 
 
 def _input_rows(plan: _Plan, ref: _Ref, start: int, stop: int) -> torch.Tensor:

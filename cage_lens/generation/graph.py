@@ -322,6 +322,21 @@ def _node_spans(model, tokens, n_prompt: int, granularity) -> list[Span] | None:
     return spans
 
 
+def _check_options(fn: Callable, method, options: dict) -> None:
+    """Refuse an option the method does not take (a misspelt ``chunk_sise=`` would otherwise be ignored)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):   # a callable whose signature Python cannot read: it decides itself
+        return
+    unknown = [name for name in options if not _accepts(fn, name)]
+    if unknown:
+        taken = [p.name for p in params
+                 if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)]
+        label = method if isinstance(method, str) else getattr(method, "__name__", "the method")
+        raise InputError(f"method {label!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(taken) or 'none'}")
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
@@ -361,6 +376,7 @@ def cage(
     check_sequence(model, tokens, n_prompt)
     check_normalization(normalize)
     fn = get_method(method)
+    _check_options(fn, method, method_options)
     spans = _node_spans(model, tokens, n_prompt, granularity)
     if spans is not None and _accepts(fn, "spans"):
         method_options.setdefault("spans", spans)

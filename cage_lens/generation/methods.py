@@ -207,22 +207,22 @@ LRP_METHODS = {"attnlrp": "attnlrp", "cplrp": "cplrp", "input_x_gradient": "gxi"
 
 
 @register("attnlrp")
-def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, long_context: bool | None = None,
-            **_) -> Float[torch.Tensor, "Y T"]:
+def attnlrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK,
+            long_context: bool | None = None) -> Float[torch.Tensor, "Y T"]:
     """AttnLRP (docs/rules.md) relevance of every earlier position for each generated token's log-prob."""
     return _lrp_table(model, tokens, n_prompt, "attnlrp", chunk_size, long_context)
 
 
 @register("cplrp")
-def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, long_context: bool | None = None,
-          **_) -> Float[torch.Tensor, "Y T"]:
+def cplrp(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK,
+          long_context: bool | None = None) -> Float[torch.Tensor, "Y T"]:
     """CP-LRP (docs/rules.md): no relevance through the softmax."""
     return _lrp_table(model, tokens, n_prompt, "cplrp", chunk_size, long_context)
 
 
 @register("input_x_gradient")
-def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK, long_context: bool | None = None,
-                     **_) -> Float[torch.Tensor, "Y T"]:
+def input_x_gradient(model, tokens, n_prompt: int, *, chunk_size: int = DEFAULT_CHUNK,
+                     long_context: bool | None = None) -> Float[torch.Tensor, "Y T"]:
     """Plain Gradient×Input of the token and position embeddings."""
     return _lrp_table(model, tokens, n_prompt, "gxi", chunk_size, long_context)
 
@@ -292,7 +292,7 @@ def _ig_table(model, tokens, n_prompt, steps, baseline, chunk_size) -> Float[tor
 
 @register("integrated_gradients")
 def integrated_gradients(
-    model, tokens, n_prompt: int, *, steps: int = 20, baseline: str | int = "eos", chunk_size: int = DEFAULT_CHUNK, **_
+    model, tokens, n_prompt: int, *, steps: int = 20, baseline: str | int = "eos", chunk_size: int = DEFAULT_CHUNK
 ) -> Float[torch.Tensor, "Y T"]:
     """Integrated Gradients of each generated token's log-prob (the CAGE paper's base method):
     token embeddings interpolated from the EOS embedding (position embeddings kept), Gauss–Legendre
@@ -302,7 +302,7 @@ def integrated_gradients(
 
 # ---------------------------------------------------------------------------- attention
 @register("attention")
-def attention(model, tokens, n_prompt: int, **_) -> Float[torch.Tensor, "Y T"]:
+def attention(model, tokens, n_prompt: int) -> Float[torch.Tensor, "Y T"]:
     """Attention weights of the query position that predicts each generated token, averaged over
     layers and heads (one forward)."""
     adapter = adapt(model)
@@ -324,7 +324,7 @@ def attention(model, tokens, n_prompt: int, **_) -> Float[torch.Tensor, "Y T"]:
 
 
 @register("attention_x_ig")
-def attention_x_ig(model, tokens, n_prompt: int, *, steps: int = 20, chunk_size: int = DEFAULT_CHUNK, **_):
+def attention_x_ig(model, tokens, n_prompt: int, *, steps: int = 20, chunk_size: int = DEFAULT_CHUNK):
     """Attention (mean over layers and heads) times Integrated Gradients, element-wise (a CAGE paper base method)."""
     return attention(model, tokens, n_prompt) * integrated_gradients(model, tokens, n_prompt, steps=steps, chunk_size=chunk_size)
 
@@ -378,7 +378,7 @@ def _perturbation_spans(spans, T: int) -> list[Span]:
 
 @register("occlusion")
 def occlusion(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, baseline: str | int = "eos",
-              chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+              chunk_size: int = DEFAULT_CHUNK) -> Float[torch.Tensor, "Y T"]:
     """Leave-one-span-out (a CAGE paper base method): replace a span by as many EOS tokens; score of the span for
     generated token t = log p(t | original prefix) − log p(t | perturbed prefix). One teacher-forced
     forward per span gives every row (the prefix of row t only sees the span's part before t).
@@ -393,7 +393,7 @@ def occlusion(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = No
 
 @register("clp")
 def clp(model, tokens, n_prompt: int, *, spans: Sequence[Span] | None = None, baseline: str | int = "eos",
-        chunk_size: int = DEFAULT_CHUNK, **_) -> Float[torch.Tensor, "Y T"]:
+        chunk_size: int = DEFAULT_CHUNK) -> Float[torch.Tensor, "Y T"]:
     """Contextual leave-one-out with a KL measure (a CAGE paper base method): the same span ablation as
     :func:`occlusion`, scored by KL(p(·| original prefix) ‖ p(·| perturbed prefix)) of the next-token
     distribution at each generated position (≥ 0)."""
