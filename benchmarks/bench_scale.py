@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--memory", default="22G", help="memory a row may use in all, weights included (default 22G)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured row")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds a row may run")
-    parser.add_argument("--redo", action="store_true", help="measure again the rows cached in bench_scale.json")
+    parser.add_argument("--redo", action="store_true", help="measure again the cached rows this run measures (--measure-models, --measure-tokens)")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "TOKENS", "WHAT", "THREADS"))
     add_arguments(parser)
     args = parser.parse_args()
@@ -196,14 +196,15 @@ def main() -> None:
         for n_tokens in args.tokens:
             for what in args.what:
                 key = f"{name}|{n_tokens}|{what}"
+                redo = args.redo and _measured_in_this_run(name, n_tokens, args)   # other rows stay as cached
                 weights = _estimate(name, n_tokens, what, None).weights_bytes
-                cached = cache.get(key) if not args.redo else None
+                cached = cache.get(key) if not redo else None
                 est = _estimate(name, n_tokens, what, memory - weights, cached)
                 row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
                        "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
                        "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,
                        "rows_estimate": est.rows}
-                if key in cache and "cpu_s" in cache[key] and not args.redo:
+                if key in cache and "cpu_s" in cache[key] and not redo:
                     cache[key].update(row)   # the estimate columns follow the current estimate
                     continue
                 if not est.fits:

@@ -80,3 +80,32 @@ def test_the_watch_waits_for_a_lagging_average_to_settle(monkeypatch):
     busy = harness.LoadWatch(interval=0.01).start(settle=0)
     busy.stop()
     assert "at the start" in busy.problem()
+
+
+def test_bench_scale_redo_measures_again_only_the_rows_of_this_run(tmp_path, monkeypatch):
+    """``--redo`` with ``--measure-models`` measures that model's rows again and keeps every other
+    measured row of the cache (it once dropped them all)."""
+    import json
+
+    import bench_scale
+
+    cache = tmp_path / "bench_scale.json"
+    kept = {"cpu_s": 50.0, "wall_s": 51.0, "peak_gb": 1.86, "command": "python benchmarks/bench_scale.py (earlier)"}
+    cache.write_text(json.dumps({"Qwen3-1.7B|512|study case": kept, "Qwen3-0.6B|512|study case": {**kept, "cpu_s": 1.0}}))
+    monkeypatch.setattr(bench_scale, "CACHE", cache)
+    monkeypatch.setattr(bench_scale, "RESULTS", tmp_path)
+    measured = []
+
+    def fake_child(script, argv, memory, timeout):
+        measured.append(argv[:3])
+        return {"cpu_s": 28.0, "wall_s": 28.5, "peak_gb": 1.47, "process_peak_gb": 2.6, "long_context": False}
+
+    monkeypatch.setattr(bench_scale, "child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["bench_scale.py", "--models", "Qwen3-0.6B", "Qwen3-1.7B", "--tokens", "512",
+                                      "--what", "study case", "--measure-models", "Qwen3-0.6B", "--redo", "--allow-busy"])
+    bench_scale.main()
+    rows = json.loads(cache.read_text())
+    assert measured == [["Qwen3-0.6B", "512", "study case"]]
+    assert rows["Qwen3-0.6B|512|study case"]["cpu_s"] == 28.0
+    assert {k: rows["Qwen3-1.7B|512|study case"][k] for k in kept} == kept
+    assert "| Qwen3-1.7B | 512 | study case | 3.20 | 50 | 51 | 1.86 |" in (tmp_path / "bench_scale.md").read_text()
