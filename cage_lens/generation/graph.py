@@ -328,7 +328,9 @@ def _check_options(fn: Callable, method, options: dict) -> None:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):   # a callable whose signature Python cannot read: it decides itself
         return
-    unknown = [name for name in options if not _accepts(fn, name)]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    unknown = [name for name in options if name not in {p.name for p in params}]
     if unknown:
         taken = [p.name for p in params
                  if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)]
