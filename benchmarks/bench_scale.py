@@ -101,8 +101,7 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
 
     import cage_lens
     from cage_lens.core.adapter import adapt
-    from cage_lens.core.engine import logits_at
-    from cage_lens.core.hooks import session
+    from cage_lens.study.cases import _last_logits
 
     model = build(name, n_tokens)
     vocab = len(model.tokenizer)
@@ -111,10 +110,9 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
 
     def study_case():
         sequence = tokens
-        with session(adapt(model), grad=False):   # the study's generation: a forward per step, the last row unembedded
-            for _ in range(STUDY_STEPS):
-                last = logits_at(adapt(model), sequence, [sequence.shape[1] - 1])[0, :vocab]
-                sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)
+        for _ in range(STUDY_STEPS):   # the study's own generation step: a forward, the last row unembedded
+            last = _last_logits(adapt(model), [sequence[0].tolist()], pad=0)[0, :vocab]
+            sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)
         top2 = last.topk(2).indices.tolist()
         return cage_lens.attribute(model, sequence, target=top2[0], contrast=top2[1], strict=False)
 

@@ -185,14 +185,22 @@ class _Plan:
         return values[node]
 
 
+# No recursive closures in this module: a nested function that calls itself is a reference cycle
+# (function ↔ closure cell) that keeps what it captures (a plan and its q, k, v) alive until Python's
+# cyclic collector runs, which a backward, allocating few Python objects, rarely triggers.
 def _refs(n: _Node) -> list[_Ref]:
-    out, stack = [], [n.args, tuple(n.kwargs.values())]
+    return _nested((n.args, tuple(n.kwargs.values())), _Ref)
+
+
+def _nested(values, kind: type) -> list:
+    """The items of type ``kind`` anywhere in nested lists and tuples."""
+    out, stack = [], [values]
     while stack:
         a = stack.pop()
-        if isinstance(a, _Ref):
+        if isinstance(a, kind):
             out.append(a)
         elif isinstance(a, (list, tuple)):
-            stack += list(a)
+            stack += reversed(a)
     return out
 
 
@@ -274,18 +282,8 @@ _ALONG_KEYS = {"softmax", "log_softmax", "_softmax"}
 _REDUCTIONS = {"all", "any", "amax", "amin", "sum", "logsumexp"}
 
 
-# No recursive closures in this module: a nested function that calls itself is a reference cycle
-# (function ↔ closure cell) that keeps what it captures (a plan and its q, k, v) alive until Python's
-# cyclic collector runs, which a backward, allocating few Python objects, rarely triggers.
 def _deferred_args(args, kwargs) -> list[_Deferred]:
-    found, stack = [], [args, tuple(kwargs.values())]
-    while stack:
-        a = stack.pop()
-        if isinstance(a, _Deferred):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            stack += reversed(a)
-    return found
+    return _nested((args, tuple(kwargs.values())), _Deferred)
 
 
 def _materialize(d: _Deferred) -> torch.Tensor:

@@ -324,13 +324,10 @@ def _node_spans(model, tokens, n_prompt: int, granularity) -> list[Span] | None:
 
 def _check_options(fn: Callable, method, options: dict) -> None:
     """Refuse an option the method does not take (a misspelt ``chunk_sise=`` would otherwise be ignored)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):   # a callable whose signature Python cannot read: it decides itself
+    params = _parameters(fn)
+    if params is None:   # a callable whose signature Python cannot read: it decides itself
         return
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    unknown = [name for name in options if name not in {p.name for p in params}]
+    unknown = [name for name in options if not _takes(params, name)]
     if unknown:
         taken = [p.name for p in params
                  if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)]
@@ -339,12 +336,19 @@ def _check_options(fn: Callable, method, options: dict) -> None:
                          f"its options: {', '.join(taken) or 'none'}")
 
 
-def _accepts(fn: Callable, name: str) -> bool:
+def _parameters(fn: Callable) -> list[inspect.Parameter] | None:
     try:
-        params = inspect.signature(fn).parameters.values()
+        return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return False
+        return None
+
+
+def _takes(params: list[inspect.Parameter], name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    return _takes(_parameters(fn) or [], name)
 
 
 def cage(
