@@ -368,11 +368,12 @@ def cage(
 
     Args:
         model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
-        prompt: a string (tokenised with ``model.to_tokens``, BOS as the model does) or token ids.
+        prompt: a string (tokenised by the input gate, :mod:`cage_lens.inputs`: the ids ``model.to_tokens``
+            gives, BOS as the model does, refused where TransformerLens would truncate or map an unknown word) or token ids.
         max_new_tokens: greedy-generate this many tokens …
         completion: … or teacher-force this continuation (string or ids).
         method: a name in :data:`cage_lens.generation.methods.METHODS` or a callable with the same signature.
-        granularity: ``"token"`` (prompt nodes align with ``model.to_tokens(prompt)[0]``),
+        granularity: ``"token"`` (prompt nodes align with the prompt's tokens, as the input gate gives them),
             ``"sentence"`` (built-in splitter; token scores summed per block) or explicit ``(start, end)``
             spans tiling the whole sequence, or only the prompt (generated tokens then stay single nodes).
         normalize: ``"paper"``, ``"signed"`` or ``"none"`` (see :func:`normalize_table`).
