@@ -155,13 +155,40 @@ def _parse_gb(text: str) -> float:
     return float(text.upper().rstrip("GB")) * 2**30
 
 
-def _rates(rows: dict) -> dict[str, float]:
-    """Seconds per floating-point operation of the time model, per computation (geometric mean)."""
-    logs: dict[str, list[float]] = {}
-    for row in rows.values():
-        if "cpu_s" in row and row.get("flops"):
-            logs.setdefault(row["what"], []).append(math.log(row["cpu_s"] / row["flops"]))
-    return {what: math.exp(sum(v) / len(v)) for what, v in logs.items()}
+#: attention weights tried by the fit: an operation of the attention (scores, softmax, mixing) costs
+#: ``weight`` operations of the blocks' matrix products
+ATTENTION_WEIGHTS = [1.0 + 0.05 * i for i in range(381)]   # 1 … 20
+
+
+def _weighted_ops(row: dict, weight: float) -> float:
+    return row["flops"] * (1.0 + (weight - 1.0) * row.get("attention_share", 0.0))
+
+
+def _scaling_law(rows: dict) -> tuple[float, dict[str, float]]:
+    """The law that turns the time model's operations into seconds: one attention weight for all rows
+    (eager attention is a chain of memory-bound ``[head, T, T]`` steps, slower per operation than the
+    blocks' matrix products) and one rate per computation (geometric mean), fitted together by least
+    squares on the logarithm of the measured CPU seconds."""
+    measured = [row for row in rows.values() if "cpu_s" in row and row.get("flops")]
+
+    def fit(weight: float) -> tuple[float, dict[str, float]]:
+        logs: dict[str, list[float]] = {}
+        for row in measured:
+            logs.setdefault(row["what"], []).append(math.log(row["cpu_s"] / _weighted_ops(row, weight)))
+        means = {what: sum(v) / len(v) for what, v in logs.items()}
+        residual = sum((math.log(row["cpu_s"] / _weighted_ops(row, weight)) - means[row["what"]]) ** 2
+                       for row in measured)
+        return residual, {what: math.exp(m) for what, m in means.items()}
+
+    if not measured:
+        return 1.0, {}
+    weight = min(ATTENTION_WEIGHTS, key=lambda w: fit(w)[0])
+    return weight, fit(weight)[1]
+
+
+def _predicted_seconds(row: dict, weight: float, rates: dict[str, float]) -> float | None:
+    rate = rates.get(row["what"])
+    return rate * _weighted_ops(row, weight) if rate else None
 
 
 def main() -> None:
@@ -201,7 +228,7 @@ def main() -> None:
                 row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
                        "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
                        "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,
-                       "rows_estimate": est.rows}
+                       "attention_share": est.attention_share, "rows_estimate": est.rows}
                 if key in cache and "cpu_s" in cache[key] and not redo:
                     cache[key].update(row)   # the estimate columns follow the current estimate
                     continue
@@ -244,7 +271,7 @@ def table(cache: dict, args) -> str:
 
     from cage_lens.loading import has_hooked_transformer
 
-    rates = _rates(cache)
+    weight, rates = _scaling_law(cache)
     line = "TL 2.18 (HookedTransformer)" if has_hooked_transformer() else "TL 4.3 (TransformerBridge)"
     out = ["# cage_lens at the seeds' sizes (random weights, real configurations, bfloat16)", "",
            f"Command: `{_command()}` "
@@ -256,9 +283,11 @@ def table(cache: dict, args) -> str:
     out += [
            "Peak = resident memory above the loaded weights; **lc** = the long-context mode (chosen by the estimate "
            "for the memory left beside the weights); est./meas. = the estimate's peak over the measured one. "
-           "Seconds of estimated rows = the time model's floating-point operations × the rate fitted on the measured "
-           "rows of the same computation:", ""]
-    out += [f"- {what}: {rate * 1e12:.3g} s per 10¹² operations of the time model" for what, rate in sorted(rates.items())]
+           "Estimated s = the time model's floating-point operations, those of the attention weighted "
+           f"{weight:.2f}×, times the rate of the computation, both fitted on the measured rows (least squares on "
+           "log seconds); its ratio to the measured CPU seconds spans "
+           f"{_fit_span(cache, weight, rates)} on them:", ""]
+    out += [f"- {what}: {rate * 1e12:.3g} s per 10¹² weighted operations" for what, rate in sorted(rates.items())]
     out += ["", "| model | tokens | computation | weights GB | measured CPU s | wall s | peak GB | estimate GB | "
             "est./meas. | estimated s | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in MODELS:
@@ -267,8 +296,8 @@ def table(cache: dict, args) -> str:
                 row = cache.get(f"{name}|{n_tokens}|{what}")
                 if row is None:
                     continue
-                rate = rates.get(what)
-                guess = f"{rate * row['flops']:.0f}" if rate else "—"
+                seconds = _predicted_seconds(row, weight, rates)
+                guess = "—" if seconds is None else f"{seconds:.0f}"
                 mode = " lc" if row.get("long_context", row.get("long_context_estimate")) else ""
                 if what == "cage table" and (rows := row.get("rows_at_once", row.get("rows_estimate"))):
                     mode += f" ({rows} rows at once)"
@@ -283,6 +312,12 @@ def table(cache: dict, args) -> str:
                     out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | — | — | — | "
                                f"{row['estimate_gb']:.2f} | — | {guess} | {note[:160]} |")
     return "\n".join(out)
+
+
+def _fit_span(cache: dict, weight: float, rates: dict[str, float]) -> str:
+    ratios = [_predicted_seconds(row, weight, rates) / row["cpu_s"] for row in cache.values()
+              if "cpu_s" in row and row.get("flops") and row["what"] in rates]
+    return f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "—"
 
 
 if __name__ == "__main__":

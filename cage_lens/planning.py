@@ -133,9 +133,12 @@ CAGE_ATTENTION_CHUNKS = 0.75 * ATTENTION_CHUNKS
 #: configuration at 2,048 tokens, 28 layers)
 CAGE_LONG_CONTEXT_KEPT = (2.0, 1.0)
 #: a row's backward in the CAGE table's long-context pass, in units of the default pass's (two forwards):
-#: the attention's row chunks are divided among the rows and each runs its own backward (measured: Qwen3-0.6B's
-#: configuration in bfloat16, 2,048 tokens, 8 rows at once, 946 s against 84 s for one attribution)
-CAGE_LONG_CONTEXT_ROW_COST = 1.9
+#: ``1 + CAGE_LONG_CONTEXT_ROW_ATTENTION × (the attention's share of a forward)``. The attention's row chunks
+#: are divided among the rows and each row runs their backward on its own, while the blocks' matrix
+#: products stay batched over the rows: the extra cost follows the attention's share. Fitted on the
+#: measured CAGE rows of benchmarks/results/bench_scale.md together with the benchmark's attention weight
+#: (Qwen3-0.6B's configuration at 2,048 tokens, share 0.35: 946 s; Qwen3-8B's at 512, share 0.02: 345 s)
+CAGE_LONG_CONTEXT_ROW_ATTENTION = 5.0
 
 
 # ---------------------------------------------------------------------------- the model's shape
@@ -261,6 +264,12 @@ class Estimate:
         return self.shape.weights_bytes
 
     @property
+    def attention_share(self) -> float:
+        """The attention's share (scores and mixing, ``4·T²·heads·d_head`` per layer) of a forward's
+        floating-point operations: what grows quadratically with the prompt."""
+        return _attention_share(self.shape, self.n_tokens)
+
+    @property
     def fits(self) -> bool:
         """Whether the peak stays within :data:`FIT_FRACTION` of the memory available (unknown: yes)."""
         return self.available_bytes is None or self.peak_bytes <= FIT_FRACTION * self.available_bytes
@@ -277,7 +286,8 @@ class Estimate:
         return {"what": self.what, "n_tokens": self.n_tokens, "rules": self.rules, "long_context": self.long_context,
                 "rows": self.rows,
                 "peak_bytes": self.peak_bytes, "weights_bytes": self.weights_bytes, "time_forwards": self.time_forwards,
-                "forward_flops": self.forward_flops, "available_bytes": self.available_bytes, "fits": self.fits,
+                "forward_flops": self.forward_flops, "attention_share": self.attention_share,
+                "available_bytes": self.available_bytes, "fits": self.fits,
                 "parts": dict(self.parts), "shape": self.shape.describe()}
 
 
@@ -478,7 +488,7 @@ def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int
         closed_form = 16.0 * T * T * s.n_heads * s.d_head * s.n_layers / _forward_flops(s, T, 1)
         return one + closed_form
     if what == "cage":   # per chunk of rows: one forward and a backward (two forwards) per row; the generation
-        row = 2.0 * (CAGE_LONG_CONTEXT_ROW_COST if lc else 1.0)
+        row = 2.0 * ((1.0 + CAGE_LONG_CONTEXT_ROW_ATTENTION * attention) if lc else 1.0)
         return math.ceil(new_tokens / rows) * (one - 2.0 + row * rows) + 1.0
     return one + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
 

@@ -109,3 +109,26 @@ def test_bench_scale_redo_measures_again_only_the_rows_of_this_run(tmp_path, mon
     assert rows["Qwen3-0.6B|512|study case"]["cpu_s"] == 28.0
     assert {k: rows["Qwen3-1.7B|512|study case"][k] for k in kept} == kept
     assert "| Qwen3-1.7B | 512 | study case | 3.20 | 50 | 51 | 1.86 |" in (tmp_path / "bench_scale.md").read_text()
+
+
+def test_bench_scale_scaling_law_recovers_the_attention_weight_and_the_rates():
+    """Rows timed by a known law (attention operations 6.5× the blocks', a rate per computation) give that
+    law back; with the weight mutated to 1 the fit leaves a residual."""
+    import math
+
+    import bench_scale
+
+    rates = {"attribute": 4e-12, "cage table": 3e-12}
+    rows = {}
+    for i, (what, share) in enumerate([(w, s) for w in rates for s in (0.02, 0.12, 0.35, 0.6)]):
+        flops = 1e13 * (1 + i)
+        rows[str(i)] = {"what": what, "flops": flops, "attention_share": share,
+                        "cpu_s": rates[what] * flops * (1 + 5.5 * share)}
+    rows["unmeasured"] = {"what": "attribute", "flops": 1e14, "attention_share": 0.9}
+    weight, fitted = bench_scale._scaling_law(rows)
+    assert weight == pytest.approx(6.5, abs=1e-9)
+    assert fitted == pytest.approx(rates, rel=1e-9)
+    assert bench_scale._predicted_seconds(rows["unmeasured"], weight, fitted) == pytest.approx(4e-12 * 1e14 * (1 + 5.5 * 0.9))
+    assert bench_scale._fit_span(rows, weight, fitted) == "1.00–1.00"
+    residual = [math.log(r["cpu_s"] / bench_scale._weighted_ops(r, 1.0)) for r in rows.values() if "cpu_s" in r]
+    assert max(residual) - min(residual) > 1.0

@@ -60,6 +60,28 @@ def test_the_long_context_pass_is_the_smaller_one_at_length_and_time_counts_its_
     assert chosen.long_context and chosen.fits and chosen.peak_bytes == long.peak_bytes
 
 
+#: Qwen3-8B's configuration (the model card's config.json)
+QWEN3_8B = {**QWEN3_0_6B, "num_hidden_layers": 36, "hidden_size": 4096, "num_attention_heads": 32,
+            "intermediate_size": 12288, "tie_word_embeddings": False}
+
+
+def test_the_long_context_cage_rows_cost_follows_the_attention_share_as_measured():
+    """The CAGE table's long-context pass (8 generated tokens, 8 rows at once) over one attribution,
+    measured in benchmarks/results/bench_scale.md (bfloat16, 1 thread): Qwen3-0.6B's configuration at
+    2,048 tokens (the attention 35 % of a forward) 946 s against 84 s; Qwen3-8B's at 512 (2 %) 345 s
+    against 74 s. The time model's ratio follows the measured one by the same factor at both shares
+    (within 15 %: the two timings are single runs); a constant row cost (1.9×) was off by 2.4× between them."""
+    measured = {(QWEN3_0_6B["hidden_size"], 2048): 946 / 84, (QWEN3_8B["hidden_size"], 512): 345 / 74}
+    over = []
+    for config, n_tokens in ((QWEN3_0_6B, 2048), (QWEN3_8B, 512)):
+        table = cage_lens.estimate(config, n_tokens, "cage", new_tokens=8, rows=8, long_context=True)
+        one = cage_lens.estimate(config, n_tokens, long_context=False)
+        over.append(table.time_forwards / one.time_forwards / measured[config["hidden_size"], n_tokens])
+    assert over[0] / over[1] == pytest.approx(1.0, rel=0.15)
+    assert table.attention_share == pytest.approx(4 * 512 * 32 * 128 / (4 * 512 * 32 * 128 + 2 * (
+        4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 12288)), rel=0.05)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"n_tokens": 0}, "n_tokens must be a positive int"),
     ({"n_tokens": float("nan")}, "n_tokens must be a positive int, got nan"),
