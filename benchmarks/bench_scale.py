@@ -222,13 +222,7 @@ def main() -> None:
             for what in args.what:
                 key = f"{name}|{n_tokens}|{what}"
                 redo = args.redo and _measured_in_this_run(name, n_tokens, args)   # other rows stay as cached
-                weights = _estimate(name, n_tokens, what, None).weights_bytes
-                cached = cache.get(key) if not redo else None
-                est = _estimate(name, n_tokens, what, memory - weights, cached)
-                row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
-                       "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
-                       "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,
-                       "attention_share": est.attention_share, "rows_estimate": est.rows}
+                row, est, weights = _estimate_columns(name, n_tokens, what, memory, cache.get(key) if not redo else None)
                 if key in cache and "cpu_s" in cache[key] and not redo:
                     cache[key].update(row)   # the estimate columns follow the current estimate
                     continue
@@ -251,8 +245,23 @@ def main() -> None:
                 CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
                 print("  ", json.dumps(cache[key]), flush=True)
     watch.stop()
+    for key, row in cache.items():   # rows outside this run's selection: their estimate columns follow the estimate too
+        name, n_tokens, what = key.split("|")
+        if name in MODELS and what in WHATS:
+            row.update(_estimate_columns(name, int(n_tokens), what, memory, row)[0])
     CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))   # the estimate columns as the table shows them
     write_results(RESULTS / "bench_scale.md", table(cache, args), watch, args.allow_busy)
+
+
+def _estimate_columns(name: str, n_tokens: int, what: str, memory: float, cached: dict | None):
+    """A row's estimate columns (peak, pass, operations of the time model), its estimate and the weights' bytes."""
+    weights = _estimate(name, n_tokens, what, None).weights_bytes
+    est = _estimate(name, n_tokens, what, memory - weights, cached)
+    row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
+           "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
+           "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,
+           "attention_share": est.attention_share, "rows_estimate": est.rows}
+    return row, est, weights
 
 
 def _command() -> str:

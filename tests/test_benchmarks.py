@@ -111,6 +111,33 @@ def test_bench_scale_redo_measures_again_only_the_rows_of_this_run(tmp_path, mon
     assert "| Qwen3-1.7B | 512 | study case | 3.20 | 50 | 51 | 1.86 |" in (tmp_path / "bench_scale.md").read_text()
 
 
+def test_bench_scale_refreshes_the_estimate_of_rows_outside_the_run(tmp_path, monkeypatch):
+    """A run restricted by ``--what`` still brings every cached row's estimate columns up to date: the
+    time law is fitted on all measured rows, and rows written before a column existed (the attention's
+    share) were once fitted without it."""
+    import json
+
+    import cage_lens
+    import bench_scale
+
+    cache = tmp_path / "bench_scale.json"
+    old = {"model": "Qwen3-0.6B", "tokens": 512, "what": "attribute", "cpu_s": 8.0, "wall_s": 9.0, "peak_gb": 1.44,
+           "long_context": False, "flops": 1.0, "command": "python benchmarks/bench_scale.py (earlier)"}
+    cache.write_text(json.dumps({"Qwen3-0.6B|512|attribute": old}))
+    monkeypatch.setattr(bench_scale, "CACHE", cache)
+    monkeypatch.setattr(bench_scale, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_scale, "child", lambda *a, **k: pytest.fail("nothing is measured in this run"))
+    monkeypatch.setattr(sys, "argv", ["bench_scale.py", "--models", "Qwen3-0.6B", "--tokens", "512", "--what", "study case",
+                                      "--measure-models", "--allow-busy"])
+    bench_scale.main()
+    row = json.loads(cache.read_text())["Qwen3-0.6B|512|attribute"]
+    expected = cage_lens.estimate({**bench_scale.MODELS["Qwen3-0.6B"], "torch_dtype": "bfloat16"}, 512, "attribute",
+                                  long_context=False, line="bridge")
+    assert row["attention_share"] == pytest.approx(expected.attention_share) and 0.1 < row["attention_share"] < 0.2
+    assert row["flops"] == pytest.approx(expected.time_forwards * expected.forward_flops)
+    assert row["cpu_s"] == 8.0
+
+
 def test_bench_scale_scaling_law_recovers_the_attention_weight_and_the_rates():
     """Rows timed by a known law (attention operations 6.5× the blocks', a rate per computation) give that
     law back; with the weight mutated to 1 the fit leaves a residual."""

@@ -15,7 +15,7 @@ from cage_lens.circuit.graph import CircuitGraph
 from cage_lens.circuit.builder import circuit_graph
 from cage_lens.metrics import gini
 from cage_lens.circuit.pruning import prune_edges
-from cage_lens.errors import InputError
+from cage_lens.errors import InputError, UnsupportedModelError
 from cage_lens.testing import MODEL_KINDS, random_model
 from conftest import float32_inside
 
@@ -94,6 +94,20 @@ def test_long_context_graph_equals_the_default_graph(kind):
         torch.testing.assert_close(long.edge_matrix(source, target), one.edge_matrix(source, target),
                                    rtol=0, atol=1e-12)  # float64: rounding of the row-chunked attention
     assert torch.is_grad_enabled()
+
+
+def test_fast_refuses_a_sliding_window_shorter_than_the_prompt():
+    """A window of W positions hides the keys W or more back, which the closed form would count: it is
+    refused below the prompt's length, and at it (nothing hidden) it equals the autograd reference."""
+    tokens = torch.arange(3, 15)
+    short = random_model("mistral", sliding_window=len(tokens) - 1)
+    with pytest.raises(UnsupportedModelError, match=r"^method='fast' cannot compute these edges: blocks\.0 attends over "
+                       r"a sliding window of 11 positions, shorter than the prompt \(12\); use method='autograd'$"):
+        circuit_graph(short, tokens, 5, **ALL)
+    assert circuit_graph(short, tokens, 5, method="autograd", **ALL).n_pos == 12
+    whole = random_model("mistral", sliding_window=len(tokens))
+    _assert_agreement(circuit_graph(whole, tokens, 5, levels="half", **ALL),
+                      circuit_graph(whole, tokens, 5, levels="half", method="autograd", **ALL), graph_tol(whole))
 
 
 # ---------------------------------------------------------------------------- identities (docs/graphs.md#identities)

@@ -5,6 +5,7 @@ touches the user's model, and OLMo's bfloat16 forward runs on TL 4's bridge."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch
 import cage_lens
 from cage_lens.core.adapter import adapt
 from cage_lens.core.precision import UNIT_ROUNDOFF, upcast_copy
-from cage_lens.errors import InputError
+from cage_lens.circuit.closed_form import _check_pattern
+from cage_lens.errors import InputError, UnsupportedModelError
 from cage_lens.testing import random_hf_model, random_model, supported_families
 from conftest import PROMPT, hook_count
 
@@ -123,6 +125,48 @@ def test_16_bit_relevance_is_accurate_to_rounding(family, dtype):
         reference = cage_lens.attribute(reference_model, tokens, target=5, rules=rules).token_relevance
         error = relative_error(native, reference)
         assert error <= 16 * UNIT_ROUNDOFF[dtype] and pearson(native, reference) >= 0.999, (rules, error)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_closed_forms_attention_check_allows_an_ulp_and_refuses_a_window(dtype):
+    """The closed form checks that its attention reproduces the model's head outputs z
+    (docs/graphs.md#closed-form). A 16-bit z summed in another order can be an ulp of its largest entry
+    away (bfloat16: up to 0.0078 of it), which a float32 tolerance (1e-3) refused; a window hiding
+    the keys 16 or more back moves z by far more than the allowed four unit roundoffs."""
+    generator = torch.Generator().manual_seed(0)
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    scores = torch.randn(2, 64, 64, generator=generator)
+    pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1).to(dtype)            # [head, row, key]
+    v = torch.randn(64, 2, 16, generator=generator).to(dtype)                              # [key, head, d]
+    z = torch.einsum("hrp,phd->rhd", pattern, v).contiguous()
+    largest = int(z.abs().argmax())
+    ulp = 2.0 ** math.floor(math.log2(abs(float(z.view(-1)[largest])))) * torch.finfo(dtype).eps
+    off = z.clone()
+    off.view(-1)[largest] += ulp                                                           # exact in dtype
+    assert float((off - z).abs().max()) == ulp and ulp / float(z.abs().max()) > (1e-3 if dtype == torch.bfloat16 else 4e-4)
+    _check_pattern(pattern, v, off)
+    window = causal & ~torch.ones(64, 64, dtype=torch.bool).tril(-16)
+    windowed = scores.masked_fill(~window, float("-inf")).softmax(-1).to(dtype)
+    with pytest.raises(UnsupportedModelError, match="method='fast' cannot reproduce this model's attention"):
+        _check_pattern(pattern, v, torch.einsum("hrp,phd->rhd", windowed, v))
+
+
+def test_the_fast_graph_runs_16_bit_models_at_length_and_conserves_to_rounding():
+    """A checkpoint-wide bfloat16 model at a long prompt (OLMo-3 at 2,048 tokens on the bridge, Llama at
+    512 on TL 2.18, whose attention is 0.0018–0.0070 of the largest z away from the recomputation: the
+    float32 tolerance refused it): each source's outgoing edges sum to its relevance within 8 unit
+    roundoffs (measured ≤ 3.2)."""
+    family, n = ("olmo3", 2048) if "olmo3" in supported_families() else ("llama", 512)
+    model = random_model(family, n_layers=2, d_model=1024, n_heads=8, n_kv_heads=8, init_scale=0.02, biases=False,
+                         dtype=torch.bfloat16, n_ctx=n)
+    tokens = torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(0))
+    for rules in ("attnlrp", "cplrp"):
+        graph = cage_lens.circuit_graph(model, tokens, target=5, rules=rules, levels="block", node_threshold=None,
+                                        top_p=None, dense_limit=n)
+        for edges in graph.edge_sets:
+            outgoing = graph.edge_matrix(edges.source, edges.target).sum(0)
+            error = relative_error(outgoing, graph.node_relevance(edges.source))
+            assert error <= 8 * UNIT_ROUNDOFF[torch.bfloat16], (rules, edges.source, error)
 
 
 # ---------------------------------------------------------------------------- OLMo on TL 4's bridge

@@ -412,7 +412,7 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
         rho=rho, scale=adapter.score_scale(layer) or 1.0, softcap=site.attn_softcap,
     )
     state.plain = not bool(state.v_bias.any()) and _rho_is_one(adapter, layer, "attn", rules)
-    state.problem = _fast_problem(adapter, layer, rules)
+    state.problem = _fast_problem(adapter, layer, x.shape[0])
     if state.problem is not None:
         return state
     found = _queries_and_keys(adapter, layer, act, bias, rules)
@@ -441,7 +441,10 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
     return state
 
 
-def _fast_problem(adapter: ModelAdapter, layer: int, rules: RuleSet) -> str | None:
+def _fast_problem(adapter: ModelAdapter, layer: int, n_pos: int) -> str | None:
     if adapter.score_scale(layer) is None:
         return f"the attention score scale of blocks.{layer} cannot be read"
+    window = adapter.attention_window(layer)
+    if window is not None and window < n_pos:
+        return f"blocks.{layer} attends over a sliding window of {window} positions, shorter than the prompt ({n_pos})"
     return None

@@ -509,6 +509,19 @@ class ModelAdapter:
                 return site
         return None
 
+    def attention_window(self, layer: int) -> int | None:
+        """How many positions up to and including its own each query of ``layer`` attends to (a sliding
+        window), or None when it attends to every earlier position."""
+        if not self.arch.is_bridge:
+            cfg = self.model.cfg
+            local = getattr(cfg, "use_local_attn", False) and (cfg.attn_types or [])[layer] == "local"
+            return int(cfg.window_size) if local and cfg.window_size else None
+        hf = getattr(self.model.blocks[layer].attn, "original_component", None)
+        # Hugging Face: a per-layer ``sliding_window`` on the module, or (Mistral) the config's for every layer
+        window = getattr(hf, "sliding_window") if hasattr(hf, "sliding_window") else \
+            getattr(getattr(hf, "config", None), "sliding_window", None)
+        return int(window) if isinstance(window, int) and window > 0 else None
+
     def score_scale(self, layer: int) -> float | None:
         """The factor multiplying ``q·k`` in the attention scores of ``layer`` (None: unknown)."""
         attn = self.model.blocks[layer].attn
