@@ -14,8 +14,8 @@ checkpoints are initialised), in bfloat16:
 
 A case holds the bfloat16 model and its float64 copy at once, 10 bytes per parameter: the default
 cases stay under ~7 GB (Gemma-3-1B with half of its layers, OLMo-3-7B with 2 layers and a 32,000-token
-vocabulary); 28-layer Qwen3-0.6B at 2,048 tokens is run with 4 layers (its float64 attention patterns
-alone would take 15 GB).
+vocabulary, at 256 and at 2,048 tokens); 28-layer Qwen3-0.6B at 2,048 tokens is run with 4 layers (its
+float64 attention patterns alone would take 15 GB).
 
 Per case (one subprocess each: ``--cases``; ``NAME:LAYERS:TOKENS[:VOCAB]``): the bfloat16 model's
 completeness certificate with default settings; then a float64 copy of the *same rounded weights and
@@ -67,7 +67,8 @@ SHAPES = {
     "olmo3-7b": ("olmo3", dict(d_model=4096, n_heads=32, n_kv_heads=32, d_mlp=11008, d_vocab=100278),
                  dict(rms_norm_eps=1e-6)),
 }
-DEFAULT_CASES = ["qwen3-0.6b:28:256", "qwen3-0.6b:4:2048", "gemma3-1b:13:256", "olmo3-7b:2:256:32000"]
+DEFAULT_CASES = ["qwen3-0.6b:28:256", "qwen3-0.6b:4:2048", "gemma3-1b:13:256", "olmo3-7b:2:256:32000",
+                 "olmo3-7b:2:2048:32000"]
 RULES = ("attnlrp", "cplrp")
 UNIT_ROUNDOFF_BF16 = 2.0**-8
 PATHS = ("bfloat16", "bf16, rules in float32", 'precision="float32"')

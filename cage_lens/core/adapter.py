@@ -514,7 +514,8 @@ class ModelAdapter:
         window), or None when it attends to every earlier position."""
         if not self.arch.is_bridge:
             cfg = self.model.cfg
-            local = getattr(cfg, "use_local_attn", False) and (cfg.attn_types or [])[layer] == "local"
+            types = getattr(cfg, "attn_types", None) or ["local"] * self.arch.n_layers   # unnamed: every layer local
+            local = getattr(cfg, "use_local_attn", False) and types[layer] == "local"
             return int(cfg.window_size) if local and cfg.window_size else None
         hf = getattr(self.model.blocks[layer].attn, "original_component", None)
         # Hugging Face: a per-layer ``sliding_window`` on the module, or (Mistral) the config's for every layer
