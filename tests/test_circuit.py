@@ -96,18 +96,24 @@ def test_long_context_graph_equals_the_default_graph(kind):
     assert torch.is_grad_enabled()
 
 
-def test_fast_refuses_a_sliding_window_shorter_than_the_prompt():
-    """A window of W positions hides the keys W or more back, which the closed form would count: it is
-    refused below the prompt's length, and at it (nothing hidden) it equals the autograd reference."""
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("window", [3, 11, 12])
+def test_fast_equals_autograd_under_a_sliding_window(family, window):
+    """A sliding window of W positions hides the keys W or more back (Mistral: every layer; Gemma-2:
+    every other layer, with soft-caps): the closed form masks them as the model does, so on a 12-token
+    prompt it equals the autograd reference for windows shorter than the prompt and as long as it."""
     tokens = torch.arange(3, 15)
-    short = random_model("mistral", sliding_window=len(tokens) - 1)
-    with pytest.raises(UnsupportedModelError, match=r"^method='fast' cannot compute these edges: blocks\.0 attends over "
-                       r"a sliding window of 11 positions, shorter than the prompt \(12\); use method='autograd'$"):
-        circuit_graph(short, tokens, 5, **ALL)
-    assert circuit_graph(short, tokens, 5, method="autograd", **ALL).n_pos == 12
-    whole = random_model("mistral", sliding_window=len(tokens))
-    _assert_agreement(circuit_graph(whole, tokens, 5, levels="half", **ALL),
-                      circuit_graph(whole, tokens, 5, levels="half", method="autograd", **ALL), graph_tol(whole))
+    model = random_model(family, sliding_window=window)
+    assert adapt(model).attention_window(0) == window
+    for rules in ("attnlrp", "cplrp"):
+        options = dict(rules=rules, levels="half", **ALL)
+        _assert_agreement(circuit_graph(model, tokens, 5, **options),
+                          circuit_graph(model, tokens, 5, method="autograd", batch_size=64, **options), graph_tol(model))
+    if window < len(tokens):   # the window matters: the closed form without it is refused by its own check
+        with pytest.raises(UnsupportedModelError, match="method='fast' cannot reproduce this model's attention"):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(adapt(model).__class__, "attention_window", lambda self, layer: None)
+                circuit_graph(model, tokens, 5, **ALL)
 
 
 # ---------------------------------------------------------------------------- identities (docs/graphs.md#identities)

@@ -13,7 +13,8 @@ stored gradients, the edge ``A[j,i] = Σ_k x_i,k ∂⟨out_j, g_j⟩/∂x_i,k`` 
 where ``q, k, v`` are the rule set's gradient factors, ``s`` the score scale, ``D_h[j,i] =
 P_h[j,i] (u_h[j,i] − Σ_m P_h[j,m] u_h[j,m])`` the gradient of the (capped) scores and ``D̃ = D · r``
 with ``r`` the soft-cap's factor (``post/pre`` under the identity rule, ``1 − tanh²`` under the
-gradient rule, 1 without a cap). Causal mask: entries above the diagonal are zero; GQA: query heads
+gradient rule, 1 without a cap). Causal mask: entries above the diagonal are zero, and under a sliding
+window of ``W`` positions those ``W`` or more below it; GQA: query heads
 share their key/value head; rotary: q and k are taken after rotation. MLPs and norms are token-local,
 so their transitions are diagonal.
 """
@@ -27,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.circuit.levels import Transition
-from cage_lens.circuit.state import AttentionState, ForwardState
+from cage_lens.circuit.state import AttentionState, ForwardState, visible_keys
 from cage_lens.core.precision import UNIT_ROUNDOFF
 from cage_lens.core.rulesets import RuleSet
 from cage_lens.errors import UnsupportedModelError
@@ -193,7 +194,7 @@ def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: R
     rows' head outputs from the pattern (:func:`_check_pattern`)."""
     v, v0 = parts.v[:keys], parts.v0[:keys]
     g_z = att.g_z[rows]                                                      # [row, head, d]
-    causal = torch.arange(keys, device=rows.device)[None, :] <= rows[:, None]  # [row, key]
+    visible = visible_keys(rows, keys, att.window)                           # [row, key]
     if att.q is not None:
         q, k = att.q[rows], parts.k[:keys]
         raw = torch.einsum("rhd,phd->hrp", q, k) * att.scale                 # q·k·scale
@@ -210,7 +211,9 @@ def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: R
         pattern = att.pattern[:, rows, :keys]
     else:
         scores = raw if att.softcap is None else att.softcap * torch.tanh(raw / att.softcap)
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)     # [head, row, key]
+        pattern = scores.masked_fill(~visible, float("-inf")).softmax(-1)    # [head, row, key]
+    if att.window is not None:   # keys outside the window have P = 0 and D = 0; their scores may be −inf
+        raw = raw.masked_fill(~visible, 0.0)
     if check:
         _check_pattern(pattern, v, att.z[rows])
     u = torch.einsum("phd,rhd->hrp", v, g_z)                                 # ⟨v_h(i) W_O, g_j⟩
@@ -229,17 +232,16 @@ def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: R
 
 def _check_pattern(pattern: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> None:
     """The recomputed attention must reproduce the model's own head outputs ``z``; otherwise the
-    model computes attention in a way the closed form does not know (ALiBi, a sliding window shorter
-    than the prompt, …). The tolerance is the dtype's rounding: float64 models may run their softmax in
+    model computes attention in a way the closed form does not know (a position bias it was not told of,
+    a mask other than the causal one and the model's sliding window, …). The tolerance is the dtype's rounding: float64 models may run their softmax in
     float32 inside (HF eager attention), and a 16-bit ``z`` summed in another order differs from the
     recomputation by up to an ulp of its largest entry (measured 0.0017–0.0051 of it in bfloat16), so two
-    ulps (four unit roundoffs) are allowed there; position biases move outputs by far more."""
+    ulps (four unit roundoffs) are allowed there; a position bias or a mask moves outputs by far more."""
     recomputed = torch.einsum("hrp,phd->rhd", pattern, v)
     tol = 1e-5 if z.dtype == torch.float64 else max(1e-3, 4 * UNIT_ROUNDOFF[z.dtype])
     err = float((recomputed - z).abs().max()) / max(float(z.abs().max()), 1e-30)
     if not err <= tol:
         raise UnsupportedModelError(
-            f"method='fast' cannot reproduce this model's attention (relative error {err:.2g}; position biases "
-            "such as ALiBi or a sliding window shorter than the prompt are not in the closed form); "
-            "use method='autograd'"
+            f"method='fast' cannot reproduce this model's attention (relative error {err:.2g}; a position bias "
+            "or an attention mask the closed form does not know); use method='autograd'"
         )

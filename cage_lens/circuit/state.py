@@ -53,6 +53,7 @@ class AttentionState:
     k_bias: Float[torch.Tensor, "pos kv_head d_head"] | None = None
     scale: float = 1.0                             # factor on q·k in the scores
     softcap: float | None = None
+    window: int | None = None                      # sliding window: each query sees this many positions up to its own
     scores: Float[torch.Tensor, "head pos pos"] | None = None   # q·k·scale when q, k are not observable
     pattern: Float[torch.Tensor, "head pos pos"] | None = None  # captured where a position bias (ALiBi) enters
     problem: str | None = None                     # why the closed form cannot be used here
@@ -376,10 +377,18 @@ def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
 
 
-def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q·k·scale`` per head ``[head, query, key]`` with the entries above the diagonal zeroed."""
-    scores = torch.einsum("qhd,khd->hqk", q, _expand_heads(k, q.shape[1])) * scale
-    return scores.tril()
+def visible_keys(queries: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    """``[query, key]``: the keys each query position attends to — the earlier ones, and only the last
+    ``window`` of them (its own included) under a sliding window."""
+    keys = torch.arange(n_keys, device=queries.device)[None, :]
+    visible = keys <= queries[:, None]
+    return visible if window is None else visible & (keys > queries[:, None] - window)
+
+
+def _visible_scores(scores: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[head, query, key]`` scores with the entries no query attends to zeroed (they may hold −inf)."""
+    n = scores.shape[-1]
+    return scores.masked_fill(~visible_keys(torch.arange(n, device=scores.device), n, window), 0.0)
 
 
 def _queries_and_keys(adapter, layer, act, bias, rules):
@@ -395,8 +404,10 @@ def _queries_and_keys(adapter, layer, act, bias, rules):
         return None
     cos, sin = cos.reshape(-1, cos.shape[-1])[-act[site.q].shape[0]:], sin.reshape(-1, sin.shape[-1])[-act[site.q].shape[0]:]
     q, k = _rotate_half(act[site.q], cos, sin), _rotate_half(act[site.k], cos, sin)
-    recomputed = _causal_scores(q, k, adapter.score_scale(layer))
-    captured = scores.tril()
+    window = adapter.attention_window(layer)
+    recomputed = _visible_scores(torch.einsum("qhd,khd->hqk", q, _expand_heads(k, q.shape[1])) * adapter.score_scale(layer),
+                                 window)
+    captured = _visible_scores(scores, window)
     if float((recomputed - captured).abs().max()) > 1e-5 * max(float(captured.abs().max()), 1e-30):
         return None  # not the rotary convention assumed here
     return q, k, _rotate_half(bias[local(site.q)], cos, sin), _rotate_half(bias[local(site.k)], cos, sin)
@@ -410,9 +421,10 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
     state = AttentionState(
         x=x, g_out=grad[site.attn_out], v=act[site.v], z=act[site.z], g_z=grad[site.z], v_bias=bias[local(site.v)],
         rho=rho, scale=adapter.score_scale(layer) or 1.0, softcap=site.attn_softcap,
+        window=adapter.attention_window(layer),
     )
     state.plain = not bool(state.v_bias.any()) and _rho_is_one(adapter, layer, "attn", rules)
-    state.problem = _fast_problem(adapter, layer, x.shape[0])
+    state.problem = _fast_problem(adapter, layer)
     if state.problem is not None:
         return state
     found = _queries_and_keys(adapter, layer, act, bias, rules)
@@ -429,7 +441,7 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
             state.problem = (f"the rotated queries and keys of blocks.{layer} are not observable and the scores alone "
                              "do not determine the edges here (query/key biases or a soft-cap)")
             return state
-        state.scores = scores.tril()   # bias-free q, k: the scores are ⟨q, k⟩·scale
+        state.scores = _visible_scores(scores, state.window)   # bias-free q, k: the scores are ⟨q, k⟩·scale
         return state
     q, k, q_bias, k_bias = found
     if adapter.arch.qk_norm and (rules.norm != "identity" or q_bias.abs().max() > 0 or k_bias.abs().max() > 0):
@@ -441,10 +453,7 @@ def _attention_state(adapter, layer, act, grad, bias, rules) -> AttentionState:
     return state
 
 
-def _fast_problem(adapter: ModelAdapter, layer: int, n_pos: int) -> str | None:
+def _fast_problem(adapter: ModelAdapter, layer: int) -> str | None:
     if adapter.score_scale(layer) is None:
         return f"the attention score scale of blocks.{layer} cannot be read"
-    window = adapter.attention_window(layer)
-    if window is not None and window < n_pos:
-        return f"blocks.{layer} attends over a sliding window of {window} positions, shorter than the prompt ({n_pos})"
     return None
