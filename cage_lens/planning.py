@@ -122,16 +122,19 @@ CAGE_ROWS = 8
 #: (docs/estimate.md#the-cage-table).
 CAGE_ROW_PATTERNS = {("bridge", "attnlrp"): (3.0, 0.0), ("bridge", "cplrp"): (0.0, 1.0), ("bridge", "gxi"): (3.0, 0.0),
                      ("hooked", "attnlrp"): (3.0, 0.0), ("hooked", "cplrp"): (1.0, 0.0), ("hooked", "gxi"): (3.0, 0.0)}
-#: per row of that backward in the long-context pass: MLP-sized float32 gradients of the block being
-#: recomputed, by line and rule set; the attention's row chunks, divided among the rows, hold about three
-#: quarters of a default budget
-CAGE_ROW_LONG_CONTEXT = {("bridge", "attnlrp"): 1.3, ("bridge", "cplrp"): 0.6, ("bridge", "gxi"): 1.3,
-                         ("hooked", "attnlrp"): 2.0, ("hooked", "cplrp"): 1.8, ("hooked", "gxi"): 2.0}
+#: per row of that backward in the long-context pass: float32 (MLP-sized, query-sized) gradients per token,
+#: by line and rule set — AttnLRP's (and G×I's, the same backward) peak is the attention's, whose q-, k-
+#: and v-gradients carry the rows; CP-LRP's detached pattern leaves them small and its MLP's remain.
+#: Fitted on 2-36-layer Qwen3 (0.6B, 1.7B, 8B) and Llama configurations in bfloat16 at 512-4,096 tokens,
+#: every one within 11 % (docs/estimate.md#the-cage-table); the attention's row chunks, divided among the
+#: rows, hold about three quarters of a default budget
+CAGE_ROW_LONG_CONTEXT = {("bridge", "attnlrp"): (0.1, 3.8), ("bridge", "cplrp"): (0.6, 0.5), ("bridge", "gxi"): (0.1, 3.8),
+                         ("hooked", "attnlrp"): (0.0, 5.4), ("hooked", "cplrp"): (0.4, 0.5), ("hooked", "gxi"): (0.0, 5.4)}
 CAGE_ATTENTION_CHUNKS = 0.75 * ATTENTION_CHUNKS
-#: per layer in the CAGE table's long-context pass (residual-, query-sized): the block's input with its
-#: gradient and a query-sized tensor — the table captures only the embeddings (measured on Qwen3-0.6B's
-#: configuration at 2,048 tokens, 28 layers)
-CAGE_LONG_CONTEXT_KEPT = (2.0, 1.0)
+#: per layer in the CAGE table's long-context pass (residual-, query-sized): the block's input, which the
+#: recomputation keeps — the table captures only the embeddings (the measured growth per layer is one
+#: residual-sized tensor in the model's dtype on both lines)
+CAGE_LONG_CONTEXT_KEPT = (1.0, 0.0)
 #: a row's backward in the CAGE table's long-context pass, in units of the default pass's (two forwards):
 #: ``1 + CAGE_LONG_CONTEXT_ROW_ATTENTION × (the attention's share of a forward)``. The attention's row chunks
 #: are divided among the rows and each row runs their backward on its own, while the blocks' matrix
@@ -365,7 +368,8 @@ def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int) -> dict[s
         return parts
     # an eager attention holds what the default pass's top layer holds per row
     parts = _long_context_pass(s, T, rules, 1, CAGE_LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS, row_bytes / 4)
-    parts["rows' gradients"] = rows * CAGE_ROW_LONG_CONTEXT[(s.line, rules)] * 4 * T * s.d_mlp
+    mlp_sized, query_sized = CAGE_ROW_LONG_CONTEXT[(s.line, rules)]
+    parts["rows' gradients"] = rows * 4 * T * (mlp_sized * s.d_mlp + query_sized * s.n_heads * s.d_head)
     return parts
 
 
