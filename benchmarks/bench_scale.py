@@ -69,8 +69,11 @@ CAGE_TOKENS, STUDY_STEPS = 8, 4
 
 
 # ---------------------------------------------------------------------------- one row, in its own process
-def build(name: str, n_tokens: int):
-    """The TL model of ``name`` with random bfloat16 weights (docstring)."""
+def build(name: str, n_tokens: int, device: str = "cpu"):
+    """The TL model of ``name`` with random bfloat16 weights (docstring), on ``device``.
+
+    On cuda the weights are drawn there (from a cuda generator: other numbers than the CPU's, the same
+    distribution), so that an 8B model is built in seconds."""
     import torch
     import transformers
 
@@ -84,68 +87,90 @@ def build(name: str, n_tokens: int):
     extra = {"layer_types": ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]} \
         if model_type == "olmo3" else {}
     config = config_class(**spec, **extra, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, **eager_kwargs()).eval()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for path, p in hf.named_parameters():
             if "norm" in path:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(0.02))
-    return from_hf_model(hf, tiny_tokenizer(), name=name)
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32, device=device).mul_(0.02))
+    return from_hf_model(hf, tiny_tokenizer(), name=name).to(device)
 
 
-def run_row(name: str, n_tokens: int, what: str) -> dict:
+def row_call(model, tokens, what: str):
+    """The computation of a row, as a function of nothing; ``tokens`` is ``[1, n_tokens]`` on the model's device."""
     import torch
 
     import cage_lens
     from cage_lens.core.adapter import adapt
     from cage_lens.study.cases import _last_logits
 
-    model = build(name, n_tokens)
     vocab = len(model.tokenizer)
-    cage_lens.attribute(model, torch.randint(3, vocab, (1, 16)), target=5, strict=False)   # certificate, probes
-    tokens = torch.randint(3, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(n_tokens))
 
     def study_case():
         sequence = tokens
         for _ in range(STUDY_STEPS):   # the study's own generation step: a forward, the last row unembedded
             last = _last_logits(adapt(model), [sequence[0].tolist()], pad=0)[0, :vocab]
-            sequence = torch.cat([sequence, last.argmax().view(1, 1)], dim=1)
+            sequence = torch.cat([sequence, last.argmax().view(1, 1).to(sequence.device)], dim=1)
         top2 = last.topk(2).indices.tolist()
         return cage_lens.attribute(model, sequence, target=top2[0], contrast=top2[1], strict=False)
 
+    completion = torch.randint(3, vocab, (CAGE_TOKENS,)).to(tokens.device)
     calls = {
         "attribute": lambda: cage_lens.attribute(model, tokens, target=5, strict=False),
         "whole graph": lambda: cage_lens.circuit_graph(model, tokens[0], target=5, levels="block", node_threshold=None,
                                                        top_p=0.85, dense_limit=0, strict=False),
         "default graph": lambda: cage_lens.circuit_graph(model, tokens[0], target=5, levels="block", top_p=0.85,
                                                          dense_limit=0, strict=False),
-        "cage table": lambda: cage_lens.cage(model, tokens, completion=torch.randint(3, vocab, (CAGE_TOKENS,))),
+        "cage table": lambda: cage_lens.cage(model, tokens, completion=completion),
         "study case": study_case,
     }
-    stats, out = measured(calls[what])
+    return calls[what]
+
+
+def prepared(name: str, n_tokens: int, device: str = "cpu"):
+    """The row's model, after one short attribution (the certificate's probes), and the row's tokens."""
+    import torch
+
+    import cage_lens
+
+    model = build(name, n_tokens, device)
+    vocab = len(model.tokenizer)
+    cage_lens.attribute(model, torch.randint(3, vocab, (1, 16)).to(device), target=5, strict=False)
+    tokens = torch.randint(3, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(n_tokens))
+    return model, tokens.to(device)
+
+
+def plan_of(out) -> dict:
+    """What a run chose: the long-context mode, the CAGE table's rows at once; and its warnings."""
     meta = getattr(out, "meta", None) or {}
     settings = meta.get("settings", {})
-    stats["long_context"] = bool(settings.get("long_context"))
+    plan = {"long_context": bool(settings.get("long_context"))}
     if "rows_at_once" in settings:   # the CAGE table's plan: generated tokens differentiated at once
-        stats["rows_at_once"] = settings["rows_at_once"]
-    stats["warnings"] = [w[:160] for w in (meta.get("warnings") or getattr(out, "settings", {}).get("warnings") or [])]
-    return stats
+        plan["rows_at_once"] = settings["rows_at_once"]
+    plan["warnings"] = [w[:160] for w in (meta.get("warnings") or getattr(out, "settings", {}).get("warnings") or [])]
+    return plan
+
+
+def run_row(name: str, n_tokens: int, what: str) -> dict:
+    model, tokens = prepared(name, n_tokens)
+    stats, out = measured(row_call(model, tokens, what))
+    return {**stats, **plan_of(out)}
 
 
 # ---------------------------------------------------------------------------- the table
-def _estimate(name: str, n_tokens: int, what: str, available: float, measured: dict | None = None):
-    """The estimate of a row: of the plan the run chose when the row was measured (pass, rows at once),
-    else of the plan the estimate chooses for ``available`` bytes."""
+def estimate_row(name: str, n_tokens: int, what: str, available: float | None, chosen: dict | None = None):
+    """The estimate of a row: of the plan a run ``chosen`` (:func:`plan_of`: pass, rows at once), else of
+    the plan the estimate chooses for ``available`` bytes."""
     import cage_lens
 
     plan = {}
-    if measured and "cpu_s" in measured:
-        plan["long_context"] = bool(measured.get("long_context"))
-        if what == "cage table" and measured.get("rows_at_once"):
-            plan["rows"] = measured["rows_at_once"]
+    if chosen is not None:
+        plan["long_context"] = bool(chosen.get("long_context"))
+        if what == "cage table" and chosen.get("rows_at_once"):
+            plan["rows"] = chosen["rows_at_once"]
     return cage_lens.estimate({**MODELS[name], "torch_dtype": "bfloat16"}, n_tokens, WHATS[what],
                               new_tokens=CAGE_TOKENS if what == "cage table" else STUDY_STEPS,
                               available_bytes=available, line="bridge", **plan)
@@ -255,8 +280,8 @@ def main() -> None:
 
 def _estimate_columns(name: str, n_tokens: int, what: str, memory: float, cached: dict | None):
     """A row's estimate columns (peak, pass, operations of the time model), its estimate and the weights' bytes."""
-    weights = _estimate(name, n_tokens, what, None).weights_bytes
-    est = _estimate(name, n_tokens, what, memory - weights, cached)
+    weights = estimate_row(name, n_tokens, what, None).weights_bytes
+    est = estimate_row(name, n_tokens, what, memory - weights, cached if cached and "cpu_s" in cached else None)
     row = {"model": name, "tokens": n_tokens, "what": what, "estimate_gb": est.peak_bytes / 2**30,
            "weights_gb": weights / 2**30, "long_context_estimate": est.long_context,
            "time_forwards": est.time_forwards, "flops": est.time_forwards * est.forward_flops,

@@ -9,21 +9,38 @@ float32 rounding for float32 models, bfloat16 rounding for the Qwen3-0.6B-shaped
 both wall times are reported. The long-context attributions are also compared with the default pass on
 each device. Models: GPT-2-small-sized (float32) and Qwen3-0.6B-sized (bfloat16, 8 of its 28 layers).
 
+Then bench_scale's rows on cuda: the same models (random weights of the real Qwen3-0.6B, Qwen3-8B and
+OLMo-3-7B configurations, bfloat16, drawn on the GPU), lengths and calls (``bench_scale.row_call``),
+timed, with the peak of cuda memory above the loaded model beside ``cage_lens.estimate``'s peak for the
+plan the run chose (the long-context mode and the CAGE table's rows at once follow the GPU's free
+memory), and the CPU seconds bench_scale measured for the same row (one thread of its machine) where it
+did. A row whose time, predicted from the rows before it (the slowest seconds per operation of the
+estimate's time model seen for that computation and pass), would pass ``--budget`` is not run and says
+so. ``--deadline`` (for a lease of limited time) writes the results so far at that many seconds, marks
+the row in progress as stopped, and exits.
+
 Without a GPU it runs the CPU part at reduced sizes and says that cuda was not available (exit status
 0); the results file is written only when cuda ran:
 
-    python benchmarks/gpu_check.py            # on a machine with a GPU -> results/gpu_check.md
-    python benchmarks/gpu_check.py --quick    # reduced sizes (what a CPU-only run does anyway)
+    python benchmarks/gpu_check.py                  # on a machine with a GPU -> results/gpu_check.md
+    python benchmarks/gpu_check.py --budget 70 --deadline 185 --threads 12   # the committed run (H200)
+    python benchmarks/gpu_check.py --quick          # reduced sizes (what a CPU-only run does anyway)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import threading
 import time
 from pathlib import Path
 
 import torch
 from harness import LoadWatch, add_arguments, environment_line, write_results
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 #: agreement required between devices, relative to the largest CPU value: float32 rounding through a
 #: dozen layers, and bfloat16's (every activation rounded to 8 bits of mantissa)
@@ -82,10 +99,152 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
+class WriteOnce:
+    """The results are written once: when the run ends, or at ``--deadline`` while it runs, whichever comes
+    first (a deadline timer that fired after the end must not add that the run stopped)."""
+
+    def __init__(self, write):
+        self._write, self._lock, self._done = write, threading.Lock(), False
+
+    def __call__(self, **kwargs):
+        """The write's value, or None where the results were written already."""
+        with self._lock:
+            if self._done:
+                return None
+            self._done = True
+            return self._write(**kwargs)
+
+
+def _compared(model, kind: str, tokens: torch.Tensor, against_default, cuda: bool) -> tuple[list[str], bool]:
+    """One row's cells after the tokens (CPU s … within) and whether it agreed within the tolerance."""
+    dtype = next(model.parameters()).dtype
+    cpu_s, cpu_out = _timed(lambda: _run(model, kind, tokens))
+    on_cpu = against_default(cpu_out)
+    cells = [f"{cpu_s:.1f}", "—" if on_cpu is None else f"{on_cpu:.1e}"]
+    checks = [] if on_cpu is None else [on_cpu]
+    if cuda:
+        model.to("cuda")
+        _run(model, kind, tokens[:16])                     # warm-up: kernels, the certificate on cuda
+        cuda_s, cuda_out = _timed(lambda: _run(model, kind, tokens))
+        across, on_cuda = _difference(_values(cpu_out), _values(cuda_out)), against_default(cuda_out)
+        checks += [across] + ([] if on_cuda is None else [on_cuda])
+        cells += [f"{cuda_s:.2f}", f"{across:.1e}", "—" if on_cuda is None else f"{on_cuda:.1e}"]
+    else:
+        cells += ["—", "—", "—"]
+    ok = all(c <= TOLERANCE[dtype] for c in checks)
+    cells.append(("yes" if ok else f"NO (tolerance {TOLERANCE[dtype]:g})") + ("" if cuda else "; cuda not available"))
+    return cells, ok
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0][:160] if str(error) else ""
+
+
+def _against_the_cpu(quick: bool, cuda: bool, out: list[str]) -> int:
+    """The rows of the first part (cuda against the CPU), appended to ``out``; how many rows failed."""
+    out += ["| model | row | tokens | CPU s | lc vs default, CPU (rel.) | cuda s | cuda vs CPU (rel.) | "
+            "lc vs default, cuda (rel.) | within |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(out[-2:]), flush=True)
+    models, failures = _models(quick), 0
+    for name, kind, n_tokens in _rows(quick):
+        model = models[name]()
+        tokens = torch.randint(3, 90, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+        lc_attribution = kind.startswith("attribute") and kind.endswith("lc")
+
+        def against_default(result) -> float | None:
+            return _difference(_values(_run(model, "attribute", tokens)), _values(result)) if lc_attribution else None
+
+        try:
+            cells, ok = _compared(model, kind, tokens, against_default, cuda)
+        except Exception as error:   # a row that fails is a finding: it goes in the table
+            cells, ok = ["—"] * 5 + [f"failed: {type(error).__name__}: {_first_line(error)}"], False
+        failures += not ok
+        cells = [name, kind, str(n_tokens)] + cells
+        out.append("| " + " | ".join(cells) + " |")
+        print(out[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return failures
+
+
+#: bench_scale's rows timed on cuda, cheapest first within each model
+SCALE_ROWS = ([("Qwen3-0.6B", 2048, what) for what in ("attribute", "default graph", "whole graph", "study case",
+                                                         "cage table")]
+              + [("Qwen3-8B", n, what) for n in (2048, 8192) for what in ("attribute", "default graph", "study case",
+                                                                           "whole graph", "cage table")]
+              + [("OLMo-3-7B", 8192, what) for what in ("attribute", "default graph", "study case")])
+
+
+def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cuda") -> None:
+    """The rows of the second part, appended to ``out``: bench_scale's rows on cuda, within ``budget``
+    seconds (``running`` names the row in progress, for the deadline)."""
+    import bench_scale
+
+    cpu_rows = json.loads(bench_scale.CACHE.read_text()) if bench_scale.CACHE.exists() else {}
+    out += ["| model | tokens | computation | cuda s | CPU s (bench_scale, 1 thread) | peak GB (cuda, above the model) | "
+            "estimate GB | est./meas. | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(out[-2:]), flush=True)
+    start, rates, loaded, model, call = time.perf_counter(), {}, None, None, None
+    for name, n_tokens, what in SCALE_ROWS:
+        operations = _operations(bench_scale, name, n_tokens, what)
+        long_context = bench_scale.estimate_row(name, n_tokens, what, torch.cuda.mem_get_info()[0]).long_context
+        seen = (rates.get((what, long_context)) or [r for (w, _), rs in rates.items() if w == what for r in rs]
+                or [r for (_, lc), rs in rates.items() if lc == long_context for r in rs]
+                or [r for rs in rates.values() for r in rs] or [0.0])
+        predicted, left = max(seen) * operations, budget - (time.perf_counter() - start)
+        if predicted > left or left <= 0:
+            out.append(f"| {name} | {n_tokens} | {what} | — | — | — | — | — | not run: predicted "
+                       f"{predicted:.0f} s > {max(left, 0):.0f} s left of --budget {budget:.0f} |")
+            print(out[-1], flush=True)
+            continue
+        running.update(row=(name, n_tokens, what), since=time.perf_counter())
+        try:
+            if loaded != name:
+                model = call = loaded = None   # the last model's memory back before the next is built
+                gc.collect()
+                torch.cuda.empty_cache()
+                model, loaded = bench_scale.prepared(name, 16, device)[0], name
+            tokens = torch.randint(3, len(model.tokenizer), (1, n_tokens),
+                                   generator=torch.Generator().manual_seed(n_tokens)).to(device)
+            call = bench_scale.row_call(model, tokens, what)
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base, free = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
+            seconds, result = _timed(call)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            plan = bench_scale.plan_of(result)
+            del result
+            est = bench_scale.estimate_row(name, n_tokens, what, free, plan).peak_bytes / 2**30
+            rates.setdefault((what, plan["long_context"]), []).append(seconds / operations)
+            cpu = cpu_rows.get(f"{name}|{n_tokens}|{what}", {}).get("cpu_s")
+            mode = " lc" if plan["long_context"] else ""
+            mode += f" ({plan['rows_at_once']} rows at once)" if plan.get("rows_at_once") else ""
+            out.append(f"| {name} | {n_tokens} | {what}{mode} | {seconds:.2f} | {'—' if cpu is None else f'{cpu:.0f}'} | "
+                       f"{peak:.2f} | {est:.2f} | {est / peak:.2f} | {'; '.join(plan['warnings'])[:120]} |")
+        except Exception as error:   # a row that fails on cuda is a finding: it goes in the table
+            out.append(f"| {name} | {n_tokens} | {what} | — | — | — | — | — | failed: {type(error).__name__}: "
+                       f"{_first_line(error)} |")
+            torch.cuda.empty_cache()
+        running.clear()
+        print(out[-1], flush=True)
+
+
+def _operations(bench_scale, name: str, n_tokens: int, what: str) -> float:
+    est = bench_scale.estimate_row(name, n_tokens, what, None)
+    return est.time_forwards * est.forward_flops
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds for bench_scale's rows on cuda")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which the results so far are written, the row in progress is marked "
+                             "as stopped, and the script exits (for a lease of limited time)")
+    parser.add_argument("--results", type=Path, default=RESULTS / "gpu_check.md", help="the results file")
     add_arguments(parser)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -94,50 +253,43 @@ def main() -> int:
     if not cuda:
         print("cuda: NOT available (torch.cuda.is_available() is False): running the CPU part only, at reduced "
               "sizes; nothing is compared with a GPU and no results file is written", flush=True)
+    deadline = f" --deadline {args.deadline:g}" if args.deadline else ""
     out = ["# GPU check: cuda against the CPU", "",
-           f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''}`; {environment_line(args.threads)}"
-           + (f"; {torch.cuda.get_device_name()}" if cuda else "; cuda not available"), "",
-           "| model | row | tokens | CPU s | lc vs default, CPU (rel.) | cuda s | cuda vs CPU (rel.) | "
-           "lc vs default, cuda (rel.) | within |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    print("\n".join(out[2:]), flush=True)
-    watch = LoadWatch(own_threads=args.threads).start()
-    models, failures = _models(quick), 0
-    for name, kind, n_tokens in _rows(quick):
-        model = models[name]()
-        dtype = next(model.parameters()).dtype
-        tokens = torch.randint(3, 90, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
-        lc_attribution = kind.startswith("attribute") and kind.endswith("lc")
+           f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''} --budget {args.budget:g}{deadline}`; "
+           f"{environment_line(args.threads)}" + (f"; {torch.cuda.get_device_name()}" if cuda else "; cuda not available"),
+           "", "## cuda against the CPU", ""]
+    watch, running, failures = LoadWatch(own_threads=args.threads).start(settle=30), {}, [0]
 
-        def against_default(result) -> float | None:
-            return _difference(_values(_run(model, "attribute", tokens)), _values(result)) if lc_attribution else None
+    def write(stopped: bool) -> int:
+        watch.stop()
+        if stopped:
+            if running:
+                name, n_tokens, what = running["row"]
+                out.append(f"| {name} | {n_tokens} | {what} | — | — | — | — | — | stopped: --deadline {args.deadline:g} "
+                           f"s reached after {time.perf_counter() - running['since']:.0f} s of this row |")
+            out.append(f"\nThe run stopped at --deadline {args.deadline:g} s; rows after the last above did not run.")
+        write_results(args.results, "\n".join(out), watch, args.allow_busy)
+        return 1 if failures[0] else 0
 
-        cpu_s, cpu_out = _timed(lambda: _run(model, kind, tokens))
-        on_cpu = against_default(cpu_out)
-        cells = [name, kind, str(n_tokens), f"{cpu_s:.1f}", "—" if on_cpu is None else f"{on_cpu:.1e}"]
-        checks = [] if on_cpu is None else [on_cpu]
-        if cuda:
-            model.to("cuda")
-            _run(model, kind, tokens[:16])                     # warm-up: kernels, the certificate on cuda
-            cuda_s, cuda_out = _timed(lambda: _run(model, kind, tokens))
-            across, on_cuda = _difference(_values(cpu_out), _values(cuda_out)), against_default(cuda_out)
-            checks += [across] + ([] if on_cuda is None else [on_cuda])
-            cells += [f"{cuda_s:.2f}", f"{across:.1e}", "—" if on_cuda is None else f"{on_cuda:.1e}"]
-        else:
-            cells += ["—", "—", "—"]
-        ok = all(c <= TOLERANCE[dtype] for c in checks)
-        failures += not ok
-        cells.append(("yes" if ok else f"NO (tolerance {TOLERANCE[dtype]:g})") + ("" if cuda else "; cuda not available"))
-        out.append("| " + " | ".join(cells) + " |")
-        print(out[-1], flush=True)
-        del model
-        torch.cuda.empty_cache()
-    watch.stop()
+    finish = WriteOnce(write)
+
+    def at_deadline() -> None:
+        status = finish(stopped=True)
+        if status is not None:   # the run was still going: it ends here, with what it has
+            os._exit(status)
+
+    if cuda and args.deadline:
+        timer = threading.Timer(args.deadline, at_deadline)
+        timer.daemon = True
+        timer.start()
+    failures[0] = _against_the_cpu(quick, cuda, out)
     if not cuda:
+        watch.stop()
         print("cuda: NOT available — the CPU part ran (above); run this script on a machine with a GPU to check cuda")
-        return 1 if failures else 0
-    write_results(Path(__file__).resolve().parent / "results" / "gpu_check.md", "\n".join(out), watch, args.allow_busy)
-    return 1 if failures else 0
+        return 1 if failures[0] else 0
+    out += ["", "## bench_scale's rows on cuda", ""]
+    _scale_rows(args.budget, out, running)
+    return finish(stopped=False)
 
 
 if __name__ == "__main__":

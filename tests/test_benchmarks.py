@@ -159,3 +159,15 @@ def test_bench_scale_scaling_law_recovers_the_attention_weight_and_the_rates():
     assert bench_scale._fit_span(rows, weight, fitted) == "1.00–1.00"
     residual = [math.log(r["cpu_s"] / bench_scale._weighted_ops(r, 1.0)) for r in rows.values() if "cpu_s" in r]
     assert max(residual) - min(residual) > 1.0
+
+
+def test_gpu_checks_results_are_written_once_by_the_end_or_the_deadline_whichever_is_first():
+    """On the GPU machine the deadline timer fired after the run had ended and wrote the results again,
+    adding that the run had stopped at the deadline; the second writer now finds them written."""
+    import gpu_check
+
+    writes = []
+    finish = gpu_check.WriteOnce(lambda stopped: writes.append(stopped) or 7)
+    assert finish(stopped=False) == 7 and finish(stopped=True) is None and writes == [False]
+    early = gpu_check.WriteOnce(lambda stopped: writes.append(stopped) or 0)
+    assert early(stopped=True) == 0 and early(stopped=False) is None and writes == [False, True]

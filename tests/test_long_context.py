@@ -282,3 +282,25 @@ def test_a_call_leaves_nothing_for_the_cyclic_collector(what, small_chunks):
     assert _cyclic_garbage(calls[what]) == []
     if what != "attribute":
         assert small_chunks["products"] > 0   # the deferred attention ran
+
+
+def test_the_recomputed_block_is_given_no_key_value_cache_also_when_it_comes_positionally():
+    """Some transformers releases (5.17 among them) hand GPT-2's blocks a cache as the second positional
+    argument: the recomputation in the backward appended its keys a second time (twice the keys of the
+    mask). The forward and its recomputation see no cache, and the gradient is the block's."""
+    from transformers import DynamicCache
+
+    from cage_lens.core.hooks import Installation
+
+    seen = []
+
+    def block(hidden, cache=None, mask=None, past_key_values=None, use_cache=False):
+        seen.append((cache, past_key_values, use_cache))
+        return hidden * hidden   # its backward needs the saved input: the block is recomputed
+
+    hidden = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    out = recompute._checkpointed(block, Installation())(hidden, DynamicCache(), None,
+                                                         past_key_values=DynamicCache(), use_cache=True)
+    out.sum().backward()
+    assert seen == [(None, None, False), (None, None, False)]   # the forward, then its recomputation
+    assert hidden.grad.tolist() == [2.0, 4.0, 6.0, 8.0]

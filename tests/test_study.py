@@ -625,3 +625,23 @@ def test_cli_study_and_report(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert len(study.load(out)) == 6
+
+
+def test_the_generation_steps_logits_are_computed_on_the_models_device():
+    """The study's generation step builds its padded tokens on the CPU; on a GPU model they reached the
+    embedding there ("index is on cpu", found by benchmarks/gpu_check.py on cuda). ``logits_at`` hands
+    the model its tokens, and selects the rows, on the model's device (here the meta device stands in
+    for cuda: a CPU-only machine has no second device with data)."""
+    from types import SimpleNamespace
+
+    from cage_lens.core.engine import logits_at
+
+    seen = []
+
+    def model(tokens):
+        seen.append(tokens.device.type)
+        return torch.zeros(*tokens.shape, 11, device=tokens.device)
+
+    adapter = SimpleNamespace(hook_points={}, call_hooks=set(), device=torch.device("meta"), model=model)
+    logits = logits_at(adapter, torch.tensor([[1, 2, 3], [4, 5, 0]]), [2, 1])
+    assert seen == ["meta"] and logits.device.type == "meta" and tuple(logits.shape) == (2, 11)

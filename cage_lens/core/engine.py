@@ -179,7 +179,8 @@ def select_logits(
 def logits_at(
     adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = ()
 ) -> Float[torch.Tensor, "batch vocab"]:
-    """Logits of row ``b`` at ``positions[b]`` (see :func:`select_logits`)."""
+    """Logits of row ``b`` at ``positions[b]`` (see :func:`select_logits`), with the tokens on the model's device."""
+    tokens = tokens.to(adapter.device)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     where = torch.as_tensor(list(positions), device=tokens.device)
     return select_logits(adapter, tokens, lambda x: x[rows, where][:, None], hooks)[:, 0]

@@ -28,6 +28,7 @@ path's to rounding (docs/long_context.md#equal-to-the-default-path).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -82,10 +83,17 @@ def _replace_forward(module: torch.nn.Module, forward: Callable, replaced: list)
 _CACHE_ARGUMENTS = ("layer_past", "past_key_value", "past_key_values", "cache", "past_kv_cache_entry")
 
 
+def _is_cache(value) -> bool:
+    """A Hugging Face key/value cache, which some blocks take positionally (GPT-2's second argument)."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
+
+
 def _checkpointed(forward: Callable, inst: Installation) -> Callable:
     def run_block(*args, **kwargs):
         if not (torch.is_grad_enabled() and inst.acting()):
             return forward(*args, **kwargs)
+        args = tuple(None if _is_cache(a) else a for a in args)
         for key in _CACHE_ARGUMENTS:
             if kwargs.get(key) is not None:
                 kwargs[key] = None
