@@ -12,6 +12,7 @@ import torch
 
 from cage_lens.core.adapter import adapt
 from cage_lens.circuit.graph import CircuitGraph
+from cage_lens.circuit import closed_form
 from cage_lens.circuit.builder import circuit_graph
 from cage_lens.metrics import gini
 from cage_lens.circuit.pruning import prune_edges
@@ -96,19 +97,32 @@ def test_long_context_graph_equals_the_default_graph(kind):
     assert torch.is_grad_enabled()
 
 
+def test_a_chunk_of_rows_reads_only_the_keys_its_rows_see():
+    """Causal: none after the last row; a window of W: none W or more before the first row."""
+    rows = torch.tensor([7, 8, 9])
+    assert closed_form._key_range(rows, None) == slice(0, 10)
+    assert closed_form._key_range(rows, 3) == slice(5, 10)      # row 7 sees 5, 6, 7
+    assert closed_form._key_range(rows, 100) == slice(0, 10)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
 @pytest.mark.parametrize("window", [3, 11, 12])
-def test_fast_equals_autograd_under_a_sliding_window(family, window):
+@pytest.mark.parametrize("rows_per_chunk", ["all", "one"])
+def test_fast_equals_autograd_under_a_sliding_window(family, window, rows_per_chunk, monkeypatch):
     """A sliding window of W positions hides the keys W or more back (Mistral: every layer; Gemma-2:
     every other layer, with soft-caps): the closed form masks them as the model does, so on a 12-token
-    prompt it equals the autograd reference for windows shorter than the prompt and as long as it."""
+    prompt it equals the autograd reference for windows shorter than the prompt and as long as it. With
+    one row per chunk, each chunk reads only the keys its row sees (``_key_range``)."""
     tokens = torch.arange(3, 15)
     model = random_model(family, sliding_window=window)
     assert adapt(model).attention_window(0) == window
+    reference = {rules: circuit_graph(model, tokens, 5, method="autograd", batch_size=64, rules=rules, levels="half",
+                                      **ALL) for rules in ("attnlrp", "cplrp")}
+    if rows_per_chunk == "one":
+        monkeypatch.setattr(closed_form, "EDGE_BUDGET", 1)
     for rules in ("attnlrp", "cplrp"):
-        options = dict(rules=rules, levels="half", **ALL)
-        _assert_agreement(circuit_graph(model, tokens, 5, **options),
-                          circuit_graph(model, tokens, 5, method="autograd", batch_size=64, **options), graph_tol(model))
+        _assert_agreement(circuit_graph(model, tokens, 5, rules=rules, levels="half", **ALL), reference[rules],
+                          graph_tol(model))
     if window < len(tokens):   # the window matters: the closed form without it is refused by its own check
         with pytest.raises(UnsupportedModelError, match="method='fast' cannot reproduce this model's attention"):
             with pytest.MonkeyPatch.context() as patch:

@@ -161,19 +161,19 @@ def _attention_chunks(state: ForwardState, att: AttentionState, transition: Tran
         if len(chunk) == 0:
             yield start, torch.zeros(0, n_pos, dtype=att.x.dtype)
             return
-        keys = int(chunk.max()) + 1   # keys after the chunk's last query are masked for each of its rows
+        keys = _key_range(chunk, att.window)
         per_head = _head_terms(att, parts, chunk, state.rules, keys, check=start >= last)   # [head, row, key]
         out = torch.zeros(len(chunk), n_pos, dtype=att.x.dtype, device=att.x.device)
         if heads is not None:
-            out[:, :keys] = per_head[heads[start:start + step], torch.arange(len(chunk))]
+            out[:, keys.start:keys.stop] = per_head[heads[start:start + step], torch.arange(len(chunk))]
         else:
             edges = per_head.sum(0)
             if kind == "attention":
-                index = torch.arange(len(chunk))
-                edges[index, chunk] += (att.x[chunk] * att.g_out[chunk]).sum(-1)  # skip: δ_ij ⟨x_j, g_j⟩
+                index, own = torch.arange(len(chunk)), chunk - keys.start
+                edges[index, own] += (att.x[chunk] * att.g_out[chunk]).sum(-1)    # skip: δ_ij ⟨x_j, g_j⟩
                 if branch is not None:
-                    edges[index, chunk] += branch[chunk]                              # parallel MLP branch
-            out[:, :keys] = edges
+                    edges[index, own] += branch[chunk]                                # parallel MLP branch
+            out[:, keys.start:keys.stop] = edges
         yield start, out.cpu()
 
 
@@ -187,28 +187,35 @@ def _softcap_factor(scores: torch.Tensor, cap: float | None, rules: RuleSet) -> 
     return 1.0 - torch.tanh(x).pow(2)
 
 
-def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: RuleSet, keys: int,
+def _key_range(rows: torch.Tensor, window: int | None) -> slice:
+    """The keys some of ``rows`` attend to: none after the last row (causal), none ``window`` or more
+    before the first (a sliding window), so a chunk of late rows under a window of W reads W + chunk keys."""
+    first = 0 if window is None else max(0, int(rows.min()) - window + 1)
+    return slice(first, int(rows.max()) + 1)
+
+
+def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: RuleSet, keys: slice,
                 check: bool = True) -> torch.Tensor:
-    """Per-head attention edges ``[head, row, key]`` without the residual connection, for the first
-    ``keys`` positions (``keys > max(rows)``: the rest is causally zero). ``check`` recomputes the
-    rows' head outputs from the pattern (:func:`_check_pattern`)."""
-    v, v0 = parts.v[:keys], parts.v0[:keys]
+    """Per-head attention edges ``[head, row, key]`` without the residual connection, for the key
+    positions ``keys`` (:func:`_key_range`: the others are zero). ``check`` recomputes the rows' head
+    outputs from the pattern (:func:`_check_pattern`)."""
+    v, v0 = parts.v[keys], parts.v0[keys]
     g_z = att.g_z[rows]                                                      # [row, head, d]
-    visible = visible_keys(rows, keys, att.window)                           # [row, key]
+    visible = visible_keys(rows, keys.stop, att.window, first=keys.start)    # [row, key]
     if att.q is not None:
-        q, k = att.q[rows], parts.k[:keys]
+        q, k = att.q[rows], parts.k[keys]
         raw = torch.einsum("rhd,phd->hrp", q, k) * att.scale                 # q·k·scale
         if att.plain:   # no bias parts, ρ = 1: ⟨q_j, k⁰_i⟩ = ⟨q⁰_j, k_i⟩ = q·k
             key_term = query_term = lambda: raw  # noqa: E731
         else:
-            key_term = lambda: torch.einsum("rhd,phd->hrp", q, parts.k0[:keys]) * att.scale  # noqa: E731
+            key_term = lambda: torch.einsum("rhd,phd->hrp", q, parts.k0[keys]) * att.scale  # noqa: E731
             query_term = lambda: torch.einsum("rhd,phd->hrp", parts.q0[rows], k) * att.scale  # noqa: E731
     else:  # bias-free q, k: ⟨q_j, k⁰_i⟩ = s_ji ρ_i and ⟨q⁰_j, k_i⟩ = s_ji ρ_j
-        raw = att.scores[:, rows, :keys]
-        key_term = lambda: raw * att.rho[None, None, :keys]  # noqa: E731
+        raw = att.scores[:, rows, keys]
+        key_term = lambda: raw * att.rho[None, None, keys]  # noqa: E731
         query_term = lambda: raw * att.rho[rows][None, :, None]  # noqa: E731
     if att.pattern is not None:
-        pattern = att.pattern[:, rows, :keys]
+        pattern = att.pattern[:, rows, keys]
     else:
         scores = raw if att.softcap is None else att.softcap * torch.tanh(raw / att.softcap)
         pattern = scores.masked_fill(~visible, float("-inf")).softmax(-1)    # [head, row, key]
@@ -226,7 +233,7 @@ def _head_terms(att: AttentionState, parts: _Parts, rows: torch.Tensor, rules: R
             edges = edges + rules.k * score_grad * key_term()
         if rules.q:
             query_path = (score_grad * query_term()).sum(-1)                 # [head, row]
-            edges[:, torch.arange(len(rows)), rows] += rules.q * query_path
+            edges[:, torch.arange(len(rows)), rows - keys.start] += rules.q * query_path
     return edges
 
 

@@ -377,10 +377,10 @@ def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
 
 
-def visible_keys(queries: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
-    """``[query, key]``: the keys each query position attends to — the earlier ones, and only the last
-    ``window`` of them (its own included) under a sliding window."""
-    keys = torch.arange(n_keys, device=queries.device)[None, :]
+def visible_keys(queries: torch.Tensor, n_keys: int, window: int | None, first: int = 0) -> torch.Tensor:
+    """``[query, key]`` for the keys ``first … n_keys − 1``: whether each query position attends to the
+    key — the earlier ones, and only the last ``window`` of them (its own included) under a sliding window."""
+    keys = torch.arange(first, n_keys, device=queries.device)[None, :]
     visible = keys <= queries[:, None]
     return visible if window is None else visible & (keys > queries[:, None] - window)
 
