@@ -181,6 +181,8 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
     seconds (``running`` names the row in progress, for the deadline)."""
     import bench_scale
 
+    from cage_lens.planning import free_bytes
+
     cpu_rows = json.loads(bench_scale.CACHE.read_text()) if bench_scale.CACHE.exists() else {}
     out += ["| model | tokens | computation | cuda s | CPU s (bench_scale, 1 thread) | peak GB (cuda, above the model) | "
             "estimate GB | est./meas. | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -188,7 +190,7 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
     start, rates, loaded, model, call = time.perf_counter(), {}, None, None, None
     for name, n_tokens, what in SCALE_ROWS:
         operations = _operations(bench_scale, name, n_tokens, what)
-        long_context = bench_scale.estimate_row(name, n_tokens, what, torch.cuda.mem_get_info()[0]).long_context
+        long_context = bench_scale.estimate_row(name, n_tokens, what, free_bytes(device)).long_context
         seen = (rates.get((what, long_context)) or [r for (w, _), rs in rates.items() if w == what for r in rs]
                 or [r for (_, lc), rs in rates.items() if lc == long_context for r in rs]
                 or [r for rs in rates.values() for r in rs] or [0.0])
@@ -211,7 +213,7 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
             gc.collect()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base, free = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
+            base, free = torch.cuda.memory_allocated(), free_bytes(device)
             seconds, result = _timed(call)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             plan = bench_scale.plan_of(result)

@@ -219,3 +219,22 @@ def test_the_saved_table_is_what_autograd_keeps_on_this_line():
         for rules in ("attnlrp", "cplrp"):
             assert estimate_inventory.per_layer(family, rules, torch.float32) == SAVED[(line, kind, rules, False)], \
                 (line, kind, rules)
+
+
+def test_the_memory_a_gpu_has_free_counts_the_blocks_torchs_allocator_holds_unused(monkeypatch):
+    """The driver counts the blocks torch's caching allocator keeps for reuse as taken, so after earlier
+    calls a plan saw less memory than torch can use (on an H200 the same CAGE table was planned with 8 and
+    with 2 rows at once in two runs after different earlier rows). The plan counts them (fake device
+    numbers: 10 GB free at the driver, 30 GB reserved by torch of which 12 GB in use)."""
+    import torch
+
+    from cage_lens import planning
+
+    gb = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gb, 140 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 12 * gb)
+    monkeypatch.delenv("CAGE_LENS_MAX_MEMORY", raising=False)
+    assert planning.available_memory("cuda:0") == 28 * gb
+    monkeypatch.setenv("CAGE_LENS_MAX_MEMORY", "5G")
+    assert planning.available_memory("cuda:0") == 5 * gb
