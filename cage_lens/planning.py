@@ -308,7 +308,9 @@ def available_memory(device: str = "cpu") -> float | None:
 def free_bytes(device) -> float | None:
     """Free memory on ``device`` (a ``torch.device`` or its name): on CUDA the driver's free memory and the
     blocks torch's caching allocator holds unused (it hands them out again before asking the driver); on
-    the CPU the kernel's ``MemAvailable``; ``None`` when it cannot be read. Imports torch only for CUDA."""
+    the CPU the kernel's ``MemAvailable``; ``None`` when it cannot be read. Imports torch only for CUDA (the
+    core's certificate reads the same through :func:`cage_lens.core.precision.available_bytes`: the core
+    does not import the planner)."""
     name = str(device)
     if name.startswith("cuda"):
         import torch
