@@ -181,7 +181,7 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
     seconds (``running`` names the row in progress, for the deadline)."""
     import bench_scale
 
-    from cage_lens.planning import free_bytes
+    from cage_lens.core.memory import free_bytes
 
     cpu_rows = json.loads(bench_scale.CACHE.read_text()) if bench_scale.CACHE.exists() else {}
     out += ["| model | tokens | computation | cuda s | CPU s (bench_scale, 1 thread) | peak GB (cuda, above the model) | "

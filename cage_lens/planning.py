@@ -39,9 +39,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from cage_lens.core.memory import free_bytes
 from cage_lens.errors import InputError, InsufficientMemoryError
 
-__all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "free_bytes", "choose_long_context",
+__all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
            "check_long_context", "plan_cage_table", "WHATS"]
 
 #: what can be estimated
@@ -300,37 +301,9 @@ def _gb(n: float) -> str:
 
 def available_memory(device: str = "cpu") -> float | None:
     """Bytes the process may still use: ``CAGE_LENS_MAX_MEMORY`` (e.g. ``12G``) when set, else
-    :func:`free_bytes` of the device; ``None`` when unknown."""
+    :func:`cage_lens.core.memory.free_bytes` of the device; ``None`` when unknown."""
     limit = os.environ.get("CAGE_LENS_MAX_MEMORY")
     return _parse_bytes(limit) if limit else free_bytes(device)
-
-
-def free_bytes(device) -> float | None:
-    """Free memory on ``device`` (a ``torch.device`` or its name): on CUDA the driver's free memory and the
-    blocks torch's caching allocator holds unused (it hands them out again before asking the driver); on
-    the CPU the kernel's ``MemAvailable``; ``None`` when it cannot be read. Imports torch only for CUDA (the
-    core's certificate reads the same through :func:`cage_lens.core.precision.available_bytes`: the core
-    does not import the planner)."""
-    name = str(device)
-    if name.startswith("cuda"):
-        import torch
-
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return float(torch.cuda.mem_get_info(device)[0] + cached)
-    if name != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-    return None
 
 
 def _parse_bytes(text: str) -> float:

@@ -342,7 +342,7 @@ def test_a_native_certificate_says_what_it_cannot_exclude(native_probe):
 def test_no_memory_for_the_copy_means_the_native_probe(monkeypatch):
     from cage_lens.core import precision
 
-    monkeypatch.setattr(C, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(C, "free_bytes", lambda device: 1000)
     cert = certify(adapt(small_16bit("gpt2", torch.bfloat16)))
     need = precision.float32_copy_bytes(small_16bit("gpt2", torch.bfloat16))
     assert cert.passed and cert.probe == "torch.bfloat16"

@@ -229,7 +229,7 @@ def test_the_memory_a_gpu_has_free_counts_the_blocks_torchs_allocator_holds_unus
     import torch
 
     from cage_lens import planning
-    from cage_lens.core import precision
+    from cage_lens.core.memory import free_bytes
 
     gb = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gb, 140 * gb))
@@ -237,6 +237,6 @@ def test_the_memory_a_gpu_has_free_counts_the_blocks_torchs_allocator_holds_unus
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 12 * gb)
     monkeypatch.delenv("CAGE_LENS_MAX_MEMORY", raising=False)
     assert planning.available_memory("cuda:0") == 28 * gb
-    assert precision.available_bytes(torch.device("cuda", 0)) == 28 * gb   # the certificate's float32 copy
+    assert free_bytes(torch.device("cuda", 0)) == 28 * gb   # as the certificate's float32 copy reads it
     monkeypatch.setenv("CAGE_LENS_MAX_MEMORY", "5G")
     assert planning.available_memory("cuda:0") == 5 * gb

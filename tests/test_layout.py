@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cage_lens"
 
 #: the LRP core, bottom layer first (docs/rules.md#layers-of-the-core)
-CORE_LAYERS = ["rulesets", "autograd", "precision", "adapter", "hooks", "realise", "recompute", "engine", "certificate", "api"]
+CORE_LAYERS = ["memory", "rulesets", "autograd", "precision", "adapter", "hooks", "realise", "recompute", "engine", "certificate", "api"]
 
 
 def module_names() -> dict[str, Path]:

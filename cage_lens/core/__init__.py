@@ -1,9 +1,11 @@
 """The LRP core: rule sets, the hooks that realise them, the engine that runs them, the certificate
 that vouches for them (docs/rules.md).
 
-The core is ten modules in layers; each imports only modules of the layers below it (never one
+The core is eleven modules in layers; each imports only modules of the layers below it (never one
 above, not even inside a function — ``tests/test_layout.py`` checks it):
 
+0. :mod:`~cage_lens.core.memory` — a device's free memory (torch imported only for CUDA), which the
+   planner and the certificate read.
 1. :mod:`~cage_lens.core.rulesets` — rule sets as data: :class:`RuleSet` (the q/k/v factors, the
    gated split, the norm / activation / soft-cap / router choices), the built-ins ``"attnlrp"``,
    ``"cplrp"``, ``"gxi"`` and their resolution from a name. **A rule factor lives here.**

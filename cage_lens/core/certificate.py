@@ -41,8 +41,9 @@ import torch
 from cage_lens.core import engine
 from cage_lens.core.adapter import ModelAdapter, is_norm_module
 from cage_lens.core.hooks import ModuleHook, ModulePreHook, PointHook, fired_hooks, installed, session
+from cage_lens.core.memory import free_bytes
 from cage_lens.core.precision import (
-    available_bytes, effective_roundoff, float32_copy_bytes, is_low_precision, upcast_copy,
+    effective_roundoff, float32_copy_bytes, is_low_precision, upcast_copy,
 )
 from cage_lens.core.rulesets import CPLRP
 from cage_lens.errors import UnsupportedModelError
@@ -182,7 +183,7 @@ def _certify(adapter: ModelAdapter) -> Certificate:
 
 def _probe_copy(adapter: ModelAdapter) -> tuple[torch.nn.Module | None, str]:
     """An exact float32 copy of a 16-bit model for the probe, or (None, why not)."""
-    need, free = float32_copy_bytes(adapter.model), available_bytes(adapter.device)
+    need, free = float32_copy_bytes(adapter.model), free_bytes(adapter.device)
     if free is None or need > _COPY_SHARE * free:
         have = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
         return None, f"a float32 copy of the weights needs {need / 2**30:.1f} GiB, free memory {have}"

@@ -11,7 +11,6 @@ sees the model as it was).
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
@@ -19,7 +18,7 @@ from cage_lens.errors import InputError
 
 __all__ = [
     "UNIT_ROUNDOFF", "LOW_PRECISION", "PRECISIONS", "effective_roundoff", "is_low_precision", "upcast_copy",
-    "float32_copy_bytes", "available_bytes", "check_precision",
+    "float32_copy_bytes", "check_precision",
 ]
 
 #: unit roundoff u (round to nearest: half the distance from 1 to the next number) of each storage dtype
@@ -56,28 +55,6 @@ def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 def float32_copy_bytes(model: torch.nn.Module) -> int:
     """Bytes of the parameters and buffers of a float32 :func:`upcast_copy` (16-bit ones at 4 bytes per number)."""
     return sum(t.numel() * (4 if is_low_precision(t.dtype) else t.element_size()) for t in _tensors(model))
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: the driver's free memory and the blocks torch's caching allocator
-    holds unused, as :func:`cage_lens.planning.free_bytes`, which the planner reads without importing
-    torch; CPU: the kernel's ``MemAvailable``), or None when it cannot be read."""
-    if device.type == "cuda":
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0] + cached)
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 #: the torch hook dictionaries of a module (keyed by handle id)
