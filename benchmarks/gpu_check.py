@@ -25,6 +25,8 @@ Without a GPU it runs the CPU part at reduced sizes and says that cuda was not a
     python benchmarks/gpu_check.py                  # on a machine with a GPU -> results/gpu_check.md
     python benchmarks/gpu_check.py --budget 70 --deadline 185 --threads 12   # the committed run (H200)
     python benchmarks/gpu_check.py --quick          # reduced sizes (what a CPU-only run does anyway)
+    python benchmarks/gpu_check.py --rows 'Qwen3-8B:8192:attribute' 'OLMo-3-7B:2048:cage table' \
+        --results benchmarks/results/gpu_check_rows.md   # only these rows of the second part
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ SCALE_ROWS = ([("Qwen3-0.6B", 2048, what) for what in ("attribute", "default gra
               + [("OLMo-3-7B", 8192, what) for what in ("attribute", "default graph", "study case")])
 
 
-def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cuda") -> None:
+def _scale_rows(budget: float, out: list[str], running: dict, rows=SCALE_ROWS, device: str = "cuda") -> None:
     """The rows of the second part, appended to ``out``: bench_scale's rows on cuda, within ``budget``
     seconds (``running`` names the row in progress, for the deadline)."""
     import bench_scale
@@ -188,13 +190,11 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
             "estimate GB | est./meas. | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(out[-2:]), flush=True)
     start, rates, loaded, model, call = time.perf_counter(), {}, None, None, None
-    for name, n_tokens, what in SCALE_ROWS:
+    for name, n_tokens, what in rows:
         operations = _operations(bench_scale, name, n_tokens, what)
         long_context = bench_scale.estimate_row(name, n_tokens, what, free_bytes(device)).long_context
-        seen = (rates.get((what, long_context)) or [r for (w, _), rs in rates.items() if w == what for r in rs]
-                or [r for (_, lc), rs in rates.items() if lc == long_context for r in rs]
-                or [r for rs in rates.values() for r in rs] or [0.0])
-        predicted, left = max(seen) * operations, budget - (time.perf_counter() - start)
+        predicted = _predicted_rate(rates, name, what, long_context) * operations
+        left = budget - (time.perf_counter() - start)
         if predicted > left or left <= 0:
             out.append(f"| {name} | {n_tokens} | {what} | — | — | — | — | — | not run: predicted "
                        f"{predicted:.0f} s > {max(left, 0):.0f} s left of --budget {budget:.0f} |")
@@ -219,7 +219,7 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
             plan = bench_scale.plan_of(result)
             del result
             est = bench_scale.estimate_row(name, n_tokens, what, free, plan).peak_bytes / 2**30
-            rates.setdefault((what, plan["long_context"]), []).append(seconds / operations)
+            rates.setdefault((name, what, plan["long_context"]), []).append(seconds / operations)
             cpu = cpu_rows.get(f"{name}|{n_tokens}|{what}", {}).get("cpu_s")
             mode = " lc" if plan["long_context"] else ""
             mode += f" ({plan['rows_at_once']} rows at once)" if plan.get("rows_at_once") else ""
@@ -233,9 +233,36 @@ def _scale_rows(budget: float, out: list[str], running: dict, device: str = "cud
         print(out[-1], flush=True)
 
 
+def _predicted_rate(rates: dict, name: str, what: str, long_context: bool) -> float:
+    """Seconds per operation of the estimate's time model for a row not yet run: the slowest rate seen
+    among the most alike rows run before it — same model first (a small model uses a GPU less well, so its
+    rate overstates a large one's), then same computation, then same pass; 0 before any row ran."""
+    alike = [lambda m, w, lc: (m, w, lc) == (name, what, long_context), lambda m, w, lc: (m, w) == (name, what),
+             lambda m, w, lc: m == name and lc == long_context, lambda m, w, lc: (w, lc) == (what, long_context),
+             lambda m, w, lc: w == what, lambda m, w, lc: lc == long_context, lambda m, w, lc: True]
+    for test in alike:
+        seen = [r for key, rs in rates.items() if test(*key) for r in rs]
+        if seen:
+            return max(seen)
+    return 0.0
+
+
 def _operations(bench_scale, name: str, n_tokens: int, what: str) -> float:
     est = bench_scale.estimate_row(name, n_tokens, what, None)
     return est.time_forwards * est.forward_flops
+
+
+def _scale_row(text: str) -> tuple[str, int, str]:
+    """``MODEL:TOKENS:COMPUTATION`` as a row of the second part (the names bench_scale uses)."""
+    import bench_scale
+
+    name, _, rest = text.partition(":")
+    n_tokens, _, what = rest.partition(":")
+    if name not in bench_scale.MODELS or not n_tokens.isdigit() or what not in bench_scale.WHATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL:TOKENS:COMPUTATION with MODEL one of "
+                                         f"{', '.join(bench_scale.MODELS)} and COMPUTATION one of "
+                                         f"{', '.join(bench_scale.WHATS)}")
+    return name, int(n_tokens), what
 
 
 def main() -> int:
@@ -247,6 +274,9 @@ def main() -> int:
                         help="seconds after which the results so far are written, the row in progress is marked "
                              "as stopped, and the script exits (for a lease of limited time)")
     parser.add_argument("--results", type=Path, default=RESULTS / "gpu_check.md", help="the results file")
+    parser.add_argument("--rows", nargs="+", type=_scale_row, default=None, metavar="MODEL:TOKENS:COMPUTATION",
+                        help="only these of bench_scale's rows on cuda, in this order (e.g. 'Qwen3-8B:8192:whole graph'); "
+                             "the comparison with the CPU (the first part) is then not run")
     add_arguments(parser)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -256,10 +286,11 @@ def main() -> int:
         print("cuda: NOT available (torch.cuda.is_available() is False): running the CPU part only, at reduced "
               "sizes; nothing is compared with a GPU and no results file is written", flush=True)
     deadline = f" --deadline {args.deadline:g}" if args.deadline else ""
+    chosen = " --rows " + " ".join(f"'{n}:{t}:{w}'" for n, t, w in args.rows) if args.rows else ""
     out = ["# GPU check: cuda against the CPU", "",
-           f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''} --budget {args.budget:g}{deadline}`; "
-           f"{environment_line(args.threads)}" + (f"; {torch.cuda.get_device_name()}" if cuda else "; cuda not available"),
-           "", "## cuda against the CPU", ""]
+           f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''} --budget {args.budget:g}{deadline}"
+           f"{chosen}`; {environment_line(args.threads)}"
+           + (f"; {torch.cuda.get_device_name()}" if cuda else "; cuda not available"), ""]
     watch, running, failures = LoadWatch(own_threads=args.threads).start(settle=30), {}, [0]
 
     def write(stopped: bool) -> int:
@@ -284,13 +315,17 @@ def main() -> int:
         timer = threading.Timer(args.deadline, at_deadline)
         timer.daemon = True
         timer.start()
-    failures[0] = _against_the_cpu(quick, cuda, out)
+    if args.rows and cuda:
+        out.append("The comparison with the CPU (first part) was not run: `--rows` chose rows of the second part only.")
+    else:
+        out += ["## cuda against the CPU", ""]
+        failures[0] = _against_the_cpu(quick, cuda, out)
     if not cuda:
         watch.stop()
         print("cuda: NOT available — the CPU part ran (above); run this script on a machine with a GPU to check cuda")
         return 1 if failures[0] else 0
     out += ["", "## bench_scale's rows on cuda", ""]
-    _scale_rows(args.budget, out, running)
+    _scale_rows(args.budget, out, running, args.rows or SCALE_ROWS)
     return finish(stopped=False)
 
 

@@ -171,3 +171,21 @@ def test_gpu_checks_results_are_written_once_by_the_end_or_the_deadline_whicheve
     assert finish(stopped=False) == 7 and finish(stopped=True) is None and writes == [False]
     early = gpu_check.WriteOnce(lambda stopped: writes.append(stopped) or 0)
     assert early(stopped=True) == 0 and early(stopped=False) is None and writes == [False, True]
+
+
+def test_gpu_checks_budget_predicts_a_row_from_the_most_alike_rows_run_before_it():
+    """The committed GPU run predicted Qwen3-8B's attribute at 8,192 tokens at 475 s from the small
+    Qwen3-0.6B's rate (a small model uses a GPU less well) and skipped it; the first run had measured it
+    at 9.65 s. Same model first, then same computation and pass."""
+    import gpu_check
+
+    rates = {("Qwen3-0.6B", "attribute", False): [3e-12], ("Qwen3-8B", "attribute", False): [1e-13],
+             ("Qwen3-8B", "default graph", False): [2e-13]}
+    assert gpu_check._predicted_rate(rates, "Qwen3-8B", "attribute", True) == 1e-13
+    assert gpu_check._predicted_rate(rates, "Qwen3-8B", "study case", False) == 2e-13
+    assert gpu_check._predicted_rate(rates, "OLMo-3-7B", "attribute", False) == 3e-12
+    assert gpu_check._predicted_rate(rates, "OLMo-3-7B", "whole graph", True) == 3e-12
+    assert gpu_check._predicted_rate({}, "OLMo-3-7B", "attribute", False) == 0.0
+    assert gpu_check._scale_row("Qwen3-8B:8192:whole graph") == ("Qwen3-8B", 8192, "whole graph")
+    with pytest.raises(Exception, match="MODEL:TOKENS:COMPUTATION"):
+        gpu_check._scale_row("Qwen3-8B:many:whole graph")
