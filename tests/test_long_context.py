@@ -132,6 +132,26 @@ def test_a_forward_of_another_thread_meanwhile_runs_as_without_the_mode(small_ch
     assert out["logits"].grad_fn is not None and torch.equal(out["logits"].detach(), expected)
 
 
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_forwards_without_gradients_compute_attention_in_row_chunks_with_the_same_logits(family, small_chunks):
+    """The study's generation step and the CAGE table's teacher-forced log-probabilities form no whole
+    pattern (a plain forward of a Qwen3-0.6B-shaped model at 8,192 tokens peaked 11 GB above the model on
+    a GPU, the long-context attribution of the same prompt 4 GB); their numbers are the plain forward's."""
+    from cage_lens.generation.methods import sequence_logprobs
+    from cage_lens.study.cases import _last_logits
+
+    model = random_model(family, dtype=torch.float64)
+    rows = [_tokens(1)[0].tolist(), _tokens(2)[0, :31].tolist()]
+    with torch.no_grad():
+        plain = torch.stack([model(torch.tensor([r]))[0, -1] for r in rows])
+        logprobs = model(_tokens(1)).log_softmax(-1)[0, 19:-1].gather(-1, _tokens(1)[0, 20:, None])[:, 0]
+    chunked = _last_logits(adapt(model), rows, pad=0)
+    assert small_chunks["products"] == model.cfg.n_layers   # one padded batch, every layer in row chunks
+    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12 * float(plain.abs().max()))
+    torch.testing.assert_close(sequence_logprobs(model, _tokens(1), n_prompt=20)[0], logprobs, rtol=1e-12, atol=1e-12)
+    assert small_chunks["products"] == 2 * model.cfg.n_layers
+
 # ---------------------------------------------------------------------------- the deferred scores themselves
 def _attention(q, k, v, mask, bias, scale=0.3, cap=None, in_place=False):
     """Eager attention with the operations TransformerLens' attention implementations apply to the scores."""

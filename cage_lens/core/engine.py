@@ -155,7 +155,7 @@ def _final_residual_hook(adapter: ModelAdapter) -> str | None:
 
 def select_logits(
     adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"],
-    select: Callable[[torch.Tensor], torch.Tensor], hooks: Sequence = (),
+    select: Callable[[torch.Tensor], torch.Tensor], hooks: Sequence = (), row_chunked: bool = False,
 ) -> torch.Tensor:
     """``select(logits)`` from one forward with ``hooks`` installed, where ``select`` picks positions
     (``[batch, pos, ·] -> [batch, k, ·]``).
@@ -163,7 +163,9 @@ def select_logits(
     Where the model has a hook just before the unembedding, ``select`` is applied to the final
     residual instead, so only the needed rows are projected onto the vocabulary (the unembedding is a
     third of GPT-2-small's forward at 50k vocab); the kept rows' values are unchanged because the
-    final norm and the unembedding act per position."""
+    final norm and the unembedding act per position. ``row_chunked`` (for a forward without
+    gradients) computes a long sequence's attention in row chunks (:mod:`cage_lens.core.recompute`):
+    no layer forms its whole ``heads · pos²`` pattern (docs/long_context.md#forwards-without-gradients)."""
     name, selected = _final_residual_hook(adapter), []
 
     def select_rows(tensor, hook):
@@ -171,19 +173,21 @@ def select_logits(
         return select(tensor).contiguous()
 
     extra = [] if name is None else [PointHook(name, select_rows)]
-    with installed(adapter, [as_hook(h) for h in hooks] + extra):
+    chunked = long_context_mode(adapter) if row_chunked else contextlib.nullcontext()
+    with installed(adapter, [as_hook(h) for h in hooks] + extra), chunked:
         logits = adapter.model(tokens)
     return logits if selected else select(logits)
 
 
 def logits_at(
-    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = ()
+    adapter: ModelAdapter, tokens: Int[torch.Tensor, "batch pos"], positions: Sequence[int], hooks: Sequence = (),
+    row_chunked: bool = False,
 ) -> Float[torch.Tensor, "batch vocab"]:
     """Logits of row ``b`` at ``positions[b]`` (see :func:`select_logits`), with the tokens on the model's device."""
     tokens = tokens.to(adapter.device)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     where = torch.as_tensor(list(positions), device=tokens.device)
-    return select_logits(adapter, tokens, lambda x: x[rows, where][:, None], hooks)[:, 0]
+    return select_logits(adapter, tokens, lambda x: x[rows, where][:, None], hooks, row_chunked)[:, 0]
 
 
 def input_roots(adapter: ModelAdapter) -> list[str]:

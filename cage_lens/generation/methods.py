@@ -345,7 +345,8 @@ def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, ch
     out = []
     with session(adapter, grad=False):
         for rows in _chunks(range(tokens.shape[0]), chunk_size):
-            logits = select_logits(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1])
+            logits = select_logits(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1],
+                                   row_chunked=True)
             logits = logits.double().log_softmax(-1)
             out.append(logits.cpu() if full else logits.gather(-1, ids.expand(len(rows), -1)[..., None])[..., 0].cpu())
     return torch.cat(out)

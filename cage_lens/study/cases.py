@@ -140,10 +140,11 @@ def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, list
 
 
 def _last_logits(adapter, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """Next-token logits after each row (one right-padded forward; causal, so padding is never seen)."""
+    """Next-token logits after each row (one right-padded forward; causal, so padding is never seen;
+    attention in row chunks, so a long prompt forms no whole pattern)."""
     tokens, positions = _padded(rows, pad)
     with session(adapter, grad=False):   # the model's repairs (ModelAdapter.repairs) act in every cage_lens forward
-        return logits_at(adapter, tokens, positions).detach().cpu()
+        return logits_at(adapter, tokens, positions, row_chunked=True).detach().cpu()
 
 
 # ---------------------------------------------------------------------------- 0. prepare
