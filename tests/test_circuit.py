@@ -105,6 +105,22 @@ def test_a_chunk_of_rows_reads_only_the_keys_its_rows_see():
     assert closed_form._key_range(rows, 100) == slice(0, 10)
 
 
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_the_pass_records_q_and_k_once_as_they_enter_the_scores(family):
+    """Where the rotated queries and keys fire, the unrotated ones are not recorded (every layer's copy
+    was a fifth of a long-context graph's memory); without rotary the plain q and k are the ones."""
+    from cage_lens.circuit import state
+    from cage_lens.core.hooks import fires
+
+    adapter = adapt(random_model(family))
+    site = adapter.layer(0)
+    names = state._attention_names(adapter, 0)
+    rotated = adapter.arch.positional == "rotary" and fires(adapter, site.rot_q) and fires(adapter, site.rot_k)
+    expected = [site.v, site.z] + ([site.rot_q, site.rot_k] if rotated else [site.q, site.k])
+    assert names[:4] == expected and len(set(names)) == len(names)
+    assert rotated == (family != "gpt2")   # both TL lines expose hook_rot_q/k for Llama and Qwen3
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
 @pytest.mark.parametrize("window", [3, 11, 12])
 @pytest.mark.parametrize("rows_per_chunk", ["all", "one"])

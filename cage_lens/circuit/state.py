@@ -176,19 +176,20 @@ def _mlp_inputs(adapter: ModelAdapter, layer: int) -> tuple[str, ...]:
 
 
 def _attention_names(adapter: ModelAdapter, layer: int) -> list[str]:
-    """Attention hooks recorded for the closed form: q, k, v, z, and how q and k enter the scores
-    (rotated queries and keys where they are exposed, else the rotary tables, else the scores)."""
+    """Attention hooks recorded for the closed form: v, z, and q and k as they enter the scores —
+    the rotated queries and keys where they are exposed (then not the unrotated ones: every layer's
+    copy of those was a fifth of a graph's memory), else q, k and the rotary tables, else the scores."""
     site = adapter.layer(layer)
 
     def fires(name):
         return hook_fires(adapter, name)
-    names = [site.q, site.k, site.v, site.z]
+    names = [site.v, site.z]
+    if adapter.arch.positional == "rotary" and fires(site.rot_q) and fires(site.rot_k):
+        return names + [site.rot_q, site.rot_k]
+    names += [site.q, site.k]
     if adapter.arch.positional == "rotary":
-        if fires(site.rot_q) and fires(site.rot_k):
-            names += [site.rot_q, site.rot_k]
-        else:
-            names += [n for n in (adapter.attn_hook(layer, "hook_cos"), adapter.attn_hook(layer, "hook_sin"),
-                                  adapter.attn_hook(layer, "hook_attn_scores")) if fires(n)]
+        names += [n for n in (adapter.attn_hook(layer, "hook_cos"), adapter.attn_hook(layer, "hook_sin"),
+                              adapter.attn_hook(layer, "hook_attn_scores")) if fires(n)]
     elif adapter.arch.positional == "alibi":
         names += [n for n in (adapter.attn_hook(layer, "hook_pattern"),) if fires(n)]
     return names
