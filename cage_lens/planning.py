@@ -40,10 +40,10 @@ import os
 from dataclasses import dataclass, field
 
 from cage_lens.core.memory import free_bytes
-from cage_lens.errors import InputError, InsufficientMemoryError
+from cage_lens.errors import CageLensError, InputError, InsufficientMemoryError
 
 __all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
-           "check_long_context", "plan_cage_table", "WHATS"]
+           "forward_in_row_chunks", "check_long_context", "plan_cage_table", "WHATS"]
 
 #: what can be estimated
 WHATS = ("attribute", "circuit_graph", "cage", "study")
@@ -503,6 +503,17 @@ def choose_long_context(model, n_tokens: int, what: str = "attribute", *, rules=
     default pass is predicted not to fit the memory available. A run that would not fit either way is
     refused before it starts, with the estimate, the memory available and the way out."""
     return _fitting(estimate(model, n_tokens, what, rules=rules, batch=batch)).long_context
+
+
+def forward_in_row_chunks(model, n_tokens: int, batch: int = 1) -> bool:
+    """Whether a forward without gradients on ``batch`` sequences of ``n_tokens`` should compute its
+    attention in row chunks: when an attribution of that length would run in the long-context mode
+    (a plain forward forms each layer's whole pattern, which the long-context plan does not count; row
+    chunks cost a GPU about a third more time), or would not fit at all (docs/long_context.md#forwards-without-gradients)."""
+    try:
+        return choose_long_context(model, n_tokens, "attribute", batch=batch)
+    except CageLensError:   # no plan fits (the attribution will say so) or no readable configuration
+        return True
 
 
 def plan_cage_table(model, n_prompt: int, new_tokens: int, *, rules="attnlrp", most_rows: int = CAGE_ROWS,

@@ -134,10 +134,13 @@ def test_a_forward_of_another_thread_meanwhile_runs_as_without_the_mode(small_ch
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
-def test_forwards_without_gradients_compute_attention_in_row_chunks_with_the_same_logits(family, small_chunks):
+def test_forwards_without_gradients_compute_attention_in_row_chunks_when_an_attribution_would(family, small_chunks,
+                                                                                                monkeypatch):
     """The study's generation step and the CAGE table's teacher-forced log-probabilities form no whole
-    pattern (a plain forward of a Qwen3-0.6B-shaped model at 8,192 tokens peaked 11 GB above the model on
-    a GPU, the long-context attribution of the same prompt 4 GB); their numbers are the plain forward's."""
+    pattern where the attribution of that length would run in the long-context mode (a plain forward of
+    a Qwen3-0.6B-shaped model at 8,192 tokens peaked 11 GB above the model on a GPU, the long-context
+    attribution of the same prompt 4 GB); their numbers are the plain forward's. Where the default pass
+    fits, the forward stays plain (row chunks cost a GPU a third more time)."""
     from cage_lens.generation.methods import sequence_logprobs
     from cage_lens.study.cases import _last_logits
 
@@ -146,11 +149,19 @@ def test_forwards_without_gradients_compute_attention_in_row_chunks_with_the_sam
     with torch.no_grad():
         plain = torch.stack([model(torch.tensor([r]))[0, -1] for r in rows])
         logprobs = model(_tokens(1)).log_softmax(-1)[0, 19:-1].gather(-1, _tokens(1)[0, 20:, None])[:, 0]
-    chunked = _last_logits(adapt(model), rows, pad=0)
-    assert small_chunks["products"] == model.cfg.n_layers   # one padded batch, every layer in row chunks
-    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12 * float(plain.abs().max()))
-    torch.testing.assert_close(sequence_logprobs(model, _tokens(1), n_prompt=20)[0], logprobs, rtol=1e-12, atol=1e-12)
-    assert small_chunks["products"] == 2 * model.cfg.n_layers
+
+    def computed():
+        chunked = _last_logits(adapt(model), rows, pad=0)
+        torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12 * float(plain.abs().max()))
+        torch.testing.assert_close(sequence_logprobs(model, _tokens(1), n_prompt=20)[0], logprobs, rtol=1e-12, atol=1e-12)
+
+    computed()
+    assert small_chunks["products"] == 0                    # plenty of memory: plain forwards
+    default = cage_lens.estimate(model, N_POS, long_context=False).peak_bytes   # one sequence: the least of both
+    long = cage_lens.estimate(model, N_POS, long_context=True).peak_bytes
+    monkeypatch.setenv("CAGE_LENS_MAX_MEMORY", str(int((default + long) / 2 / 0.8)))
+    computed()
+    assert small_chunks["products"] == 2 * model.cfg.n_layers   # each forward, every layer in row chunks
 
 # ---------------------------------------------------------------------------- the deferred scores themselves
 def _attention(q, k, v, mask, bias, scale=0.3, cap=None, in_place=False):

@@ -41,7 +41,7 @@ from cage_lens.core.recompute import long_context as long_context_mode
 from cage_lens.core.rulesets import RuleSet, resolve_rules
 from cage_lens.errors import CageLensError, InputError, NumericalError
 from cage_lens.generation.spans import Span, check_tiling, token_spans
-from cage_lens.planning import check_long_context, plan_cage_table
+from cage_lens.planning import check_long_context, forward_in_row_chunks, plan_cage_table
 from cage_lens.inputs import TokenBatch, check_number, check_token_ids, single_sequence, special_token_id
 from cage_lens.targets import Target, resolve_token
 
@@ -345,8 +345,9 @@ def sequence_logprobs(model, tokens: Int[torch.Tensor, "B T"], n_prompt: int, ch
     out = []
     with session(adapter, grad=False):
         for rows in _chunks(range(tokens.shape[0]), chunk_size):
+            chunked = forward_in_row_chunks(model, tokens.shape[1], len(rows))
             logits = select_logits(adapter, tokens[rows].to(adapter.device), lambda x: x[:, n_prompt - 1 : -1],
-                                   row_chunked=True)
+                                   row_chunked=chunked)
             logits = logits.double().log_softmax(-1)
             out.append(logits.cpu() if full else logits.gather(-1, ids.expand(len(rows), -1)[..., None])[..., 0].cpu())
     return torch.cat(out)

@@ -31,6 +31,7 @@ from cage_lens.core.engine import logits_at
 from cage_lens.core.hooks import session
 from cage_lens.errors import CageLensError, InputError
 from cage_lens.inputs import encode, special_token_id, unknown_words_problem
+from cage_lens.planning import forward_in_row_chunks
 from cage_lens.study.checking import CORRECT, OPEN, WRONG, CheckerError, continuation_text, verdict
 from cage_lens.study.records import Entry, Malformed, Record
 from cage_lens.study.segments import segment_members, token_char_spans
@@ -141,10 +142,11 @@ def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, list
 
 def _last_logits(adapter, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     """Next-token logits after each row (one right-padded forward; causal, so padding is never seen;
-    attention in row chunks, so a long prompt forms no whole pattern)."""
+    attention in row chunks where the attribution would run in the long-context mode)."""
     tokens, positions = _padded(rows, pad)
+    chunked = forward_in_row_chunks(adapter.model, tokens.shape[1], len(rows))
     with session(adapter, grad=False):   # the model's repairs (ModelAdapter.repairs) act in every cage_lens forward
-        return logits_at(adapter, tokens, positions, row_chunked=True).detach().cpu()
+        return logits_at(adapter, tokens, positions, row_chunked=chunked).detach().cpu()
 
 
 # ---------------------------------------------------------------------------- 0. prepare
