@@ -237,11 +237,9 @@ def _predicted_rate(rates: dict, name: str, what: str, long_context: bool) -> fl
     """Seconds per operation of the estimate's time model for a row not yet run: the slowest rate seen
     among the most alike rows run before it — same model first (a small model uses a GPU less well, so its
     rate overstates a large one's), then same computation, then same pass; 0 before any row ran."""
-    alike = [lambda m, w, lc: (m, w, lc) == (name, what, long_context), lambda m, w, lc: (m, w) == (name, what),
-             lambda m, w, lc: m == name and lc == long_context, lambda m, w, lc: (w, lc) == (what, long_context),
-             lambda m, w, lc: w == what, lambda m, w, lc: lc == long_context, lambda m, w, lc: True]
-    for test in alike:
-        seen = [r for key, rs in rates.items() if test(*key) for r in rs]
+    row = (name, what, long_context)
+    for same in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (1,), (2,), ()):   # the fields a rate's row must share
+        seen = [r for key, rs in rates.items() if all(key[i] == row[i] for i in same) for r in rs]
         if seen:
             return max(seen)
     return 0.0
