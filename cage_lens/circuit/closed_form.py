@@ -56,13 +56,13 @@ def fast_edge_rows(state: ForwardState, transition: Transition, rows: Int[torch.
     for start, block in fast_edge_chunks(state, transition, rows, budget_bytes):
         if out is None:
             out = torch.zeros(len(rows), block.shape[1], dtype=block.dtype)
-        out[start:start + len(block)] = block
+        out[start:start + len(block)] = block.cpu()
     return out
 
 
 def fast_edge_chunks(state: ForwardState, transition: Transition, rows: Int[torch.Tensor, "row"],
                      budget_bytes: int | None = None) -> Iterator[tuple[int, Float[torch.Tensor, "chunk source"]]]:
-    """``(start, A[rows[start:start + n], :])`` for consecutive chunks of ``rows``, on the CPU: the
+    """``(start, A[rows[start:start + n], :])`` for consecutive chunks of ``rows``, on the model's device: the
     ``[head, chunk, pos]`` intermediates of an attention transition stay within ``budget_bytes``, and
     the caller can prune each chunk before the next is formed (docs/graphs.md#long-prompts). At least one
     chunk is yielded, empty when ``rows`` is. ``budget_bytes`` defaults to :data:`EDGE_BUDGET`."""
@@ -159,7 +159,7 @@ def _attention_chunks(state: ForwardState, att: AttentionState, transition: Tran
     for start in range(0, max(len(rows), 1), step):
         chunk = positions[start:start + step].to(att.x.device)
         if len(chunk) == 0:
-            yield start, torch.zeros(0, n_pos, dtype=att.x.dtype)
+            yield start, torch.zeros(0, n_pos, dtype=att.x.dtype, device=att.x.device)
             return
         keys = _key_range(chunk, att.window)
         per_head = _head_terms(att, parts, chunk, state.rules, keys, check=start >= last)   # [head, row, key]
@@ -174,7 +174,7 @@ def _attention_chunks(state: ForwardState, att: AttentionState, transition: Tran
                 if branch is not None:
                     edges[index, own] += branch[chunk]                                # parallel MLP branch
             out[:, keys.start:keys.stop] = edges
-        yield start, out.cpu()
+        yield start, out
 
 
 def _softcap_factor(scores: torch.Tensor, cap: float | None, rules: RuleSet) -> torch.Tensor | float:

@@ -47,7 +47,8 @@ def prune_chunks(chunks: Iterable[tuple[int, Float[torch.Tensor, "chunk source"]
     """:func:`prune_edges` of the matrix whose rows ``start:start + n`` are each ``(start, block)`` of
     ``chunks`` (in row order), holding one block at a time: only the non-zero edges are kept between
     blocks (a value and a flat index each), and with an edge threshold only those above it
-    (docs/graphs.md#long-prompts). Same result as :func:`prune_edges` on the whole matrix."""
+    (docs/graphs.md#long-prompts). Same result as :func:`prune_edges` on the whole matrix. The blocks'
+    device does the work (a GPU's edges are sorted there); the kept edges come back on the CPU."""
     rows = torch.as_tensor(rows, dtype=torch.long)
     values, flat, row_mass, n_source = [], [], [], 1
     for start, block in chunks:
@@ -69,6 +70,7 @@ def prune_chunks(chunks: Iterable[tuple[int, Float[torch.Tensor, "chunk source"]
     if edge_threshold is None and top_p is not None and top_p < 1.0 and len(values):
         keep = _top_p_order(values.abs(), top_p * total)
         values, flat = values[keep], flat[keep]
+    values, flat = values.cpu(), flat.cpu()
     return rows[flat // n_source], flat % n_source, values, total
 
 
@@ -77,7 +79,7 @@ def _top_p_order(magnitude: torch.Tensor, mass: float) -> torch.Tensor:
     in the order given: the order of computation)."""
     order = magnitude.argsort(descending=True, stable=True)
     cumulative = magnitude[order].cumsum(0, dtype=torch.float64)
-    count = int(torch.searchsorted(cumulative, torch.tensor(mass, dtype=torch.float64))) + 1
+    count = int(torch.searchsorted(cumulative, torch.tensor(mass, dtype=torch.float64, device=cumulative.device))) + 1
     return order[: min(count, len(order))]
 
 
