@@ -161,9 +161,10 @@ def run_row(name: str, n_tokens: int, what: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- the table
-def estimate_row(name: str, n_tokens: int, what: str, available: float | None, chosen: dict | None = None):
-    """The estimate of a row: of the plan a run ``chosen`` (:func:`plan_of`: pass, rows at once), else of
-    the plan the estimate chooses for ``available`` bytes."""
+def estimate_row(name: str, n_tokens: int, what: str, available: float | None, chosen: dict | None = None,
+                 device: str = "cpu"):
+    """The estimate of a row on ``device``: of the plan a run ``chosen`` (:func:`plan_of`: pass, rows at
+    once), else of the plan the estimate chooses for ``available`` bytes."""
     import cage_lens
 
     plan = {}
@@ -173,7 +174,7 @@ def estimate_row(name: str, n_tokens: int, what: str, available: float | None, c
             plan["rows"] = chosen["rows_at_once"]
     return cage_lens.estimate({**MODELS[name], "torch_dtype": "bfloat16"}, n_tokens, WHATS[what],
                               new_tokens=CAGE_TOKENS if what == "cage table" else STUDY_STEPS,
-                              available_bytes=available, line="bridge", **plan)
+                              available_bytes=available, line="bridge", device=device, **plan)
 
 
 def _parse_gb(text: str) -> float:

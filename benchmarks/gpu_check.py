@@ -23,7 +23,7 @@ Without a GPU it runs the CPU part at reduced sizes and says that cuda was not a
 0); the results file is written only when cuda ran:
 
     python benchmarks/gpu_check.py                  # on a machine with a GPU -> results/gpu_check.md
-    python benchmarks/gpu_check.py --budget 70 --deadline 185 --threads 12   # the committed run (H200)
+    python benchmarks/gpu_check.py --budget 270 --deadline 320 --threads 12   # the committed run (H200)
     python benchmarks/gpu_check.py --quick          # reduced sizes (what a CPU-only run does anyway)
     python benchmarks/gpu_check.py --rows 'Qwen3-8B:8192:attribute' 'OLMo-3-7B:2048:cage table' \
         --results benchmarks/results/gpu_check_rows.md   # only these rows of the second part
@@ -192,7 +192,7 @@ def _scale_rows(budget: float, out: list[str], running: dict, rows=SCALE_ROWS, d
     start, rates, loaded, model, call = time.perf_counter(), {}, None, None, None
     for name, n_tokens, what in rows:
         operations = _operations(bench_scale, name, n_tokens, what)
-        long_context = bench_scale.estimate_row(name, n_tokens, what, free_bytes(device)).long_context
+        long_context = bench_scale.estimate_row(name, n_tokens, what, free_bytes(device), device=device).long_context
         predicted = _predicted_rate(rates, name, what, long_context) * operations
         left = budget - (time.perf_counter() - start)
         if predicted > left or left <= 0:
@@ -218,7 +218,7 @@ def _scale_rows(budget: float, out: list[str], running: dict, rows=SCALE_ROWS, d
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             plan = bench_scale.plan_of(result)
             del result
-            est = bench_scale.estimate_row(name, n_tokens, what, free, plan).peak_bytes / 2**30
+            est = bench_scale.estimate_row(name, n_tokens, what, free, plan, device).peak_bytes / 2**30
             rates.setdefault((name, what, plan["long_context"]), []).append(seconds / operations)
             cpu = cpu_rows.get(f"{name}|{n_tokens}|{what}", {}).get("cpu_s")
             mode = " lc" if plan["long_context"] else ""

@@ -36,10 +36,9 @@ long-context pass one forward more and the attention's forward twice more; the c
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
-from cage_lens.core.memory import free_bytes
+from cage_lens.core.memory import CPU_ATTENTION_BUDGET, attention_budget, available_memory
 from cage_lens.errors import CageLensError, InputError, InsufficientMemoryError
 
 __all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
@@ -109,7 +108,12 @@ KEPT_EDGES_PER_TOKEN = 2.0
 FIT_FRACTION = 0.8
 #: bytes of the row chunks of the long-context attention, and how many of them one layer's eager
 #: attention must exceed to be chunked (cage_lens.core.recompute.ATTENTION_BUDGET, EAGER_MULTIPLE)
-ATTENTION_CHUNKS = 128 * 2**20
+ATTENTION_CHUNKS = CPU_ATTENTION_BUDGET   # on an accelerator: cage_lens.core.memory.attention_budget
+#: what the row chunks hold at the peak of a long-context pass: (budgets, CPU budgets), the larger —
+#: one budget of ``[…, rows, key]`` tensors (measured 0.85–0.90 of a 3.8 GB budget on an H200 with
+#: Qwen3-8B's and OLMo-3-7B's configurations at 8,192 tokens), at least the three 128 MB budgets the
+#: CPU's fits were made with (the chunk's other transients weigh there)
+LONG_CONTEXT_CHUNKS = (1.0, 3.0)
 EAGER_MULTIPLE = 8
 #: float32 ``[batch, head, T, T]`` tensors alive in one layer's eager attention backward, by line
 EAGER_ATTENTION = {"bridge": 3.0, "hooked": 3.5}
@@ -128,10 +132,10 @@ CAGE_ROW_PATTERNS = {("bridge", "attnlrp"): (3.0, 0.0), ("bridge", "cplrp"): (0.
 #: and v-gradients carry the rows; CP-LRP's detached pattern leaves them small and its MLP's remain.
 #: Fitted on 2-36-layer Qwen3 (0.6B, 1.7B, 8B) and Llama configurations in bfloat16 at 512-4,096 tokens,
 #: every one within 11 % (docs/estimate.md#the-cage-table); the attention's row chunks, divided among the
-#: rows, hold about three quarters of a default budget
+#: rows, hold about three quarters (CAGE_ATTENTION_CHUNKS) of a budget
 CAGE_ROW_LONG_CONTEXT = {("bridge", "attnlrp"): (0.1, 3.8), ("bridge", "cplrp"): (0.6, 0.5), ("bridge", "gxi"): (0.1, 3.8),
                          ("hooked", "attnlrp"): (0.0, 5.4), ("hooked", "cplrp"): (0.4, 0.5), ("hooked", "gxi"): (0.0, 5.4)}
-CAGE_ATTENTION_CHUNKS = 0.75 * ATTENTION_CHUNKS
+CAGE_ATTENTION_CHUNKS = 0.75
 #: per layer in the CAGE table's long-context pass (residual-, query-sized): the block's input, which the
 #: recomputation keeps — the table captures only the embeddings (the measured growth per layer is one
 #: residual-sized tensor in the model's dtype on both lines)
@@ -299,23 +303,6 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**28 else f"{n / 2**20:.1f} MB"
 
 
-def available_memory(device: str = "cpu") -> float | None:
-    """Bytes the process may still use: ``CAGE_LENS_MAX_MEMORY`` (e.g. ``12G``) when set, else
-    :func:`cage_lens.core.memory.free_bytes` of the device; ``None`` when unknown."""
-    limit = os.environ.get("CAGE_LENS_MAX_MEMORY")
-    return _parse_bytes(limit) if limit else free_bytes(device)
-
-
-def _parse_bytes(text: str) -> float:
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = value[-1] if value and value[-1] in units else ""
-    try:
-        return float(value[: len(value) - len(unit)]) * units[unit]
-    except ValueError:
-        raise InputError(f"CAGE_LENS_MAX_MEMORY={text!r} is not a size such as 12G or 800M") from None
-
-
 def _rule_name(rules) -> str:
     name = getattr(rules, "name", rules)
     if name in ("attnlrp", "cplrp", "gxi"):
@@ -344,7 +331,7 @@ def _default_pass(s: ModelShape, T: int, rules: str, batch: int, captures: float
             "top layer": 4 * t_p * pattern + b * t_m * batch * T * s.d_mlp, "mask": CAUSAL_MASK[s.line] * batch * T * T}
 
 
-def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int) -> dict[str, float]:
+def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int, budget: int) -> dict[str, float]:
     """The CAGE table's pass: one forward, a backward vectorised over ``rows`` generated tokens. In the
     default pass every row's gradients of the top layer's attention are alive at once; the long-context
     pass shrinks its row chunks by the number of rows (cage_lens.generation.methods)."""
@@ -355,15 +342,18 @@ def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int) -> dict[s
         parts["top layer"] = rows * (row_bytes * s.n_heads * T * T + s.bytes * TRANSIENT[1] * T * s.d_mlp)
         return parts
     # an eager attention holds what the default pass's top layer holds per row
-    parts = _long_context_pass(s, T, rules, 1, CAGE_LONG_CONTEXT_KEPT, rows, CAGE_ATTENTION_CHUNKS, row_bytes / 4)
+    parts = _long_context_pass(s, T, rules, 1, CAGE_LONG_CONTEXT_KEPT, budget, rows, CAGE_ATTENTION_CHUNKS * budget,
+                               row_bytes / 4)
     mlp_sized, query_sized = CAGE_ROW_LONG_CONTEXT[(s.line, rules)]
     parts["rows' gradients"] = rows * 4 * T * (mlp_sized * s.d_mlp + query_sized * s.n_heads * s.d_head)
     return parts
 
 
-def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float],
-                       grad_rows: int = 1, chunks: float = 3 * ATTENTION_CHUNKS,
+def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float], budget: int,
+                       grad_rows: int = 1, chunks: float | None = None,
                        eager_patterns: float | None = None) -> dict[str, float]:
+    """The long-context pass with row chunks of ``budget`` bytes (:data:`LONG_CONTEXT_CHUNKS` unless ``chunks``)."""
+    chunks = max(LONG_CONTEXT_CHUNKS[0] * budget, LONG_CONTEXT_CHUNKS[1] * ATTENTION_CHUNKS) if chunks is None else chunks
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
     b, L = s.bytes, s.n_layers
     # one layer's saved tensors while its block is recomputed, its pattern aside
@@ -373,7 +363,7 @@ def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tupl
     # (a backward vectorised over ``grad_rows`` rows divides the chunks' budget by them)
     eager = EAGER_ATTENTION[s.line] if eager_patterns is None else eager_patterns
     eager_attention = grad_rows * eager * 4 * batch * s.n_heads * T * T
-    chunked = grad_rows * 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * ATTENTION_CHUNKS   # core.recompute's rule
+    chunked = grad_rows * 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * budget   # core.recompute's rule
     return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
             "one layer": one_layer + b * TRANSIENT[1] * batch * T * s.d_mlp,
             "attention": chunks if chunked else eager_attention, "mask": CAUSAL_MASK[s.line] * batch * T * T}
@@ -416,17 +406,18 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
         available_bytes = available_memory(device or _device_of(model_or_config))
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
     flops = _forward_flops(s, T, 1)
+    budget = attention_budget(device or _device_of(model_or_config), available_bytes, ATTENTION_CHUNKS)
 
     def build(lc: bool, rows: int) -> Estimate:   # rows: the batch, or the CAGE table's rows at once
         if what == "circuit_graph":
-            first, second = _graph_phases(s, T, rule, lc)
+            first, second = _graph_phases(s, T, rule, lc, budget)
             parts = {**{f"pass: {k}": v for k, v in first.items()}, **{f"edges: {k}": v for k, v in second.items()}}
             peak = max(sum(first.values()), sum(second.values()))
         elif what == "cage":
-            parts = _cage_pass(s, T, rule, lc, rows)
+            parts = _cage_pass(s, T, rule, lc, rows, budget)
             peak = sum(parts.values())
         else:
-            parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT) if lc
+            parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT, budget) if lc
                      else _default_pass(s, T, rule, batch, CAPTURES))
             peak = sum(parts.values())
         time = _time(s, T, what, lc, rows, new_tokens)
@@ -451,14 +442,14 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
     return min(fitting, key=lambda e: (e.time_forwards, e.peak_bytes))
 
 
-def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool) -> tuple[dict[str, float], dict[str, float]]:
+def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool, budget: int) -> tuple[dict[str, float], dict[str, float]]:
     """The graph's two memory phases: its forward and backward pass (with its own captures), then
     the edges (the state it kept, one transition's parts, row chunks, the top-p sort, the kept edges)."""
     b, L = s.bytes, s.n_layers
     r, a, k = GRAPH_STATE
     state = L * b * T * (r * s.d_model + a * s.n_heads * s.d_head + k * s.n_kv_heads * s.d_head)
     if lc:
-        pass_parts = _long_context_pass(s, T, rules, 1, (0.0, 0.0))
+        pass_parts = _long_context_pass(s, T, rules, 1, (0.0, 0.0), budget)
         pass_parts["per layer"] = state
     else:
         pass_parts = _default_pass(s, T, rules, 1, CAPTURES)

@@ -5,6 +5,7 @@ eager attention computes, operation by operation; bridges' retained patterns do 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 
@@ -335,3 +336,27 @@ def test_the_recomputed_block_is_given_no_key_value_cache_also_when_it_comes_pos
     out.sum().backward()
     assert seen == [(None, None, False), (None, None, False)]   # the forward, then its recomputation
     assert hidden.grad.tolist() == [2.0, 4.0, 6.0, 8.0]
+
+
+def test_the_key_and_value_gradients_of_many_row_chunks_are_summed_in_float32():
+    """Every chunk of query rows adds to the whole k- and v-gradient; summed in the model's bfloat16, 128
+    chunks doubled the error against float64 (measured 0.0153 / 0.0156 relative, eager 0.0068 / 0.0063).
+    Summed in float32 the row-chunked gradients are as close to float64 as the eager attention's (0.0071 /
+    0.0065): the bound 1.15× the eager error is below what the 16-bit sum gives."""
+    generator = torch.Generator().manual_seed(0)
+    heads, n, d = 2, 512, 16
+    q64, k64, v64, g64 = (torch.randn(1, heads, n, d, dtype=torch.float64, generator=generator) for _ in range(4))
+
+    def key_and_value_gradients(dtype, chunked: bool):
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+        budget = heads * n * 4 * 4 * 4   # four query rows per chunk: 128 chunks
+        with recompute._DeferScores(budget) if chunked else contextlib.nullcontext():
+            out = (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
+        out.backward(g64.to(dtype))
+        return k.grad.double(), v.grad.double()
+
+    exact = key_and_value_gradients(torch.float64, False)
+    error = {chunked: [float((a - b).norm() / b.norm()) for a, b in zip(key_and_value_gradients(torch.bfloat16, chunked), exact)]
+             for chunked in (False, True)}
+    assert all(e < 0.01 for e in error[False]), error          # bfloat16 rounding of one attention
+    assert all(c <= 1.15 * e for c, e in zip(error[True], error[False])), error

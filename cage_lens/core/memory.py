@@ -1,11 +1,22 @@
 """Free memory on a device, read without importing torch for the CPU (the planner, ``cage_lens.estimate``
-on a configuration, must not import it); the plans and the certificate's float32 copy both read it."""
+on a configuration, must not import it); the plans and the certificate's float32 copy both read it. And
+the row-chunked attention's budget on a device, which the long-context mode uses and the planner counts."""
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["free_bytes"]
+from cage_lens.errors import InputError
+
+__all__ = ["free_bytes", "available_memory", "attention_budget", "CPU_ATTENTION_BUDGET"]
+
+#: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention on the CPU
+CPU_ATTENTION_BUDGET = 128 * 2**20
+#: on an accelerator a chunk's kernels and Python round trip cost about fixed time, so chunks are larger
+#: there: the memory available over this divisor, at least the CPU's budget and at most
+#: :data:`ACCELERATOR_ATTENTION_BUDGET` (docs/long_context.md#the-chunk-budget)
+ACCELERATOR_BUDGET_DIVISOR = 32
+ACCELERATOR_ATTENTION_BUDGET = 4 * 2**30
 
 
 def free_bytes(device) -> float | None:
@@ -31,3 +42,30 @@ def free_bytes(device) -> float | None:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def available_memory(device: str = "cpu") -> float | None:
+    """Bytes the process may still use: ``CAGE_LENS_MAX_MEMORY`` (e.g. ``12G``) when set, else
+    :func:`free_bytes` of the device; ``None`` when unknown."""
+    limit = os.environ.get("CAGE_LENS_MAX_MEMORY")
+    return _parse_bytes(limit) if limit else free_bytes(device)
+
+
+def _parse_bytes(text: str) -> float:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1] if value and value[-1] in units else ""
+    try:
+        return float(value[: len(value) - len(unit)]) * units[unit]
+    except ValueError:
+        raise InputError(f"CAGE_LENS_MAX_MEMORY={text!r} is not a size such as 12G or 800M") from None
+
+
+def attention_budget(device, available: float | None, cpu_budget: int = CPU_ATTENTION_BUDGET) -> int:
+    """Bytes of one chunk of the row-chunked attention on ``device`` with ``available`` bytes free:
+    ``cpu_budget`` on the CPU (larger chunks were slower there) and where the memory is unknown; on an
+    accelerator ``available / ACCELERATOR_BUDGET_DIVISOR`` between ``cpu_budget`` and
+    ``ACCELERATOR_ATTENTION_BUDGET``."""
+    if str(device).startswith("cpu") or not available:
+        return cpu_budget
+    return int(min(ACCELERATOR_ATTENTION_BUDGET, max(cpu_budget, available / ACCELERATOR_BUDGET_DIVISOR)))

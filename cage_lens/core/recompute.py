@@ -38,11 +38,13 @@ from torch.utils.checkpoint import checkpoint
 
 from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.hooks import Installation, acting_for
+from cage_lens.core.memory import CPU_ATTENTION_BUDGET, attention_budget, available_memory
 
-__all__ = ["long_context", "ATTENTION_BUDGET", "EAGER_MULTIPLE"]
+__all__ = ["long_context", "default_budget", "ATTENTION_BUDGET", "EAGER_MULTIPLE"]
 
-#: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention (default)
-ATTENTION_BUDGET = 128 * 2**20
+#: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention on the CPU (on an
+#: accelerator: :func:`default_budget`)
+ATTENTION_BUDGET = CPU_ATTENTION_BUDGET
 #: an attention whose eager backward holds fewer bytes than this many budgets is computed eagerly
 #: (still recomputed with its block): row chunks cost a third more time, and one layer's pattern is small
 EAGER_MULTIPLE = 8
@@ -53,10 +55,10 @@ _LIVE_PER_ROW = 4
 @contextlib.contextmanager
 def long_context(adapter: ModelAdapter, attention_budget: int | None = None) -> Iterator[None]:
     """For the duration: every block of ``adapter.model`` recomputed in the backward and every attention
-    computed in row chunks of at most ``attention_budget`` bytes (default :data:`ATTENTION_BUDGET`; see
+    computed in row chunks of at most ``attention_budget`` bytes (default :func:`default_budget`; see
     the module docstring). Acts only for the calling thread's work; a forward of another thread
     meanwhile runs as without it."""
-    attention_budget = ATTENTION_BUDGET if attention_budget is None else attention_budget
+    attention_budget = default_budget(adapter) if attention_budget is None else attention_budget
     inst = Installation()
     replaced: list[torch.nn.Module] = []
     try:
@@ -69,6 +71,14 @@ def long_context(adapter: ModelAdapter, attention_budget: int | None = None) -> 
     finally:
         for module in replaced:
             module.__dict__.pop("forward", None)
+
+
+def default_budget(adapter: ModelAdapter) -> int:
+    """The row chunks' bytes on the model's device: :data:`ATTENTION_BUDGET` on the CPU, more on an
+    accelerator with memory to spare (:func:`cage_lens.core.memory.attention_budget`, which the
+    planner counts too)."""
+    device = adapter.device
+    return attention_budget(device, available_memory(str(device)), ATTENTION_BUDGET)
 
 
 def _replace_forward(module: torch.nn.Module, forward: Callable, replaced: list) -> None:
@@ -459,8 +469,10 @@ class _RowChunkedProduct(torch.autograd.Function):
         plan = structure.plan()
         plan.inputs = inputs
         needs = ctx.needs_input_grad[1:]
-        # accumulated out of place: under a backward vectorised over rows (``is_grads_batched``, the CAGE
-        # table) ``grad_out`` and every gradient carry a batch dimension the saved tensors lack
+        # an input every chunk reads whole (k, v) gets a gradient from each chunk: summed in float32, in
+        # place into the first chunk's (a copy: under a backward vectorised over rows, the CAGE table's
+        # ``is_grads_batched``, gradients carry a row dimension the saved tensors lack), so that a 16-bit
+        # model's sum over hundreds of chunks is not rounded to 8 bits at every step
         whole: dict[int, torch.Tensor] = {}
         by_rows: dict[int, dict[int, torch.Tensor]] = {}
         for start in range(0, structure.n_rows, structure.chunk):
@@ -487,11 +499,14 @@ class _RowChunkedProduct(torch.autograd.Function):
                     continue
                 if rows:
                     by_rows.setdefault(index, {})[start] = g
+                elif index in whole:
+                    whole[index].add_(g)
                 else:
-                    whole[index] = g if index not in whole else whole[index] + g
+                    whole[index] = g.to(torch.promote_types(g.dtype, torch.float32), copy=True)
         grads = []
         for index, (t, need) in enumerate(zip([v, *inputs], needs)):
-            parts = [whole.get(index), _joined_rows(by_rows.get(index), t, structure)]
+            summed = whole.get(index)
+            parts = [None if summed is None else summed.to(t.dtype), _joined_rows(by_rows.get(index), t, structure)]
             parts = [part for part in parts if part is not None]
             grads.append(None if not need else sum(parts[1:], parts[0]) if parts else torch.zeros_like(t))
         return (None, *grads)
