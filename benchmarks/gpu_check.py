@@ -7,7 +7,7 @@ computed on the CPU and on cuda; the token relevance, every residual node's rele
 graph, the kept edges' values are compared (largest difference relative to the largest CPU value;
 float32 rounding for float32 models, bfloat16 rounding for the Qwen3-0.6B-shaped bfloat16 model), and
 both wall times are reported. The long-context attributions are also compared with the default pass on
-each device. Models: GPT-2-small-sized (float32) and Qwen3-0.6B-sized (bfloat16, 8 of its 28 layers).
+each device, with the CPU's row-chunk budget on both (a GPU's larger one would leave these lengths eager). Models: GPT-2-small-sized (float32) and Qwen3-0.6B-sized (bfloat16, 8 of its 28 layers).
 
 Then bench_scale's rows on cuda: the same models (random weights of the real Qwen3-0.6B, Qwen3-8B and
 OLMo-3-7B configurations, bfloat16, drawn on the GPU), lengths and calls (``bench_scale.row_call``),
@@ -32,6 +32,7 @@ Without a GPU it runs the CPU part at reduced sizes and says that cuda was not a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -68,13 +69,29 @@ def _rows(quick: bool) -> list[tuple[str, str, int]]:
             ("qwen3-0.6b shape (8 layers), bfloat16", "attribute lc", short)]
 
 
+@contextlib.contextmanager
+def _cpu_chunk_budget():
+    """The CPU's row-chunk budget on cuda too: at the first part's lengths a GPU's larger budget
+    (docs/long_context.md#the-chunk-budget) leaves the attention eager, and this part compares the
+    row-chunked attention across devices."""
+    from cage_lens.core import memory
+
+    saved = memory.ACCELERATOR_ATTENTION_BUDGET
+    memory.ACCELERATOR_ATTENTION_BUDGET = memory.CPU_ATTENTION_BUDGET
+    try:
+        yield
+    finally:
+        memory.ACCELERATOR_ATTENTION_BUDGET = saved
+
+
 def _run(model, kind: str, tokens: torch.Tensor):
     import cage_lens
 
-    if kind.startswith("attribute"):
-        return cage_lens.attribute(model, tokens[None], target=7, strict=False, long_context=kind.endswith("lc"))
-    return cage_lens.circuit_graph(model, tokens, target=7, levels="block", node_threshold=None, top_p=0.85,
-                                   dense_limit=0, strict=False, long_context=True)
+    with _cpu_chunk_budget():
+        if kind.startswith("attribute"):
+            return cage_lens.attribute(model, tokens[None], target=7, strict=False, long_context=kind.endswith("lc"))
+        return cage_lens.circuit_graph(model, tokens, target=7, levels="block", node_threshold=None, top_p=0.85,
+                                       dense_limit=0, strict=False, long_context=True)
 
 
 def _values(result) -> dict[str, torch.Tensor]:

@@ -189,3 +189,17 @@ def test_gpu_checks_budget_predicts_a_row_from_the_most_alike_rows_run_before_it
     assert gpu_check._scale_row("Qwen3-8B:8192:whole graph") == ("Qwen3-8B", 8192, "whole graph")
     with pytest.raises(Exception, match="MODEL:TOKENS:COMPUTATION"):
         gpu_check._scale_row("Qwen3-8B:many:whole graph")
+
+
+def test_gpu_checks_first_part_compares_row_chunks_of_the_cpus_size_on_cuda():
+    """A GPU's chunk budget (a 32nd of its free memory) would leave the first part's 4,096-token
+    attention eager; the part pins the CPU's 128 MB there, and restores the GPU's rule after."""
+    import gpu_check
+
+    from cage_lens.core.memory import attention_budget
+
+    gb = 2**30
+    assert attention_budget("cuda:0", 100 * gb) == 100 * gb / 32
+    with gpu_check._cpu_chunk_budget():
+        assert attention_budget("cuda:0", 100 * gb) == 128 * 2**20
+    assert attention_budget("cuda:0", 100 * gb) == 100 * gb / 32
