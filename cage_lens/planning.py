@@ -17,11 +17,11 @@ forward passes of the same model over the same tokens, and whether it fits the m
   and precision with ``scripts/estimate_inventory.py``) — plus the captures and their gradients and the
   top layer's backward (its pattern gradients, :data:`TRANSIENT`);
 - *long-context pass* (docs/long_context.md): each block's input and the captures per layer, one
-  layer's saved tensors without its pattern, and the row chunks of the attention
-  (:data:`cage_lens.core.recompute.ATTENTION_BUDGET`);
+  layer's saved tensors without its pattern, and the row chunks of the attention (their budget on the
+  model's device, :func:`cage_lens.core.memory.attention_budget`; :data:`LONG_CONTEXT_CHUNKS`);
 - *circuit_graph*: the pass with the graph's captures (queries, keys, values and head outputs too),
-  the state the closed form reads, its row chunks, and the kept edges (a fraction
-  :data:`KEPT_EDGE_FRACTION` of the computed ones under ``top_p``);
+  the state the closed form reads, its row chunks, and the kept edges (about
+  :data:`KEPT_EDGES_PER_TOKEN` per token and transition under ``top_p``);
 - *cage*: the batched table: one forward over prompt and continuation and a backward vectorised over
   :data:`CAGE_ROWS` generated tokens at once (their gradients side by side); *study*: the greedy
   generation of ``new_tokens`` (a forward per token, no gradients) and one contrastive attribution of the
@@ -109,12 +109,12 @@ FIT_FRACTION = 0.8
 #: bytes of the row chunks of the long-context attention, and how many of them one layer's eager
 #: attention must exceed to be chunked (cage_lens.core.recompute.ATTENTION_BUDGET, EAGER_MULTIPLE)
 ATTENTION_CHUNKS = CPU_ATTENTION_BUDGET   # on an accelerator: cage_lens.core.memory.attention_budget
+EAGER_MULTIPLE = 8
 #: what the row chunks hold at the peak of a long-context pass: (budgets, CPU budgets), the larger —
 #: one budget of ``[…, rows, key]`` tensors (measured 0.85–0.90 of a 3.8 GB budget on an H200 with
 #: Qwen3-8B's and OLMo-3-7B's configurations at 8,192 tokens), at least the three 128 MB budgets the
 #: CPU's fits were made with (the chunk's other transients weigh there)
 LONG_CONTEXT_CHUNKS = (1.0, 3.0)
-EAGER_MULTIPLE = 8
 #: float32 ``[batch, head, T, T]`` tensors alive in one layer's eager attention backward, by line
 EAGER_ATTENTION = {"bridge": 3.0, "hooked": 3.5}
 #: rows the batched CAGE table differentiates at once at most (``cage_lens.generation.methods.DEFAULT_CHUNK``)
