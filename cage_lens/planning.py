@@ -106,9 +106,8 @@ EDGE_CHUNK_LIVE = 8.4
 KEPT_EDGES_PER_TOKEN = 2.0
 #: the memory a run may use, as a fraction of the memory available, when the estimate decides
 FIT_FRACTION = 0.8
-#: bytes of the row chunks of the long-context attention, and how many of them one layer's eager
-#: attention must exceed to be chunked (cage_lens.core.recompute.ATTENTION_BUDGET, EAGER_MULTIPLE)
-ATTENTION_CHUNKS = CPU_ATTENTION_BUDGET   # on an accelerator: cage_lens.core.memory.attention_budget
+#: how many row-chunk budgets (cage_lens.core.memory.attention_budget) one layer's eager attention must
+#: exceed to be chunked (cage_lens.core.recompute.EAGER_MULTIPLE)
 EAGER_MULTIPLE = 8
 #: what the row chunks hold at the peak of a long-context pass: (budgets, CPU budgets), the larger —
 #: one budget of ``[…, rows, key]`` tensors (measured 0.85–0.90 of a 3.8 GB budget on an H200 with
@@ -353,7 +352,7 @@ def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tupl
                        grad_rows: int = 1, chunks: float | None = None,
                        eager_patterns: float | None = None) -> dict[str, float]:
     """The long-context pass with row chunks of ``budget`` bytes (:data:`LONG_CONTEXT_CHUNKS` unless ``chunks``)."""
-    chunks = max(LONG_CONTEXT_CHUNKS[0] * budget, LONG_CONTEXT_CHUNKS[1] * ATTENTION_CHUNKS) if chunks is None else chunks
+    chunks = max(LONG_CONTEXT_CHUNKS[0] * budget, LONG_CONTEXT_CHUNKS[1] * CPU_ATTENTION_BUDGET) if chunks is None else chunks
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
     b, L = s.bytes, s.n_layers
     # one layer's saved tensors while its block is recomputed, its pattern aside
@@ -406,7 +405,7 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
         available_bytes = available_memory(device or _device_of(model_or_config))
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
     flops = _forward_flops(s, T, 1)
-    budget = attention_budget(device or _device_of(model_or_config), available_bytes, ATTENTION_CHUNKS)
+    budget = attention_budget(device or _device_of(model_or_config), available_bytes)
 
     def build(lc: bool, rows: int) -> Estimate:   # rows: the batch, or the CAGE table's rows at once
         if what == "circuit_graph":

@@ -154,8 +154,8 @@ def _rows_from_one_forward(
     capture = Capture(roots, roots=roots)
     target = Target.build(adapter.model, len(positions), target=target_ids, mode="logprob")
     # the vectorised backward carries every row's gradient at once: the row chunks shrink to match
-    budget = max(1, recompute.default_budget(adapter) // len(positions))
-    mode = long_context_mode(adapter, budget) if long_context else contextlib.nullcontext()
+    mode = (long_context_mode(adapter, max(1, recompute.default_budget(adapter) // len(positions))) if long_context
+            else contextlib.nullcontext())
     with session(adapter):
         where = torch.tensor(positions, device=adapter.device)
         with engine.rules_active(adapter, rules), mode:
