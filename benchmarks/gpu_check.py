@@ -27,6 +27,7 @@ Without a GPU it runs the CPU part at reduced sizes and says that cuda was not a
     python benchmarks/gpu_check.py --quick          # reduced sizes (what a CPU-only run does anyway)
     python benchmarks/gpu_check.py --rows 'Qwen3-8B:8192:attribute' 'OLMo-3-7B:2048:cage table' \
         --results benchmarks/results/gpu_check_rows.md   # only these rows of the second part
+    python benchmarks/gpu_check.py --first-part-only --results benchmarks/results/gpu_check_first_part.md
 """
 
 from __future__ import annotations
@@ -292,6 +293,8 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", type=_scale_row, default=None, metavar="MODEL:TOKENS:COMPUTATION",
                         help="only these of bench_scale's rows on cuda, in this order (e.g. 'Qwen3-8B:8192:whole graph'); "
                              "the comparison with the CPU (the first part) is then not run")
+    parser.add_argument("--first-part-only", action="store_true",
+                        help="only the comparison with the CPU (bench_scale's rows on cuda are not run)")
     add_arguments(parser)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -302,6 +305,8 @@ def main() -> int:
               "sizes; nothing is compared with a GPU and no results file is written", flush=True)
     deadline = f" --deadline {args.deadline:g}" if args.deadline else ""
     chosen = " --rows " + " ".join(f"'{n}:{t}:{w}'" for n, t, w in args.rows) if args.rows else ""
+    if args.first_part_only:
+        chosen = " --first-part-only"
     out = ["# GPU check: cuda against the CPU", "",
            f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''} --budget {args.budget:g}{deadline}"
            f"{chosen}`; {environment_line(args.threads)}"
@@ -339,6 +344,9 @@ def main() -> int:
         watch.stop()
         print("cuda: NOT available — the CPU part ran (above); run this script on a machine with a GPU to check cuda")
         return 1 if failures[0] else 0
+    if args.first_part_only:
+        out.append("\nbench_scale's rows on cuda (the second part) were not run: `--first-part-only`.")
+        return finish(stopped=False)
     out += ["", "## bench_scale's rows on cuda", ""]
     _scale_rows(args.budget, out, running, args.rows or SCALE_ROWS)
     return finish(stopped=False)

@@ -116,6 +116,13 @@ EAGER_MULTIPLE = 8
 LONG_CONTEXT_CHUNKS = (1.0, 3.0)
 #: float32 ``[batch, head, T, T]`` tensors alive in one layer's eager attention backward, by line
 EAGER_ATTENTION = {"bridge": 3.0, "hooked": 3.5}
+#: float32 pattern-sized tensors an attention backward holds on an accelerator beyond the CPU's counts:
+#: (the default pass's top layer, :data:`TRANSIENT`; an eager attention of the long-context pass,
+#: :data:`EAGER_ATTENTION`). Measured on cuda (H200, TL 4.3 bridge, Qwen3-0.6B's shape with 2 and 4
+#: layers at 4,096 and 8,192 tokens): 2.36-2.40 patterns in the top layer where the CPU holds 1.0, and
+#: 3.88-3.92 in an eager attention where it holds 3.0; the allocator's trace shows four whole float32
+#: patterns alive at that peak (docs/estimate.md#on-an-accelerator)
+ACCELERATOR_PATTERNS = (1.4, 1.0)
 #: rows the batched CAGE table differentiates at once at most (``cage_lens.generation.methods.DEFAULT_CHUNK``)
 CAGE_ROWS = 8
 #: pattern-sized ``[head, T, T]`` tensors per row of the CAGE table's backward vectorised over rows
@@ -319,13 +326,15 @@ def _attention_share(s: ModelShape, T: int) -> float:
     return (4.0 * T * T * s.n_heads * s.d_head * s.n_layers) / _forward_flops(s, T, 1)
 
 
-def _default_pass(s: ModelShape, T: int, rules: str, batch: int, captures: float) -> dict[str, float]:
+def _default_pass(s: ModelShape, T: int, rules: str, batch: int, captures: float,
+                  accelerator: bool = False) -> dict[str, float]:
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
     b, L = s.bytes, s.n_layers
     pattern = batch * s.n_heads * T * T
     saved = L * b * (k_p * pattern + batch * T * (k_m * s.d_mlp + k_r * s.d_model + k_a * s.n_heads * s.d_head
                                                    + k_k * s.n_kv_heads * s.d_head))
     t_p, t_m = TRANSIENT
+    t_p += ACCELERATOR_PATTERNS[0] if accelerator else 0.0
     return {"saved": saved, "captures": L * b * batch * T * captures * s.d_model,
             "top layer": 4 * t_p * pattern + b * t_m * batch * T * s.d_mlp, "mask": CAUSAL_MASK[s.line] * batch * T * T}
 
@@ -350,7 +359,7 @@ def _cage_pass(s: ModelShape, T: int, rules: str, lc: bool, rows: int, budget: i
 
 def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tuple[float, float], budget: int,
                        grad_rows: int = 1, chunks: float | None = None,
-                       eager_patterns: float | None = None) -> dict[str, float]:
+                       eager_patterns: float | None = None, accelerator: bool = False) -> dict[str, float]:
     """The long-context pass with row chunks of ``budget`` bytes (:data:`LONG_CONTEXT_CHUNKS` unless ``chunks``)."""
     chunks = max(LONG_CONTEXT_CHUNKS[0] * budget, LONG_CONTEXT_CHUNKS[1] * CPU_ATTENTION_BUDGET) if chunks is None else chunks
     k_p, k_m, k_r, k_a, k_k = SAVED[(s.line, "gated" if s.gated else "plain", rules, s.bytes == 2)]
@@ -360,7 +369,8 @@ def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tupl
     # one layer's attention computed whole when small: its pattern, the pattern's and the scores' gradients
     # (HookedTransformer: and the NaN-scrubbed pattern)
     # (a backward vectorised over ``grad_rows`` rows divides the chunks' budget by them)
-    eager = EAGER_ATTENTION[s.line] if eager_patterns is None else eager_patterns
+    eager = (EAGER_ATTENTION[s.line] + (ACCELERATOR_PATTERNS[1] if accelerator else 0.0) if eager_patterns is None
+             else eager_patterns)
     eager_attention = grad_rows * eager * 4 * batch * s.n_heads * T * T
     chunked = grad_rows * 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * budget   # core.recompute's rule
     return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
@@ -405,19 +415,20 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
         available_bytes = available_memory(device or _device_of(model_or_config))
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
     flops = _forward_flops(s, T, 1)
-    budget = attention_budget(device or _device_of(model_or_config), available_bytes)
+    place = device or _device_of(model_or_config)
+    budget, accelerator = attention_budget(place, available_bytes), not str(place).startswith("cpu")
 
     def build(lc: bool, rows: int) -> Estimate:   # rows: the batch, or the CAGE table's rows at once
         if what == "circuit_graph":
-            first, second = _graph_phases(s, T, rule, lc, budget)
+            first, second = _graph_phases(s, T, rule, lc, budget, accelerator)
             parts = {**{f"pass: {k}": v for k, v in first.items()}, **{f"edges: {k}": v for k, v in second.items()}}
             peak = max(sum(first.values()), sum(second.values()))
         elif what == "cage":
             parts = _cage_pass(s, T, rule, lc, rows, budget)
             peak = sum(parts.values())
         else:
-            parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT, budget) if lc
-                     else _default_pass(s, T, rule, batch, CAPTURES))
+            parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT, budget, accelerator=accelerator) if lc
+                     else _default_pass(s, T, rule, batch, CAPTURES, accelerator))
             peak = sum(parts.values())
         time = _time(s, T, what, lc, rows, new_tokens)
         return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts, rows)
@@ -441,17 +452,18 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
     return min(fitting, key=lambda e: (e.time_forwards, e.peak_bytes))
 
 
-def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool, budget: int) -> tuple[dict[str, float], dict[str, float]]:
+def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool, budget: int,
+                  accelerator: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """The graph's two memory phases: its forward and backward pass (with its own captures), then
     the edges (the state it kept, one transition's parts, row chunks, the top-p sort, the kept edges)."""
     b, L = s.bytes, s.n_layers
     r, a, k = GRAPH_STATE
     state = L * b * T * (r * s.d_model + a * s.n_heads * s.d_head + k * s.n_kv_heads * s.d_head)
     if lc:
-        pass_parts = _long_context_pass(s, T, rules, 1, (0.0, 0.0), budget)
+        pass_parts = _long_context_pass(s, T, rules, 1, (0.0, 0.0), budget, accelerator=accelerator)
         pass_parts["per layer"] = state
     else:
-        pass_parts = _default_pass(s, T, rules, 1, CAPTURES)
+        pass_parts = _default_pass(s, T, rules, 1, CAPTURES, accelerator)
     computed = T * (T + 1) / 2                                   # non-zero edges of one attention transition
     edges = {"graph state": state,
              "one transition's parts": b * T * (s.n_heads * s.d_head + 2 * s.n_kv_heads * s.d_head),
