@@ -30,7 +30,8 @@ forward passes of the same model over the same tokens, and whether it fits the m
 **Time** is in forward passes of the same model over the same tokens, from floating-point operations:
 a forward is ``2·T·(parameters per block)·L + 4·T²·heads·d_head·L``; a backward two forwards; the
 long-context pass one forward more and the attention's forward twice more; the closed form
-``≈ 16·T²·heads·d_head`` per attention transition.
+``≈ 16·T²·heads·d_head`` per attention transition; measured terms for the CAGE table's rows and the
+long-context chunks' gradient sums (:data:`CAGE_ROW_ATTENTION`, :data:`CHUNK_SUM_OPS`).
 """
 
 from __future__ import annotations
@@ -146,13 +147,20 @@ CAGE_ATTENTION_CHUNKS = 0.75
 #: recomputation keeps — the table captures only the embeddings (the measured growth per layer is one
 #: residual-sized tensor in the model's dtype on both lines)
 CAGE_LONG_CONTEXT_KEPT = (1.0, 0.0)
-#: a row's backward in the CAGE table's long-context pass, in units of the default pass's (two forwards):
-#: ``1 + CAGE_LONG_CONTEXT_ROW_ATTENTION × (the attention's share of a forward)``. The attention's row chunks
-#: are divided among the rows and each row runs their backward on its own, while the blocks' matrix
-#: products stay batched over the rows: the extra cost follows the attention's share. Fitted on the
-#: measured CAGE rows of benchmarks/results/bench_scale.md together with the benchmark's attention weight
-#: (Qwen3-0.6B's configuration at 2,048 tokens, share 0.35: 946 s; Qwen3-8B's at 512, share 0.02: 345 s)
-CAGE_LONG_CONTEXT_ROW_ATTENTION = 5.0
+#: a row's backward in the CAGE table, in units of two forwards: ``1 + k × (the attention's share of a
+#: forward)``, k by pass (default, long-context). The default pass's backward vectorised over the rows
+#: carries every row's ``[head, T, T]`` gradients through the attention (memory-bound, and softmax's
+#: backward has no batching rule: a loop over the rows); the long-context pass's chunks stay small, and
+#: pay for their sums instead (:data:`CHUNK_SUM_OPS`). Fitted together with :data:`CHUNK_SUM_OPS` on the
+#: CPU times of the table (8 rows at once) against one ``attribute`` call, both passes, 2-layer models of
+#: Qwen3-0.6B's and Qwen3-8B's shapes at 1,024 and 2,048 tokens (benchmarks/calibrate_cage_time.py; the
+#: least squares on its grid; docs/estimate.md#time-model)
+CAGE_ROW_ATTENTION = {False: 1.5, True: 0.0}
+#: operations (in the time model's units, a forward's floating-point operations) per element of the key and
+#: value gradients that every row chunk of a long-context attention computes whole and adds to the sum
+#: (cast to float32): ``2 · rows · heads · d_head · T`` per chunk and layer, so the chunks' sums grow as
+#: ``T³ · heads²`` (docs/estimate.md#time-model)
+CHUNK_SUM_OPS = 120.0
 
 
 # ---------------------------------------------------------------------------- the model's shape
@@ -430,7 +438,7 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
             parts = (_long_context_pass(s, T, rule, batch, LONG_CONTEXT_KEPT, budget, accelerator=accelerator) if lc
                      else _default_pass(s, T, rule, batch, CAPTURES, accelerator))
             peak = sum(parts.values())
-        time = _time(s, T, what, lc, rows, new_tokens)
+        time = _time(s, T, what, lc, rows, new_tokens, budget)
         return Estimate(what, n_tokens, s, rule, lc, float(peak), time, available_bytes, flops, parts, rows)
 
     modes = [False, True] if long_context is None else [bool(long_context)]
@@ -473,18 +481,33 @@ def _graph_phases(s: ModelShape, T: int, rules: str, lc: bool, budget: int,
     return pass_parts, edges
 
 
-def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int) -> float:
+def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int, budget: int) -> float:
     attention = _attention_share(s, T)
     one = 3.0 + ((1.0 + 2.0 * attention) if lc else 0.0)     # forward + backward (+ recomputation)
+
+    def sums(stacked: int) -> float:   # the row chunks' sums of one pass, in forwards
+        return CHUNK_SUM_OPS * _chunk_sums(s, T, stacked, budget) / _forward_flops(s, T, 1) if lc else 0.0
+
     if what == "attribute":
-        return one * rows
+        return one * rows + sums(rows)
     if what == "circuit_graph":
         closed_form = 16.0 * T * T * s.n_heads * s.d_head * s.n_layers / _forward_flops(s, T, 1)
-        return one + closed_form
+        return one + sums(1) + closed_form
     if what == "cage":   # per chunk of rows: one forward and a backward (two forwards) per row; the generation
-        row = 2.0 * ((1.0 + CAGE_LONG_CONTEXT_ROW_ATTENTION * attention) if lc else 1.0)
-        return math.ceil(new_tokens / rows) * (one - 2.0 + row * rows) + 1.0
-    return one + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
+        row = 2.0 * (1.0 + CAGE_ROW_ATTENTION[lc] * attention)
+        return math.ceil(new_tokens / rows) * (one - 2.0 + row * rows + sums(rows)) + 1.0
+    return one + sums(1) + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
+
+
+def _chunk_sums(s: ModelShape, T: int, stacked: int, budget: int) -> float:
+    """Elements of the whole key and value gradients the row chunks of one long-context pass sum, with
+    ``stacked`` prompts or CAGE rows sharing the budget (core.recompute's chunks); 0 where the attention
+    stays eager."""
+    per_query_row = stacked * s.n_heads * T * 4 * 4
+    if per_query_row * T <= EAGER_MULTIPLE * budget:
+        return 0.0
+    chunks = math.ceil(T / max(1, (budget // stacked) // (per_query_row // stacked)))
+    return chunks * 2.0 * stacked * s.n_heads * s.d_head * T * s.n_layers
 
 
 def _device_of(model_or_config) -> str:
