@@ -294,3 +294,24 @@ def test_a_graph_above_dense_limit_keeps_the_edges_of_the_dense_path():
             same_edges(dense, streamed)
     finally:
         closed_form.EDGE_BUDGET = original
+
+
+@pytest.mark.parametrize("mass_fraction", [0.0, 0.3, 0.85, 0.999, 1.0])
+def test_the_top_p_cut_past_the_sort_limit_keeps_what_sorting_every_edge_keeps(monkeypatch, mass_fraction):
+    """Past ``TOP_P_SORT_LIMIT`` edges the cut sorts only the candidates at or above a threshold whose
+    edges reach the mass (docs/graphs.md#long-prompts): the same edges in the same order as sorting all,
+    ties (many equal magnitudes, taken in the order of computation) included, on the CPU's float64 and
+    float32 magnitudes."""
+    from cage_lens.circuit import pruning
+
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float64, torch.float32):
+        magnitude = (torch.randn(5000, generator=gen, dtype=dtype) ** 4).abs()
+        magnitude[::7] = magnitude[3]                       # a tied block straddling the cut
+        mass = mass_fraction * float(magnitude.sum(dtype=torch.float64))
+        monkeypatch.setattr(pruning, "TOP_P_SORT_LIMIT", 10**9)
+        every = pruning._top_p_order(magnitude, mass)
+        monkeypatch.setattr(pruning, "TOP_P_SORT_LIMIT", 100)
+        narrowed = pruning._top_p_order(magnitude, mass)
+        assert torch.equal(every, narrowed)
+        assert float(magnitude[every].cumsum(0, dtype=torch.float64)[-1]) >= mass or len(every) == len(magnitude)

@@ -74,13 +74,44 @@ def prune_chunks(chunks: Iterable[tuple[int, Float[torch.Tensor, "chunk source"]
     return rows[flat // n_source], flat % n_source, values, total
 
 
+#: entries above which the top-p cut first narrows the candidates by a threshold instead of sorting all
+TOP_P_SORT_LIMIT = 2**20
+
+
 def _top_p_order(magnitude: torch.Tensor, mass: float) -> torch.Tensor:
     """Indices of the smallest set of largest entries whose sum reaches ``mass``, largest first (ties
-    in the order given: the order of computation)."""
+    in the order given: the order of computation). Past :data:`TOP_P_SORT_LIMIT` entries only the
+    candidates at or above a threshold whose entries already reach ``mass`` are sorted: the kept ones are
+    among them (the smallest kept entry is at least that threshold), and the candidates' sorted prefix sums
+    are the full sort's, so the cut is the same, without sorting (and copying) every edge."""
+    if len(magnitude) > TOP_P_SORT_LIMIT:
+        candidates = (magnitude >= _reaching_threshold(magnitude, mass)).nonzero().squeeze(1)
+        kept = _largest_reaching(magnitude[candidates], mass, whole=False)
+        if kept is not None:
+            return candidates[kept]
+    return _largest_reaching(magnitude, mass, whole=True)
+
+
+def _largest_reaching(magnitude: torch.Tensor, mass: float, whole: bool) -> torch.Tensor | None:
+    """The largest entries, largest first (stable), up to the first whose prefix sum reaches ``mass``; all
+    when none does if ``whole``, else None (a threshold's candidates that rounding left short)."""
     order = magnitude.argsort(descending=True, stable=True)
     cumulative = magnitude[order].cumsum(0, dtype=torch.float64)
+    if not whole and not (len(cumulative) and float(cumulative[-1]) >= mass):
+        return None
     count = int(torch.searchsorted(cumulative, torch.tensor(mass, dtype=torch.float64, device=cumulative.device))) + 1
     return order[: min(count, len(order))]
+
+
+def _reaching_threshold(magnitude: torch.Tensor, mass: float, steps: int = 32) -> float:
+    """A threshold whose entries at or above it sum to at least ``mass``, as high as ``steps`` bisections
+    between 0 and the largest entry find (0 when only all entries reach it)."""
+    low, high = 0.0, float(magnitude.max())
+    for _ in range(steps):
+        middle = (low + high) / 2
+        mass_above = float(torch.where(magnitude >= middle, magnitude, 0).sum(dtype=torch.float64))
+        low, high = (middle, high) if mass_above >= mass else (low, middle)
+    return low
 
 
 class EdgeList(NamedTuple):
