@@ -39,10 +39,7 @@ def measured_rows(path: Path) -> list[dict]:
 
 
 def estimate_now(row: dict, device_bytes: float) -> float:
-    import cage_lens
-
-    weights = cage_lens.estimate({**bench_scale.MODELS[row["model"]], "torch_dtype": "bfloat16"}, 16,
-                                 line="bridge").weights_bytes
+    weights = bench_scale.estimate_row(row["model"], row["tokens"], row["what"], None).weights_bytes
     chosen = {"long_context": row["long_context"], "rows_at_once": row["rows_at_once"]}
     return bench_scale.estimate_row(row["model"], row["tokens"], row["what"], device_bytes - weights, chosen,
                                     device="cuda").peak_bytes / 2**30

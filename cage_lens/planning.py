@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cage_lens.core.memory import CPU_ATTENTION_BUDGET, attention_budget, available_memory
+from cage_lens.core.memory import CPU_ATTENTION_BUDGET, attention_budget, available_memory, is_accelerator
 from cage_lens.errors import CageLensError, InputError, InsufficientMemoryError
 
 __all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
@@ -380,7 +380,7 @@ def _long_context_pass(s: ModelShape, T: int, rules: str, batch: int, kept: tupl
     eager = (EAGER_ATTENTION[s.line] + (ACCELERATOR_PATTERNS[1] if accelerator else 0.0) if eager_patterns is None
              else eager_patterns)
     eager_attention = grad_rows * eager * 4 * batch * s.n_heads * T * T
-    chunked = grad_rows * 4 * 4 * batch * s.n_heads * T * T > EAGER_MULTIPLE * budget   # core.recompute's rule
+    chunked = _attention_chunked(s, T, grad_rows * batch, budget)
     return {"per layer": L * b * batch * T * (kept[0] * s.d_model + kept[1] * s.n_heads * s.d_head),
             "one layer": one_layer + b * TRANSIENT[1] * batch * T * s.d_mlp,
             "attention": chunks if chunked else eager_attention, "mask": CAUSAL_MASK[s.line] * batch * T * T}
@@ -424,7 +424,7 @@ def estimate(model_or_config, n_tokens: int, what: str = "attribute", *, rules="
     T = n_tokens + (new_tokens if what in ("cage", "study") else 0)
     flops = _forward_flops(s, T, 1)
     place = device or _device_of(model_or_config)
-    budget, accelerator = attention_budget(place, available_bytes), not str(place).startswith("cpu")
+    budget, accelerator = attention_budget(place, available_bytes), is_accelerator(place)
 
     def build(lc: bool, rows: int) -> Estimate:   # rows: the batch, or the CAGE table's rows at once
         if what == "circuit_graph":
@@ -499,15 +499,20 @@ def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int
     return one + sums(1) + new_tokens   # study: the greedy generation (a forward per token, as the study runs it), the attribution
 
 
+def _attention_chunked(s: ModelShape, T: int, stacked: int, budget: int) -> bool:
+    """core.recompute's rule: an attention of ``stacked`` prompts or CAGE rows is row-chunked when its
+    eager backward (four float32 ``[head, T, T]`` tensors each) exceeds :data:`EAGER_MULTIPLE` budgets."""
+    return stacked * 4 * 4 * s.n_heads * T * T > EAGER_MULTIPLE * budget
+
+
 def _chunk_sums(s: ModelShape, T: int, stacked: int, budget: int) -> float:
     """Elements of the whole key and value gradients the row chunks of one long-context pass sum, with
     ``stacked`` prompts or CAGE rows sharing the budget (core.recompute's chunks); 0 where the attention
     stays eager."""
-    per_query_row = stacked * s.n_heads * T * 4 * 4
-    if per_query_row * T <= EAGER_MULTIPLE * budget:
+    if not _attention_chunked(s, T, stacked, budget):
         return 0.0
-    chunks = math.ceil(T / max(1, (budget // stacked) // (per_query_row // stacked)))
-    return chunks * 2.0 * stacked * s.n_heads * s.d_head * T * s.n_layers
+    query_rows_per_chunk = max(1, (budget // stacked) // (s.n_heads * T * 4 * 4))
+    return math.ceil(T / query_rows_per_chunk) * 2.0 * stacked * s.n_heads * s.d_head * T * s.n_layers
 
 
 def _device_of(model_or_config) -> str:

@@ -8,7 +8,7 @@ import os
 
 from cage_lens.errors import InputError
 
-__all__ = ["free_bytes", "available_memory", "attention_budget", "CPU_ATTENTION_BUDGET"]
+__all__ = ["free_bytes", "available_memory", "attention_budget", "is_accelerator", "CPU_ATTENTION_BUDGET"]
 
 #: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention on the CPU
 CPU_ATTENTION_BUDGET = 128 * 2**20
@@ -61,11 +61,16 @@ def _parse_bytes(text: str) -> float:
         raise InputError(f"CAGE_LENS_MAX_MEMORY={text!r} is not a size such as 12G or 800M") from None
 
 
+def is_accelerator(device) -> bool:
+    """Whether ``device`` (a ``torch.device`` or its name) is other than the CPU."""
+    return not str(device).startswith("cpu")
+
+
 def attention_budget(device, available: float | None, cpu_budget: int = CPU_ATTENTION_BUDGET) -> int:
     """Bytes of one chunk of the row-chunked attention on ``device`` with ``available`` bytes free:
     ``cpu_budget`` on the CPU (larger chunks were slower there) and where the memory is unknown; on an
     accelerator ``available / ACCELERATOR_BUDGET_DIVISOR`` between ``cpu_budget`` and
     ``ACCELERATOR_ATTENTION_BUDGET``."""
-    if str(device).startswith("cpu") or not available:
+    if not is_accelerator(device) or not available:
         return cpu_budget
     return int(min(ACCELERATOR_ATTENTION_BUDGET, max(cpu_budget, available / ACCELERATOR_BUDGET_DIVISOR)))
