@@ -268,9 +268,11 @@ def test_on_an_accelerator_the_attention_chunks_grow_with_the_free_memory_and_th
 
     from cage_lens import planning
     from cage_lens.core import recompute
-    from cage_lens.core.memory import attention_budget
+    from cage_lens.core.memory import attention_budget, is_accelerator
 
     mb, gb = 2**20, 2**30
+    assert [is_accelerator(d) for d in ("cpu", torch.device("cpu"), "cuda:0", torch.device("cuda", 1), "mps")] == [
+        False, False, True, True, True]
     assert attention_budget("cpu", 100 * gb) == 128 * mb
     assert attention_budget("cuda:0", None) == 128 * mb
     assert attention_budget("cuda:0", 2 * gb) == 128 * mb
