@@ -39,7 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cage_lens.core.memory import CPU_ATTENTION_BUDGET, attention_budget, available_memory, is_accelerator
+from cage_lens.core.memory import (CPU_ATTENTION_BUDGET, EAGER_MULTIPLE, ROW_CHUNK_ENTRY_BYTES, attention_budget,
+                                   available_memory, is_accelerator)
 from cage_lens.errors import CageLensError, InputError, InsufficientMemoryError
 
 __all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
@@ -107,9 +108,6 @@ EDGE_CHUNK_LIVE = 8.4
 KEPT_EDGES_PER_TOKEN = 2.0
 #: the memory a run may use, as a fraction of the memory available, when the estimate decides
 FIT_FRACTION = 0.8
-#: how many row-chunk budgets (cage_lens.core.memory.attention_budget) one layer's eager attention must
-#: exceed to be chunked (cage_lens.core.recompute.EAGER_MULTIPLE)
-EAGER_MULTIPLE = 8
 #: what the row chunks hold at the peak of a long-context pass: (budgets, CPU budgets), the larger —
 #: one budget of ``[…, rows, key]`` tensors (measured 0.85–0.90 of a 3.8 GB budget on an H200 with
 #: Qwen3-8B's and OLMo-3-7B's configurations at 8,192 tokens), at least the three 128 MB budgets the
@@ -501,8 +499,9 @@ def _time(s: ModelShape, T: int, what: str, lc: bool, rows: int, new_tokens: int
 
 def _attention_chunked(s: ModelShape, T: int, stacked: int, budget: int) -> bool:
     """core.recompute's rule: an attention of ``stacked`` prompts or CAGE rows is row-chunked when its
-    eager backward (four float32 ``[head, T, T]`` tensors each) exceeds :data:`EAGER_MULTIPLE` budgets."""
-    return stacked * 4 * 4 * s.n_heads * T * T > EAGER_MULTIPLE * budget
+    eager backward (:data:`~cage_lens.core.memory.ROW_CHUNK_ENTRY_BYTES` per ``[head, T, T]`` entry) exceeds
+    :data:`~cage_lens.core.memory.EAGER_MULTIPLE` budgets."""
+    return stacked * s.n_heads * T * T * ROW_CHUNK_ENTRY_BYTES > EAGER_MULTIPLE * budget
 
 
 def _chunk_sums(s: ModelShape, T: int, stacked: int, budget: int) -> float:
@@ -511,7 +510,7 @@ def _chunk_sums(s: ModelShape, T: int, stacked: int, budget: int) -> float:
     stays eager."""
     if not _attention_chunked(s, T, stacked, budget):
         return 0.0
-    query_rows_per_chunk = max(1, (budget // stacked) // (s.n_heads * T * 4 * 4))
+    query_rows_per_chunk = max(1, (budget // stacked) // (s.n_heads * T * ROW_CHUNK_ENTRY_BYTES))
     return math.ceil(T / query_rows_per_chunk) * 2.0 * stacked * s.n_heads * s.d_head * T * s.n_layers
 
 

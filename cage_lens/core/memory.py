@@ -1,6 +1,7 @@
 """Free memory on a device, read without importing torch for the CPU (the planner, ``cage_lens.estimate``
 on a configuration, must not import it); the plans and the certificate's float32 copy both read it. And
-the row-chunked attention's budget on a device, which the long-context mode uses and the planner counts."""
+the row-chunked attention's budget on a device and when an attention is chunked, which the long-context
+mode uses and the planner counts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import os
 
 from cage_lens.errors import InputError
 
-__all__ = ["free_bytes", "available_memory", "attention_budget", "is_accelerator", "CPU_ATTENTION_BUDGET"]
+__all__ = ["free_bytes", "available_memory", "attention_budget", "is_accelerator", "CPU_ATTENTION_BUDGET",
+           "EAGER_MULTIPLE", "ROW_CHUNK_ENTRY_BYTES"]
 
 #: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention on the CPU
 CPU_ATTENTION_BUDGET = 128 * 2**20
@@ -17,6 +19,12 @@ CPU_ATTENTION_BUDGET = 128 * 2**20
 #: :data:`ACCELERATOR_ATTENTION_BUDGET` (docs/long_context.md#the-chunk-budget)
 ACCELERATOR_BUDGET_DIVISOR = 32
 ACCELERATOR_ATTENTION_BUDGET = 4 * 2**30
+#: bytes per ``[…, rows, key]`` entry alive in one chunk's backward: four float32 tensors (the pattern, its
+#: gradient, the scores' gradient, a mask); chunks and a layer's eager backward are both counted in them
+ROW_CHUNK_ENTRY_BYTES = 4 * 4
+#: an attention whose eager backward holds fewer bytes than this many budgets is computed eagerly: row
+#: chunks cost a third more time, and one layer's pattern is small
+EAGER_MULTIPLE = 8
 
 
 def free_bytes(device) -> float | None:

@@ -38,18 +38,14 @@ from torch.utils.checkpoint import checkpoint
 
 from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.hooks import Installation, acting_for
-from cage_lens.core.memory import CPU_ATTENTION_BUDGET, attention_budget, available_memory
+from cage_lens.core.memory import (CPU_ATTENTION_BUDGET, EAGER_MULTIPLE, ROW_CHUNK_ENTRY_BYTES, attention_budget,
+                                   available_memory)
 
 __all__ = ["long_context", "default_budget", "ATTENTION_BUDGET", "EAGER_MULTIPLE"]
 
 #: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention on the CPU (on an
 #: accelerator: :func:`default_budget`)
 ATTENTION_BUDGET = CPU_ATTENTION_BUDGET
-#: an attention whose eager backward holds fewer bytes than this many budgets is computed eagerly
-#: (still recomputed with its block): row chunks cost a third more time, and one layer's pattern is small
-EAGER_MULTIPLE = 8
-#: live ``[…, rows, key]`` tensors of one chunk's backward (pattern, its gradient, the scores' gradient, a mask)
-_LIVE_PER_ROW = 4
 
 
 @contextlib.contextmanager
@@ -175,7 +171,7 @@ class _Plan:
 
     def chunk(self, node: int) -> int:
         shape = self.nodes[node].shape
-        per_row = max(1, shape[:-2].numel() * shape[-1] * 4 * _LIVE_PER_ROW)
+        per_row = max(1, shape[:-2].numel() * shape[-1] * ROW_CHUNK_ENTRY_BYTES)
         return max(1, min(self.n_rows, self.budget // per_row))
 
     def evaluate(self, node: int, start: int, stop: int, fetch: Callable[[_Ref], torch.Tensor]) -> torch.Tensor:
@@ -418,7 +414,7 @@ class _DeferScores(TorchFunctionMode):
 def _eager_bytes(q: torch.Tensor, k_t: torch.Tensor) -> int:
     """What one layer's eager attention backward holds: a few float32 ``[batch, head, query, key]`` tensors."""
     shape = torch.broadcast_shapes(q.shape[:-2], k_t.shape[:-2])
-    return shape.numel() * q.shape[-2] * k_t.shape[-1] * 4 * _LIVE_PER_ROW
+    return shape.numel() * q.shape[-2] * k_t.shape[-1] * ROW_CHUNK_ENTRY_BYTES
 
 
 def _score_operands(a, b) -> bool:
