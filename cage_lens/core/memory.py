@@ -22,7 +22,7 @@ ACCELERATOR_ATTENTION_BUDGET = 4 * 2**30
 #: bytes per ``[…, rows, key]`` entry alive in one chunk's backward: four float32 tensors (the pattern, its
 #: gradient, the scores' gradient, a mask); chunks and a layer's eager backward are both counted in them
 ROW_CHUNK_ENTRY_BYTES = 4 * 4
-#: an attention whose eager backward holds fewer bytes than this many budgets is computed eagerly: row
+#: an attention whose eager backward holds at most this many budgets is computed eagerly: row
 #: chunks cost a third more time, and one layer's pattern is small
 EAGER_MULTIPLE = 8
 
