@@ -39,9 +39,14 @@ def tolerance(model) -> dict:
     return FLOAT32_INSIDE if cage_lens.adapt(model).arch.is_bridge else EXACT
 
 
-def sharp_model(kind: str):
+def sharp_model(kind: str, **config):
     """Random weights large enough that most attention rows sit on one key (p ≥ ½): the saturated case."""
-    return random_model(kind, init_scale=0.45, seed=1)
+    return random_model(kind, init_scale=0.45, seed=1, **config)
+
+
+#: sliding windows shorter than the 11-token prompts: Mistral's in every layer (6 positions: the corruption
+#: at position 2 still reaches the last row through two layers), Gemma-2's in every other layer
+WINDOWED = [("mistral", 6), ("gemma2", 4)]
 
 
 # ---------------------------------------------------------------------------- exact suffix patching
@@ -64,6 +69,24 @@ def test_exact_patching_equals_transformer_lens_on_every_grid(kind):
         torch.testing.assert_close(ours[g], tl, rtol=0, atol=4e-7 * (1 + abs(base) + float(tl.abs().max())), msg=g)
         assert tl.abs().max() > 1e-3, g  # not a comparison of zeros
     assert ours.total_cost < ours.tl_forwards  # fewer forward-equivalents than TL's sweep
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("family, window", WINDOWED)
+def test_exact_patching_equals_transformer_lens_under_a_sliding_window(family, window):
+    """Under a sliding window the suffix runs still read every earlier position's keys (a sliding-window
+    layer's own HF cache would drop those outside the window; the window is the attention mask's), and a
+    one-row batch holds rows of one position only (the window masks by position in the batch): TL's
+    grids, as without a window."""
+    model = random_model(family, sliding_window=window)
+    clean_t, corrupted_t, clean_cache, base = runs(model)
+    assert cage_lens.adapt(model).attention_window(0) == window < corrupted_t.shape[1]
+    ours = RP.relevance_patch(model, corrupted_t, clean_cache, metric, FOUR, method="exact")
+    for g in FOUR:
+        tl = RP.activation_patch(model, corrupted_t, clean_cache, metric, g).double() - base
+        assert ours.method[g] == "exact" and bool(ours.exact[g].all())
+        torch.testing.assert_close(ours[g], tl, rtol=0, atol=4e-7 * (1 + abs(base) + float(tl.abs().max())), msg=g)
+        assert tl.abs().max() > 1e-3, g
     assert hook_count(model) == 0
 
 
@@ -158,10 +181,11 @@ def test_rap_is_exact_when_the_budget_allows_and_stays_within_it(kind):
                                                         speedup=tl / 14.0).total_cost <= 14.0 + 1e-9
 
 
-def _row_estimate_by_hand(model, corrupted_t, clean_cache, layer: int, pos: int) -> float:
+def _row_estimate_by_hand(model, corrupted_t, clean_cache, layer: int, pos: int, window: int | None = None) -> float:
     """The row-exact estimate of resid_pre cell (layer, pos), written out with full softmaxes: row pos's
     exact trajectory from a patched forward (rows before it do not move), every later row's attention
-    recomputed with row pos's new key and value, one layer at a time, carried by the CP-LRP gradient at z."""
+    recomputed with row pos's new key and value, one layer at a time, carried by the CP-LRP gradient at z.
+    ``window``: every layer sees only the last ``window`` positions, its own included."""
     adapter = cage_lens.adapt(model)
     n_layers, T = model.cfg.n_layers, corrupted_t.shape[1]
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
@@ -197,6 +221,8 @@ def _row_estimate_by_hand(model, corrupted_t, clean_cache, layer: int, pos: int)
         v_new[:, pos] = expand(kept[site(l).v].double())[:, pos]
         scale = adapter.score_scale(l)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
+        if window is not None:
+            causal &= ~torch.ones(T, T, dtype=torch.bool).tril(-window)   # keys window or more back
         old = (torch.einsum("bihe,bjhe->bhij", q, k) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
         new = (torch.einsum("bihe,bjhe->bhij", q, k_new) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
         dz = torch.einsum("bhij,bjhe->bihe", new, v_new) - torch.einsum("bhij,bjhe->bihe", old, v)
@@ -204,11 +230,13 @@ def _row_estimate_by_hand(model, corrupted_t, clean_cache, layer: int, pos: int)
     return total
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_row_exact_estimate_equals_its_formula_with_full_softmaxes(kind):
+@pytest.mark.parametrize("kind, window", [("gpt2", None), ("llama", None), ("mistral", 4), ("mistral", 6)])
+def test_row_exact_estimate_equals_its_formula_with_full_softmaxes(kind, window):
     """The closed form (one column of each later row changes; A_ip and lse^{¬p} taken directly where a
-    row sits on key p) against explicit softmaxes, on a model whose attention is saturated."""
-    model = sharp_model(kind)
+    row sits on key p) against explicit softmaxes, on a model whose attention is saturated; under a
+    sliding window only the rows that still see key p re-read it, and a cell's own row runs at its own
+    position (three layers, so that a layer-0 cell's row feeds rows the metric reads through the last)."""
+    model = sharp_model(kind, **({"sliding_window": window, "n_layers": 3} if window else {}))
     clean_t, corrupted_t, clean_cache, _ = runs(model)
     est = RP.relevance_patch(model, corrupted_t, clean_cache, metric, "resid_pre", budget=1e-3)
     assert est.method["resid_pre"] == "rap: row-exact + cplrp"
@@ -218,7 +246,7 @@ def test_row_exact_estimate_equals_its_formula_with_full_softmaxes(kind):
     for layer in range(model.cfg.n_layers):
         for pos in range(int(changed[0]), corrupted_t.shape[1]):
             if not est.exact["resid_pre"][layer, pos]:
-                by_hand = _row_estimate_by_hand(model, corrupted_t, clean_cache, layer, pos)
+                by_hand = _row_estimate_by_hand(model, corrupted_t, clean_cache, layer, pos, window)
                 assert float(est["resid_pre"][layer, pos]) == pytest.approx(by_hand, rel=tol["rtol"] * 10, abs=1e-9)
                 checked += 1
     assert checked >= 6
@@ -235,7 +263,7 @@ def test_rows_without_a_key_are_exact_where_the_row_sits_on_that_key():
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     lse = scores.logsumexp(-1)
     pattern = (scores - lse[..., None]).exp()
-    att = routing.LayerAttention(None, None, None, scores, lse, pattern, 1.0)
+    att = routing.LayerAttention(None, None, None, scores, lse, pattern, 1.0, torch.ones(T, T, dtype=torch.bool).tril())
     w = torch.randn(1, H, T, T, dtype=torch.float64, generator=generator)
     rows = torch.tensor([2, 1])
     lse_rest, mean_rest = routing.RowEstimate._without_column(att, w, (pattern * w).sum(-1), rows)

@@ -28,7 +28,8 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.circuit.levels import Transition
-from cage_lens.circuit.state import AttentionState, ForwardState, visible_keys
+from cage_lens.circuit.state import AttentionState, ForwardState
+from cage_lens.core.adapter import visible_keys
 from cage_lens.core.precision import UNIT_ROUNDOFF
 from cage_lens.core.rulesets import RuleSet
 from cage_lens.errors import UnsupportedModelError

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 
 from cage_lens.core import engine
-from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.adapter import ModelAdapter, visible_keys
 from cage_lens.core.engine import Capture
 from cage_lens.core.hooks import ModulePreHook, PointHook, installed, session
 from cage_lens.core.hooks import fires as hook_fires
@@ -376,14 +376,6 @@ def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
-
-
-def visible_keys(queries: torch.Tensor, n_keys: int, window: int | None, first: int = 0) -> torch.Tensor:
-    """``[query, key]`` for the keys ``first … n_keys − 1``: whether each query position attends to the
-    key — the earlier ones, and only the last ``window`` of them (its own included) under a sliding window."""
-    keys = torch.arange(first, n_keys, device=queries.device)[None, :]
-    visible = keys <= queries[:, None]
-    return visible if window is None else visible & (keys > queries[:, None] - window)
 
 
 def _visible_scores(scores: torch.Tensor, window: int | None) -> torch.Tensor:

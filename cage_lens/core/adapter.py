@@ -27,7 +27,7 @@ from cage_lens.errors import UnsupportedModelError
 
 __all__ = [
     "Architecture", "ModelAdapter", "NormSite", "MLPSite", "LayerSites", "adapt", "model_state", "walk_modules",
-    "ELEMENTWISE_ACTIVATIONS",
+    "ELEMENTWISE_ACTIVATIONS", "visible_keys",
 ]
 
 _REQUIRED_MODEL_API = ("cfg", "hook_dict", "hooks", "to_tokens", "to_str_tokens")
@@ -686,6 +686,14 @@ class ModelAdapter:
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def visible_keys(queries: torch.Tensor, n_keys: int, window: int | None, first: int = 0) -> torch.Tensor:
+    """``[query, key]`` for the keys ``first … n_keys − 1``: whether each query position attends to the
+    key — the earlier ones, and only the last ``window`` of them (its own included) under a sliding window."""
+    keys = torch.arange(first, n_keys, device=queries.device)[None, :]
+    visible = keys <= queries[:, None]
+    return visible if window is None else visible & (keys > queries[:, None] - window)
 
 
 def model_state(model, ignored: set[int] = frozenset()) -> tuple:

@@ -127,6 +127,9 @@ class SuffixPatcher:
         self.arch = run.adapter.arch
         self.stage = stage
         self.bridge = self.arch.is_bridge
+        # a sliding window is a mask by position in the batch, so a one-row batch of :meth:`rows` must put
+        # every row at its own position: rows of one first position per batch
+        self.windowed = any(self.adapter.attention_window(layer) for layer in range(self.arch.n_layers))
         if self.bridge:
             self._check_bridge_cache()
         else:
@@ -155,7 +158,8 @@ class SuffixPatcher:
     def rows(self, cells: Sequence[Cell], captures: Sequence[str], stage: str = "row trajectories"):
         """Each cell's first row run alone — its exact new trajectory, since no earlier row moves — many
         cells per batch: each batch row attends to the patched run's keys before its own row (the others
-        are masked, and positions follow the mask).
+        are masked, and positions follow the mask). Under a sliding window, which masks by position in the
+        batch, a batch holds cells of one first row only (each row then sits at its own position).
 
         Returns ``(logits, captured)``: ``{cell index: logits [batch, vocab]}`` for the cells whose row the
         metric reads, and per capture name a tensor over all cells, in their order — ``[cells, batch, head,
@@ -166,10 +170,12 @@ class SuffixPatcher:
         width = max(self.arch.d_mlp or 0, self.arch.d_model * T, self.arch.n_heads * T)  # the prefix keys dominate
         per = max(1, MAX_ELEMENTS // max(1, B * width))
         by_first = sorted(range(len(cells)), key=lambda i: cells[i].first)  # a short prefix for early rows
+        together = [[i for i in by_first if cells[i].first == f] for f in sorted({c.first for c in cells})] \
+            if self.windowed else [by_first]
         logits: dict[int, torch.Tensor] = {}
         captured: dict[str, torch.Tensor] = {}
-        for c0 in range(0, len(by_first), per):
-            order = sorted(by_first[c0:c0 + per], key=lambda i: cells[i].layer)  # a TL 2 batch grows by layer
+        for batch in (g[c0:c0 + per] for g in together for c0 in range(0, len(g), per)):
+            order = sorted(batch, key=lambda i: cells[i].layer)  # a TL 2 batch grows by layer
             chunk = [cells[i] for i in order]
             chunk_logits, store = self._run_rows(chunk, captures, stage)
             for j, i in enumerate(order):
@@ -216,9 +222,9 @@ class SuffixPatcher:
                                 for layer in layers)
         if full > 1 and not filled:
             raise UnsupportedModelError(
-                "this TransformerBridge did not fill the HF key/value cache for every position (a sliding-window "
-                "cache, or a TransformerLens/transformers pair whose attention ignores past_key_values), which "
-                "exact suffix patching needs; use method='one_backward' or TransformerLens 2.x"
+                "this TransformerBridge did not fill the HF key/value cache for every position (a "
+                "TransformerLens/transformers pair whose attention ignores past_key_values), which exact suffix "
+                "patching needs; use method='one_backward' or TransformerLens 2.x"
             )
 
     def _self_check(self) -> None:
@@ -231,9 +237,10 @@ class SuffixPatcher:
         tolerance = (1e-9 if expected.dtype == torch.float64 else 2e-4) * scale  # a different summation order
         if error <= tolerance and start > 1:  # the masked one-row batch of :meth:`rows`, two rows at once
             probe = [start, start // 2]
-            rows, _ = self._run_rows([], (), "self-check", firsts=probe, read=probe)
-            for j, row in enumerate(probe):
-                error = max(error, float((rows[j] - self.run.logits[:, row]).abs().max()))
+            for batch in ([[start], [start // 2]] if self.windowed else [probe]):
+                rows, _ = self._run_rows([], (), "self-check", firsts=batch, read=batch)
+                for j, row in enumerate(batch):
+                    error = max(error, float((rows[j] - self.run.logits[:, row]).abs().max()))
         if not error <= tolerance:
             raise UnsupportedModelError(
                 f"re-running position {start} from the key/value cache gives logits {error:.3g} away from the full "

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from cage_lens.core.adapter import ModelAdapter
+from cage_lens.core.adapter import ModelAdapter, visible_keys
 from cage_lens.patching.estimate import gradients, linear_grid
 from cage_lens.patching.exact import Cell, SuffixPatcher, cells_of
 from cage_lens.patching.grids import Grid
@@ -59,8 +59,9 @@ def routing_names(adapter: ModelAdapter, layer: int) -> dict[str, str]:
 @dataclass
 class LayerAttention:
     """One layer's attention on the patched run, float64: rotated queries ``q`` [batch, pos, head, d_head],
-    keys ``k`` and values ``v`` (one per query head), scores ``scores`` [batch, head, dest, src] (causal,
-    −inf above the diagonal), ``lse`` their row log-sum-exp, ``pattern`` and the score scale."""
+    keys ``k`` and values ``v`` (one per query head), scores ``scores`` [batch, head, dest, src] (−inf where
+    a query does not see the key: above the diagonal, and outside a sliding window), ``lse`` their row
+    log-sum-exp, ``pattern``, the score scale and ``visible`` [dest, src], which keys each query sees."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -69,11 +70,12 @@ class LayerAttention:
     lse: torch.Tensor
     pattern: torch.Tensor
     scale: float
+    visible: torch.Tensor
 
     @classmethod
     def of(cls, run: PatchRun, layer: int) -> "LayerAttention | None":
         """The layer's attention recomputed from its cached q, k; None when that does not reproduce the
-        cached pattern (a soft-cap, ALiBi, a sliding window, ...: the closed form below would be wrong)."""
+        cached pattern (a soft-cap, ALiBi, ...: the closed form below would be wrong)."""
         names = routing_names(run.adapter, layer)
         scale = run.adapter.score_scale(layer)
         if scale is None or run.adapter.layer(layer).attn_softcap:
@@ -85,16 +87,17 @@ class LayerAttention:
         v = _expand(acts[names["v"]].double(), n_heads)
         length = q.shape[1]
         scores = torch.einsum("bihe,bjhe->bhij", q, k) * scale
-        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        visible = visible_keys(torch.arange(length, device=q.device), length, run.adapter.attention_window(layer))
+        scores = scores.masked_fill(~visible, float("-inf"))
         lse = scores.logsumexp(-1)
         pattern = (scores - lse[..., None]).exp()
         cached = acts[names["pattern"]]
-        # float64 models may still run their softmax in float32 inside (HF eager attention); a soft-cap,
-        # ALiBi or a window moves probabilities by far more
+        # float64 models may still run their softmax in float32 inside (HF eager attention); a soft-cap or
+        # ALiBi moves probabilities by far more
         tolerance = 1e-5 if cached.dtype == torch.float64 else 1e-4
         if not float((pattern - cached.double()).abs().max()) <= tolerance:
             return None
-        return cls(q, k, v, scores, lse, pattern, scale)
+        return cls(q, k, v, scores, lse, pattern, scale, visible)
 
 
 class RowEstimate:
@@ -193,7 +196,8 @@ class RowEstimate:
 
         # later rows i > p re-reading the new key and value (closed form per row, see the class docstring)
         col = lambda m: m.index_select(-1, rows).permute(3, 0, 1, 2)  # [B,H,T,T] -> [C,B,H,T] (column p, rows i)
-        live = (torch.arange(T)[None, :] > rows[:, None])[:, None, None, :]  # [C,1,1,T]
+        sees_p = att.visible.index_select(1, rows.to(att.visible.device)).T.cpu()   # [C, T]: row i sees key p
+        live = (sees_p & (torch.arange(T)[None, :] > rows[:, None]))[:, None, None, :]  # [C,1,1,T]
         p_old = torch.where(live, col(att.pattern), torch.zeros(()))
         s_new = torch.einsum("bihe,cbhe->cbhi", att.q, k_new) * att.scale
         w_old = col(w)

@@ -194,10 +194,12 @@ KV_KEYWORDS = (("past_key_values", "layer_past"), ("past_key_values",))
 
 
 def new_kv_cache(model):
-    """An empty HF key/value cache for a TransformerBridge's HF model."""
+    """An empty HF key/value cache for a TransformerBridge's HF model, every layer keeping every position:
+    the config's cache would give a sliding-window layer one that drops the keys outside the window, which
+    exact patching reads back (the window stays the attention mask's)."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.original_model.config)
+    return DynamicCache()
 
 
 def start_run(model, adapter: ModelAdapter, tokens: torch.Tensor, source: Mapping, metric: Metric,
