@@ -18,7 +18,9 @@ model cards (huggingface.co/Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B, Qwen/Qwen3-8B, all
 see :data:`MODELS`.
 
 Every measured row is cached in ``benchmarks/results/bench_scale.json`` as soon as it is measured, so
-an interrupted run resumes where it stopped (``--redo`` measures again). The rows take hours on a CPU
+an interrupted run resumes where it stopped (``--redo`` measures again). ``--glibc-time`` times each
+measured row once more in a process under glibc's default allocator (the peak column's setting slows the
+long-context rows: docs/estimate.md#the-allocator). The rows take hours on a CPU
 and need a quiet machine (benchmarks/harness.py refuses to write the table otherwise):
 
     python benchmarks/bench_scale.py                              # everything that fits 22 GB
@@ -229,6 +231,9 @@ def main() -> None:
     parser.add_argument("--memory", default="22G", help="memory a row may use in all, weights included (default 22G)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured row")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds a row may run")
+    parser.add_argument("--glibc-time", action="store_true",
+                        help="time every measured row a second time in a process under glibc's default allocator "
+                             "(docs/estimate.md#the-allocator)")
     parser.add_argument("--redo", action="store_true", help="measure again the cached rows this run measures (--measure-models, --measure-tokens)")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "TOKENS", "WHAT", "THREADS"))
     add_arguments(parser)
@@ -266,6 +271,11 @@ def main() -> None:
                 left = f"{(memory - weights) / 2**30:.2f}G"
                 result = child(__file__, [name, str(n_tokens), what, str(args.threads)], memory=left,
                                timeout=args.timeout)
+                if args.glibc_time and "cpu_s" in result:
+                    default = child(__file__, [name, str(n_tokens), what, str(args.threads)], memory=left,
+                                    timeout=args.timeout, allocator_setting=False)
+                    result.update({"glibc_cpu_s": default["cpu_s"], "glibc_wall_s": default["wall_s"]} if "cpu_s" in default
+                                  else {"glibc_error": default.get("error", "")})
                 cache[key] = {**row, **result, "command": _command()}
                 CACHE.parent.mkdir(parents=True, exist_ok=True)
                 CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
@@ -323,8 +333,12 @@ def table(cache: dict, args) -> str:
            "log seconds); its ratio to the measured CPU seconds spans "
            f"{_fit_span(cache, weight, rates)} on them:", ""]
     out += [f"- {what}: {rate * 1e12:.3g} s per 10¹² weighted operations" for what, rate in sorted(rates.items())]
-    out += ["", "| model | tokens | computation | weights GB | measured CPU s | wall s | peak GB | estimate GB | "
-            "est./meas. | estimated s | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["", "CPU s and wall s are taken under the allocator setting the peak column needs "
+            "(`MALLOC_MMAP_THRESHOLD_=65536`), which slows the long-context rows; **glibc s** = the CPU seconds of the "
+            "same row in a second process under glibc's default allocator, what users get (`--glibc-time`; "
+            "docs/estimate.md#the-allocator), where measured.", ""]
+    out += ["| model | tokens | computation | weights GB | measured CPU s | glibc s | wall s | peak GB | estimate GB | "
+            "est./meas. | estimated s | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in MODELS:
         for n_tokens in TOKENS:
             for what in WHATS:
@@ -339,12 +353,13 @@ def table(cache: dict, args) -> str:
                 if "cpu_s" in row:
                     ratio = row["estimate_gb"] / row["peak_gb"] if row["peak_gb"] > 0 else float("nan")
                     note = "; ".join(row.get("warnings", []))[:120]
+                    glibc = f"{row['glibc_cpu_s']:.0f}" if "glibc_cpu_s" in row else "—"
                     out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | {row['cpu_s']:.0f} | "
-                               f"{row['wall_s']:.0f} | {row['peak_gb']:.2f} | {row['estimate_gb']:.2f} | {ratio:.2f} | "
+                               f"{glibc} | {row['wall_s']:.0f} | {row['peak_gb']:.2f} | {row['estimate_gb']:.2f} | {ratio:.2f} | "
                                f"{guess} | {note} |")
                 else:
                     note = row.get("error") or row.get("skipped", "")
-                    out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | — | — | — | "
+                    out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | — | — | — | — | "
                                f"{row['estimate_gb']:.2f} | — | {guess} | {note[:160]} |")
     return "\n".join(out)
 

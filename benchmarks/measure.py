@@ -5,7 +5,9 @@ growth over the resident memory just before the call (``VmHWM`` after ``/proc/se
 Linux) and the process's whole peak. :func:`child` runs a benchmark's ``--child`` in a new process
 with glibc told to return freed tensors at once (``MALLOC_MMAP_THRESHOLD_``), so that resident
 memory follows the live tensors instead of the allocator's history, and with ``CAGE_LENS_MAX_MEMORY``
-— the memory the automatic long-context choice plans for — set for every child alike.
+— the memory the automatic long-context choice plans for — set for every child alike. That allocator
+setting costs time where a computation allocates anew in a loop (docs/estimate.md#the-allocator), so
+a child may also run under glibc's default (``allocator_setting=False``) for its seconds alone.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def measured(fn, *args, **kwargs) -> tuple[dict, object]:
     return stats, out
 
 
-def child(script: str, args: list[str], memory: str | None = None, timeout: float | None = None) -> dict:
-    """Run ``script --child ARGS`` in a new process; its last stdout line is a JSON object. A failed
-    child gives ``{"error": its last stderr line}``."""
-    env = {**os.environ, **CHILD_ENV}
+def child(script: str, args: list[str], memory: str | None = None, timeout: float | None = None,
+          allocator_setting: bool = True) -> dict:
+    """Run ``script --child ARGS`` in a new process (with :data:`CHILD_ENV` unless ``allocator_setting`` is
+    false); its last stdout line is a JSON object. A failed child gives ``{"error": its last stderr line}``."""
+    env = {**os.environ, **(CHILD_ENV if allocator_setting else {})}
+    if not allocator_setting:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if memory:
         env["CAGE_LENS_MAX_MEMORY"] = memory
     try:

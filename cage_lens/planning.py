@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 
 from cage_lens.core.memory import (CPU_ATTENTION_BUDGET, EAGER_MULTIPLE, ROW_CHUNK_ENTRY_BYTES, attention_budget,
-                                   available_memory, is_accelerator)
+                                   available_memory, causal_key_extent, is_accelerator)
 from cage_lens.errors import CageLensError, InputError, InsufficientMemoryError
 
 __all__ = ["estimate", "Estimate", "ModelShape", "shape_of", "available_memory", "choose_long_context",
@@ -148,17 +148,19 @@ CAGE_LONG_CONTEXT_KEPT = (1.0, 0.0)
 #: a row's backward in the CAGE table, in units of two forwards: ``1 + k × (the attention's share of a
 #: forward)``, k by pass (default, long-context). The default pass's backward vectorised over the rows
 #: carries every row's ``[head, T, T]`` gradients through the attention (memory-bound, and softmax's
-#: backward has no batching rule: a loop over the rows); the long-context pass's chunks stay small, and
-#: pay for their sums instead (:data:`CHUNK_SUM_OPS`). Fitted together with :data:`CHUNK_SUM_OPS` on the
-#: CPU times of the table (8 rows at once) against one ``attribute`` call, both passes, 2-layer models of
+#: backward has no batching rule: a loop over the rows); the long-context pass's chunks stay small and,
+#: under the causal mask, read about half the keys (k = -1, the fit's bound: the attention's backward
+#: costs about what the pass's recomputations already count), and pay for their sums instead
+#: (:data:`CHUNK_SUM_OPS`). Fitted together with :data:`CHUNK_SUM_OPS` on the CPU times of the table (8 rows at once) against one ``attribute`` call, both passes, 2-layer models of
 #: Qwen3-0.6B's and Qwen3-8B's shapes at 1,024 and 2,048 tokens (benchmarks/calibrate_cage_time.py; the
 #: least squares on its grid; docs/estimate.md#time-model)
-CAGE_ROW_ATTENTION = {False: 1.5, True: 0.0}
+CAGE_ROW_ATTENTION = {False: 2.5, True: -1.0}
 #: operations (in the time model's units, a forward's floating-point operations) per element of the key and
-#: value gradients that every row chunk of a long-context attention computes whole and adds to the sum
-#: (cast to float32): ``2 · rows · heads · d_head · T`` per chunk and layer, so the chunks' sums grow as
-#: ``T³ · heads²`` (docs/estimate.md#time-model)
-CHUNK_SUM_OPS = 120.0
+#: value gradients that every row chunk of a long-context attention computes and adds to the sum (cast to
+#: float32): ``2 · rows · heads · d_head · extent`` per chunk ``[start, stop)`` and layer, the extent ``stop``
+#: rounded up under the causal mask (:func:`~cage_lens.core.memory.causal_key_extent`), so the chunks' sums
+#: grow as about ``T³ · heads² / 2`` (docs/estimate.md#time-model)
+CHUNK_SUM_OPS = 180.0
 
 
 # ---------------------------------------------------------------------------- the model's shape
@@ -505,13 +507,15 @@ def _attention_chunked(s: ModelShape, T: int, stacked: int, budget: int) -> bool
 
 
 def _chunk_sums(s: ModelShape, T: int, stacked: int, budget: int) -> float:
-    """Elements of the whole key and value gradients the row chunks of one long-context pass sum, with
+    """Elements of the key and value gradients the row chunks of one long-context pass sum, with
     ``stacked`` prompts or CAGE rows sharing the budget (core.recompute's chunks); 0 where the attention
-    stays eager."""
+    stays eager. Under the causal mask a chunk's gradients reach only the keys up to its last row."""
     if not _attention_chunked(s, T, stacked, budget):
         return 0.0
     query_rows_per_chunk = max(1, (budget // stacked) // (s.n_heads * T * ROW_CHUNK_ENTRY_BYTES))
-    return math.ceil(T / query_rows_per_chunk) * 2.0 * stacked * s.n_heads * s.d_head * T * s.n_layers
+    stops = range(query_rows_per_chunk, T + query_rows_per_chunk, query_rows_per_chunk)
+    keys = sum(causal_key_extent(min(T, stop), T) for stop in stops)
+    return keys * 2.0 * stacked * s.n_heads * s.d_head * s.n_layers
 
 
 def _device_of(model_or_config) -> str:

@@ -96,7 +96,7 @@ def test_bench_scale_redo_measures_again_only_the_rows_of_this_run(tmp_path, mon
     monkeypatch.setattr(bench_scale, "RESULTS", tmp_path)
     measured = []
 
-    def fake_child(script, argv, memory, timeout):
+    def fake_child(script, argv, memory, timeout, allocator_setting=True):
         measured.append(argv[:3])
         return {"cpu_s": 28.0, "wall_s": 28.5, "peak_gb": 1.47, "process_peak_gb": 2.6, "long_context": False}
 
@@ -108,7 +108,43 @@ def test_bench_scale_redo_measures_again_only_the_rows_of_this_run(tmp_path, mon
     assert measured == [["Qwen3-0.6B", "512", "study case"]]
     assert rows["Qwen3-0.6B|512|study case"]["cpu_s"] == 28.0
     assert {k: rows["Qwen3-1.7B|512|study case"][k] for k in kept} == kept
-    assert "| Qwen3-1.7B | 512 | study case | 3.20 | 50 | 51 | 1.86 |" in (tmp_path / "bench_scale.md").read_text()
+    assert "| Qwen3-1.7B | 512 | study case | 3.20 | 50 | — | 51 | 1.86 |" in (tmp_path / "bench_scale.md").read_text()
+
+
+def test_bench_scale_glibc_time_runs_each_row_again_under_glibcs_default(tmp_path, monkeypatch):
+    """``--glibc-time``: after the measured child (the allocator setting the peak needs), a second child
+    without it, whose CPU seconds fill the glibc column; the peak stays the first child's."""
+    import json
+
+    import bench_scale
+
+    monkeypatch.setattr(bench_scale, "CACHE", tmp_path / "bench_scale.json")
+    monkeypatch.setattr(bench_scale, "RESULTS", tmp_path)
+    calls = []
+
+    def fake_child(script, argv, memory, timeout, allocator_setting=True):
+        calls.append(allocator_setting)
+        return {"cpu_s": 40.0 if allocator_setting else 31.0, "wall_s": 41.0 if allocator_setting else 32.0,
+                "peak_gb": 1.47 if allocator_setting else 9.9, "process_peak_gb": 2.6, "long_context": False}
+
+    monkeypatch.setattr(bench_scale, "child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["bench_scale.py", "--models", "Qwen3-0.6B", "--tokens", "512", "--what",
+                                      "study case", "--glibc-time", "--allow-busy"])
+    bench_scale.main()
+    row = json.loads((tmp_path / "bench_scale.json").read_text())["Qwen3-0.6B|512|study case"]
+    assert calls == [True, False]
+    assert (row["cpu_s"], row["glibc_cpu_s"], row["glibc_wall_s"], row["peak_gb"]) == (40.0, 31.0, 32.0, 1.47)
+    assert "| Qwen3-0.6B | 512 | study case | 1.11 | 40 | 31 | 41 | 1.47 |" in (tmp_path / "bench_scale.md").read_text()
+
+
+def test_a_child_runs_under_the_allocator_setting_unless_told_not_to(tmp_path, monkeypatch):
+    import measure
+
+    script = tmp_path / "env_child.py"
+    script.write_text("import json, os\nprint(json.dumps({'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_')}))\n")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert measure.child(str(script), []) == {"mmap": "65536"}
+    assert measure.child(str(script), [], allocator_setting=False) == {"mmap": None}
 
 
 def test_bench_scale_refreshes_the_estimate_of_rows_outside_the_run(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import os
 from cage_lens.errors import InputError
 
 __all__ = ["free_bytes", "available_memory", "attention_budget", "is_accelerator", "CPU_ATTENTION_BUDGET",
-           "EAGER_MULTIPLE", "ROW_CHUNK_ENTRY_BYTES"]
+           "EAGER_MULTIPLE", "ROW_CHUNK_ENTRY_BYTES", "causal_key_extent"]
 
 #: bytes of one chunk's ``[…, rows, key]`` intermediates of the row-chunked attention on the CPU
 CPU_ATTENTION_BUDGET = 128 * 2**20
@@ -25,6 +25,17 @@ ROW_CHUNK_ENTRY_BYTES = 4 * 4
 #: an attention whose eager backward holds at most this many budgets is computed eagerly: row
 #: chunks cost a third more time, and one layer's pattern is small
 EAGER_MULTIPLE = 8
+#: a causal row chunk's backward reads its keys up to its last row rounded up to a multiple of
+#: ``T / CAUSAL_KEY_STEPS``: a few distinct shapes, so that freed blocks and oneDNN's cached kernels serve
+#: the next chunk (a new shape per chunk grew the peak; docs/long_context.md#causal-chunks)
+CAUSAL_KEY_STEPS = 8
+
+
+def causal_key_extent(stop: int, n_keys: int) -> int:
+    """The keys a row chunk ending at row ``stop`` reads in its backward when every later key is masked:
+    ``stop`` rounded up to the grid of :data:`CAUSAL_KEY_STEPS` (any extent from ``stop`` on is exact)."""
+    step = -(-n_keys // CAUSAL_KEY_STEPS)
+    return min(n_keys, -(-stop // step) * step)
 
 
 def free_bytes(device) -> float | None:

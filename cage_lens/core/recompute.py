@@ -19,7 +19,9 @@ second forward for that memory:
   chunk's pattern: ``heads · rows · pos`` numbers at a time instead of ``heads · pos²``. Anything else
   done to a deferred tensor computes it in full first (the default path's memory, the same numbers),
   and a layer whose scores or pattern are hooked (a soft-cap rule, a capture) is computed in full, as
-  is one whose whole attention backward is small (below :data:`EAGER_MULTIPLE` budgets).
+  is one whose whole attention backward is small (below :data:`EAGER_MULTIPLE` budgets). Where the
+  forward finds a chunk's rows give every key from its last row on probability zero (a causal mask),
+  the chunk's backward reads only the keys before (docs/long_context.md#causal-chunks).
 
 Both change only where and when numbers are computed, never which: the results equal the default
 path's to rounding (docs/long_context.md#equal-to-the-default-path).
@@ -39,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from cage_lens.core.adapter import ModelAdapter
 from cage_lens.core.hooks import Installation, acting_for
 from cage_lens.core.memory import (CPU_ATTENTION_BUDGET, EAGER_MULTIPLE, ROW_CHUNK_ENTRY_BYTES, attention_budget,
-                                   available_memory)
+                                   available_memory, causal_key_extent)
 
 __all__ = ["long_context", "default_budget", "ATTENTION_BUDGET", "EAGER_MULTIPLE"]
 
@@ -174,10 +176,12 @@ class _Plan:
         per_row = max(1, shape[:-2].numel() * shape[-1] * ROW_CHUNK_ENTRY_BYTES)
         return max(1, min(self.n_rows, self.budget // per_row))
 
-    def evaluate(self, node: int, start: int, stop: int, fetch: Callable[[_Ref], torch.Tensor]) -> torch.Tensor:
-        """Rows ``start:stop`` of node ``node``; ``fetch`` gives an input (its rows when ``ref.rows``).
-        Nodes are computed in recording order (each reads only earlier ones), and each value is dropped
-        after its last reader, so a chunk holds few ``[…, rows, key]`` tensors at a time."""
+    def evaluate(self, node: int, start: int, stop: int, fetch: Callable[[_Ref], torch.Tensor],
+                 observe: "Callable[[int, torch.Tensor], None] | None" = None) -> torch.Tensor:
+        """Rows ``start:stop`` of node ``node``; ``fetch`` gives an input (its rows when ``ref.rows``), and
+        ``observe`` sees every node's value as it is computed. Nodes are computed in recording order (each
+        reads only earlier ones), and each value is dropped after its last reader, so a chunk holds few
+        ``[…, rows, key]`` tensors at a time."""
         needed, stack = set(), [node]
         while stack:
             i = stack.pop()
@@ -193,6 +197,8 @@ class _Plan:
         for i in sorted(needed):
             n = self.nodes[i]
             values[i] = n.func(*_resolve(n.args, values, fetch), **_resolve(n.kwargs, values, fetch))
+            if observe is not None:
+                observe(i, values[i])
             for r in _refs(n):
                 if r.kind == "node" and last_reader[r.index] == i and r.index != node:
                     values.pop(r.index, None)
@@ -294,6 +300,8 @@ _IN_PLACE = {
 }
 _ALONG_KEYS = {"softmax", "log_softmax", "_softmax"}
 _REDUCTIONS = {"all", "any", "amax", "amin", "sum", "logsumexp"}
+_SOFTMAX = {"softmax", "_softmax"}
+_ACROSS_KEYS = _ALONG_KEYS | _REDUCTIONS
 
 
 def _deferred_args(args, kwargs) -> list[_Deferred]:
@@ -439,22 +447,53 @@ class _Structure:
     def plan(self) -> _Plan:
         return _Plan(self.n_rows, 0, list(self.nodes))
 
+    def chunks(self) -> list[tuple[int, int]]:
+        """Each chunk's rows, ``(start, stop)``."""
+        return [(start, min(self.n_rows, start + self.chunk)) for start in range(0, self.n_rows, self.chunk)]
+
+    @property
+    def n_keys(self) -> int:
+        return self.nodes[0].shape[-1]
+
+    def softmaxes(self) -> set[int]:
+        return {i for i, n in enumerate(self.nodes) if _name(n.func) in _SOFTMAX}
+
+    def may_cut_keys(self) -> bool:
+        """A self-attention (as many keys as query rows) whose only operation across keys is a softmax."""
+        return self.n_keys == self.n_rows and not any(_name(n.func) in _ACROSS_KEYS - _SOFTMAX for n in self.nodes)
+
+    def is_key_cut(self, ref: _Ref, tensor: torch.Tensor, keys: int) -> bool:
+        """Whether the backward of a chunk that reads ``keys`` keys reads this input's first ``keys`` entries
+        of its last axis: every input along the key axis but the query rows (``inputs[0]``, of the root
+        product ``q @ kᵀ``, whose last axis is the head's)."""
+        return (keys < self.n_keys and ref.kind == "input" and ref.index != 0 and tensor.dim() >= 1
+                and tensor.shape[-1] == self.n_keys)
+
+    def key_cut(self, ref: _Ref, tensor: torch.Tensor, keys: int) -> torch.Tensor:
+        return tensor[..., :keys] if self.is_key_cut(ref, tensor, keys) else tensor
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", "")
+
 
 class _RowChunkedProduct(torch.autograd.Function):
     """``pattern @ v`` with the pattern computed ``chunk`` query rows at a time in the forward and
     recomputed the same way in the backward (flash-attention style, with TransformerLens' own
-    operations in between)."""
+    operations in between). Where the forward finds a chunk's rows blind to every key from its last
+    row on (a causal mask: :class:`_CausalTail`), its backward reads only the keys before."""
 
     @staticmethod
     def forward(ctx, structure: _Structure, v: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         plan = structure.plan()
         plan.inputs = list(inputs)
-        parts = []
-        for start in range(0, structure.n_rows, structure.chunk):
-            stop = min(structure.n_rows, start + structure.chunk)
-            pattern = plan.evaluate(structure.node, start, stop, lambda r: _input_rows(plan, r, start, stop))
+        parts, extents = [], []
+        for start, stop in structure.chunks():
+            tail = _CausalTail(structure, stop)
+            pattern = plan.evaluate(structure.node, start, stop, lambda r: _input_rows(plan, r, start, stop), tail)
             parts.append(torch.matmul(pattern, v))
-        ctx.structure = structure
+            extents.append(causal_key_extent(stop, structure.n_keys) if tail.blind else structure.n_keys)
+        ctx.structure, ctx.extents = structure, extents
         ctx.save_for_backward(v, *inputs)
         return torch.cat(parts, dim=-2)
 
@@ -466,39 +505,48 @@ class _RowChunkedProduct(torch.autograd.Function):
         plan.inputs = inputs
         needs = ctx.needs_input_grad[1:]
         # an input every chunk reads whole (k, v) gets a gradient from each chunk: summed in float32, in
-        # place into the first chunk's (a copy: under a backward vectorised over rows, the CAGE table's
-        # ``is_grads_batched``, gradients carry a row dimension the saved tensors lack), so that a 16-bit
+        # place into the first computed chunk's (a copy: under a backward vectorised over rows, the CAGE
+        # table's ``is_grads_batched``, gradients carry a row dimension the saved tensors lack), so that a 16-bit
         # model's sum over hundreds of chunks is not rounded to 8 bits at every step
         whole: dict[int, torch.Tensor] = {}
         by_rows: dict[int, dict[int, torch.Tensor]] = {}
-        for start in range(0, structure.n_rows, structure.chunk):
-            stop = min(structure.n_rows, start + structure.chunk)
+        # largest first: each chunk's blocks then fit the next, smaller one
+        for (start, stop), keys in reversed(list(zip(structure.chunks(), ctx.extents))):
             leaves: dict[_Ref, torch.Tensor] = {}
 
             def fetch(ref: _Ref) -> torch.Tensor:
                 if ref not in leaves:
-                    leaf = _input_rows(plan, ref, start, stop).detach()
+                    leaf = structure.key_cut(ref, _input_rows(plan, ref, start, stop), keys).detach()
                     leaves[ref] = leaf.requires_grad_(needs[1 + ref.index] and leaf.is_floating_point())
                 return leaves[ref]
 
             with torch.enable_grad():
-                v_leaf = v.detach().requires_grad_(needs[0])
+                v_leaf = v[..., :keys, :].detach().requires_grad_(needs[0])
                 out = torch.matmul(plan.evaluate(structure.node, start, stop, fetch), v_leaf)
                 wrt = ([v_leaf] if needs[0] else []) + [t for t in leaves.values() if t.requires_grad]
                 if not wrt:
                     continue
                 found = dict(zip(map(id, wrt), torch.autograd.grad(out, wrt, grad_out[..., start:stop, :],
                                                                     allow_unused=True)))
-            for index, leaf, rows in [(0, v_leaf, False)] + [(1 + r.index, t, r.rows) for r, t in leaves.items()]:
+            key_axes = [(0, v_leaf, False, -2)] + [
+                (1 + r.index, t, r.rows, -1 if structure.is_key_cut(r, inputs[r.index], keys) else None)
+                for r, t in leaves.items()]
+            for index, leaf, rows, key_axis in key_axes:
                 g = found.get(id(leaf))
                 if g is None:
                     continue
+                if keys == structure.n_keys:
+                    key_axis = None
+                elif key_axis is not None and (rows or index not in whole):
+                    g, key_axis = _keys_padded(g, key_axis, structure.n_keys), None
                 if rows:
                     by_rows.setdefault(index, {})[start] = g
-                elif index in whole:
+                elif index not in whole:
+                    whole[index] = g.to(torch.promote_types(g.dtype, torch.float32), copy=True)
+                elif key_axis is None:
                     whole[index].add_(g)
                 else:
-                    whole[index] = g.to(torch.promote_types(g.dtype, torch.float32), copy=True)
+                    whole[index].narrow(key_axis, 0, keys).add_(g)
         grads = []
         for index, (t, need) in enumerate(zip([v, *inputs], needs)):
             summed = whole.get(index)
@@ -508,12 +556,33 @@ class _RowChunkedProduct(torch.autograd.Function):
         return (None, *grads)
 
 
+class _CausalTail:
+    """Watches one chunk's evaluation in the forward: ``blind`` stays true while every softmax over the keys
+    and the pattern itself are exactly zero from key ``stop`` on — the chunk's rows then neither read nor
+    pass gradient to those keys (a softmax's gradient at a zero probability is zero), so its backward may
+    leave them out. Only for a structure whose sole operation across keys is the softmax
+    (:meth:`_Structure.may_cut_keys`): a sum or maximum over keys would change without the tail."""
+
+    def __init__(self, structure: _Structure, stop: int):
+        self.stop, self.watched = stop, structure.softmaxes() | {structure.node}
+        self.blind = structure.may_cut_keys() and stop < structure.n_keys
+
+    def __call__(self, node: int, value: torch.Tensor) -> None:
+        if self.blind and node in self.watched:
+            self.blind = not bool(value[..., self.stop:].any())
+
+
+def _keys_padded(g: torch.Tensor, key_axis: int, n_keys: int) -> torch.Tensor:
+    """A gradient over the first keys extended with zeros to all ``n_keys`` (along ``key_axis``, -1 or -2)."""
+    missing = n_keys - g.shape[key_axis]
+    return torch.nn.functional.pad(g, (0, missing) if key_axis == -1 else (0, 0, 0, missing))
+
+
 def _joined_rows(chunks: "dict[int, torch.Tensor] | None", like: torch.Tensor, structure: _Structure):
     """The gradient of a row-sliced input from its chunks' gradients (zeros where a chunk gave none)."""
     if not chunks:
         return None
     pieces = []
-    for start in range(0, structure.n_rows, structure.chunk):
-        stop = min(structure.n_rows, start + structure.chunk)
+    for start, stop in structure.chunks():
         pieces.append(chunks[start] if start in chunks else torch.zeros_like(like[..., start:stop, :]))
     return torch.cat(pieces, dim=-2)
