@@ -269,11 +269,10 @@ def main() -> None:
                 print(f"measuring {key} (estimate {est.peak_bytes / 2**30:.2f} GB above {weights / 2**30:.2f} GB)",
                       flush=True)
                 left = f"{(memory - weights) / 2**30:.2f}G"
-                result = child(__file__, [name, str(n_tokens), what, str(args.threads)], memory=left,
-                               timeout=args.timeout)
+                argv = [name, str(n_tokens), what, str(args.threads)]
+                result = child(__file__, argv, memory=left, timeout=args.timeout)
                 if args.glibc_time and "cpu_s" in result:
-                    default = child(__file__, [name, str(n_tokens), what, str(args.threads)], memory=left,
-                                    timeout=args.timeout, allocator_setting=False)
+                    default = child(__file__, argv, memory=left, timeout=args.timeout, allocator_setting=False)
                     result.update({"glibc_cpu_s": default["cpu_s"], "glibc_wall_s": default["wall_s"]} if "cpu_s" in default
                                   else {"glibc_error": default.get("error", "")})
                 cache[key] = {**row, **result, "command": _command()}

@@ -51,9 +51,12 @@ def child(script: str, args: list[str], memory: str | None = None, timeout: floa
           allocator_setting: bool = True) -> dict:
     """Run ``script --child ARGS`` in a new process (with :data:`CHILD_ENV` unless ``allocator_setting`` is
     false); its last stdout line is a JSON object. A failed child gives ``{"error": its last stderr line}``."""
-    env = {**os.environ, **(CHILD_ENV if allocator_setting else {})}
-    if not allocator_setting:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env = dict(os.environ)
+    for key, value in CHILD_ENV.items():
+        if allocator_setting:
+            env[key] = value
+        else:
+            env.pop(key, None)
     if memory:
         env["CAGE_LENS_MAX_MEMORY"] = memory
     try:

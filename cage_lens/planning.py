@@ -151,9 +151,10 @@ CAGE_LONG_CONTEXT_KEPT = (1.0, 0.0)
 #: backward has no batching rule: a loop over the rows); the long-context pass's chunks stay small and,
 #: under the causal mask, read about half the keys (k = -1, the fit's bound: the attention's backward
 #: costs about what the pass's recomputations already count), and pay for their sums instead
-#: (:data:`CHUNK_SUM_OPS`). Fitted together with :data:`CHUNK_SUM_OPS` on the CPU times of the table (8 rows at once) against one ``attribute`` call, both passes, 2-layer models of
-#: Qwen3-0.6B's and Qwen3-8B's shapes at 1,024 and 2,048 tokens (benchmarks/calibrate_cage_time.py; the
-#: least squares on its grid; docs/estimate.md#time-model)
+#: (:data:`CHUNK_SUM_OPS`). Fitted together with :data:`CHUNK_SUM_OPS` on the CPU times of the table (8 rows
+#: at once) against one ``attribute`` call, both passes, 2-layer models of Qwen3-0.6B's and Qwen3-8B's shapes
+#: at 1,024 and 2,048 tokens (benchmarks/calibrate_cage_time.py; the least squares on its grid;
+#: docs/estimate.md#time-model)
 CAGE_ROW_ATTENTION = {False: 2.5, True: -1.0}
 #: operations (in the time model's units, a forward's floating-point operations) per element of the key and
 #: value gradients that every row chunk of a long-context attention computes and adds to the sum (cast to
