@@ -7,7 +7,11 @@ computed on the CPU and on cuda; the token relevance, every residual node's rele
 graph, the kept edges' values are compared (largest difference relative to the largest CPU value;
 float32 rounding for float32 models, bfloat16 rounding for the Qwen3-0.6B-shaped bfloat16 model), and
 both wall times are reported. The long-context attributions are also compared with the default pass on
-each device, with the CPU's row-chunk budget on both (a GPU's larger one would leave these lengths eager). Models: GPT-2-small-sized (float32) and Qwen3-0.6B-sized (bfloat16, 8 of its 28 layers).
+each device, with the CPU's row-chunk budget on both (a GPU's larger one would leave these lengths eager).
+Three patching rows compare ``relevance_patch``'s grids (``PATCH_GRIDS``) across devices: RAP with a budget
+that leaves every cell to the routing estimate, AtP* (its QK fix), and the exact method (suffix runs on a
+key/value cache). Models: GPT-2-small-sized (float32)
+and Qwen3-0.6B-sized (bfloat16, 8 of its 28 layers).
 
 Then bench_scale's rows on cuda: the same models (random weights of the real Qwen3-0.6B, Qwen3-8B and
 OLMo-3-7B configurations, bfloat16, drawn on the GPU), lengths and calls (``bench_scale.row_call``),
@@ -64,10 +68,17 @@ def _models(quick: bool) -> dict:
 
 
 def _rows(quick: bool) -> list[tuple[str, str, int]]:
-    short, long = (64, 256) if quick else (1024, 4096)
+    short, long, patch = (64, 256, 12) if quick else (1024, 4096, 16)
     return [("gpt2-small shape, float32", "attribute", long), ("gpt2-small shape, float32", "attribute lc", long),
             ("gpt2-small shape, float32", "whole graph lc", short),
-            ("qwen3-0.6b shape (8 layers), bfloat16", "attribute lc", short)]
+            ("qwen3-0.6b shape (8 layers), bfloat16", "attribute lc", short),
+            ("gpt2-small shape, float32", "patch rap", patch), ("gpt2-small shape, float32", "patch atp_star", patch),
+            ("gpt2-small shape, float32", "patch exact", patch)]
+
+
+#: the patching rows' grids: single-row grids (the routing estimate's row trajectories and later-row reads)
+#: and an all-position head grid (AtP*'s head QK fix)
+PATCH_GRIDS = ("resid_pre", "attn_out", "attn_head_out_all_pos")
 
 
 @contextlib.contextmanager
@@ -88,6 +99,8 @@ def _cpu_chunk_budget():
 def _run(model, kind: str, tokens: torch.Tensor):
     import cage_lens
 
+    if kind.startswith("patch"):
+        return _patch(model, kind.split()[1], tokens)
     with _cpu_chunk_budget():
         if kind.startswith("attribute"):
             return cage_lens.attribute(model, tokens[None], target=7, strict=False, long_context=kind.endswith("lc"))
@@ -95,7 +108,24 @@ def _run(model, kind: str, tokens: torch.Tensor):
                                        dense_limit=0, strict=False, long_context=True)
 
 
+def _patch(model, method: str, tokens: torch.Tensor):
+    """``relevance_patch`` of ``tokens`` from a clean run that differs at two positions; RAP with a budget
+    too small for any exact cell, so every cell comes from the routing estimate."""
+    from cage_lens import patching
+
+    device = next(model.parameters()).device
+    corrupted = tokens[None].to(device)
+    clean = corrupted.clone()
+    clean[0, [3, len(tokens) // 2]] += 1
+    _, clean_cache = model.run_with_cache(clean)
+    budget = {"budget": 1e-3} if method == "rap" else {}
+    return patching.relevance_patch(model, corrupted, clean_cache, lambda logits: logits[0, -1, 7] - logits[0, -1, 8],
+                                    list(PATCH_GRIDS), method=method, **budget)
+
+
 def _values(result) -> dict[str, torch.Tensor]:
+    if isinstance(result, dict):   # a PatchResult: {grid: tensor}
+        return {grid: values.float().cpu() for grid, values in result.items()}
     if hasattr(result, "token_relevance"):
         return {"tokens": result.token_relevance.float().cpu(),
                 **{k: v.float().cpu() for k, v in result.node_relevance.items()}}

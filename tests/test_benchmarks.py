@@ -241,6 +241,31 @@ def test_gpu_checks_first_part_compares_row_chunks_of_the_cpus_size_on_cuda():
     assert attention_budget("cuda:0", 100 * gb) == 100 * gb / 32
 
 
+def test_gpu_checks_patching_rows_reach_the_routing_estimate_and_the_qk_fix():
+    """The patching rows exist to run RAP's routing estimate and AtP*'s QK fix on cuda (their masks and
+    row indices must follow the model's device): on the CPU, at the reduced sizes, every grid of the RAP
+    row comes from the estimate (none exact), the AtP* row applies its fix, and their grids equal
+    ``relevance_patch`` called directly with the same arguments."""
+    import gpu_check
+    import torch
+
+    from cage_lens import patching
+
+    model = gpu_check._models(quick=True)["gpt2-small shape, float32"]()
+    tokens = torch.randint(3, 90, (16,), generator=torch.Generator().manual_seed(16))
+    rap, star = gpu_check._run(model, "patch rap", tokens), gpu_check._run(model, "patch atp_star", tokens)
+    assert rap.method == {"resid_pre": "rap: row-exact + cplrp", "attn_out": "rap: row-exact + cplrp",
+                          "attn_head_out_all_pos": "rap: cplrp"}
+    assert all(int((~e).sum()) > 0 for e in rap.exact.values())   # cells the patch changes, estimated
+    assert set(star.method.values()) == {"atp*: gxi + QK fix"}
+    clean = tokens[None].clone()
+    clean[0, [3, 8]] += 1
+    direct = patching.relevance_patch(model, tokens[None], model.run_with_cache(clean)[1],
+                                      lambda logits: logits[0, -1, 7] - logits[0, -1, 8],
+                                      list(gpu_check.PATCH_GRIDS), budget=1e-3)
+    assert gpu_check._difference(gpu_check._values(direct), gpu_check._values(rap)) == 0.0
+
+
 def test_the_estimate_holds_for_every_peak_the_gpu_check_measured():
     """Every row of bench_scale's computations that ``gpu_check`` ran on an H200 (the committed files
     ``benchmarks/gpu_reestimate.py`` reads; real Qwen3-0.6B/-8B and OLMo-3-7B configurations in bfloat16,

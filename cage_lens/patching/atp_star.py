@@ -120,20 +120,20 @@ def _qk_terms(run: PatchRun, atts: list[LayerAttention], grads: dict, probes: li
         site, names = adapter.layer(layer), routing_names(adapter, layer)
         at = lambda name: captured[name][picked].double()
         q_pre, k_pre, q_rot, k_rot = at(site.q), at(site.k), at(names["q"]), at(names["k"])  # [N, B, H(kv), dh]
-        rows = torch.tensor([probes[j][1].first for j in picked.tolist()])
-        owner = torch.tensor([probes[j][0] for j in picked.tolist()])
+        rows = torch.tensor([probes[j][1].first for j in picked.tolist()], device=att.pattern.device)
+        owner = torch.tensor([probes[j][0] for j in picked.tolist()])  # indexes the CPU accumulators
         acts = run.activations
         dq = q_pre - acts[site.q].double()[:, rows].transpose(0, 1)
         dk = k_pre - acts[site.k].double()[:, rows].transpose(0, 1)
         lin = (dq * grads[site.q].double()[:, rows].transpose(0, 1)).sum(dim=(1, 2, 3)) \
             + (dk * grads[site.k].double()[:, rows].transpose(0, 1)).sum(dim=(1, 2, 3))
-        linear.index_add_(0, owner, lin)
+        linear.index_add_(0, owner, lin.cpu())
         G = grads[adapter.attn_hook(layer, "hook_pattern")].double()  # [B, H, T, T]
         k_rot = k_rot.repeat_interleave(n_heads // k_rot.shape[-2], dim=-2) if k_rot.shape[-2] != n_heads else k_rot
         if heads:
             exact.index_add_(0, *_head_change(att, G, owner, rows, q_rot, k_rot))
         else:
-            exact.index_add_(0, owner, _row_change(att, G, rows, q_rot, k_rot))
+            exact.index_add_(0, owner, _row_change(att, G, rows, q_rot, k_rot).cpu())
     return linear, exact
 
 
@@ -143,9 +143,9 @@ def _row_change(att: LayerAttention, G: torch.Tensor, rows: torch.Tensor, q_new:
     both, every later row with its score on key ``p`` (the closed form of :class:`RowEstimate`)."""
     T = att.scores.shape[-1]
     own_scores = torch.einsum("nbhe,bjhe->nbhj", q_new, att.k) * att.scale  # [N, B, H, T]
-    n = torch.arange(len(rows))
+    n = torch.arange(len(rows), device=rows.device)
     own_scores[n, :, :, rows] = (q_new * k_new).sum(-1) * att.scale
-    after = torch.arange(T)[None, :] > rows[:, None]
+    after = torch.arange(T, device=rows.device)[None, :] > rows[:, None]
     own_scores = own_scores.masked_fill(after[:, None, None, :], float("-inf"))
     old_own = att.pattern[:, :, rows].permute(2, 0, 1, 3)
     g_own = G[:, :, rows].permute(2, 0, 1, 3)
@@ -155,10 +155,11 @@ def _row_change(att: LayerAttention, G: torch.Tensor, rows: torch.Tensor, q_new:
     s_new = torch.einsum("bihe,nbhe->nbhi", att.q, k_new) * att.scale
     lse_new = torch.logaddexp(lse_rest, s_new)
     live = after[:, None, None, :]
-    p_old = torch.where(live, att.pattern.index_select(-1, rows).permute(3, 0, 1, 2), torch.zeros(()))
-    p_new = torch.where(live, (s_new - lse_new).exp(), torch.zeros(()))
+    zero = att.pattern.new_zeros(())
+    p_old = torch.where(live, att.pattern.index_select(-1, rows).permute(3, 0, 1, 2), zero)
+    p_new = torch.where(live, (s_new - lse_new).exp(), zero)
     g_col = G.index_select(-1, rows).permute(3, 0, 1, 2)
-    cross = torch.where(live, (p_old - p_new) * mean_rest + (p_new - p_old) * g_col, torch.zeros(()))
+    cross = torch.where(live, (p_old - p_new) * mean_rest + (p_new - p_old) * g_col, zero)
     return own + cross.sum(dim=(1, 2, 3))
 
 
@@ -168,7 +169,7 @@ def _head_change(att: LayerAttention, G: torch.Tensor, owner: torch.Tensor, rows
     all their new queries and keys. Returns ``(cells, Σ ⟨P' − P, G⟩ per cell)`` for ``index_add_``."""
     cells, out = owner.unique(), []
     for c in cells.tolist():
-        mine = owner == c
+        mine = (owner == c).to(rows.device)
         r = rows[mine]
         q, k = att.q.clone(), att.k.clone()  # [B, T, H, dh]
         q[:, r] = q_new[mine].transpose(0, 1)
@@ -176,9 +177,9 @@ def _head_change(att: LayerAttention, G: torch.Tensor, owner: torch.Tensor, rows
         first = int(r.min())
         scores = torch.einsum("bihe,bjhe->bhij", q[:, first:], k) * att.scale
         T = k.shape[1]
-        causal = torch.arange(T)[None, :] > torch.arange(first, T)[:, None]
+        causal = torch.arange(T, device=r.device)[None, :] > torch.arange(first, T, device=r.device)[:, None]
         new = scores.masked_fill(causal, float("-inf")).softmax(-1)
-        out.append(((new - att.pattern[:, :, first:]) * G[:, :, first:]).sum())
+        out.append(((new - att.pattern[:, :, first:]) * G[:, :, first:]).sum().cpu())
     return cells, torch.stack(out).double() if out else torch.zeros(0, dtype=torch.float64)
 
 

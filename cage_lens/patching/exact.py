@@ -169,9 +169,7 @@ class SuffixPatcher:
         B, T = self.run.batch, self.run.length
         width = max(self.arch.d_mlp or 0, self.arch.d_model * T, self.arch.n_heads * T)  # the prefix keys dominate
         per = max(1, MAX_ELEMENTS // max(1, B * width))
-        by_first = sorted(range(len(cells)), key=lambda i: cells[i].first)  # a short prefix for early rows
-        together = [[i for i in by_first if cells[i].first == f] for f in sorted({c.first for c in cells})] \
-            if self.windowed else [by_first]
+        together = self._row_batches([c.first for c in cells])
         logits: dict[int, torch.Tensor] = {}
         captured: dict[str, torch.Tensor] = {}
         for batch in (g[c0:c0 + per] for g in together for c0 in range(0, len(g), per)):
@@ -237,7 +235,7 @@ class SuffixPatcher:
         tolerance = (1e-9 if expected.dtype == torch.float64 else 2e-4) * scale  # a different summation order
         if error <= tolerance and start > 1:  # the masked one-row batch of :meth:`rows`, two rows at once
             probe = [start, start // 2]
-            for batch in ([[start], [start // 2]] if self.windowed else [probe]):
+            for batch in ([probe[i] for i in group] for group in self._row_batches(probe)):
                 rows, _ = self._run_rows([], (), "self-check", firsts=batch, read=batch)
                 for j, row in enumerate(batch):
                     error = max(error, float((rows[j] - self.run.logits[:, row]).abs().max()))
@@ -247,6 +245,15 @@ class SuffixPatcher:
                 "forward pass, so this model's cache path cannot be trusted for exact patching; use "
                 "method='one_backward'"
             )
+
+    def _row_batches(self, firsts: Sequence[int]) -> list[list[int]]:
+        """Indices of ``firsts`` that may share masked one-row batches, ordered by first row (a short prefix
+        for early rows): all of them, or under a sliding window, which masks by position in the batch, those
+        of one first row."""
+        order = sorted(range(len(firsts)), key=firsts.__getitem__)
+        if not self.windowed:
+            return [order]
+        return [[i for i in order if firsts[i] == first] for first in sorted(set(firsts))]
 
     # ------------------------------------------------------------------ running a group
     def _chunks(self, cells: Sequence[Cell], start: int, end: int) -> list[list[Cell]]:

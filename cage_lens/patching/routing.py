@@ -185,7 +185,8 @@ class RowEstimate:
         C = len(cells)
         G = self.z_grads[names["z"]].double()  # [B, T, H, dh]
         w, total = self.reads[layer]
-        rows = torch.tensor([c.first for c in cells])
+        rows = torch.tensor([c.first for c in cells], device=att.pattern.device)  # the terms stay on the model's device
+        zero = att.pattern.new_zeros(())
         k_new, v_new = _expand(k_new.double(), n_heads), _expand(v_new.double(), n_heads)  # [C,B,H,dh]
 
         # the cell's own row: its attention along the exact trajectory
@@ -196,16 +197,16 @@ class RowEstimate:
 
         # later rows i > p re-reading the new key and value (closed form per row, see the class docstring)
         col = lambda m: m.index_select(-1, rows).permute(3, 0, 1, 2)  # [B,H,T,T] -> [C,B,H,T] (column p, rows i)
-        sees_p = att.visible.index_select(1, rows.to(att.visible.device)).T.cpu()   # [C, T]: row i sees key p
-        live = (sees_p & (torch.arange(T)[None, :] > rows[:, None]))[:, None, None, :]  # [C,1,1,T]
-        p_old = torch.where(live, col(att.pattern), torch.zeros(()))
+        sees_p = att.visible.index_select(1, rows).T   # [C, T]: row i sees key p
+        live = (sees_p & (torch.arange(T, device=rows.device)[None, :] > rows[:, None]))[:, None, None, :]  # [C,1,1,T]
+        p_old = torch.where(live, col(att.pattern), zero)
         s_new = torch.einsum("bihe,cbhe->cbhi", att.q, k_new) * att.scale
         w_old = col(w)
         w_new = torch.einsum("cbhe,bihe->cbhi", v_new, G)
         lse_rest, mean_rest = self._without_column(att, w, total, rows)
         lse_new = torch.logaddexp(lse_rest, s_new)
-        p_new = torch.where(live, (s_new - lse_new).exp(), torch.zeros(()))
-        term = torch.where(live, (p_old - p_new) * mean_rest + p_new * w_new - p_old * w_old, torch.zeros(()))
+        p_new = torch.where(live, (s_new - lse_new).exp(), zero)
+        term = torch.where(live, (p_old - p_new) * mean_rest + p_new * w_new - p_old * w_old, zero)
         change = (p_new - p_old).abs().flatten(1)  # a row's total variation when only column p moves
         top_other = self._top_other(att, rows)  # [C,B,H,T]
         rescale = (att.lse[None] - lse_new).exp()
@@ -216,8 +217,9 @@ class RowEstimate:
         sat_all = torch.cat([own_sat, cross_sat], dim=1)
         tv, where = tv_all.max(1)
         sat = sat_all.gather(1, where[:, None])[:, 0]
-        acc["cross"][at] += term.sum(dim=(1, 2, 3))
-        acc["magnitude"][at] += term.abs().sum(dim=(1, 2, 3))
+        tv, sat = tv.cpu(), sat.cpu()  # the accumulators live on the CPU
+        acc["cross"][at] += term.sum(dim=(1, 2, 3)).cpu()
+        acc["magnitude"][at] += term.abs().sum(dim=(1, 2, 3)).cpu()
         better = tv > acc["routing_tv"][at]
         acc["routing_tv"][at] = torch.where(better, tv, acc["routing_tv"][at])
         acc["saturation"][at] = torch.where(better, sat, acc["saturation"][at])
@@ -235,11 +237,11 @@ class RowEstimate:
         kept = 1 - torch.where(safe, P, torch.zeros_like(P))
         lse_rest = att.lse[None] + kept.log()
         mean_rest = (total[None] - P * w_col) / kept
-        later = torch.arange(P.shape[-1])[None, :] > rows[:, None]  # [C, T]
+        later = torch.arange(P.shape[-1], device=P.device)[None, :] > rows[:, None]  # [C, T]
         c, b, h, i = ((~safe) & later[:, None, None, :]).nonzero().unbind(1)
         if len(c):
             row = att.scores[b, h, i].clone()  # [N, T]
-            row[torch.arange(len(c)), rows[c]] = float("-inf")
+            row[torch.arange(len(c), device=row.device), rows[c]] = float("-inf")
             lse_rest[c, b, h, i] = row.logsumexp(-1)
             mean_rest[c, b, h, i] = (row.softmax(-1) * w[b, h, i]).sum(-1)
         return lse_rest, mean_rest
