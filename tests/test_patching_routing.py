@@ -388,6 +388,21 @@ def test_atp_star_qk_fix_by_brute_force(kind):
     assert moved > 1e-3  # the QK fix changed something
 
 
+def test_atp_star_qk_fix_by_brute_force_under_a_sliding_window():
+    """AtP*'s exact pattern change reads the layer's window: a row re-softmaxes only the keys it sees, and a
+    later row re-reads key p only while p is inside its window (Mistral, window 4 < the 11-token prompt)."""
+    model = random_model("mistral", sliding_window=4)
+    clean_t, corrupted_t, clean_cache, _ = runs(model)
+    star = RP.relevance_patch(model, corrupted_t, clean_cache, metric, ["resid_pre"], method="atp_star")
+    assert star.method["resid_pre"] == "atp*: gxi + QK fix"
+    tol = tolerance(model)
+    first = int((clean_t != corrupted_t).any(0).nonzero()[0])
+    for layer in range(model.cfg.n_layers):
+        for pos in range(first, corrupted_t.shape[1]):
+            by_hand = _atp_star_by_hand(model, corrupted_t, clean_cache, layer, pos)
+            assert float(star["resid_pre"][layer, pos]) == pytest.approx(by_hand, rel=tol["rtol"] * 10, abs=1e-9)
+
+
 @pytest.mark.filterwarnings("ignore:uncertified model")  # the hand-made reference detaches outputs on purpose
 def test_graddrop_gate_equals_detaching_that_layer():
     """GradDrop's gate on layer ℓ passes no gradient through ℓ's attention and MLP outputs: the same

@@ -140,13 +140,13 @@ def _qk_terms(run: PatchRun, atts: list[LayerAttention], grads: dict, probes: li
 def _row_change(att: LayerAttention, G: torch.Tensor, rows: torch.Tensor, q_new: torch.Tensor,
                 k_new: torch.Tensor) -> torch.Tensor:
     """Σ ⟨P' − P, G⟩ when row ``p``'s query and key change (one probe per row): row ``p`` re-softmaxed with
-    both, every later row with its score on key ``p`` (the closed form of :class:`RowEstimate`)."""
+    both over the keys it sees, every later row that sees key ``p`` with its score there (the closed form
+    of :class:`RowEstimate`)."""
     T = att.scores.shape[-1]
     own_scores = torch.einsum("nbhe,bjhe->nbhj", q_new, att.k) * att.scale  # [N, B, H, T]
     n = torch.arange(len(rows), device=rows.device)
     own_scores[n, :, :, rows] = (q_new * k_new).sum(-1) * att.scale
-    after = torch.arange(T, device=rows.device)[None, :] > rows[:, None]
-    own_scores = own_scores.masked_fill(after[:, None, None, :], float("-inf"))
+    own_scores = own_scores.masked_fill(~att.visible[rows][:, None, None, :], float("-inf"))
     old_own = att.pattern[:, :, rows].permute(2, 0, 1, 3)
     g_own = G[:, :, rows].permute(2, 0, 1, 3)
     own = ((own_scores.softmax(-1) - old_own) * g_own).sum(dim=(1, 2, 3))
@@ -154,7 +154,8 @@ def _row_change(att: LayerAttention, G: torch.Tensor, rows: torch.Tensor, q_new:
     lse_rest, mean_rest = RowEstimate._without_column(att, G, total, rows)
     s_new = torch.einsum("bihe,nbhe->nbhi", att.q, k_new) * att.scale
     lse_new = torch.logaddexp(lse_rest, s_new)
-    live = after[:, None, None, :]
+    after = torch.arange(T, device=rows.device)[None, :] > rows[:, None]
+    live = (att.visible.index_select(1, rows).T & after)[:, None, None, :]  # row i > p sees key p
     zero = att.pattern.new_zeros(())
     p_old = torch.where(live, att.pattern.index_select(-1, rows).permute(3, 0, 1, 2), zero)
     p_new = torch.where(live, (s_new - lse_new).exp(), zero)
@@ -176,9 +177,7 @@ def _head_change(att: LayerAttention, G: torch.Tensor, owner: torch.Tensor, rows
         k[:, r] = k_new[mine].transpose(0, 1)
         first = int(r.min())
         scores = torch.einsum("bihe,bjhe->bhij", q[:, first:], k) * att.scale
-        T = k.shape[1]
-        causal = torch.arange(T, device=r.device)[None, :] > torch.arange(first, T, device=r.device)[:, None]
-        new = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        new = scores.masked_fill(~att.visible[first:], float("-inf")).softmax(-1)
         out.append(((new - att.pattern[:, :, first:]) * G[:, :, first:]).sum().cpu())
     return cells, torch.stack(out).double() if out else torch.zeros(0, dtype=torch.float64)
 
