@@ -403,6 +403,75 @@ def test_atp_star_qk_fix_by_brute_force_under_a_sliding_window():
             assert float(star["resid_pre"][layer, pos]) == pytest.approx(by_hand, rel=tol["rtol"] * 10, abs=1e-9)
 
 
+def _atp_star_head_by_hand(model, corrupted_t, clean_cache, layer: int, head: int) -> float:
+    """AtP* of attn_head_out_all_pos cell (layer, head) with forwards and autograd only: AtP on the head's
+    z, minus the linear q/k term at every later block its output change reaches along the skip path, plus
+    that block's exact pattern change. The change is read off the model: the block's attention output with
+    the head's z patched, minus the corrupted one (every row at once)."""
+    adapter = cage_lens.adapt(model)
+    n_layers = model.cfg.n_layers
+    z_name, out_name = f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"
+    names = [z_name] + [n for l in range(n_layers) for n in (
+        adapter.layer(l).q, adapter.layer(l).k, f"blocks.{l}.attn.hook_pattern")]
+    acts, g = gradients(model, adapter, corrupted_t, metric, names, resolve_patch_rules("gxi"))
+    total = float(((clean_cache[z_name] - acts[z_name])[:, :, head] * g[z_name][:, :, head]).sum())
+    kept = {}
+    keep = lambda n: (lambda t, hook: kept.__setitem__(n, t.detach()))  # noqa: E731
+
+    def patch_z(t, hook):
+        t = t.clone()
+        t[:, :, head] = clean_cache[z_name][:, :, head]
+        return t
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=[(out_name, keep("corrupted"))]):
+            model(corrupted_t)
+        with model.hooks(fwd_hooks=[(z_name, patch_z), (out_name, keep("patched"))]):
+            model(corrupted_t)
+    change = kept["patched"] - kept["corrupted"]
+    for l in range(layer + 1, n_layers):
+        watched = [adapter.layer(l).q, adapter.layer(l).k, f"blocks.{l}.attn.hook_pattern"]
+        with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{l}.hook_resid_pre", lambda t, hook: t + change)]
+                                          + [(n, keep(n)) for n in watched]):
+            model(corrupted_t)
+        q_name, k_name, p_name = watched
+        total -= float(((kept[q_name] - acts[q_name]) * g[q_name]).sum() + ((kept[k_name] - acts[k_name]) * g[k_name]).sum())
+        total += float(((kept[p_name] - acts[p_name]) * g[p_name]).sum())
+    return total
+
+
+def test_atp_star_head_qk_fix_by_brute_force_under_a_sliding_window():
+    """A head's QK fix re-softmaxes every row its output reaches, each over the keys its window shows
+    (Mistral, window 4 < the 11-token prompt; three sharp layers, so the corruption at position 2 reaches the
+    metric's row): AtP* = its forward/autograd definition on every head cell."""
+    model = sharp_model("mistral", sliding_window=4, n_layers=3)
+    clean_t, corrupted_t, clean_cache, _ = runs(model)
+    grid = "attn_head_out_all_pos"
+    star = RP.relevance_patch(model, corrupted_t, clean_cache, metric, [grid], method="atp_star")
+    plain = RP.relevance_patch(model, corrupted_t, clean_cache, metric, [grid], rules="gxi")[grid]
+    assert star.method[grid] == "atp*: gxi + QK fix"
+    tol = tolerance(model)
+    moved = 0.0
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            by_hand = _atp_star_head_by_hand(model, corrupted_t, clean_cache, layer, head)
+            assert float(star[grid][layer, head]) == pytest.approx(by_hand, rel=tol["rtol"] * 10, abs=1e-9)
+            moved = max(moved, abs(float(star[grid][layer, head] - plain[layer, head])))
+    assert moved > 1e-3  # the QK fix changed something
+
+
+def test_atp_star_on_one_grid_equals_that_grid_among_all_four():
+    """The QK fix's probes read every block's input whichever grids were asked (a TransformerBridge
+    records only the hooks a call names: a grid asked alone once lacked them)."""
+    model = cached_model("llama")
+    clean_t, corrupted_t, clean_cache, _ = runs(model)
+    together = RP.relevance_patch(model, corrupted_t, clean_cache, metric, FOUR, method="atp_star")
+    for g in FOUR:
+        alone = RP.relevance_patch(model, corrupted_t, clean_cache, metric, [g], method="atp_star")
+        assert alone.method[g] == together.method[g] == "atp*: gxi + QK fix"
+        torch.testing.assert_close(alone[g], together[g], **tolerance(model), msg=g)
+        assert float(alone[g].abs().max()) > 1e-3, g  # not a comparison of zeros
+
+
 @pytest.mark.filterwarnings("ignore:uncertified model")  # the hand-made reference detaches outputs on purpose
 def test_graddrop_gate_equals_detaching_that_layer():
     """GradDrop's gate on layer ℓ passes no gradient through ℓ's attention and MLP outputs: the same

@@ -32,10 +32,17 @@ from cage_lens.patching.result import PatchResult
 from cage_lens.patching.routing import LayerAttention, RowEstimate, routing_names, tl_forwards
 from cage_lens.patching.runs import PatchRun
 
-__all__ = ["QK_FIX_GRIDS", "atp_star_taps", "GradDrop", "atp_star_run"]
+__all__ = ["QK_FIX_GRIDS", "atp_star_inputs", "atp_star_taps", "GradDrop", "atp_star_run"]
 
 #: grids whose cells get the QK fix (the others: AtP alone)
 QK_FIX_GRIDS = ("resid_pre", "attn_out", "mlp_out", "attn_head_out_all_pos")
+
+
+def atp_star_inputs(adapter) -> list[str]:
+    """The hook points the QK fix's probes read from the patched run, whichever grids were asked: each
+    block's input (a probe is that row plus the cell's change) and its queries and keys."""
+    resid = GRIDS["resid_pre"]
+    return [n for l in range(adapter.arch.n_layers) for n in (resid.hook_name(l), adapter.layer(l).q, adapter.layer(l).k)]
 
 
 def atp_star_taps(adapter, grids: Sequence[Grid]) -> list[str]:

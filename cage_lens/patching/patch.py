@@ -23,7 +23,7 @@ from cage_lens.core.adapter import ModelAdapter, adapt
 from cage_lens.core.hooks import fired_hooks, session
 from cage_lens.errors import InputError, UnsupportedModelError
 from cage_lens.inputs import check_number
-from cage_lens.patching.atp_star import GradDrop, atp_star_run, atp_star_taps
+from cage_lens.patching.atp_star import GradDrop, atp_star_inputs, atp_star_run, atp_star_taps
 from cage_lens.patching.estimate import check_rules_reach, one_backward, tapped_run
 from cage_lens.patching.exact import SuffixPatcher, cells_of
 from cage_lens.patching.grids import BLOCK_GRIDS, Grid, Metric, check_grids
@@ -68,7 +68,7 @@ def _names(adapter: ModelAdapter, grids: Sequence[Grid], method: str) -> list[st
     if method in ("rap", "atp_star"):
         names += [n for l in range(n_layers) for key, n in routing_names(adapter, l).items() if key != "z"]
     if method == "atp_star":
-        names += [n for l in range(n_layers) for n in (adapter.layer(l).q, adapter.layer(l).k)]
+        names += atp_star_inputs(adapter)
     return list(dict.fromkeys(names))
 
 
