@@ -351,8 +351,9 @@ def table(cache: dict, args) -> str:
                     mode += f" ({rows} rows at once)"
                 if "cpu_s" in row:
                     ratio = row["estimate_gb"] / row["peak_gb"] if row["peak_gb"] > 0 else float("nan")
-                    note = "; ".join(row.get("warnings", []))[:120]
-                    glibc = f"{row['glibc_cpu_s']:.0f}" if "glibc_cpu_s" in row else "—"
+                    failed = [f"glibc's default allocator: {row['glibc_error']}"] if "glibc_error" in row else []
+                    note = "; ".join(failed + row.get("warnings", []))[:120]
+                    glibc = f"{row['glibc_cpu_s']:.0f}" if "glibc_cpu_s" in row else "failed" if failed else "—"
                     out.append(f"| {name} | {n_tokens} | {what}{mode} | {row['weights_gb']:.2f} | {row['cpu_s']:.0f} | "
                                f"{glibc} | {row['wall_s']:.0f} | {row['peak_gb']:.2f} | {row['estimate_gb']:.2f} | {ratio:.2f} | "
                                f"{guess} | {note} |")

@@ -66,5 +66,7 @@ def child(script: str, args: list[str], memory: str | None = None, timeout: floa
         return {"error": f"ran past {timeout:.0f} s"}
     if out.returncode != 0:
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        if out.returncode < 0:   # a signal leaves no line of its own (SIGKILL: the kernel's out-of-memory killer, or a user)
+            return {"error": f"killed by signal {-out.returncode}" + (f" after: {lines[-1][:200]}" if lines else "")}
         return {"error": lines[-1][:300] if lines else f"exit status {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])

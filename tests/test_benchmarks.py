@@ -137,6 +137,41 @@ def test_bench_scale_glibc_time_runs_each_row_again_under_glibcs_default(tmp_pat
     assert "| Qwen3-0.6B | 512 | study case | 1.11 | 40 | 31 | 41 | 1.47 |" in (tmp_path / "bench_scale.md").read_text()
 
 
+def test_bench_scale_shows_a_failed_glibc_run_beside_the_measured_row(tmp_path, monkeypatch):
+    """A second child that fails under glibc's default (e.g. killed for memory the setting's run did not
+    need) leaves the measured row and says so in the glibc column and the note."""
+    import json
+
+    import bench_scale
+
+    monkeypatch.setattr(bench_scale, "CACHE", tmp_path / "bench_scale.json")
+    monkeypatch.setattr(bench_scale, "RESULTS", tmp_path)
+
+    def fake_child(script, argv, memory, timeout, allocator_setting=True):
+        if not allocator_setting:
+            return {"error": "killed by signal 9"}
+        return {"cpu_s": 40.0, "wall_s": 41.0, "peak_gb": 1.47, "process_peak_gb": 2.6, "long_context": False}
+
+    monkeypatch.setattr(bench_scale, "child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["bench_scale.py", "--models", "Qwen3-0.6B", "--tokens", "512", "--what",
+                                      "study case", "--glibc-time", "--allow-busy"])
+    bench_scale.main()
+    row = json.loads((tmp_path / "bench_scale.json").read_text())["Qwen3-0.6B|512|study case"]
+    assert (row["cpu_s"], row["glibc_error"]) == (40.0, "killed by signal 9") and "glibc_cpu_s" not in row
+    line = next(l for l in (tmp_path / "bench_scale.md").read_text().splitlines() if "| Qwen3-0.6B | 512 | study case" in l)
+    assert line.startswith("| Qwen3-0.6B | 512 | study case | 1.11 | 40 | failed | 41 | 1.47 |")
+    assert "glibc's default allocator: killed by signal 9" in line
+
+
+def test_a_child_killed_by_a_signal_says_which(tmp_path):
+    import measure
+
+    script = tmp_path / "killed_child.py"
+    script.write_text("import os, signal, sys\nprint('loading', file=sys.stderr, flush=True)\n"
+                      "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert measure.child(str(script), []) == {"error": "killed by signal 9 after: loading"}
+
+
 def test_a_child_runs_under_the_allocator_setting_unless_told_not_to(tmp_path, monkeypatch):
     import measure
 
