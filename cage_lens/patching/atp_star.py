@@ -149,7 +149,6 @@ def _row_change(att: LayerAttention, G: torch.Tensor, rows: torch.Tensor, q_new:
     """Σ ⟨P' − P, G⟩ when row ``p``'s query and key change (one probe per row): row ``p`` re-softmaxed with
     both over the keys it sees, every later row that sees key ``p`` with its score there (the closed form
     of :class:`RowEstimate`)."""
-    T = att.scores.shape[-1]
     own_scores = torch.einsum("nbhe,bjhe->nbhj", q_new, att.k) * att.scale  # [N, B, H, T]
     n = torch.arange(len(rows), device=rows.device)
     own_scores[n, :, :, rows] = (q_new * k_new).sum(-1) * att.scale
@@ -161,8 +160,7 @@ def _row_change(att: LayerAttention, G: torch.Tensor, rows: torch.Tensor, q_new:
     lse_rest, mean_rest = RowEstimate._without_column(att, G, total, rows)
     s_new = torch.einsum("bihe,nbhe->nbhi", att.q, k_new) * att.scale
     lse_new = torch.logaddexp(lse_rest, s_new)
-    after = torch.arange(T, device=rows.device)[None, :] > rows[:, None]
-    live = (att.visible.index_select(1, rows).T & after)[:, None, None, :]  # row i > p sees key p
+    live = att.later_readers(rows)[:, None, None, :]
     zero = att.pattern.new_zeros(())
     p_old = torch.where(live, att.pattern.index_select(-1, rows).permute(3, 0, 1, 2), zero)
     p_new = torch.where(live, (s_new - lse_new).exp(), zero)

@@ -99,6 +99,12 @@ class LayerAttention:
             return None
         return cls(q, k, v, scores, lse, pattern, scale, visible)
 
+    def later_readers(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[len(rows), T]``: which rows ``i > p`` see key ``p``, for each ``p`` in ``rows`` (the rows that
+        re-read a key when row ``p``'s key changes; under a sliding window, only while ``p`` is inside it)."""
+        after = torch.arange(self.visible.shape[-1], device=rows.device)[None, :] > rows[:, None]
+        return self.visible.index_select(1, rows).T & after
+
 
 class RowEstimate:
     """Routing-aware estimate of grids whose cells patch one query row ``p`` (resid_pre, attn_out,
@@ -197,8 +203,7 @@ class RowEstimate:
 
         # later rows i > p re-reading the new key and value (closed form per row, see the class docstring)
         col = lambda m: m.index_select(-1, rows).permute(3, 0, 1, 2)  # [B,H,T,T] -> [C,B,H,T] (column p, rows i)
-        sees_p = att.visible.index_select(1, rows).T   # [C, T]: row i sees key p
-        live = (sees_p & (torch.arange(T, device=rows.device)[None, :] > rows[:, None]))[:, None, None, :]  # [C,1,1,T]
+        live = att.later_readers(rows)[:, None, None, :]  # [C,1,1,T]
         p_old = torch.where(live, col(att.pattern), zero)
         s_new = torch.einsum("bihe,cbhe->cbhi", att.q, k_new) * att.scale
         w_old = col(w)
